@@ -1,0 +1,1 @@
+"""Kafka side of supcon-stream: event decoding, dead letters, micro-batching, producers."""

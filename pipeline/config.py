@@ -1,0 +1,305 @@
+"""Settings: frozen pydantic models, one per component, loaded from YAML plus environment.
+
+The environment is read in exactly one place (:func:`load_settings`). Overrides use
+``SUPCON_STREAM__<SECTION>__<KEY>=value`` (double underscores separate levels) or
+``--set section.key=value`` on the command line; values are parsed as YAML scalars.
+An unknown key or a bad value raises :class:`ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from pipeline.exceptions import ConfigError
+
+ENV_PREFIX = "SUPCON_STREAM__"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Frozen):
+    bootstrap_servers: str = "127.0.0.1:19092"
+    topic_prefix: str = Field("supcon", pattern=r"^[A-Za-z0-9._-]+$")
+    partitions: int = Field(4, ge=1)
+    replication_factor: int = Field(1, ge=1)
+    client_id: str = "supcon-stream"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    request_timeout_ms: int = Field(30_000, ge=1000)
+
+    @property
+    def events_topic(self) -> str:
+        return f"{self.topic_prefix}.events"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic_prefix}.dlq"
+
+    @property
+    def predictions_topic(self) -> str:
+        return f"{self.topic_prefix}.predictions"
+
+    @property
+    def loss_topic(self) -> str:
+        return f"{self.topic_prefix}.metrics.loss"
+
+    @property
+    def forgetting_topic(self) -> str:
+        return f"{self.topic_prefix}.metrics.forgetting"
+
+    def all_topics(self) -> list[str]:
+        return [
+            self.events_topic,
+            self.dlq_topic,
+            self.predictions_topic,
+            self.loss_topic,
+            self.forgetting_topic,
+        ]
+
+    def client_options(self) -> dict[str, Any]:
+        """Connection options shared by every kafka-python client (consumer, producer, admin)."""
+        opts: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism:
+            opts["sasl_mechanism"] = self.sasl_mechanism
+            opts["sasl_plain_username"] = self.sasl_username
+            opts["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(self, key):
+                opts[key] = getattr(self, key)
+        return opts
+
+
+class ConsumerSettings(_Frozen):
+    group_id: str | None = Field(
+        None, description="Consumer group; defaults to '<prefix>.learner.<learner.name>'."
+    )
+    batch_size: int = Field(32, ge=1, le=65_536)
+    max_latency_ms: int = Field(250, ge=1)
+    queue_batches: int = Field(8, ge=1)
+    poll_timeout_ms: int = Field(1000, ge=10)
+    max_poll_records: int = Field(2000, ge=1)
+    fetch_max_bytes: int = Field(52_428_800, ge=1024)
+    max_partition_fetch_bytes: int = Field(4_194_304, ge=1024)
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    session_timeout_ms: int = Field(10_000, ge=1000)
+    max_poll_interval_ms: int = Field(300_000, ge=1000)
+    max_event_bytes: int = Field(65_536, ge=64)
+
+
+class RedisSettings(_Frozen):
+    url: str = "redis://127.0.0.1:16379/0"
+    username: str | None = None
+    password: SecretStr | None = None
+    key_prefix: str = Field("supcon", pattern=r"^[A-Za-z0-9._:-]+$")
+    socket_timeout_s: float = Field(5.0, gt=0)
+    telemetry_maxlen: int = Field(100_000, ge=100)
+
+
+class ModelSettings(_Frozen):
+    input_dim: int = Field(64, ge=1)
+    hidden_dim: int = Field(256, ge=1)
+    embed_dim: int = Field(128, ge=2)
+    proj_dim: int = Field(128, ge=2)
+    max_classes: int = Field(100, ge=2)
+
+
+class TrainSettings(_Frozen):
+    objective: Literal["supcon", "ce"] = "supcon"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    temperature: float = Field(0.07, gt=0)
+    base_temperature: float = Field(0.07, gt=0)
+    contrast_mode: Literal["all", "one"] = "all"
+    replay: bool | None = Field(
+        None, description="Replay from the bank; None means on for supcon, off for ce."
+    )
+    replay_size: int = Field(64, ge=0)
+    hard_negatives: int = Field(16, ge=0)
+    iters_per_batch: int = Field(1, ge=1, le=100)
+    grad_clip: float | None = Field(5.0, gt=0)
+    noise_std: float = Field(0.05, ge=0)
+    mask_prob: float = Field(0.1, ge=0, lt=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    seed: int = 0
+
+    @property
+    def replay_enabled(self) -> bool:
+        return self.objective == "supcon" if self.replay is None else self.replay
+
+
+class BankSettings(_Frozen):
+    capacity: int = Field(2000, ge=1)
+    index_refresh_steps: int = Field(10, ge=1)
+    hard_negative_queries: int = Field(32, ge=1)
+    use_gpu: Literal["auto", "never"] = "auto"
+
+
+class EvalSettings(_Frozen):
+    probe_fraction: float = Field(0.1, ge=0, lt=1)
+    probe_per_class: int = Field(50, ge=1)
+    every_steps: int = Field(20, ge=1)
+    prediction_refresh_steps: int = Field(20, ge=1)
+
+
+class CheckpointSettings(_Frozen):
+    dir: Path = Path("runs/checkpoints")
+    every_steps: int = Field(100, ge=1)
+    every_seconds: float = Field(30.0, gt=0)
+    keep: int = Field(3, ge=1)
+
+
+class LearnerSettings(_Frozen):
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Names group, bank, checkpoints and telemetry; defaults to the objective.",
+    )
+
+
+class SidecarSettings(_Frozen):
+    window: int = Field(50, ge=1)
+    ema_alpha: float = Field(0.1, gt=0, le=1)
+    publish_every_s: float = Field(2.0, gt=0)
+    learners: tuple[str, ...] = Field(
+        (), description="Learner names to follow; empty follows every telemetry stream found."
+    )
+
+
+class DevstackSettings(_Frozen):
+    dir: Path = Path(".devstack")
+    broker_port: int = Field(19092, ge=1, le=65535)
+    redis_port: int = Field(16379, ge=1, le=65535)
+
+
+class LoggingSettings(_Frozen):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_logs: bool = False
+
+
+class Settings(_Frozen):
+    kafka: KafkaSettings = KafkaSettings()
+    consumer: ConsumerSettings = ConsumerSettings()
+    redis: RedisSettings = RedisSettings()
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    bank: BankSettings = BankSettings()
+    eval: EvalSettings = EvalSettings()
+    checkpoint: CheckpointSettings = CheckpointSettings()
+    learner: LearnerSettings = LearnerSettings()
+    sidecar: SidecarSettings = SidecarSettings()
+    devstack: DevstackSettings = DevstackSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> Settings:
+        if self.model.proj_dim > 4096 or self.model.embed_dim > 4096:
+            raise ValueError("model dimensions above 4096 are not supported")
+        return self
+
+    @property
+    def learner_name(self) -> str:
+        return self.learner.name or self.train.objective
+
+    @property
+    def group_id(self) -> str:
+        return self.consumer.group_id or f"{self.kafka.topic_prefix}.learner.{self.learner_name}"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.checkpoint.dir / self.learner_name
+
+    def redacted(self) -> dict[str, Any]:
+        """A dump safe for logs: SecretStr fields print as '**********'."""
+        return self.model_dump(mode="json")
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: cannot set a key below the scalar {part!r}")
+        node = child
+    node[parts[-1]] = value
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        else:
+            got = item.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{source}: {key}: {item['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def load_settings(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build settings from a YAML file, then environment, then ``key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded
+    env = os.environ if environ is None else environ
+    for name, raw in sorted(env.items()):
+        if name.startswith(ENV_PREFIX):
+            dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+            _set_dotted(tree, dotted, _parse_scalar(raw))
+            source = f"{source} + environment"
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        _set_dotted(tree, key.strip(), _parse_scalar(raw))
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
