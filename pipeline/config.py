@@ -142,6 +142,9 @@ class TrainSettings(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     seed: int = 0
+    torch_threads: int | None = Field(
+        None, ge=1, description="Intra-op threads for torch; None keeps torch's default."
+    )
 
     @property
     def replay_enabled(self) -> bool:
@@ -183,6 +186,16 @@ class SidecarSettings(_Frozen):
     publish_every_s: float = Field(2.0, gt=0)
     learners: tuple[str, ...] = Field(
         (), description="Learner names to follow; empty follows every telemetry stream found."
+    )
+    rate_window_s: float = Field(
+        10.0, gt=0, description="Time window (learner clock) of the events/s rate."
+    )
+    rediscover_every_s: float = Field(
+        5.0, gt=0, description="How often to look for new learners' telemetry streams."
+    )
+    progress_every_s: float = Field(30.0, gt=0, description="Period of the progress log line.")
+    read_count: int = Field(
+        1000, ge=1, description="Telemetry records read per learner per Redis round trip."
     )
 
 

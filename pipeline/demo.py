@@ -1,0 +1,266 @@
+"""``supcon-stream demo``: the cross-entropy trap on one stream, end to end, on the devstack.
+
+Steps: devstack up → topics → sidecar and two learners (``supcon`` with its memory bank, plain
+``ce``) as separate processes in separate consumer groups → ``split-digits`` replayed once →
+progress while they learn → the sidecar's final forgetting records are read back from Kafka →
+a table per objective, also written to ``<out>/report.json``. Every process it starts is
+stopped by PID before it returns (the devstack too, unless it was already running or
+``--keep-stack`` is given).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from pipeline.config import Settings
+from pipeline.devstack import Devstack, stop_process
+from pipeline.exceptions import SupconStreamError
+
+log = structlog.get_logger(__name__)
+
+SCENARIO = "split-digits"
+OBJECTIVES = ("supcon", "ce")
+LEARNER_IDLE_EXIT_S = 6.0
+LEARNER_TIMEOUT_S = 200.0
+FINAL_METRICS_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+
+def _spawn(name: str, args: list[str], out_dir: Path, threads: int) -> Child:
+    log_path = out_dir / f"{name}.log"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    with log_path.open("wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        )
+    return Child(name, proc, log_path)
+
+
+def _clear_namespace(settings: Settings) -> None:
+    """Drop Redis keys left by an earlier demo in this namespace (the AOF keeps them)."""
+    from memory_bank.redis_store import make_redis_client
+
+    r = settings.redis
+    client = make_redis_client(r.url, r.username, r.password, r.socket_timeout_s)
+    try:
+        keys = list(client.scan_iter(match=f"{r.key_prefix}:*", count=1000))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i : i + 500])
+    finally:
+        client.close()
+
+
+def _progress(settings: Settings, stop_when: Any) -> None:
+    """Print one status line per second from the learners' telemetry until ``stop_when()``."""
+    from memory_bank.redis_store import make_redis_client
+    from pipeline.telemetry import TelemetryReader
+
+    r = settings.redis
+    client = make_redis_client(r.url, r.username, r.password, r.socket_timeout_s)
+    reader = TelemetryReader(client, r.key_prefix)
+    cursors = {name: "0-0" for name in OBJECTIVES}
+    latest: dict[str, dict[str, Any]] = {}
+    tty = sys.stderr.isatty()
+    try:
+        while not stop_when():
+            for rec in reader.read(cursors, block_ms=1000, count=1000):
+                cursors[rec.learner] = rec.id
+                if rec.kind == "step":
+                    latest[rec.learner] = rec.payload
+            parts = []
+            for name in OBJECTIVES:
+                p = latest.get(name)
+                if p is None:
+                    parts.append(f"{name}: waiting")
+                    continue
+                loss = p.get("loss")
+                parts.append(f"{name}: {p['events_total']:>5} events, step {p['step']:>5}, "
+                             f"loss {loss:.3f}" if loss is not None else
+                             f"{name}: {p['events_total']:>5} events, step {p['step']:>5}")
+            line = " | ".join(parts)
+            print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr,
+                  flush=True)
+    finally:
+        if tty:
+            print(file=sys.stderr)
+        client.close()
+
+
+def _final_metrics(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Read the forgetting and loss topics until every learner's final record is there."""
+    from kafka import KafkaConsumer
+
+    k = settings.kafka
+    consumer = KafkaConsumer(
+        k.forgetting_topic, k.loss_topic, auto_offset_reset="earliest",
+        enable_auto_commit=False, consumer_timeout_ms=1000, **k.client_options(),
+    )
+    final: dict[str, dict[str, Any]] = {}
+    loss: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + FINAL_METRICS_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline and len(final) < len(OBJECTIVES):
+            for msg in consumer:
+                payload = orjson.loads(msg.value)
+                name = payload.get("learner")
+                if msg.topic == k.forgetting_topic and payload.get("final"):
+                    final[name] = payload
+                elif msg.topic == k.loss_topic:
+                    loss[name] = payload
+    finally:
+        consumer.close()
+    missing = [n for n in OBJECTIVES if n not in final]
+    if missing:
+        raise SupconStreamError(f"the sidecar published no final metrics for {missing} within "
+                                f"{FINAL_METRICS_TIMEOUT_S:.0f} s")
+    return {n: {"forgetting": final[n], "loss": loss.get(n, {})} for n in OBJECTIVES}
+
+
+def _learner_result(child: Child) -> dict[str, Any]:
+    """The JSON summary a learner prints on stdout as its last line."""
+    for line in reversed(child.log_path.read_text(errors="replace").splitlines()):
+        line = line.strip()
+        if line.startswith("{") and '"learner"' in line:
+            result: dict[str, Any] = json.loads(line)
+            return result
+    raise SupconStreamError(f"learner {child.name} printed no summary; see {child.log_path}")
+
+
+def build_report(metrics: dict[str, dict[str, Any]], results: dict[str, dict[str, Any]],
+                 scenario: str) -> dict[str, Any]:
+    objectives: dict[str, Any] = {}
+    for name, m in metrics.items():
+        f = m["forgetting"]
+        res = results[name]
+        objectives[name] = {
+            "final_avg_accuracy": round(float(f["avg_accuracy"]), 4),
+            "avg_forgetting": round(float(f["avg_forgetting"]), 4),
+            "per_task_accuracy": {str(t): round(float(a), 4)
+                                  for t, a in sorted(f["per_task_accuracy"].items())},
+            "events": int(res["consumed"]),
+            "events_per_s": round(float(res["events_per_s"]), 1),
+            "classifier": f.get("classifier"),
+            "anytime_avg_accuracy": f.get("anytime_avg_accuracy"),
+            "trained": int(res["trained"]),
+            "held_out": int(res["held_out"]),
+            "dead_lettered": int(res["dead_lettered"]),
+            "skipped_steps": int(res["skipped_steps"]),
+        }
+    return {"scenario": scenario, "objectives": objectives}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    objs = report["objectives"]
+    tasks = sorted({t for o in objs.values() for t in o["per_task_accuracy"]}, key=str)
+    head = ["objective", "final avg acc", "avg forgetting", *[f"task {t}" for t in tasks],
+            "events", "events/s"]
+    rows = [head]
+    for name, o in objs.items():
+        rows.append([name, f"{o['final_avg_accuracy']:.3f}", f"{o['avg_forgetting']:.3f}",
+                     *[f"{o['per_task_accuracy'].get(t, float('nan')):.3f}" for t in tasks],
+                     str(o["events"]), f"{o['events_per_s']:.0f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return f"scenario: {report['scenario']}\n" + "\n".join(lines)
+
+
+def run_demo(settings: Settings, config_path: Path | None, out_dir: Path,
+             keep_stack: bool = False) -> dict[str, Any]:
+    from consumers.admin import ensure_topics
+    from pipeline.replay import run_replay
+
+    started_at = time.monotonic()
+    d = settings.devstack
+    stack = Devstack(d.dir, d.broker_port, d.redis_port)
+    already_running = all(s["running"] for s in stack.status().values())
+    state = stack.up()
+    run_id = time.strftime("%Y%m%d-%H%M%S")
+    # A reused broker may hold an earlier run's events: give this run its own topics.
+    prefix = settings.kafka.topic_prefix if not already_running else \
+        f"{settings.kafka.topic_prefix}-demo-{run_id}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out_dir / "checkpoints"
+    overrides = [
+        f"kafka.bootstrap_servers={state.bootstrap_servers}",
+        f"kafka.topic_prefix={prefix}",
+        f"redis.url={state.redis_url}",
+        f"redis.key_prefix={prefix}",
+        f"checkpoint.dir={ckpt_dir}",
+    ]
+    run_settings = settings.model_copy(update={
+        "kafka": settings.kafka.model_copy(update={
+            "bootstrap_servers": state.bootstrap_servers, "topic_prefix": prefix}),
+        "redis": settings.redis.model_copy(update={"url": state.redis_url,
+                                                   "key_prefix": prefix}),
+    })
+    children: list[Child] = []
+    try:
+        import shutil
+
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        _clear_namespace(run_settings)
+        k = run_settings.kafka
+        ensure_topics(k.client_options(), k.all_topics(), k.partitions, k.replication_factor,
+                      timeout_s=30.0)
+        base = ["--config", str(config_path)] if config_path else []
+        for o in overrides:
+            base += ["--set", o]
+        children.append(_spawn("sidecar", ["sidecar", *base], out_dir, threads=1))
+        learners = {
+            name: _spawn(name, ["learn", *base, "--objective", name, "--name", name,
+                                "--set", "train.torch_threads=1",
+                                "--exit-when-idle", str(LEARNER_IDLE_EXIT_S)], out_dir, 1)
+            for name in OBJECTIVES
+        }
+        children.extend(learners.values())
+        log.info("demo running", prefix=prefix, logs=str(out_dir))
+        replayed = run_replay(run_settings, SCENARIO, rate=None, limit=None, seed=0,
+                              progress=None)
+        log.info("scenario replayed", scenario=SCENARIO, events=replayed.as_dict())
+        deadline = time.monotonic() + LEARNER_TIMEOUT_S
+        _progress(run_settings, lambda: all(c.proc.poll() is not None
+                                            for c in learners.values())
+                  or time.monotonic() > deadline)
+        for child in learners.values():
+            code = child.proc.poll()
+            if code != 0:
+                raise SupconStreamError(f"learner {child.name} exited with {code}; "
+                                        f"see {child.log_path}")
+        results = {n: _learner_result(c) for n, c in learners.items()}
+        metrics = _final_metrics(run_settings)
+        report = build_report(metrics, results, SCENARIO)
+        report["elapsed_s"] = round(time.monotonic() - started_at, 1)
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(format_table(report))
+        print(f"\nreport: {out_dir / 'report.json'}   logs: {out_dir}/*.log   "
+              f"({report['elapsed_s']:.0f} s)")
+        return report
+    finally:
+        for child in children:
+            stop_process(child.proc.pid, timeout_s=15.0)
+            with contextlib.suppress(Exception):
+                child.proc.wait(timeout=1)
+        if not already_running and not keep_stack:
+            stack.down()
+        elif keep_stack:
+            log.info("devstack left running", bootstrap=state.bootstrap_servers,
+                     redis=state.redis_url, topic_prefix=prefix)

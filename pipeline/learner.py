@@ -1,0 +1,610 @@
+"""The learner process: the composition root and its one loop.
+
+Path of a message::
+
+    source.get()            poll → decode+validate → micro-batch (consumer thread, consumers/)
+      → split               probe (held out) | labeled (train) | unlabeled (predict)
+      → predict-then-train  prequential accuracy on the labeled part, before it is learned
+      → train_step × iters  batch ∪ replay (class-balanced + FAISS hard negatives), SupCon/CE
+      → bank.add            write-through to Redis, idempotent by event id
+      → telemetry           step stats, every N steps an evaluation on the probe set
+      → checkpoint          atomic, then source.commit(offsets it covers)
+
+INVARIANTS
+  * An offset is committed only after a checkpoint covering every event before it is durable
+    (and after the DLQ/predictions producer has flushed): at-least-once, duplicates bounded
+    by the checkpoint interval.
+  * Probe events are never trained on (``is_probe`` is a pure function of the event id).
+  * trained + held_out + dead_lettered + predicted == consumed, for every batch.
+  * The learner never blocks on metrics: telemetry is an XADD to Redis; the sidecar publishes.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+
+from consumers.decode import dead_letter_payload
+from consumers.events import DeadLetter, EventBatch, SourceRecord, TopicPartitionKey
+from consumers.producer import JsonProducer
+from consumers.protocols import EventSource
+from memory_bank.bank import MemoryBank
+from pipeline.checkpoint import Checkpoint, load_latest, save_checkpoint
+from pipeline.config import Settings
+from pipeline.evaluation import (
+    ClassMeans,
+    ProbeSet,
+    class_means,
+    is_probe,
+    per_class_accuracy,
+    predict_head,
+    predict_ncm,
+)
+from pipeline.labels import LabelRegistry
+from pipeline.model import StreamNet
+from pipeline.step import StepInputs, TrainState, make_state, train_step
+from pipeline.telemetry import TelemetryWriter, telemetry_client
+
+log = structlog.get_logger(__name__)
+
+PROGRESS_EVERY_S = 5.0
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@dataclass
+class Counters:
+    consumed: int = 0
+    trained: int = 0
+    held_out: int = 0
+    dead_lettered: int = 0
+    predicted: int = 0
+    batches: int = 0
+    prequential_correct: int = 0
+    prequential_total: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, float]) -> Counters:
+        return cls(**{k: int(v) for k, v in raw.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class LearnerContext:
+    """Everything the loop touches, built once by :func:`build_context`."""
+
+    settings: Settings
+    device: torch.device
+    state: TrainState
+    registry: LabelRegistry
+    seen_classes: torch.Tensor  # bool [max_classes] on device
+    probes: ProbeSet
+    bank: MemoryBank
+    source: EventSource
+    producer: JsonProducer
+    telemetry: TelemetryWriter
+    generator: torch.Generator
+    offsets: dict[TopicPartitionKey, int] = field(default_factory=dict)
+    counters: Counters = field(default_factory=Counters)
+    means: ClassMeans | None = None
+    means_step: int = -1
+    current_task: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def name(self) -> str:
+        return self.settings.learner_name
+
+
+@dataclass(frozen=True)
+class LearnerSummary:
+    name: str
+    objective: str
+    steps: int
+    skipped_steps: int
+    counters: dict[str, float]
+    elapsed_s: float
+    bank_size: int
+
+    @property
+    def events_per_s(self) -> float:
+        return self.counters["consumed"] / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- per-batch work
+
+
+def _register_labels(ctx: LearnerContext, batch: EventBatch) -> list[int | None]:
+    """Class index per event (None for unlabeled, -1 when the class registry is full)."""
+    out: list[int | None] = []
+    for label, task in zip(batch.labels, batch.tasks, strict=True):
+        if label is None:
+            out.append(None)
+        elif ctx.registry.has_room_for(label):
+            idx = ctx.registry.index(label, task)
+            ctx.registry.note_task(label, task)
+            ctx.seen_classes[idx] = True
+            out.append(idx)
+        else:
+            out.append(-1)
+    return out
+
+
+def _dead_letter_class_limit(ctx: LearnerContext, batch: EventBatch, rows: list[int]) -> None:
+    """Events whose label would exceed model.max_classes go to the DLQ, not into training."""
+    for i in rows:
+        src = batch.sources[i]
+        # The consumer dropped the raw bytes to save memory; re-serialise the validated event.
+        raw = _event_json(batch, i)
+        letter = DeadLetter(
+            reason="class_limit",
+            detail=f"label {batch.labels[i]!r} would exceed model.max_classes="
+            f"{ctx.settings.model.max_classes}",
+            source=SourceRecord(src.topic, src.partition, src.offset, raw, src.timestamp_ms),
+        )
+        ctx.producer.send(ctx.settings.kafka.dlq_topic, dead_letter_payload(letter))
+
+
+def _event_json(batch: EventBatch, i: int) -> bytes:
+    import orjson
+
+    return orjson.dumps(
+        {
+            "id": batch.ids[i],
+            "features": batch.features[i].tolist(),
+            "label": batch.labels[i],
+            "task": batch.tasks[i],
+        }
+    )
+
+
+def _refresh_means(ctx: LearnerContext, force: bool = False) -> ClassMeans:
+    every = ctx.settings.eval.prediction_refresh_steps
+    if force or ctx.means is None or ctx.state.step - ctx.means_step >= every:
+        _, feats, labels = ctx.bank.occupied()
+        ctx.means = class_means(ctx.state.model, feats, labels)
+        ctx.means_step = ctx.state.step
+    return ctx.means
+
+
+def _predict(ctx: LearnerContext, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The objective's natural classifier: nearest class mean for supcon, the head for ce."""
+    if ctx.settings.train.objective == "ce":
+        return predict_head(ctx.state.model, feats, ctx.seen_classes)
+    return predict_ncm(ctx.state.model, feats, _refresh_means(ctx))
+
+
+def _publish_predictions(ctx: LearnerContext, batch: EventBatch, rows: list[int],
+                         feats: torch.Tensor) -> None:
+    labels, conf = _predict(ctx, feats)
+    for i, label, c in zip(rows, labels.tolist(), conf.tolist(), strict=True):
+        ctx.producer.send(
+            ctx.settings.kafka.predictions_topic,
+            {
+                "id": batch.ids[i],
+                "label": ctx.registry.name(label) if label >= 0 else None,
+                "confidence": round(float(c), 6),
+                "learner": ctx.name,
+            },
+            key=batch.ids[i].encode(),
+        )
+
+
+def _replay_for(ctx: LearnerContext, x: torch.Tensor, y: torch.Tensor) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    """Bank slots, features and labels to contrast with this batch (may be empty)."""
+    cfg = ctx.settings.train
+    empty = torch.empty(0, dtype=torch.long, device=ctx.device)
+    if not cfg.replay_enabled or len(ctx.bank) == 0 or cfg.replay_size == 0:
+        return empty, x.new_empty(0, x.shape[1]), empty
+    replay = ctx.bank.sample(cfg.replay_size)
+    slots = replay.slots
+    if cfg.hard_negatives > 0:
+        with torch.no_grad():
+            ctx.state.model.eval()
+            q = torch.nn.functional.normalize(ctx.state.model.embed(x).float(), dim=-1)
+        hard = ctx.bank.hard_negatives(q, y, cfg.hard_negatives, exclude_slots=slots)
+        slots = torch.cat([slots, hard])
+    feats, labels = ctx.bank.gather(slots)
+    return slots, feats, labels
+
+
+def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
+    """Handle one micro-batch; returns the step telemetry record."""
+    s = ctx.settings
+    class_idx = _register_labels(ctx, batch)
+    train_rows, probe_rows, predict_rows, overflow = [], [], [], []
+    for i, idx in enumerate(class_idx):
+        if idx is None:
+            predict_rows.append(i)
+        elif idx < 0:
+            overflow.append(i)
+        elif is_probe(batch.ids[i], s.eval.probe_fraction):
+            probe_rows.append(i)
+        else:
+            train_rows.append(i)
+    if overflow:
+        _dead_letter_class_limit(ctx, batch, overflow)
+
+    feats_all = torch.from_numpy(batch.features)
+    if ctx.device.type == "cuda":
+        feats_all = feats_all.pin_memory().to(ctx.device, non_blocking=True)
+
+    for i in probe_rows:
+        ctx.probes.add(batch.ids[i], feats_all[i], int(class_idx[i]))  # type: ignore[arg-type]
+    if predict_rows:
+        _publish_predictions(ctx, batch, predict_rows, feats_all[predict_rows])
+
+    record: dict[str, Any] = {"loss": None, "per_class_loss": {}, "skipped": False}
+    if train_rows:
+        x = feats_all[train_rows]
+        y = torch.tensor([class_idx[i] for i in train_rows], dtype=torch.long, device=ctx.device)
+        # Predict, then train: the prequential accuracy costs one forward pass.
+        if len(ctx.bank) > 0 or s.train.objective == "ce":
+            predicted, _ = _predict(ctx, x)
+            ctx.counters.prequential_correct += int((predicted == y).sum())
+            ctx.counters.prequential_total += len(train_rows)
+        record = _train_on(ctx, batch, train_rows, x, y)
+        tasks = [batch.tasks[i] for i in train_rows]
+        ctx.current_task = tasks[-1] if tasks[-1] is not None else ctx.current_task
+
+    c = ctx.counters
+    c.batches += 1
+    c.consumed += batch.consumed
+    c.trained += len(train_rows)
+    c.held_out += len(probe_rows)
+    c.predicted += len(predict_rows)
+    c.dead_lettered += len(batch.dead_letters) + len(overflow)
+    for tp, offset in batch.offsets.items():
+        ctx.offsets[tp] = max(offset, ctx.offsets.get(tp, 0))
+    return {
+        **record,
+        "batch_events": batch.consumed,
+        "trained": len(train_rows),
+        "held_out": len(probe_rows),
+        "predicted": len(predict_rows),
+        "dead_lettered": len(batch.dead_letters) + len(overflow),
+    }
+
+
+def _train_on(ctx: LearnerContext, batch: EventBatch, rows: list[int], x: torch.Tensor,
+              y: torch.Tensor) -> dict[str, Any]:
+    cfg = ctx.settings.train
+    losses: list[float] = []
+    per_sample: torch.Tensor | None = None
+    skipped_any = False
+    result = None
+    for _ in range(cfg.iters_per_batch):
+        slots, r_feats, r_labels = _replay_for(ctx, x, y)
+        inputs = StepInputs(x, y, r_feats, r_labels, ctx.seen_classes)
+        result = train_step(ctx.state, inputs, cfg, ctx.generator)
+        if slots.numel():
+            # Re-encoded replay items write back their fresh embeddings (index refreshes).
+            ctx.bank.update_embeddings(slots, result.replay_embeddings)
+        ctx.bank.step()
+        skipped_any |= result.skipped
+        if result.loss is not None:
+            losses.append(result.loss)
+            per_sample = result.per_sample_loss
+    assert result is not None  # iters_per_batch >= 1
+    ctx.bank.add(
+        [batch.ids[i] for i in rows],
+        x,
+        y,
+        [batch.labels[i] or "" for i in rows],
+        result.batch_embeddings,
+        [batch.tasks[i] for i in rows],
+    )
+    per_class: dict[str, float] = {}
+    if per_sample is not None:
+        ys = y.cpu()
+        for cls in torch.unique(ys).tolist():
+            per_class[ctx.registry.name(cls)] = round(float(per_sample[ys == cls].mean()), 6)
+    return {
+        "loss": round(float(np.mean(losses)), 6) if losses else None,
+        "per_class_loss": per_class,
+        "skipped": skipped_any,
+    }
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(ctx: LearnerContext) -> dict[str, Any]:
+    """Per-class accuracy on the held-out probes with NCM (and the CE head for ce)."""
+    feats, truth = ctx.probes.tensors()
+    classifiers: dict[str, dict[str, Any]] = {}
+    means = _refresh_means(ctx, force=True)
+    pred, _ = predict_ncm(ctx.state.model, feats, means)
+    classifiers["ncm"] = {"per_class_accuracy": per_class_accuracy(pred, truth, ctx.registry)}
+    primary = "ncm"
+    if ctx.settings.train.objective == "ce":
+        pred, _ = predict_head(ctx.state.model, feats, ctx.seen_classes)
+        classifiers["head"] = {"per_class_accuracy": per_class_accuracy(pred, truth, ctx.registry)}
+        primary = "head"
+    return {
+        "primary": primary,
+        "classifiers": classifiers,
+        "class_task": dict(ctx.registry.class_task),
+        "current_task": ctx.current_task,
+        "probe_sizes": {ctx.registry.name(k): v for k, v in ctx.probes.sizes().items()},
+    }
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_and_commit(ctx: LearnerContext, wait: bool = False) -> None:
+    """INVARIANT order: bank + producer flushed → checkpoint durable → offsets committed."""
+    ctx.bank.flush()
+    ctx.producer.flush()
+    ckpt = Checkpoint(
+        step=ctx.state.step,
+        model=ctx.state.model.state_dict(),
+        optimizer=ctx.state.optimizer.state_dict(),
+        labels=ctx.registry.names,
+        class_task=dict(ctx.registry.class_task),
+        offsets=dict(ctx.offsets),
+        probe=ctx.probes.state(),
+        counters={**ctx.counters.as_dict(), "skipped": float(ctx.state.skipped)},
+    )
+    path = save_checkpoint(ctx.settings.checkpoint_dir, ckpt, ctx.settings.checkpoint.keep)
+    if not ctx.offsets:
+        return
+    if wait:
+        committed = ctx.source.commit_sync(dict(ctx.offsets), timeout_s=30.0)
+        if not committed:
+            log.warning("final offset commit did not complete; events after the previous "
+                        "commit will be re-delivered", checkpoint=str(path))
+    else:
+        ctx.source.commit(dict(ctx.offsets))
+    log.debug("checkpoint written", path=str(path), offsets=len(ctx.offsets))
+
+
+def restore(ctx: LearnerContext) -> None:
+    ckpt = load_latest(ctx.settings.checkpoint_dir, map_location=ctx.device)
+    if ckpt is None:
+        log.info("no checkpoint; starting fresh", dir=str(ctx.settings.checkpoint_dir))
+        return
+    ctx.state.model.load_state_dict(ckpt.model)
+    ctx.state.optimizer.load_state_dict(ckpt.optimizer)
+    ctx.state.step = ckpt.step
+    ctx.state.skipped = int(ckpt.counters.get("skipped", 0))
+    ctx.registry = LabelRegistry(ctx.settings.model.max_classes, ckpt.labels)
+    ctx.registry.class_task.update(ckpt.class_task)
+    ctx.seen_classes[: len(ctx.registry)] = True
+    ctx.offsets = dict(ckpt.offsets)
+    ctx.probes.load_state(ckpt.probe)
+    ctx.counters = Counters.from_dict(ckpt.counters)
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+def build_context(settings: Settings) -> LearnerContext:
+    """Create every component. Nothing is connected at import time."""
+    from consumers.source import KafkaBatchSource, SourceConfig
+    from memory_bank.index import make_index
+    from memory_bank.redis_store import RedisBankStore, make_redis_client
+
+    torch.manual_seed(settings.train.seed)
+    if settings.train.torch_threads:
+        torch.set_num_threads(settings.train.torch_threads)
+    device = resolve_device(settings.train.device)
+    model = StreamNet(settings.model).to(device)
+    state = make_state(model, settings.train)
+    registry = LabelRegistry(settings.model.max_classes)
+    seen = torch.zeros(settings.model.max_classes, dtype=torch.bool, device=device)
+    r = settings.redis
+    client = make_redis_client(r.url, r.username, r.password, r.socket_timeout_s)
+    client_options = settings.kafka.client_options()
+    producer = JsonProducer(client_options)
+    source = KafkaBatchSource(
+        SourceConfig(
+            topic=settings.kafka.events_topic,
+            group_id=settings.group_id,
+            batch_size=settings.consumer.batch_size,
+            max_latency_ms=settings.consumer.max_latency_ms,
+            queue_batches=settings.consumer.queue_batches,
+            poll_timeout_ms=settings.consumer.poll_timeout_ms,
+            max_poll_records=settings.consumer.max_poll_records,
+            fetch_max_bytes=settings.consumer.fetch_max_bytes,
+            max_partition_fetch_bytes=settings.consumer.max_partition_fetch_bytes,
+            auto_offset_reset=settings.consumer.auto_offset_reset,
+            session_timeout_ms=settings.consumer.session_timeout_ms,
+            max_poll_interval_ms=settings.consumer.max_poll_interval_ms,
+            input_dim=settings.model.input_dim,
+            max_event_bytes=settings.consumer.max_event_bytes,
+            dlq_topic=settings.kafka.dlq_topic,
+        ),
+        client_options,
+        producer,
+    )
+    ctx = LearnerContext(
+        settings=settings,
+        device=device,
+        state=state,
+        registry=registry,
+        seen_classes=seen,
+        probes=ProbeSet(settings.eval.probe_per_class, settings.model.input_dim, device),
+        bank=None,  # type: ignore[arg-type] - opened below, after the registry is restored
+        source=source,
+        producer=producer,
+        # Its own fast-failing client: a Redis outage must not stall training on telemetry.
+        telemetry=TelemetryWriter(telemetry_client(r), r.key_prefix, settings.learner_name,
+                                  r.telemetry_maxlen),
+        generator=torch.Generator(device=device).manual_seed(settings.train.seed),
+    )
+    restore(ctx)
+    b = settings.bank
+    store = RedisBankStore(client, r.key_prefix, settings.learner_name,
+                           settings.model.input_dim, settings.model.embed_dim)
+    index = make_index("faiss", settings.model.embed_dim, device, b.use_gpu)
+    started = time.monotonic()
+
+    def label_index(name: str) -> int:
+        idx = ctx.registry.index(name)
+        ctx.seen_classes[idx] = True
+        return idx
+
+    ctx.bank = MemoryBank.open(
+        store, index, capacity=b.capacity, input_dim=settings.model.input_dim,
+        embed_dim=settings.model.embed_dim, device=device, seed=settings.train.seed,
+        index_refresh_steps=b.index_refresh_steps,
+        hard_negative_queries=b.hard_negative_queries, label_index=label_index,
+    )
+    log.info("memory bank loaded", items=len(ctx.bank), seconds=round(time.monotonic() - started, 3))
+    return ctx
+
+
+def close_context(ctx: LearnerContext) -> None:
+    ctx.source.stop(timeout_s=10.0)
+    ctx.producer.close()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    max_events: int | None = None
+    exit_when_idle_s: float | None = None
+
+
+def _step_record(ctx: LearnerContext, record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "learner": ctx.name,
+        "objective": ctx.settings.train.objective,
+        "group": ctx.settings.group_id,
+        "step": ctx.state.step,
+        "ts": int(time.time() * 1000),
+        "events_total": ctx.counters.consumed,
+        "trained_total": ctx.counters.trained,
+        "skipped_total": ctx.state.skipped,
+        "elapsed_s": round(time.monotonic() - ctx.started, 3),
+        "prequential_correct": ctx.counters.prequential_correct,
+        "prequential_total": ctx.counters.prequential_total,
+        **record,
+    }
+
+
+def _emit_eval(ctx: LearnerContext) -> None:
+    ctx.telemetry.emit("eval", {
+        "learner": ctx.name,
+        "objective": ctx.settings.train.objective,
+        "group": ctx.settings.group_id,
+        "step": ctx.state.step,
+        "ts": int(time.time() * 1000),
+        "events_total": ctx.counters.consumed,
+        **evaluate(ctx),
+    })
+
+
+def run_learner(
+    settings: Settings,
+    stop: threading.Event,
+    limits: RunLimits = RunLimits(),
+    on_progress: Callable[[LearnerContext], None] | None = None,
+) -> LearnerSummary:
+    ctx = build_context(settings)
+    log.info("learner starting", learner=ctx.name, objective=settings.train.objective,
+             group=settings.group_id, device=str(ctx.device), resumed_step=ctx.state.step,
+             replay=settings.train.replay_enabled)
+    ctx.started = time.monotonic()
+    start_consumed = ctx.counters.consumed
+    ctx.source.start(ctx.offsets)
+    last_ckpt_step, last_ckpt_time = ctx.state.step, time.monotonic()
+    last_eval_step = ctx.state.step
+    last_progress = last_batch = time.monotonic()
+    try:
+        while not stop.is_set():
+            if limits.max_events is not None and \
+                    ctx.counters.consumed - start_consumed >= limits.max_events:
+                log.info("max events reached", events=ctx.counters.consumed - start_consumed)
+                break
+            batch = ctx.source.get(timeout_s=0.5)
+            now = time.monotonic()
+            if batch is None:
+                if limits.exit_when_idle_s is not None and \
+                        now - last_batch >= limits.exit_when_idle_s:
+                    log.info("idle; finishing", idle_s=round(now - last_batch, 1))
+                    break
+                continue
+            last_batch = now
+            first = batch.sources[0] if batch.sources else None
+            structlog.contextvars.bind_contextvars(
+                step=ctx.state.step, batch=ctx.counters.batches,
+                topic=first.topic if first else None,
+                offsets={f"{t}:{p}": o for (t, p), o in batch.offsets.items()},
+            )
+            record = process_batch(ctx, batch)
+            ctx.telemetry.emit("step", _step_record(ctx, record))
+            if ctx.state.step - last_eval_step >= settings.eval.every_steps:
+                _emit_eval(ctx)
+                last_eval_step = ctx.state.step
+            if (ctx.state.step - last_ckpt_step >= settings.checkpoint.every_steps
+                    or now - last_ckpt_time >= settings.checkpoint.every_seconds):
+                checkpoint_and_commit(ctx)
+                last_ckpt_step, last_ckpt_time = ctx.state.step, now
+            if on_progress is not None:
+                on_progress(ctx)
+            if now - last_progress >= PROGRESS_EVERY_S:
+                _log_progress(ctx, start_consumed)
+                last_progress = now
+            structlog.contextvars.clear_contextvars()
+        _emit_eval(ctx)
+        checkpoint_and_commit(ctx, wait=True)
+        elapsed = time.monotonic() - ctx.started
+        ctx.telemetry.emit("end", {"learner": ctx.name, "step": ctx.state.step,
+                                   "events_total": ctx.counters.consumed,
+                                   "elapsed_s": round(elapsed, 3)})
+        ctx.telemetry.flush()
+    finally:
+        structlog.contextvars.clear_contextvars()
+        close_context(ctx)
+    summary = LearnerSummary(
+        name=ctx.name, objective=settings.train.objective, steps=ctx.state.step,
+        skipped_steps=ctx.state.skipped, counters=ctx.counters.as_dict(),
+        elapsed_s=time.monotonic() - ctx.started, bank_size=len(ctx.bank),
+    )
+    log.info("learner stopped", **summary.counters, steps=summary.steps,
+             skipped=summary.skipped_steps, events_per_s=round(summary.events_per_s, 1))
+    return summary
+
+
+def _log_progress(ctx: LearnerContext, start_consumed: int) -> None:
+    elapsed = time.monotonic() - ctx.started
+    events = ctx.counters.consumed - start_consumed
+    stats = ctx.source.stats()
+    log.info("progress", events=ctx.counters.consumed, trained=ctx.counters.trained,
+             dead_lettered=ctx.counters.dead_lettered, steps=ctx.state.step,
+             skipped=ctx.state.skipped, bank=len(ctx.bank),
+             events_per_s=round(events / elapsed, 1) if elapsed > 0 else 0.0,
+             lag=stats.get("lag"))
+
+
+def install_stop_signals(stop: threading.Event) -> None:
+    """SIGTERM/SIGINT finish the current step, checkpoint, commit and exit 0."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("stop requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

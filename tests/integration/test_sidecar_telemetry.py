@@ -1,0 +1,105 @@
+"""The telemetry channel (Redis streams) against a real redis-server."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from pipeline.config import RedisSettings
+from pipeline.devstack import free_port, start_redis, stop_process
+from pipeline.telemetry import (
+    MALFORMED,
+    TelemetryReader,
+    TelemetryWriter,
+    stream_key,
+    telemetry_client,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def test_write_discover_read(redis_client: redis.Redis, unique: str) -> None:
+    prefix = f"t{unique}"
+    for name in ("ce", "supcon"):
+        writer = TelemetryWriter(redis_client, prefix, name, maxlen=1000)
+        writer.emit("step", {"learner": name, "step": 1, "per_class_loss": {3: 0.5}})
+        writer.emit("eval", {"learner": name, "step": 1})
+        writer.emit("end", {"learner": name, "step": 1})
+        assert writer.stats.emitted == 3
+    redis_client.set(f"{prefix}:telemetry:not-a-stream", b"x")  # only streams are learners
+    reader = TelemetryReader(redis_client, prefix)
+    assert reader.discover() == ["ce", "supcon"]
+
+    records = reader.read({"ce": "0-0", "supcon": "0-0"}, count=10)
+    assert [(r.learner, r.kind) for r in records] == [
+        ("ce", "step"),
+        ("ce", "eval"),
+        ("ce", "end"),
+        ("supcon", "step"),
+        ("supcon", "eval"),
+        ("supcon", "end"),
+    ]
+    first = records[0]
+    assert first.payload == {"learner": "ce", "step": 1, "per_class_loss": {"3": 0.5}}
+    cursors = {r.learner: r.id for r in records}
+    assert reader.read(cursors) == []
+    assert [r.kind for r in reader.read({"ce": first.id})] == ["eval", "end"]
+    assert [r.kind for r in reader.read_range("ce", "0-0", records[1].id)] == ["step", "eval"]
+    assert [r.kind for r in reader.read_range("ce", first.id, records[2].id)] == ["eval", "end"]
+
+
+def test_read_blocks_at_most_block_ms(redis_client: redis.Redis, unique: str) -> None:
+    reader = TelemetryReader(redis_client, f"t{unique}")
+    started = time.monotonic()
+    assert reader.read({"nobody": "0-0"}, block_ms=200) == []
+    assert 0.15 <= time.monotonic() - started < 2.0
+
+
+def test_malformed_entry_still_moves_the_cursor(redis_client: redis.Redis, unique: str) -> None:
+    prefix = f"t{unique}"
+    key = stream_key(prefix, "ce")
+    redis_client.xadd(key, {"kind": "step", "data": b"{not json"})
+    redis_client.xadd(key, {"data": b"{}"})
+    redis_client.xadd(key, {"kind": "step", "data": b"[1, 2]"})
+    TelemetryWriter(redis_client, prefix, "ce", maxlen=1000).emit("step", {"step": 7})
+    records = TelemetryReader(redis_client, prefix).read({"ce": "0-0"})
+    assert [r.kind for r in records] == [MALFORMED, MALFORMED, MALFORMED, "step"]
+    assert records[-1].payload == {"step": 7}
+
+
+def test_maxlen_trims_approximately(redis_client: redis.Redis, unique: str) -> None:
+    writer = TelemetryWriter(redis_client, f"t{unique}", "ce", maxlen=100)
+    for step in range(1000):
+        writer.emit("step", {"step": step})
+    length = redis_client.xlen(writer.key)
+    assert 100 <= length < 1000
+
+
+def test_writer_survives_a_redis_outage(tmp_path: Path) -> None:
+    port = free_port()
+    server = start_redis(port, tmp_path)
+    client = telemetry_client(RedisSettings(url=f"redis://127.0.0.1:{port}/0"), timeout_s=0.5)
+    writer = TelemetryWriter(client, "t", "ce", maxlen=1000, retry_backoff_s=(0.05, 0.1))
+    try:
+        writer.emit("step", {"step": 1})
+        stop_process(server.pid)
+
+        started = time.monotonic()
+        writer.emit("step", {"step": 2})  # Redis is down: buffered, neither raised nor stalled
+        writer.emit("step", {"step": 3})
+        assert time.monotonic() - started < 1.0
+        assert writer.stats.buffered == 2
+
+        server = start_redis(port, tmp_path)  # same data dir: its AOF brings record 1 back
+        time.sleep(0.15)  # past the back-off
+        writer.emit("step", {"step": 4})
+        assert writer.stats.buffered == 0
+        assert writer.stats.emitted == 4
+        records = TelemetryReader(client, "t").read({"ce": "0-0"})
+        assert [r.payload["step"] for r in records] == [1, 2, 3, 4]
+    finally:
+        client.close()
+        stop_process(server.pid)

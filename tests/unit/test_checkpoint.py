@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.checkpoint import Checkpoint, list_checkpoints, load_latest, save_checkpoint
+from pipeline.exceptions import CheckpointError
+
+
+def _ckpt(step: int) -> Checkpoint:
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    return Checkpoint(
+        step=step,
+        model=model.state_dict(),
+        optimizer=opt.state_dict(),
+        labels=["a", "b"],
+        class_task={"a": "0", "b": None},
+        offsets={("t", 0): 10 + step, ("t", 1): 5},
+        probe={"features": torch.zeros(0, 3), "labels": torch.zeros(0, dtype=torch.long),
+               "ids": []},
+        counters={"consumed": 15.0},
+    )
+
+
+def test_round_trip_and_retention(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, _ckpt(step), keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "ckpt-000000000004.pt", "ckpt-000000000003.pt"]
+    restored = load_latest(tmp_path)
+    assert restored is not None
+    assert restored.step == 4
+    assert restored.offsets == {("t", 0): 14, ("t", 1): 5}
+    assert restored.class_task == {"a": "0", "b": None}
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_corrupt_latest_falls_back_to_previous(tmp_path):
+    save_checkpoint(tmp_path, _ckpt(1), keep=3)
+    newest = save_checkpoint(tmp_path, _ckpt(2), keep=3)
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated write
+    restored = load_latest(tmp_path)
+    assert restored is not None
+    assert restored.step == 1
+
+
+def test_all_corrupt_is_an_error_not_a_silent_fresh_start(tmp_path):
+    path = save_checkpoint(tmp_path, _ckpt(1), keep=3)
+    path.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="could be loaded"):
+        load_latest(tmp_path)
+
+
+def test_empty_directory_means_fresh_start(tmp_path):
+    assert load_latest(tmp_path / "none") is None
+
+
+def test_code_in_a_checkpoint_is_not_executed(tmp_path):
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('executed')",))
+
+    path = tmp_path / "ckpt-000000000009.pt"
+    with path.open("wb") as fh:
+        pickle.dump({"format": 1, "x": Boom()}, fh)
+    save_checkpoint(tmp_path, _ckpt(1), keep=5)
+    restored = load_latest(tmp_path)  # the malicious newest one is refused, not run
+    assert restored is not None
+    assert restored.step == 1

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Settings, load_settings
+from pipeline.exceptions import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "compose.yaml"])
+def test_shipped_configs_load(name):
+    settings = load_settings(CONFIGS / name, environ={})
+    assert isinstance(settings, Settings)
+    assert settings.kafka.events_topic == "supcon.events"
+
+
+def test_unknown_key_is_named(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lr: 0.01\n  learning_rate: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.learning_rate'"):
+        load_settings(cfg, environ={})
+
+
+def test_bad_value_is_named_with_the_value(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=r"train\.lr: .*greater than 0.*-1"):
+        load_settings(cfg, environ={})
+
+
+def test_unknown_section_is_named(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("trian:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'trian'"):
+        load_settings(cfg, environ={})
+
+
+def test_environment_then_overrides_win():
+    env = {"SUPCON_STREAM__TRAIN__LR": "0.5", "SUPCON_STREAM__KAFKA__PARTITIONS": "8"}
+    settings = load_settings(None, ["train.lr=0.25"], environ=env)
+    assert settings.train.lr == 0.25
+    assert settings.kafka.partitions == 8
+
+
+def test_bad_environment_value_is_named():
+    with pytest.raises(ConfigError, match=r"consumer\.batch_size"):
+        load_settings(None, environ={"SUPCON_STREAM__CONSUMER__BATCH_SIZE": "lots"})
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_settings(None, ["train.lr"], environ={})
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "missing.yaml", environ={})
+
+
+def test_not_a_mapping(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_settings(cfg, environ={})
+
+
+def test_settings_are_frozen():
+    settings = load_settings(None, environ={})
+    with pytest.raises(Exception, match="frozen"):
+        settings.train.lr = 3  # type: ignore[misc]
+
+
+def test_redacted_dump_hides_secrets():
+    settings = load_settings(
+        None,
+        ["kafka.sasl_mechanism=PLAIN", "kafka.sasl_username=u", "kafka.sasl_password=hunter2",
+         "redis.password=s3cret"],
+        environ={},
+    )
+    dump = str(settings.redacted())
+    assert "hunter2" not in dump
+    assert "s3cret" not in dump
+    assert settings.kafka.client_options()["sasl_plain_password"] == "hunter2"
+
+
+def test_derived_names():
+    settings = load_settings(None, ["train.objective=ce", "kafka.topic_prefix=p"], environ={})
+    assert settings.learner_name == "ce"
+    assert settings.group_id == "p.learner.ce"
+    assert settings.kafka.dlq_topic == "p.dlq"
+    assert not settings.train.replay_enabled
+    assert load_settings(None, environ={}).train.replay_enabled
