@@ -11,3 +11,11 @@ class SourceClosedError(ConsumerError):
 
 class BrokerUnavailableError(ConsumerError):
     """The broker could not be reached within the configured time."""
+
+
+class ProducerError(ConsumerError):
+    """Records could not be delivered, even after recreating the producer once.
+
+    The undelivered records stay queued in the :class:`~consumers.producer.JsonProducer`; the
+    next ``flush`` tries them again.
+    """

@@ -117,11 +117,15 @@ def load_latest(directory: Path, map_location: torch.device | str = "cpu") -> Ch
             raw = torch.load(path, map_location=map_location, weights_only=True)
             ckpt = Checkpoint.from_payload(raw)
         except Exception as exc:  # noqa: BLE001 - any unreadable file means "try the previous"
-            log.warning("checkpoint unreadable, trying the previous one", path=str(path),
-                        error=f"{type(exc).__name__}: {exc}")
+            log.warning(
+                "checkpoint unreadable, trying the previous one",
+                path=str(path),
+                error=f"{type(exc).__name__}: {exc}",
+            )
             continue
-        log.info("checkpoint restored", path=str(path), step=ckpt.step,
-                 partitions=len(ckpt.offsets))
+        log.info(
+            "checkpoint restored", path=str(path), step=ckpt.step, partitions=len(ckpt.offsets)
+        )
         return ckpt
     if candidates:
         raise CheckpointError(

@@ -53,10 +53,21 @@ def _positive_float(text: str) -> float:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", type=Path, help="YAML settings file (default: built-in "
-                   "defaults, which match configs/local.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting, e.g. --set train.lr=0.01 (repeatable)")
+    p.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        help="YAML settings file (default: the built-in "
+        "defaults of pipeline/config.py, whose addresses match the devstack)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set train.lr=0.01 (repeatable)",
+    )
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--json-logs", action="store_true", help="structured JSON log lines")
 
@@ -67,12 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     learn = sub.add_parser("learn", help="run a learner (consumer group member) until stopped")
     _common(learn)
-    learn.add_argument("--objective", choices=["supcon", "ce"], help="shortcut for "
-                       "--set train.objective=...")
+    learn.add_argument(
+        "--objective", choices=["supcon", "ce"], help="shortcut for --set train.objective=..."
+    )
     learn.add_argument("--name", help="learner name (group, bank, checkpoints, telemetry)")
     learn.add_argument("--max-events", type=_positive_int, help="exit after consuming N events")
-    learn.add_argument("--exit-when-idle", type=_positive_float, metavar="SECONDS",
-                       help="exit after this long without new events")
+    learn.add_argument(
+        "--exit-when-idle",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="exit after this long without new events",
+    )
 
     side = sub.add_parser("sidecar", help="publish rolling loss and forgetting metrics to Kafka")
     _common(side)
@@ -80,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="produce a JSONL file or a built-in scenario")
     _common(replay)
     replay.add_argument("source", help="scenario name (e.g. split-digits) or a .jsonl path")
-    replay.add_argument("--rate", type=_positive_float, help="events/s (default: as fast as "
-                        "possible)")
+    replay.add_argument(
+        "--rate", type=_positive_float, help="events/s (default: as fast as possible)"
+    )
     replay.add_argument("--limit", type=_positive_int, help="produce at most N events")
     replay.add_argument("--seed", type=int, default=0, help="scenario shuffle seed")
 
@@ -95,8 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="devstack + split-digits through supcon and ce learners")
     _common(demo)
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="report folder")
-    demo.add_argument("--keep-stack", action="store_true",
-                      help="leave the devstack running afterwards (to inspect the topics)")
+    demo.add_argument(
+        "--keep-stack",
+        action="store_true",
+        help="leave the devstack running afterwards (to inspect the topics)",
+    )
 
     show = sub.add_parser("config", help="print the effective settings (secrets redacted)")
     _common(show)
@@ -122,10 +142,19 @@ def _cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
     stop = threading.Event()
     install_stop_signals(stop)
     summary = run_learner(settings, stop, RunLimits(args.max_events, args.exit_when_idle))
-    print(json.dumps({"learner": summary.name, "objective": summary.objective,
-                      "steps": summary.steps, "skipped_steps": summary.skipped_steps,
-                      "events_per_s": round(summary.events_per_s, 1),
-                      "bank_size": summary.bank_size, **summary.counters}))
+    print(
+        json.dumps(
+            {
+                "learner": summary.name,
+                "objective": summary.objective,
+                "steps": summary.steps,
+                "skipped_steps": summary.skipped_steps,
+                "events_per_s": round(summary.events_per_s, 1),
+                "bank_size": summary.bank_size,
+                **summary.counters,
+            }
+        )
+    )
     return EXIT_OK
 
 
@@ -143,8 +172,9 @@ def _cmd_sidecar(_args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.replay import run_replay
 
-    report = run_replay(settings, args.source, rate=args.rate, limit=args.limit, seed=args.seed,
-                        progress=None)
+    report = run_replay(
+        settings, args.source, rate=args.rate, limit=args.limit, seed=args.seed, progress=None
+    )
     print(json.dumps(report.as_dict()))
     return EXIT_OK
 
@@ -156,8 +186,15 @@ def _cmd_devstack(args: argparse.Namespace, settings: Settings) -> int:
     stack = Devstack(d.dir, d.broker_port, d.redis_port)
     if args.action == "up":
         state = stack.up()
-        print(json.dumps({"bootstrap_servers": state.bootstrap_servers,
-                          "redis_url": state.redis_url, "dir": str(d.dir)}))
+        print(
+            json.dumps(
+                {
+                    "bootstrap_servers": state.bootstrap_servers,
+                    "redis_url": state.redis_url,
+                    "dir": str(d.dir),
+                }
+            )
+        )
     elif args.action == "down":
         stack.down()
     else:
@@ -171,8 +208,9 @@ def _cmd_topics(_args: argparse.Namespace, settings: Settings) -> int:
     from consumers.admin import ensure_topics
 
     k = settings.kafka
-    ensure_topics(k.client_options(), k.all_topics(), k.partitions, k.replication_factor,
-                  timeout_s=30.0)
+    ensure_topics(
+        k.client_options(), k.all_topics(), k.partitions, k.replication_factor, timeout_s=30.0
+    )
     print(json.dumps({"topics": k.all_topics()}))
     return EXIT_OK
 

@@ -307,6 +307,8 @@ def load_settings(
             dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
             _set_dotted(tree, dotted, _parse_scalar(raw))
             source = f"{source} + environment"
+    if overrides:
+        source = f"{source} + --set"
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():

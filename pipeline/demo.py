@@ -49,7 +49,10 @@ def _spawn(name: str, args: list[str], out_dir: Path, threads: int) -> Child:
     with log_path.open("wb") as fh:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", *args],
-            stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
         )
     return Child(name, proc, log_path)
 
@@ -76,7 +79,7 @@ def _progress(settings: Settings, stop_when: Any) -> None:
     r = settings.redis
     client = make_redis_client(r.url, r.username, r.password, r.socket_timeout_s)
     reader = TelemetryReader(client, r.key_prefix)
-    cursors = {name: "0-0" for name in OBJECTIVES}
+    cursors = dict.fromkeys(OBJECTIVES, "0-0")
     latest: dict[str, dict[str, Any]] = {}
     tty = sys.stderr.isatty()
     try:
@@ -92,12 +95,15 @@ def _progress(settings: Settings, stop_when: Any) -> None:
                     parts.append(f"{name}: waiting")
                     continue
                 loss = p.get("loss")
-                parts.append(f"{name}: {p['events_total']:>5} events, step {p['step']:>5}, "
-                             f"loss {loss:.3f}" if loss is not None else
-                             f"{name}: {p['events_total']:>5} events, step {p['step']:>5}")
+                parts.append(
+                    f"{name}: {p['events_total']:>5} events, step {p['step']:>5}, loss {loss:.3f}"
+                    if loss is not None
+                    else f"{name}: {p['events_total']:>5} events, step {p['step']:>5}"
+                )
             line = " | ".join(parts)
-            print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr,
-                  flush=True)
+            print(
+                ("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True
+            )
     finally:
         if tty:
             print(file=sys.stderr)
@@ -110,8 +116,12 @@ def _final_metrics(settings: Settings) -> dict[str, dict[str, Any]]:
 
     k = settings.kafka
     consumer = KafkaConsumer(
-        k.forgetting_topic, k.loss_topic, auto_offset_reset="earliest",
-        enable_auto_commit=False, consumer_timeout_ms=1000, **k.client_options(),
+        k.forgetting_topic,
+        k.loss_topic,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=1000,
+        **k.client_options(),
     )
     final: dict[str, dict[str, Any]] = {}
     loss: dict[str, dict[str, Any]] = {}
@@ -129,23 +139,26 @@ def _final_metrics(settings: Settings) -> dict[str, dict[str, Any]]:
         consumer.close()
     missing = [n for n in OBJECTIVES if n not in final]
     if missing:
-        raise SupconStreamError(f"the sidecar published no final metrics for {missing} within "
-                                f"{FINAL_METRICS_TIMEOUT_S:.0f} s")
+        raise SupconStreamError(
+            f"the sidecar published no final metrics for {missing} within "
+            f"{FINAL_METRICS_TIMEOUT_S:.0f} s"
+        )
     return {n: {"forgetting": final[n], "loss": loss.get(n, {})} for n in OBJECTIVES}
 
 
 def _learner_result(child: Child) -> dict[str, Any]:
     """The JSON summary a learner prints on stdout as its last line."""
-    for line in reversed(child.log_path.read_text(errors="replace").splitlines()):
-        line = line.strip()
+    for raw in reversed(child.log_path.read_text(errors="replace").splitlines()):
+        line = raw.strip()
         if line.startswith("{") and '"learner"' in line:
             result: dict[str, Any] = json.loads(line)
             return result
     raise SupconStreamError(f"learner {child.name} printed no summary; see {child.log_path}")
 
 
-def build_report(metrics: dict[str, dict[str, Any]], results: dict[str, dict[str, Any]],
-                 scenario: str) -> dict[str, Any]:
+def build_report(
+    metrics: dict[str, dict[str, Any]], results: dict[str, dict[str, Any]], scenario: str
+) -> dict[str, Any]:
     objectives: dict[str, Any] = {}
     for name, m in metrics.items():
         f = m["forgetting"]
@@ -153,8 +166,9 @@ def build_report(metrics: dict[str, dict[str, Any]], results: dict[str, dict[str
         objectives[name] = {
             "final_avg_accuracy": round(float(f["avg_accuracy"]), 4),
             "avg_forgetting": round(float(f["avg_forgetting"]), 4),
-            "per_task_accuracy": {str(t): round(float(a), 4)
-                                  for t, a in sorted(f["per_task_accuracy"].items())},
+            "per_task_accuracy": {
+                str(t): round(float(a), 4) for t, a in sorted(f["per_task_accuracy"].items())
+            },
             "events": int(res["consumed"]),
             "events_per_s": round(float(res["events_per_s"]), 1),
             "classifier": f.get("classifier"),
@@ -170,21 +184,35 @@ def build_report(metrics: dict[str, dict[str, Any]], results: dict[str, dict[str
 def format_table(report: dict[str, Any]) -> str:
     objs = report["objectives"]
     tasks = sorted({t for o in objs.values() for t in o["per_task_accuracy"]}, key=str)
-    head = ["objective", "final avg acc", "avg forgetting", *[f"task {t}" for t in tasks],
-            "events", "events/s"]
+    head = [
+        "objective",
+        "final avg acc",
+        "avg forgetting",
+        *[f"task {t}" for t in tasks],
+        "events",
+        "events/s",
+    ]
     rows = [head]
     for name, o in objs.items():
-        rows.append([name, f"{o['final_avg_accuracy']:.3f}", f"{o['avg_forgetting']:.3f}",
-                     *[f"{o['per_task_accuracy'].get(t, float('nan')):.3f}" for t in tasks],
-                     str(o["events"]), f"{o['events_per_s']:.0f}"])
+        rows.append(
+            [
+                name,
+                f"{o['final_avg_accuracy']:.3f}",
+                f"{o['avg_forgetting']:.3f}",
+                *[f"{o['per_task_accuracy'].get(t, float('nan')):.3f}" for t in tasks],
+                str(o["events"]),
+                f"{o['events_per_s']:.0f}",
+            ]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return f"scenario: {report['scenario']}\n" + "\n".join(lines)
 
 
-def run_demo(settings: Settings, config_path: Path | None, out_dir: Path,
-             keep_stack: bool = False) -> dict[str, Any]:
+def run_demo(
+    settings: Settings, config_path: Path | None, out_dir: Path, keep_stack: bool = False
+) -> dict[str, Any]:
     from consumers.admin import ensure_topics
     from pipeline.replay import run_replay
 
@@ -195,8 +223,11 @@ def run_demo(settings: Settings, config_path: Path | None, out_dir: Path,
     state = stack.up()
     run_id = time.strftime("%Y%m%d-%H%M%S")
     # A reused broker may hold an earlier run's events: give this run its own topics.
-    prefix = settings.kafka.topic_prefix if not already_running else \
-        f"{settings.kafka.topic_prefix}-demo-{run_id}"
+    prefix = (
+        settings.kafka.topic_prefix
+        if not already_running
+        else f"{settings.kafka.topic_prefix}-demo-{run_id}"
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
     overrides = [
@@ -206,12 +237,16 @@ def run_demo(settings: Settings, config_path: Path | None, out_dir: Path,
         f"redis.key_prefix={prefix}",
         f"checkpoint.dir={ckpt_dir}",
     ]
-    run_settings = settings.model_copy(update={
-        "kafka": settings.kafka.model_copy(update={
-            "bootstrap_servers": state.bootstrap_servers, "topic_prefix": prefix}),
-        "redis": settings.redis.model_copy(update={"url": state.redis_url,
-                                                   "key_prefix": prefix}),
-    })
+    run_settings = settings.model_copy(
+        update={
+            "kafka": settings.kafka.model_copy(
+                update={"bootstrap_servers": state.bootstrap_servers, "topic_prefix": prefix}
+            ),
+            "redis": settings.redis.model_copy(
+                update={"url": state.redis_url, "key_prefix": prefix}
+            ),
+        }
+    )
     children: list[Child] = []
     try:
         import shutil
@@ -219,40 +254,61 @@ def run_demo(settings: Settings, config_path: Path | None, out_dir: Path,
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         _clear_namespace(run_settings)
         k = run_settings.kafka
-        ensure_topics(k.client_options(), k.all_topics(), k.partitions, k.replication_factor,
-                      timeout_s=30.0)
+        ensure_topics(
+            k.client_options(), k.all_topics(), k.partitions, k.replication_factor, timeout_s=30.0
+        )
         base = ["--config", str(config_path)] if config_path else []
         for o in overrides:
             base += ["--set", o]
         children.append(_spawn("sidecar", ["sidecar", *base], out_dir, threads=1))
         learners = {
-            name: _spawn(name, ["learn", *base, "--objective", name, "--name", name,
-                                "--set", "train.torch_threads=1",
-                                "--exit-when-idle", str(LEARNER_IDLE_EXIT_S)], out_dir, 1)
+            name: _spawn(
+                name,
+                [
+                    "learn",
+                    *base,
+                    "--objective",
+                    name,
+                    "--name",
+                    name,
+                    "--set",
+                    "train.torch_threads=1",
+                    "--exit-when-idle",
+                    str(LEARNER_IDLE_EXIT_S),
+                ],
+                out_dir,
+                1,
+            )
             for name in OBJECTIVES
         }
         children.extend(learners.values())
         log.info("demo running", prefix=prefix, logs=str(out_dir))
-        replayed = run_replay(run_settings, SCENARIO, rate=None, limit=None, seed=0,
-                              progress=None)
+        replayed = run_replay(run_settings, SCENARIO, rate=None, limit=None, seed=0, progress=None)
         log.info("scenario replayed", scenario=SCENARIO, events=replayed.as_dict())
         deadline = time.monotonic() + LEARNER_TIMEOUT_S
-        _progress(run_settings, lambda: all(c.proc.poll() is not None
-                                            for c in learners.values())
-                  or time.monotonic() > deadline)
+        _progress(
+            run_settings,
+            lambda: (
+                all(c.proc.poll() is not None for c in learners.values())
+                or time.monotonic() > deadline
+            ),
+        )
         for child in learners.values():
             code = child.proc.poll()
             if code != 0:
-                raise SupconStreamError(f"learner {child.name} exited with {code}; "
-                                        f"see {child.log_path}")
+                raise SupconStreamError(
+                    f"learner {child.name} exited with {code}; see {child.log_path}"
+                )
         results = {n: _learner_result(c) for n, c in learners.items()}
         metrics = _final_metrics(run_settings)
         report = build_report(metrics, results, SCENARIO)
         report["elapsed_s"] = round(time.monotonic() - started_at, 1)
         (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         print(format_table(report))
-        print(f"\nreport: {out_dir / 'report.json'}   logs: {out_dir}/*.log   "
-              f"({report['elapsed_s']:.0f} s)")
+        print(
+            f"\nreport: {out_dir / 'report.json'}   logs: {out_dir}/*.log   "
+            f"({report['elapsed_s']:.0f} s)"
+        )
         return report
     finally:
         for child in children:
@@ -262,5 +318,9 @@ def run_demo(settings: Settings, config_path: Path | None, out_dir: Path,
         if not already_running and not keep_stack:
             stack.down()
         elif keep_stack:
-            log.info("devstack left running", bootstrap=state.bootstrap_servers,
-                     redis=state.redis_url, topic_prefix=prefix)
+            log.info(
+                "devstack left running",
+                bootstrap=state.bootstrap_servers,
+                redis=state.redis_url,
+                topic_prefix=prefix,
+            )

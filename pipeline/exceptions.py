@@ -2,7 +2,8 @@
 
 
 class SupconStreamError(Exception):
-    """Root of the pipeline's errors; the CLI turns these into one clear line and exit 2."""
+    """Root of the pipeline's errors; the CLI prints one clear line and exits 1
+    (2 for configuration and usage errors)."""
 
 
 class ConfigError(SupconStreamError):

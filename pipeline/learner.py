@@ -49,6 +49,7 @@ from pipeline.evaluation import (
     predict_head,
     predict_ncm,
 )
+from pipeline.exceptions import SupconStreamError
 from pipeline.labels import LabelRegistry
 from pipeline.model import StreamNet
 from pipeline.step import StepInputs, TrainState, make_state, train_step
@@ -57,6 +58,7 @@ from pipeline.telemetry import TelemetryWriter, telemetry_client
 log = structlog.get_logger(__name__)
 
 PROGRESS_EVERY_S = 5.0
+JOIN_TIMEOUT_S = 120.0
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -189,9 +191,13 @@ def _predict(ctx: LearnerContext, feats: torch.Tensor) -> tuple[torch.Tensor, to
     return predict_ncm(ctx.state.model, feats, _refresh_means(ctx))
 
 
-def _publish_predictions(ctx: LearnerContext, batch: EventBatch, rows: list[int],
-                         feats: torch.Tensor) -> None:
+def _publish_predictions(
+    ctx: LearnerContext, batch: EventBatch, rows: list[int], feats: torch.Tensor
+) -> None:
     labels, conf = _predict(ctx, feats)
+    if not bool(ctx.seen_classes.any()):
+        # Nothing learned yet: publish "no label" rather than an arbitrary head index.
+        labels = torch.full_like(labels, -1)
     for i, label, c in zip(rows, labels.tolist(), conf.tolist(), strict=True):
         ctx.producer.send(
             ctx.settings.kafka.predictions_topic,
@@ -205,24 +211,28 @@ def _publish_predictions(ctx: LearnerContext, batch: EventBatch, rows: list[int]
         )
 
 
-def _replay_for(ctx: LearnerContext, x: torch.Tensor, y: torch.Tensor) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor
-]:
-    """Bank slots, features and labels to contrast with this batch (may be empty)."""
+def _replay_for(
+    ctx: LearnerContext, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bank slots, features, labels and slot versions to contrast with this batch."""
     cfg = ctx.settings.train
     empty = torch.empty(0, dtype=torch.long, device=ctx.device)
     if not cfg.replay_enabled or len(ctx.bank) == 0 or cfg.replay_size == 0:
-        return empty, x.new_empty(0, x.shape[1]), empty
+        return empty, x.new_empty(0, x.shape[1]), empty, empty
     replay = ctx.bank.sample(cfg.replay_size)
-    slots = replay.slots
-    if cfg.hard_negatives > 0:
-        with torch.no_grad():
-            ctx.state.model.eval()
-            q = torch.nn.functional.normalize(ctx.state.model.embed(x).float(), dim=-1)
-        hard = ctx.bank.hard_negatives(q, y, cfg.hard_negatives, exclude_slots=slots)
-        slots = torch.cat([slots, hard])
-    feats, labels = ctx.bank.gather(slots)
-    return slots, feats, labels
+    if cfg.hard_negatives == 0:
+        return replay.slots, replay.features, replay.labels, replay.versions
+    with torch.no_grad():
+        ctx.state.model.eval()
+        q = torch.nn.functional.normalize(ctx.state.model.embed(x).float(), dim=-1)
+    hard = ctx.bank.hard_negatives(q, y, cfg.hard_negatives, exclude_slots=replay.slots)
+    h_feats, h_labels, h_versions = ctx.bank.gather(hard)
+    return (
+        torch.cat([replay.slots, hard]),
+        torch.cat([replay.features, h_feats]),
+        torch.cat([replay.labels, h_labels]),
+        torch.cat([replay.versions, h_versions]),
+    )
 
 
 def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
@@ -283,20 +293,21 @@ def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
     }
 
 
-def _train_on(ctx: LearnerContext, batch: EventBatch, rows: list[int], x: torch.Tensor,
-              y: torch.Tensor) -> dict[str, Any]:
+def _train_on(
+    ctx: LearnerContext, batch: EventBatch, rows: list[int], x: torch.Tensor, y: torch.Tensor
+) -> dict[str, Any]:
     cfg = ctx.settings.train
     losses: list[float] = []
     per_sample: torch.Tensor | None = None
     skipped_any = False
     result = None
     for _ in range(cfg.iters_per_batch):
-        slots, r_feats, r_labels = _replay_for(ctx, x, y)
+        slots, r_feats, r_labels, versions = _replay_for(ctx, x, y)
         inputs = StepInputs(x, y, r_feats, r_labels, ctx.seen_classes)
         result = train_step(ctx.state, inputs, cfg, ctx.generator)
         if slots.numel():
             # Re-encoded replay items write back their fresh embeddings (index refreshes).
-            ctx.bank.update_embeddings(slots, result.replay_embeddings)
+            ctx.bank.update_embeddings(slots, result.replay_embeddings, versions)
         ctx.bank.step()
         skipped_any |= result.skipped
         if result.loss is not None:
@@ -370,25 +381,29 @@ def checkpoint_and_commit(ctx: LearnerContext, wait: bool = False) -> None:
     if wait:
         committed = ctx.source.commit_sync(dict(ctx.offsets), timeout_s=30.0)
         if not committed:
-            log.warning("final offset commit did not complete; events after the previous "
-                        "commit will be re-delivered", checkpoint=str(path))
+            log.warning(
+                "final offset commit did not complete; events after the previous "
+                "commit will be re-delivered",
+                checkpoint=str(path),
+            )
     else:
         ctx.source.commit(dict(ctx.offsets))
     log.debug("checkpoint written", path=str(path), offsets=len(ctx.offsets))
 
 
-def restore(ctx: LearnerContext) -> None:
-    ckpt = load_latest(ctx.settings.checkpoint_dir, map_location=ctx.device)
-    if ckpt is None:
-        log.info("no checkpoint; starting fresh", dir=str(ctx.settings.checkpoint_dir))
-        return
+def registry_from(ckpt: Checkpoint | None, max_classes: int) -> LabelRegistry:
+    registry = LabelRegistry(max_classes, ckpt.labels if ckpt else ())
+    if ckpt:
+        registry.class_task.update(ckpt.class_task)
+    return registry
+
+
+def apply_checkpoint(ctx: LearnerContext, ckpt: Checkpoint) -> None:
+    """Restore model, optimizer, offsets, probes and counters (the registry is already set)."""
     ctx.state.model.load_state_dict(ckpt.model)
     ctx.state.optimizer.load_state_dict(ckpt.optimizer)
     ctx.state.step = ckpt.step
     ctx.state.skipped = int(ckpt.counters.get("skipped", 0))
-    ctx.registry = LabelRegistry(ctx.settings.model.max_classes, ckpt.labels)
-    ctx.registry.class_task.update(ckpt.class_task)
-    ctx.seen_classes[: len(ctx.registry)] = True
     ctx.offsets = dict(ckpt.offsets)
     ctx.probes.load_state(ckpt.probe)
     ctx.counters = Counters.from_dict(ckpt.counters)
@@ -409,7 +424,6 @@ def build_context(settings: Settings) -> LearnerContext:
     device = resolve_device(settings.train.device)
     model = StreamNet(settings.model).to(device)
     state = make_state(model, settings.train)
-    registry = LabelRegistry(settings.model.max_classes)
     seen = torch.zeros(settings.model.max_classes, dtype=torch.bool, device=device)
     r = settings.redis
     client = make_redis_client(r.url, r.username, r.password, r.socket_timeout_s)
@@ -436,6 +450,40 @@ def build_context(settings: Settings) -> LearnerContext:
         client_options,
         producer,
     )
+    ckpt = load_latest(settings.checkpoint_dir, map_location=device)
+    if ckpt is None:
+        log.info("no checkpoint; starting fresh", dir=str(settings.checkpoint_dir))
+    registry = registry_from(ckpt, settings.model.max_classes)
+    seen[: len(registry)] = True
+
+    def label_index(name: str) -> int:
+        # Labels found in the bank but not in the checkpoint (written after it) register here.
+        idx = registry.index(name)
+        seen[idx] = True
+        return idx
+
+    b = settings.bank
+    store = RedisBankStore(
+        client,
+        r.key_prefix,
+        settings.learner_name,
+        settings.model.input_dim,
+        settings.model.embed_dim,
+    )
+    started = time.monotonic()
+    bank = MemoryBank.open(
+        store,
+        make_index("faiss", settings.model.embed_dim, device, b.use_gpu),
+        capacity=b.capacity,
+        input_dim=settings.model.input_dim,
+        embed_dim=settings.model.embed_dim,
+        device=device,
+        seed=settings.train.seed,
+        index_refresh_steps=b.index_refresh_steps,
+        hard_negative_queries=b.hard_negative_queries,
+        label_index=label_index,
+    )
+    log.info("memory bank loaded", items=len(bank), seconds=round(time.monotonic() - started, 3))
     ctx = LearnerContext(
         settings=settings,
         device=device,
@@ -443,33 +491,17 @@ def build_context(settings: Settings) -> LearnerContext:
         registry=registry,
         seen_classes=seen,
         probes=ProbeSet(settings.eval.probe_per_class, settings.model.input_dim, device),
-        bank=None,  # type: ignore[arg-type] - opened below, after the registry is restored
+        bank=bank,
         source=source,
         producer=producer,
         # Its own fast-failing client: a Redis outage must not stall training on telemetry.
-        telemetry=TelemetryWriter(telemetry_client(r), r.key_prefix, settings.learner_name,
-                                  r.telemetry_maxlen),
+        telemetry=TelemetryWriter(
+            telemetry_client(r), r.key_prefix, settings.learner_name, r.telemetry_maxlen
+        ),
         generator=torch.Generator(device=device).manual_seed(settings.train.seed),
     )
-    restore(ctx)
-    b = settings.bank
-    store = RedisBankStore(client, r.key_prefix, settings.learner_name,
-                           settings.model.input_dim, settings.model.embed_dim)
-    index = make_index("faiss", settings.model.embed_dim, device, b.use_gpu)
-    started = time.monotonic()
-
-    def label_index(name: str) -> int:
-        idx = ctx.registry.index(name)
-        ctx.seen_classes[idx] = True
-        return idx
-
-    ctx.bank = MemoryBank.open(
-        store, index, capacity=b.capacity, input_dim=settings.model.input_dim,
-        embed_dim=settings.model.embed_dim, device=device, seed=settings.train.seed,
-        index_refresh_steps=b.index_refresh_steps,
-        hard_negative_queries=b.hard_negative_queries, label_index=label_index,
-    )
-    log.info("memory bank loaded", items=len(ctx.bank), seconds=round(time.monotonic() - started, 3))
+    if ckpt is not None:
+        apply_checkpoint(ctx, ckpt)
     return ctx
 
 
@@ -505,51 +537,76 @@ def _step_record(ctx: LearnerContext, record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _emit_eval(ctx: LearnerContext) -> None:
-    ctx.telemetry.emit("eval", {
-        "learner": ctx.name,
-        "objective": ctx.settings.train.objective,
-        "group": ctx.settings.group_id,
-        "step": ctx.state.step,
-        "ts": int(time.time() * 1000),
-        "events_total": ctx.counters.consumed,
-        **evaluate(ctx),
-    })
+    ctx.telemetry.emit(
+        "eval",
+        {
+            "learner": ctx.name,
+            "objective": ctx.settings.train.objective,
+            "group": ctx.settings.group_id,
+            "step": ctx.state.step,
+            "ts": int(time.time() * 1000),
+            "events_total": ctx.counters.consumed,
+            **evaluate(ctx),
+        },
+    )
 
 
-def run_learner(
+def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
     settings: Settings,
     stop: threading.Event,
     limits: RunLimits = RunLimits(),
     on_progress: Callable[[LearnerContext], None] | None = None,
 ) -> LearnerSummary:
     ctx = build_context(settings)
-    log.info("learner starting", learner=ctx.name, objective=settings.train.objective,
-             group=settings.group_id, device=str(ctx.device), resumed_step=ctx.state.step,
-             replay=settings.train.replay_enabled)
+    log.info(
+        "learner starting",
+        learner=ctx.name,
+        objective=settings.train.objective,
+        group=settings.group_id,
+        device=str(ctx.device),
+        resumed_step=ctx.state.step,
+        replay=settings.train.replay_enabled,
+    )
     ctx.started = time.monotonic()
     start_consumed = ctx.counters.consumed
     ctx.source.start(ctx.offsets)
     last_ckpt_step, last_ckpt_time = ctx.state.step, time.monotonic()
     last_eval_step = ctx.state.step
     last_progress = last_batch = time.monotonic()
+    assigned = False
     try:
         while not stop.is_set():
-            if limits.max_events is not None and \
-                    ctx.counters.consumed - start_consumed >= limits.max_events:
+            if (
+                limits.max_events is not None
+                and ctx.counters.consumed - start_consumed >= limits.max_events
+            ):
                 log.info("max events reached", events=ctx.counters.consumed - start_consumed)
                 break
             batch = ctx.source.get(timeout_s=0.5)
             now = time.monotonic()
             if batch is None:
-                if limits.exit_when_idle_s is not None and \
-                        now - last_batch >= limits.exit_when_idle_s:
+                if not assigned:
+                    # Idle time counts from the group join: joining can take seconds.
+                    assigned = bool(ctx.source.assignment())
+                    last_batch = now
+                    if limits.exit_when_idle_s is not None and now - ctx.started > JOIN_TIMEOUT_S:
+                        raise SupconStreamError(
+                            f"no partitions of {settings.kafka.events_topic} assigned within "
+                            f"{JOIN_TIMEOUT_S:.0f} s; does the topic exist?"
+                        )
+                    continue
+                if (
+                    limits.exit_when_idle_s is not None
+                    and now - last_batch >= limits.exit_when_idle_s
+                ):
                     log.info("idle; finishing", idle_s=round(now - last_batch, 1))
                     break
                 continue
-            last_batch = now
+            last_batch, assigned = now, True
             first = batch.sources[0] if batch.sources else None
             structlog.contextvars.bind_contextvars(
-                step=ctx.state.step, batch=ctx.counters.batches,
+                step=ctx.state.step,
+                batch=ctx.counters.batches,
                 topic=first.topic if first else None,
                 offsets={f"{t}:{p}": o for (t, p), o in batch.offsets.items()},
             )
@@ -558,8 +615,10 @@ def run_learner(
             if ctx.state.step - last_eval_step >= settings.eval.every_steps:
                 _emit_eval(ctx)
                 last_eval_step = ctx.state.step
-            if (ctx.state.step - last_ckpt_step >= settings.checkpoint.every_steps
-                    or now - last_ckpt_time >= settings.checkpoint.every_seconds):
+            if (
+                ctx.state.step - last_ckpt_step >= settings.checkpoint.every_steps
+                or now - last_ckpt_time >= settings.checkpoint.every_seconds
+            ):
                 checkpoint_and_commit(ctx)
                 last_ckpt_step, last_ckpt_time = ctx.state.step, now
             if on_progress is not None:
@@ -571,20 +630,35 @@ def run_learner(
         _emit_eval(ctx)
         checkpoint_and_commit(ctx, wait=True)
         elapsed = time.monotonic() - ctx.started
-        ctx.telemetry.emit("end", {"learner": ctx.name, "step": ctx.state.step,
-                                   "events_total": ctx.counters.consumed,
-                                   "elapsed_s": round(elapsed, 3)})
+        ctx.telemetry.emit(
+            "end",
+            {
+                "learner": ctx.name,
+                "step": ctx.state.step,
+                "events_total": ctx.counters.consumed,
+                "elapsed_s": round(elapsed, 3),
+            },
+        )
         ctx.telemetry.flush()
     finally:
         structlog.contextvars.clear_contextvars()
         close_context(ctx)
     summary = LearnerSummary(
-        name=ctx.name, objective=settings.train.objective, steps=ctx.state.step,
-        skipped_steps=ctx.state.skipped, counters=ctx.counters.as_dict(),
-        elapsed_s=time.monotonic() - ctx.started, bank_size=len(ctx.bank),
+        name=ctx.name,
+        objective=settings.train.objective,
+        steps=ctx.state.step,
+        skipped_steps=ctx.state.skipped,
+        counters=ctx.counters.as_dict(),
+        elapsed_s=time.monotonic() - ctx.started,
+        bank_size=len(ctx.bank),
     )
-    log.info("learner stopped", **summary.counters, steps=summary.steps,
-             skipped=summary.skipped_steps, events_per_s=round(summary.events_per_s, 1))
+    log.info(
+        "learner stopped",
+        **summary.counters,
+        steps=summary.steps,
+        skipped=summary.skipped_steps,
+        events_per_s=round(summary.events_per_s, 1),
+    )
     return summary
 
 
@@ -592,11 +666,17 @@ def _log_progress(ctx: LearnerContext, start_consumed: int) -> None:
     elapsed = time.monotonic() - ctx.started
     events = ctx.counters.consumed - start_consumed
     stats = ctx.source.stats()
-    log.info("progress", events=ctx.counters.consumed, trained=ctx.counters.trained,
-             dead_lettered=ctx.counters.dead_lettered, steps=ctx.state.step,
-             skipped=ctx.state.skipped, bank=len(ctx.bank),
-             events_per_s=round(events / elapsed, 1) if elapsed > 0 else 0.0,
-             lag=stats.get("lag"))
+    log.info(
+        "progress",
+        events=ctx.counters.consumed,
+        trained=ctx.counters.trained,
+        dead_lettered=ctx.counters.dead_lettered,
+        steps=ctx.state.step,
+        skipped=ctx.state.skipped,
+        bank=len(ctx.bank),
+        events_per_s=round(events / elapsed, 1) if elapsed > 0 else 0.0,
+        lag=stats.get("lag"),
+    )
 
 
 def install_stop_signals(stop: threading.Event) -> None:

@@ -41,8 +41,9 @@ class StreamNet(nn.Module):
         return self.head(h)
 
 
-def augment(x: torch.Tensor, noise_std: float, mask_prob: float, generator: torch.Generator |
-            None = None) -> torch.Tensor:
+def augment(
+    x: torch.Tensor, noise_std: float, mask_prob: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One stochastic view of tabular features: random feature masking plus Gaussian noise.
 
     Image augmentations (crops, flips) do not apply to feature vectors; masking and noise are

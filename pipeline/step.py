@@ -63,7 +63,11 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
 
 
 def _objective_loss(
-    model: StreamNet, x: torch.Tensor, y: torch.Tensor, inputs: StepInputs, cfg: TrainSettings,
+    model: StreamNet,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    inputs: StepInputs,
+    cfg: TrainSettings,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Per-sample loss [m] over the contrasted set x (batch ∪ replay), averaged over views."""

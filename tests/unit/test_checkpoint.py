@@ -17,8 +17,11 @@ def _ckpt(step: int) -> Checkpoint:
         labels=["a", "b"],
         class_task={"a": "0", "b": None},
         offsets={("t", 0): 10 + step, ("t", 1): 5},
-        probe={"features": torch.zeros(0, 3), "labels": torch.zeros(0, dtype=torch.long),
-               "ids": []},
+        probe={
+            "features": torch.zeros(0, 3),
+            "labels": torch.zeros(0, dtype=torch.long),
+            "ids": [],
+        },
         counters={"consumed": 15.0},
     )
 
@@ -27,7 +30,9 @@ def test_round_trip_and_retention(tmp_path):
     for step in (1, 2, 3, 4):
         save_checkpoint(tmp_path, _ckpt(step), keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == [
-        "ckpt-000000000004.pt", "ckpt-000000000003.pt"]
+        "ckpt-000000000004.pt",
+        "ckpt-000000000003.pt",
+    ]
     restored = load_latest(tmp_path)
     assert restored is not None
     assert restored.step == 4

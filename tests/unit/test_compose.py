@@ -20,14 +20,24 @@ def compose() -> dict:
 
 
 def _supcon_services(compose: dict) -> dict[str, dict]:
-    return {n: s for n, s in compose["services"].items() if s.get("image", "").startswith(
-        "supcon-stream")}
+    return {
+        n: s
+        for n, s in compose["services"].items()
+        if s.get("image", "").startswith("supcon-stream")
+    }
 
 
 def test_expected_services(compose):
     services = set(compose["services"])
-    assert {"kafka", "redis", "topics", "sidecar", "learner-supcon", "learner-ce",
-            "replay"} <= services
+    assert {
+        "kafka",
+        "redis",
+        "topics",
+        "sidecar",
+        "learner-supcon",
+        "learner-ce",
+        "replay",
+    } <= services
 
 
 def test_redis_persists_with_aof(compose):

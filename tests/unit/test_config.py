@@ -51,7 +51,7 @@ def test_bad_environment_value_is_named():
 
 
 def test_malformed_override_and_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match="expected section.key=value"):
+    with pytest.raises(ConfigError, match=r"expected section\.key=value"):
         load_settings(None, ["train.lr"], environ={})
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_settings(tmp_path / "missing.yaml", environ={})
@@ -73,8 +73,12 @@ def test_settings_are_frozen():
 def test_redacted_dump_hides_secrets():
     settings = load_settings(
         None,
-        ["kafka.sasl_mechanism=PLAIN", "kafka.sasl_username=u", "kafka.sasl_password=hunter2",
-         "redis.password=s3cret"],
+        [
+            "kafka.sasl_mechanism=PLAIN",
+            "kafka.sasl_username=u",
+            "kafka.sasl_password=hunter2",
+            "redis.password=s3cret",
+        ],
         environ={},
     )
     dump = str(settings.redacted())

@@ -1,0 +1,238 @@
+"""Decode and validate a micro-batch of raw Kafka records into an :class:`EventBatch`.
+
+Bad payloads are data, not errors: every record of the input comes out either as a row of the
+batch or as a :class:`DeadLetter` with a machine-readable reason (INVARIANT 5 of the design:
+``len(batch) + len(batch.dead_letters) == batch.consumed == len(records)``). Nothing in here
+raises on any byte string.
+
+Cost model (the Kafka client, not decoding, should set the pace): one ``orjson.loads`` and a
+few ``type`` checks per record in Python, then ONE numpy call builds the float32 matrix of all
+valid rows and ONE vectorised ``np.isfinite`` finds non-finite rows.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Final, NamedTuple
+
+import numpy as np
+import orjson
+
+from consumers.events import DeadLetter, EventBatch, SourceRecord, TopicPartitionKey
+
+MAX_ID_CHARS: Final = 256
+# A DLQ message must fit a default broker/producer request (1 MiB); base64 grows by 4/3.
+DEFAULT_MAX_RAW_BYTES: Final = 256 * 1024
+
+REASONS: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "empty": "the record value is null or zero bytes",
+        "oversized": "the record value is larger than max_event_bytes (checked before parsing)",
+        "not_json": "the value is not valid JSON (invalid UTF-8 and nesting deeper than 1024 too)",
+        "not_object": "the JSON document is not an object",
+        "missing_id": "the 'id' field is absent or null",
+        "bad_id": f"'id' is not a non-empty string of at most {MAX_ID_CHARS} characters",
+        "bad_features": "'features' is absent or not a list of numbers (booleans are not numbers)",
+        "wrong_dimension": "'features' has a length other than input_dim",
+        "non_finite": "a feature is NaN or infinite once converted to float32",
+        "bad_label": "'label' is not a non-empty string, an integer or null",
+        "bad_task": "'task' is not a non-empty string, an integer or null",
+        "bad_timestamp": "'ts' is not a non-negative integer (milliseconds) or null",
+        "duplicate_id": "the same 'id' already appeared earlier in this micro-batch",
+    }
+)
+
+_NUMBER_TYPES: Final = frozenset((int, float))
+
+
+class _RejectedError(Exception):
+    """Internal control flow: one record failed one check."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _class_name(value: object, field: str, reason: str) -> str | None:
+    """Normalise a label or task to ``str`` (``3`` and ``"3"`` are the same class)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value:
+            return value
+        raise _RejectedError(reason, f"'{field}' is an empty string")
+    if type(value) is int:  # exact type: bool is a subclass of int and is rejected
+        return str(value)
+    raise _RejectedError(reason, f"'{field}' is {type(value).__name__}, expected str, int or null")
+
+
+class _Candidate(NamedTuple):
+    """A record that passed the per-record checks (the batch-level ones come after)."""
+
+    record: SourceRecord
+    event_id: str
+    features: list[Any]
+    label: str | None
+    task: str | None
+    ts_ms: int
+
+
+def _parse(record: SourceRecord, input_dim: int, max_event_bytes: int) -> _Candidate:
+    """Check one record; raises _RejectedError with the first reason that applies."""
+    value = record.value
+    if not value:
+        raise _RejectedError("empty", "null value" if value is None else "zero-length value")
+    if len(value) > max_event_bytes:
+        raise _RejectedError("oversized", f"{len(value)} bytes > max_event_bytes={max_event_bytes}")
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:  # also invalid UTF-8 and depth > 1024
+        raise _RejectedError("not_json", str(exc)[:200]) from None
+    if type(doc) is not dict:
+        raise _RejectedError("not_object", f"top-level JSON value is {type(doc).__name__}")
+
+    event_id = doc.get("id")
+    if event_id is None:
+        raise _RejectedError("missing_id", "no 'id' field")
+    if type(event_id) is not str or not event_id or len(event_id) > MAX_ID_CHARS:
+        shown = f"{len(event_id)} characters" if type(event_id) is str else type(event_id).__name__
+        raise _RejectedError("bad_id", f"'id' is {shown}")
+
+    features = doc.get("features")
+    if features is None:
+        raise _RejectedError("bad_features", "no 'features' field")
+    if type(features) is not list:
+        raise _RejectedError(
+            "bad_features", f"'features' is {type(features).__name__}, expected list"
+        )
+    # Exact types: bool, str, None and nested lists are rejected; numpy would happily convert
+    # "1.5" or True, so this check cannot be left to the matrix build.
+    if not _NUMBER_TYPES.issuperset(map(type, features)):
+        bad = next(type(x).__name__ for x in features if type(x) not in _NUMBER_TYPES)
+        raise _RejectedError("bad_features", f"'features' contains a {bad}")
+    if len(features) != input_dim:
+        raise _RejectedError("wrong_dimension", f"{len(features)} features, expected {input_dim}")
+
+    label = _class_name(doc.get("label"), "label", "bad_label")
+    task = _class_name(doc.get("task"), "task", "bad_task")
+
+    ts = doc.get("ts")
+    if ts is None:
+        ts = record.timestamp_ms
+    elif type(ts) is not int or ts < 0:
+        raise _RejectedError("bad_timestamp", f"'ts' is {ts!r}"[:120])
+    return _Candidate(record, event_id, features, label, task, ts)
+
+
+def _without_value(record: SourceRecord) -> SourceRecord:
+    return SourceRecord(record.topic, record.partition, record.offset, None, record.timestamp_ms)
+
+
+def decode_batch(
+    records: Sequence[SourceRecord], input_dim: int, max_event_bytes: int
+) -> EventBatch:
+    """Decode ``records`` into one batch of valid events plus the dead letters.
+
+    ``offsets`` covers every record (valid and dead-lettered), so committing it after the
+    batch is trained on (and its dead letters are durable) accounts for all of them.
+    """
+    if input_dim < 1:
+        raise ValueError(f"input_dim must be >= 1, got {input_dim}")
+    if max_event_bytes < 1:
+        raise ValueError(f"max_event_bytes must be >= 1, got {max_event_bytes}")
+
+    offsets: dict[TopicPartitionKey, int] = {}
+    dead: list[DeadLetter] = []
+    candidates: list[_Candidate] = []
+    for record in records:
+        key = (record.topic, record.partition)
+        if record.offset + 1 > offsets.get(key, -1):
+            offsets[key] = record.offset + 1
+        try:
+            candidates.append(_parse(record, input_dim, max_event_bytes))
+        except _RejectedError as rej:
+            dead.append(DeadLetter(rej.reason, rej.detail, record))
+
+    if candidates:
+        # float32 overflow (e.g. 1e39) becomes inf on purpose and is caught just below.
+        with np.errstate(over="ignore"):
+            matrix = np.array([c.features for c in candidates], dtype=np.float32)
+        finite = np.asarray(np.isfinite(matrix).all(axis=1))
+    else:
+        matrix = np.empty((0, input_dim), dtype=np.float32)
+        finite = np.ones(0, dtype=bool)
+
+    keep = _batch_checks(candidates, finite, dead)
+    if len(keep) != len(candidates):
+        matrix = np.ascontiguousarray(matrix[keep])
+        candidates = [candidates[i] for i in keep]
+
+    return EventBatch(
+        ids=tuple(c.event_id for c in candidates),
+        features=matrix,
+        labels=tuple(c.label for c in candidates),
+        tasks=tuple(c.task for c in candidates),
+        timestamps_ms=np.array([c.ts_ms for c in candidates], dtype=np.int64),
+        sources=tuple(_without_value(c.record) for c in candidates),
+        dead_letters=tuple(dead),
+        offsets=offsets,
+        consumed=len(records),
+    )
+
+
+def _batch_checks(
+    candidates: list[_Candidate], finite: np.ndarray, dead: list[DeadLetter]
+) -> list[int]:
+    """Indices of candidates that are finite and not duplicates; the others go to ``dead``.
+
+    In input order, so "duplicate" means "a valid event with this id came earlier in the
+    batch": a rejected first copy does not shadow a valid second one.
+    """
+    keep: list[int] = []
+    seen: set[str] = set()
+    for i, c in enumerate(candidates):
+        if not finite[i]:
+            dead.append(
+                DeadLetter("non_finite", "a feature is NaN or infinite as float32", c.record)
+            )
+        elif c.event_id in seen:
+            dead.append(DeadLetter("duplicate_id", f"id {c.event_id[:64]!r} repeated", c.record))
+        else:
+            seen.add(c.event_id)
+            keep.append(i)
+    return keep
+
+
+def dead_letter_payload(dl: DeadLetter, max_raw_bytes: int = DEFAULT_MAX_RAW_BYTES) -> bytes:
+    """The JSON body of a DLQ message.
+
+    ``{"reason", "detail", "source": {"topic", "partition", "offset"}, "raw": base64 | null,
+    "raw_bytes": original length, "raw_truncated": bool}``. ``raw`` keeps at most
+    ``max_raw_bytes`` of the original value so that an oversized event still fits in one
+    producer request; ``raw_truncated`` says when it was cut.
+    """
+    value = dl.source.value
+    raw: str | None = None
+    truncated = False
+    size = 0
+    if value is not None:
+        size = len(value)
+        truncated = size > max_raw_bytes
+        raw = base64.b64encode(value[:max_raw_bytes] if truncated else value).decode("ascii")
+    return orjson.dumps(
+        {
+            "reason": dl.reason,
+            "detail": dl.detail,
+            "source": {
+                "topic": dl.source.topic,
+                "partition": dl.source.partition,
+                "offset": dl.source.offset,
+            },
+            "raw": raw,
+            "raw_bytes": size,
+            "raw_truncated": truncated,
+        }
+    )

@@ -1,0 +1,625 @@
+"""Kafka consumer thread that turns a topic into decoded micro-batches on a bounded queue.
+
+Path of a record: ``poll`` -> :class:`MicroBatcher` (size | max latency) -> ``decode_batch``
+-> dead letters to the DLQ producer -> :class:`EventBatch` on a bounded queue -> learner.
+
+Threading: kafka-python's consumer is not thread-safe, so ONE thread owns it and does every
+call on it (poll, pause/resume, commit, close). The learner talks to that thread through two
+queues: batches come out of one, commit requests go into the other.
+
+Order of a commit (each step waits for the previous one):
+  1. the learner checkpoints, then calls ``commit(offsets)`` (INVARIANT: offsets are committed
+     only after the checkpoint that covers them is durable; this class cannot check that);
+  2. the consumer thread flushes the DLQ producer (INVARIANT: a dead letter is durable before
+     the offset that covers it is committed, or a crash could lose a rejected event);
+  3. the consumer thread commits synchronously, never below what it already committed.
+
+Backpressure: when the hand-off queue is full, every assigned partition is paused and the
+thread keeps polling (so the member stays in the group) until the learner makes room. A batch
+is never dropped.
+
+Rebalances: kafka-python 3.x runs the listener on its network thread, where blocking or
+committing is not allowed, so the listener only records what happened. The consumer thread
+then reconciles after every ``poll``: buffered records of partitions that are no longer
+assigned are dropped (nothing of theirs was committed, so their next owner reads them again).
+A partition revoked and re-assigned to this same member is NOT dropped: kafka-python 3.x keeps
+its fetch position across the rebalance, so dropping its buffered records would skip them
+until the next restart (seen in tests). If a client instead restarts such a partition from the
+committed offset, ``_ingest`` sees the position go back and drops the copies it would
+otherwise deliver twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+import structlog
+from kafka import KafkaConsumer
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from consumers.batcher import MicroBatcher
+from consumers.decode import dead_letter_payload, decode_batch
+from consumers.events import EventBatch, SourceRecord, TopicPartitionKey
+from consumers.exceptions import BrokerUnavailableError, ProducerError, SourceClosedError
+from consumers.producer import JsonProducer
+from consumers.protocols import NO_OFFSETS, labelled, partition_label
+
+log = structlog.get_logger(__name__)
+
+# While paused for backpressure poll() fetches nothing; a short poll only drives the group
+# protocol, and the thread otherwise sleeps until the learner takes a batch.
+_PAUSED_POLL_MS: Final = 100
+_START_TIMEOUT_S: Final = 120.0
+_COMMIT_RETRY_S: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceConfig:
+    """Everything the Kafka source needs besides connection options (plain values)."""
+
+    topic: str
+    group_id: str
+    input_dim: int
+    dlq_topic: str
+    batch_size: int = 32
+    max_latency_ms: int = 250
+    queue_batches: int = 8
+    poll_timeout_ms: int = 1000
+    max_poll_records: int = 2000
+    fetch_max_bytes: int = 52_428_800
+    max_partition_fetch_bytes: int = 4_194_304
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    session_timeout_ms: int = 10_000
+    max_poll_interval_ms: int = 300_000
+    max_event_bytes: int = 65_536
+    commit_timeout_ms: int = 10_000
+    dlq_flush_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        minimums = {
+            "input_dim": 1,
+            "batch_size": 1,
+            "max_latency_ms": 0,
+            "queue_batches": 1,
+            "poll_timeout_ms": 1,
+            "max_poll_records": 1,
+            "fetch_max_bytes": 1,
+            "max_partition_fetch_bytes": 1,
+            "session_timeout_ms": 1000,
+            "max_poll_interval_ms": 1,
+            "max_event_bytes": 1,
+            "commit_timeout_ms": 1,
+        }
+        for name, low in minimums.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"SourceConfig.{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("topic", "group_id", "dlq_topic"):
+            if not getattr(self, name):
+                raise ValueError(f"SourceConfig.{name} must not be empty")
+        if self.topic == self.dlq_topic:
+            raise ValueError("SourceConfig.dlq_topic must differ from topic")
+        if self.auto_offset_reset not in ("earliest", "latest"):
+            raise ValueError("SourceConfig.auto_offset_reset must be 'earliest' or 'latest'")
+
+    def consumer_options(self) -> dict[str, Any]:
+        """kafka-python consumer settings derived from this config (connection excluded)."""
+        return {
+            "group_id": self.group_id,
+            # Offsets are committed only by the learner, after a checkpoint covers them.
+            "enable_auto_commit": False,
+            "auto_offset_reset": self.auto_offset_reset,
+            "max_poll_records": self.max_poll_records,
+            "fetch_max_bytes": self.fetch_max_bytes,
+            "max_partition_fetch_bytes": self.max_partition_fetch_bytes,
+            "session_timeout_ms": self.session_timeout_ms,
+            "heartbeat_interval_ms": max(100, min(3000, self.session_timeout_ms // 3)),
+            "max_poll_interval_ms": self.max_poll_interval_ms,
+            # check_crcs stays on: with the crc32c package it is cheap.
+        }
+
+
+@dataclass(slots=True)
+class _CommitRequest:
+    offsets: dict[TopicPartitionKey, int]
+    done: threading.Event = field(default_factory=threading.Event)
+    ok: bool = False
+
+
+class _RebalanceRecorder(ConsumerRebalanceListener):
+    """Runs on kafka-python's network thread: only records, never blocks or commits."""
+
+    def __init__(self, events: queue.SimpleQueue[tuple[str, frozenset[TopicPartitionKey]]]):
+        self._events = events
+
+    @staticmethod
+    def _keys(partitions: Iterable[TopicPartition]) -> frozenset[TopicPartitionKey]:
+        return frozenset((tp.topic, tp.partition) for tp in partitions)
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self._events.put(("revoked", self._keys(revoked)))
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self._events.put(("assigned", self._keys(assigned)))
+
+    def on_partitions_lost(self, lost: Iterable[TopicPartition]) -> None:
+        self._events.put(("lost", self._keys(lost)))
+
+
+_CLOSED: Final = object()  # queue sentinel: the consumer thread has exited
+
+
+def _labels(partitions: Iterable[TopicPartitionKey]) -> list[str]:
+    return [partition_label(key) for key in sorted(partitions)]
+
+
+def _ranges(records: list[SourceRecord]) -> dict[int, str]:
+    """{partition: "first-last"} for log context (offsets ascend per partition in a batch)."""
+    spans: dict[int, list[int]] = {}
+    for r in records:
+        spans.setdefault(r.partition, [r.offset, r.offset])[1] = r.offset
+    return {p: f"{lo}-{hi}" for p, (lo, hi) in sorted(spans.items())}
+
+
+class KafkaBatchSource:
+    """:class:`~consumers.protocols.EventSource` over a Kafka consumer group.
+
+    ``dlq_producer`` is borrowed, not owned: the caller closes it after :meth:`stop`. It may
+    be shared with other writers; the source flushes it before every commit.
+    """
+
+    def __init__(
+        self, config: SourceConfig, client_options: Mapping[str, Any], dlq_producer: JsonProducer
+    ) -> None:
+        self._config = config
+        self._log = log.bind(topic=config.topic, group=config.group_id)
+        self._client_options = dict(client_options)
+        self._dlq = dlq_producer
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=config.queue_batches)
+        self._commits: queue.SimpleQueue[_CommitRequest] = queue.SimpleQueue()
+        self._rebalances: queue.SimpleQueue[tuple[str, frozenset[TopicPartitionKey]]] = (
+            queue.SimpleQueue()
+        )
+        self._wake = threading.Event()  # set by get/commit/stop: the consumer thread may act
+        self._stopping = threading.Event()
+        self._started = threading.Event()
+        self._done = threading.Event()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._close_timeout_ms = 10_000
+        # Owned by the consumer thread.
+        self._batcher = MicroBatcher(config.batch_size, config.max_latency_ms / 1000)
+        self._pending: EventBatch | None = None  # decoded, waiting for room in the queue
+        self._paused = False
+        self._resume: dict[TopicPartitionKey, int] = {}
+        self._positions: dict[TopicPartitionKey, int] = {}
+        self._retry: dict[TopicPartitionKey, int] = {}  # failed commits, tried again later
+        self._retry_at = 0.0
+        # Shared with readers of stats()/assignment(), guarded by _stats_lock.
+        self._stats_lock = threading.Lock()
+        self._counters: Counter[str] = Counter()
+        self._committed: dict[TopicPartitionKey, int] = {}
+        self._lag: dict[TopicPartitionKey, int] = {}
+        self._assigned: frozenset[TopicPartitionKey] = frozenset()
+
+    # ---- EventSource ----------------------------------------------------------------------
+
+    def start(self, resume_offsets: Mapping[TopicPartitionKey, int] = NO_OFFSETS) -> None:
+        """Create the consumer on its own thread and subscribe; joining happens in the background.
+
+        Raises :class:`BrokerUnavailableError` when the bootstrap servers cannot be reached.
+        """
+        if self._thread is not None:
+            raise RuntimeError("KafkaBatchSource.start() called twice")
+        self._resume = {(str(t), int(p)): int(o) for (t, p), o in resume_offsets.items()}
+        self._thread = threading.Thread(
+            target=self._run, name=f"kafka-source-{self._config.topic}", daemon=True
+        )
+        self._thread.start()
+        if not self._started.wait(_START_TIMEOUT_S):
+            raise BrokerUnavailableError("the Kafka consumer did not start in time")
+        if self._error is not None:
+            servers = self._client_options.get("bootstrap_servers")
+            if isinstance(self._error, KafkaTimeoutError):
+                raise BrokerUnavailableError(
+                    f"cannot reach the Kafka brokers {servers}: {self._error}"
+                ) from self._error
+            raise SourceClosedError(
+                f"creating the Kafka consumer failed: {self._error!r}"
+            ) from self._error
+        self._log.info("kafka source started", resume_offsets=labelled(self._resume) or None)
+
+    def get(self, timeout_s: float) -> EventBatch | None:
+        self._raise_if_unusable()
+        try:
+            item = self._queue.get(timeout=timeout_s) if timeout_s > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            self._raise_if_unusable()
+            return None
+        if item is _CLOSED:
+            self._queue.put_nowait(_CLOSED)  # later calls must see it too
+            self._raise_if_unusable()
+            raise SourceClosedError("the consumer thread exited")
+        self._wake.set()  # there is room now: a paused consumer may resume
+        assert isinstance(item, EventBatch)
+        return item
+
+    def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
+        self._submit(offsets)
+
+    def commit_sync(self, offsets: Mapping[TopicPartitionKey, int], timeout_s: float) -> bool:
+        """True once committed; False on a failed commit or a timeout.
+
+        After a failure (a rebalance in progress, a coordinator moving) the consumer thread
+        retries the still-assigned partitions in the background; a request that timed out may
+        still be carried out later. Partitions no longer assigned are never committed.
+        """
+        request = self._submit(offsets)
+        return request.done.wait(timeout_s) and request.ok
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._close_timeout_ms = max(100, int(timeout_s * 1000 * 0.8))
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                self._log.warning("kafka consumer thread did not stop in time", timeout_s=timeout_s)
+        self._log.info("kafka source stopped", **self._summary())
+
+    def stats(self) -> dict[str, Any]:
+        with self._stats_lock:
+            return {
+                **{
+                    k: self._counters[k]
+                    for k in (
+                        "polled",
+                        "skipped",
+                        "batches",
+                        "events",
+                        "dead_lettered",
+                        "paused_events",
+                        "commits",
+                        "commit_failures",
+                        "revoked_dropped",
+                    )
+                },
+                "paused": self._paused,
+                "committed": labelled(self._committed),
+                "lag": labelled(self._lag),
+                "queue_depth": self._queue.qsize(),
+            }
+
+    def assignment(self) -> set[TopicPartitionKey]:
+        with self._stats_lock:
+            return set(self._assigned)
+
+    # ---- caller-side helpers --------------------------------------------------------------
+
+    def _raise_if_unusable(self) -> None:
+        if self._error is not None:
+            raise SourceClosedError(f"the consumer thread died: {self._error!r}") from self._error
+        if self._stopped or self._done.is_set():
+            raise SourceClosedError("the source is stopped")
+        if self._thread is None:
+            raise SourceClosedError("the source is not started")
+
+    def _submit(self, offsets: Mapping[TopicPartitionKey, int]) -> _CommitRequest:
+        self._raise_if_unusable()
+        request = _CommitRequest({(str(t), int(p)): int(o) for (t, p), o in offsets.items()})
+        self._commits.put(request)
+        self._wake.set()
+        return request
+
+    def _summary(self) -> dict[str, Any]:
+        s = self.stats()
+        return {k: s[k] for k in ("polled", "events", "dead_lettered", "batches", "committed")}
+
+    # ---- consumer thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            consumer = KafkaConsumer(**self._client_options, **self._config.consumer_options())
+            consumer.subscribe([self._config.topic], listener=_RebalanceRecorder(self._rebalances))
+        except BaseException as exc:  # noqa: BLE001 - reported by start() in the caller
+            self._error = exc
+            self._done.set()
+            self._started.set()
+            return
+        self._started.set()
+        try:
+            self._loop(consumer)
+            self._serve_commits(consumer, final=True)  # honour what was asked before stop()
+        except BaseException as exc:  # noqa: BLE001 - surfaced by get() as SourceClosedError
+            self._error = exc
+            self._log.exception("kafka consumer thread died")
+        finally:
+            self._done.set()
+            self._fail_waiting_commits()
+            try:
+                consumer.close(autocommit=False, timeout_ms=self._close_timeout_ms)
+            except Exception as exc:  # noqa: BLE001 - closing is best effort; nothing to commit
+                self._log.warning("closing the kafka consumer failed", error=repr(exc))
+            # Wakes a waiting get(); a full queue needs no wake-up (get() returns at once).
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(_CLOSED)
+
+    def _loop(self, consumer: KafkaConsumer) -> None:
+        cfg = self._config
+        next_paused_poll = 0.0
+        while not self._stopping.is_set():
+            self._serve_commits(consumer)
+            self._emit_ready()
+            if self._pending is not None:
+                # Backpressure: the learner is behind. Fetch nothing more and hand batches
+                # over as soon as the learner takes one (get() sets _wake). poll() is still
+                # called every poll_timeout_ms, briefly, to drive the group protocol (a
+                # rebalance) and the max.poll.interval; heartbeats run on kafka-python's own
+                # thread. Polling on every hand-over would cost a fetch-less poll each time.
+                self._pause_all(consumer)
+                wait_s = next_paused_poll - time.monotonic()
+                if wait_s > 0:
+                    self._wake.wait(wait_s)
+                    self._wake.clear()
+                    continue
+                next_paused_poll = time.monotonic() + cfg.poll_timeout_ms / 1000
+                timeout_ms = min(cfg.poll_timeout_ms, _PAUSED_POLL_MS)
+            else:
+                # Only here, with nothing decoded waiting and less than a batch buffered, is
+                # fetching worth it again.
+                self._resume_all(consumer)
+                timeout_ms = cfg.poll_timeout_ms
+                until_ready = self._batcher.time_until_ready()
+                if until_ready is not None:  # a partial batch must leave within its latency
+                    timeout_ms = min(timeout_ms, max(1, int(until_ready * 1000) + 1))
+            polled = consumer.poll(timeout_ms=timeout_ms, max_records=cfg.max_poll_records)
+            # Rebalance callbacks ran during poll(); act on them before buffering what it
+            # returned, which belongs to the new assignment.
+            self._reconcile_assignment(consumer)
+            if polled:
+                self._ingest(polled)
+                self._update_lag(consumer)
+
+    def _ingest(self, polled: Mapping[TopicPartition, list[Any]]) -> None:
+        polled_count = skipped = 0
+        for tp, messages in polled.items():
+            if not messages:
+                continue
+            key = (tp.topic, tp.partition)
+            expected = self._positions.get(key)
+            if expected is not None and messages[0].offset < expected:
+                # The fetch position went back (re-fetch from the committed offset after a
+                # rebalance): drop the buffered copies of what is coming again.
+                dropped = self._batcher.drop_from(key, messages[0].offset)
+                self._log.info(
+                    "fetch position went back; dropped buffered copies",
+                    partition=tp.partition,
+                    expected=expected,
+                    got=messages[0].offset,
+                    dropped=dropped,
+                )
+            floor = self._resume.get(key, -1)
+            records = [
+                SourceRecord(
+                    tp.topic,
+                    tp.partition,
+                    m.offset,
+                    m.value,
+                    m.timestamp if m.timestamp is not None else -1,
+                )
+                for m in messages
+                # Covered by the learner's restored checkpoint: already trained on.
+                if m.offset >= floor
+            ]
+            polled_count += len(messages)
+            skipped += len(messages) - len(records)
+            self._positions[key] = messages[-1].offset + 1
+            self._batcher.add(records)
+        with self._stats_lock:
+            self._counters["polled"] += polled_count
+            self._counters["skipped"] += skipped
+
+    def _emit_ready(self) -> None:
+        """Decode ready batches and hand them off while the queue has room."""
+        while True:
+            if self._pending is None:
+                if not self._batcher.ready():
+                    return
+                self._pending = self._decode(self._batcher.take())
+            try:
+                self._queue.put_nowait(self._pending)
+            except queue.Full:
+                return
+            self._pending = None
+
+    def _decode(self, records: list[SourceRecord]) -> EventBatch:
+        cfg = self._config
+        with structlog.contextvars.bound_contextvars(topic=cfg.topic, offsets=_ranges(records)):
+            batch = decode_batch(records, cfg.input_dim, cfg.max_event_bytes)
+            for dl in batch.dead_letters:
+                # Sent now, made durable by the flush that precedes the covering commit.
+                self._dlq.send(cfg.dlq_topic, dead_letter_payload(dl))
+            if batch.dead_letters:
+                self._log.warning(
+                    "dead-lettered events",
+                    count=len(batch.dead_letters),
+                    reasons=dict(Counter(dl.reason for dl in batch.dead_letters)),
+                    dlq=cfg.dlq_topic,
+                )
+            self._log.debug("batch decoded", events=len(batch), consumed=batch.consumed)
+        with self._stats_lock:
+            self._counters["batches"] += 1
+            self._counters["events"] += len(batch)
+            self._counters["dead_lettered"] += len(batch.dead_letters)
+        return batch
+
+    def _pause_all(self, consumer: KafkaConsumer) -> None:
+        # Called on every backpressured iteration: a rebalance may have added partitions.
+        for tp in consumer.assignment() - consumer.paused():
+            try:
+                consumer.pause(tp)
+            except KeyError:  # revoked between the two calls
+                continue
+        if not self._paused:
+            self._paused = True
+            with self._stats_lock:
+                self._counters["paused_events"] += 1
+            self._log.info(
+                "backpressure: partitions paused", queue_batches=self._config.queue_batches
+            )
+
+    def _resume_all(self, consumer: KafkaConsumer) -> None:
+        if not self._paused:
+            return
+        for tp in consumer.paused():
+            try:
+                consumer.resume(tp)
+            except KeyError:
+                continue
+        self._paused = False
+        self._log.info("backpressure released: partitions resumed")
+
+    def _reconcile_assignment(self, consumer: KafkaConsumer) -> None:
+        """Act on a rebalance that happened during poll() (see the module docstring)."""
+        events: list[tuple[str, frozenset[TopicPartitionKey]]] = []
+        while True:
+            try:
+                events.append(self._rebalances.get_nowait())
+            except queue.Empty:
+                break
+        for kind, partitions in events:
+            if partitions:
+                self._log.info("partitions " + kind, partitions=_labels(partitions))
+        current = frozenset((tp.topic, tp.partition) for tp in consumer.assignment())
+        if not events and current == self._assigned:
+            return
+        gone = [key for key in self._positions if key not in current]
+        dropped = self._batcher.drop_partitions(gone)
+        for key in gone:
+            del self._positions[key]
+        if gone:
+            self._log.info(
+                "dropped buffered records of partitions no longer assigned",
+                partitions=_labels(gone),
+                dropped=dropped,
+            )
+        with self._stats_lock:
+            self._assigned = current
+            self._counters["revoked_dropped"] += dropped
+            for key in gone:
+                self._lag.pop(key, None)
+
+    def _update_lag(self, consumer: KafkaConsumer) -> None:
+        # Highwater comes with each fetch response; Tansu's end_offsets() is wrong by design.
+        lag: dict[TopicPartitionKey, int] = {}
+        for key, position in self._positions.items():
+            try:
+                highwater = consumer.highwater(TopicPartition(*key))
+            except KafkaError:  # IllegalStateError: not assigned any more
+                continue
+            if highwater is not None:
+                lag[key] = max(0, highwater - position)
+        with self._stats_lock:
+            self._lag.update(lag)
+
+    def _serve_commits(self, consumer: KafkaConsumer, final: bool = False) -> None:
+        requests: list[_CommitRequest] = []
+        while True:
+            try:
+                requests.append(self._commits.get_nowait())
+            except queue.Empty:
+                break
+        retry_due = bool(self._retry) and (final or time.monotonic() >= self._retry_at)
+        if not requests and not retry_due:
+            return
+        # Requests are merged: the newest offsets cover the older ones, one commit serves all.
+        merged = dict(self._retry)
+        self._retry = {}
+        for request in requests:
+            for key, offset in request.offsets.items():
+                merged[key] = max(offset, merged.get(key, offset))
+        ok = self._commit(consumer, merged)
+        for request in requests:
+            request.ok = ok
+            request.done.set()
+
+    def _commit(self, consumer: KafkaConsumer, offsets: dict[TopicPartitionKey, int]) -> bool:
+        with self._stats_lock:
+            committed = dict(self._committed)
+        # Never move a committed offset backwards (a re-delivered batch after a rebalance can
+        # ask for less than what is already covered).
+        wanted = {k: o for k, o in offsets.items() if o > committed.get(k, -1)}
+        if not wanted:
+            return True
+        # INVARIANT: a dead letter is durable before the offset that covers it is committed.
+        try:
+            self._dlq.flush(self._config.dlq_flush_timeout_s)
+        except ProducerError as exc:
+            self._log.error(
+                "commit withheld: dead letters are not durable",
+                error=repr(exc),
+                offsets=labelled(wanted),
+            )
+            self._count("commit_failures")
+            return False
+        assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        foreign = [k for k in wanted if k not in assigned]
+        if foreign:
+            self._log.warning(
+                "not committing partitions no longer assigned", partitions=_labels(foreign)
+            )
+        to_commit = {
+            TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
+            for (t, p), o in wanted.items()
+            if (t, p) in assigned
+        }
+        if not to_commit:
+            self._count("commit_failures")
+            return False
+        try:
+            consumer.commit(to_commit, timeout_ms=self._config.commit_timeout_ms)
+        except KafkaError as exc:
+            # CommitFailedError / RebalanceInProgressError (the group is rebalancing) or a
+            # coordinator that moved or timed out. Retried after the next polls, for the
+            # partitions still assigned then (a partition that moved is re-read by its new
+            # owner: at-least-once). The learner's next commit would cover it too, but an
+            # idle learner sends none.
+            self._log.warning(
+                "commit failed; will retry", error=repr(exc), offsets=labelled(wanted)
+            )
+            self._count("commit_failures")
+            for tp, meta in to_commit.items():
+                key = (tp.topic, tp.partition)
+                self._retry[key] = max(meta.offset, self._retry.get(key, meta.offset))
+            self._retry_at = time.monotonic() + _COMMIT_RETRY_S
+            return False
+        with self._stats_lock:
+            for tp, meta in to_commit.items():
+                self._committed[(tp.topic, tp.partition)] = meta.offset
+            self._counters["commits"] += 1
+        self._log.debug("offsets committed", offsets=labelled(wanted))
+        return not foreign
+
+    def _count(self, name: str) -> None:
+        with self._stats_lock:
+            self._counters[name] += 1
+
+    def _fail_waiting_commits(self) -> None:
+        while True:
+            try:
+                request = self._commits.get_nowait()
+            except queue.Empty:
+                return
+            request.done.set()  # ok stays False

@@ -1,0 +1,569 @@
+"""The memory bank: an in-process mirror of past examples, written through to a durable store.
+
+The learner samples replay, looks up hard negatives and computes class means every step, so
+those read the mirror (preallocated tensors on the learner's device), never Redis: a Redis
+round trip per step would cap a GPU learner far below what it can train. Redis (a
+:class:`~memory_bank.protocols.BankStore`) is written once per :meth:`MemoryBank.add`, at
+checkpoints (:meth:`MemoryBank.flush`) and read once, at start (:meth:`MemoryBank.open`).
+
+INVARIANTS
+
+- The bank is idempotent by event id: offering an id that is stored, or that this process
+  offered recently (declined or since evicted; the last ``recent_ids`` of them), changes
+  nothing, not even the per-class ``seen`` counter. After a crash the recent-id memory is
+  gone; a replayed event that was declined before can then bump ``seen`` once more (and gets
+  the same hash-derived accept draw), but a stored id never counts twice.
+- Write-through: the store is written before the mirror. If ``store.apply`` fails, the
+  reservoir's bookkeeping is rolled back and the mirror is untouched, so the mirror never
+  holds what the durable copy lacks.
+- Capacity is never exceeded; eviction is class-balanced (:mod:`memory_bank.reservoir`).
+
+Not thread-safe: one training thread owns the bank.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+import torch
+import torch.nn.functional as F  # noqa: N812 (the conventional alias)
+
+from memory_bank.protocols import BankSnapshot, BankStore, StoredItem, VectorIndex
+from memory_bank.reservoir import ClassBalancedReservoir, class_balanced_subset
+
+log = structlog.get_logger(__name__)
+
+# Neighbours fetched per hard-negative query: the nearest items of a query are mostly of its
+# own class, so search deeper than k to find items of other classes.
+_MIN_NEGATIVE_DEPTH = 32
+_NEGATIVE_DEPTH_FACTOR = 4
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    """Outcome of one :meth:`MemoryBank.add`: ``added + duplicates + declined == offered``.
+
+    ``evicted`` counts every eviction the call made, including items it added and evicted
+    again, so ``len(bank)`` changed by ``added - evicted``.
+    """
+
+    added: int
+    evicted: int
+    duplicates: int
+    declined: int
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """Items drawn from the bank for one step, on the bank's device.
+
+    Pass ``slots`` and ``versions`` back to :meth:`MemoryBank.update_embeddings` with the
+    fresh embeddings: ``versions`` lets the bank skip slots refilled since the draw.
+    """
+
+    slots: torch.Tensor  # int64 [r]
+    features: torch.Tensor  # float32 [r, input_dim]
+    labels: torch.Tensor  # int64 [r]
+    versions: torch.Tensor  # int64 [r]
+
+    def __len__(self) -> int:
+        return int(self.slots.shape[0])
+
+
+class MemoryBank:
+    """Class-balanced replay memory with a FAISS/torch index over its embeddings.
+
+    Use :meth:`open` to start from what the store holds. The constructor starts an empty
+    mirror and is meant for an empty (or just cleared) store.
+    """
+
+    def __init__(
+        self,
+        store: BankStore,
+        index: VectorIndex,
+        capacity: int,
+        input_dim: int,
+        embed_dim: int,
+        device: torch.device | str,
+        *,
+        seed: int = 0,
+        index_refresh_steps: int = 10,
+        hard_negative_queries: int = 32,
+        recent_ids: int = 65_536,
+    ) -> None:
+        if capacity < 1 or input_dim < 1 or embed_dim < 1:
+            raise ValueError(f"need capacity, input_dim, embed_dim >= 1: {capacity=}")
+        if index_refresh_steps < 1 or hard_negative_queries < 1 or recent_ids < 0:
+            raise ValueError(
+                f"need index_refresh_steps >= 1, hard_negative_queries >= 1, recent_ids >= 0: "
+                f"{index_refresh_steps=} {hard_negative_queries=} {recent_ids=}"
+            )
+        self.capacity = capacity
+        self.input_dim = input_dim
+        self.embed_dim = embed_dim
+        self.device = torch.device(device)
+        self.seed = seed
+        self.index_refresh_steps = index_refresh_steps
+        self.hard_negative_queries = hard_negative_queries
+        self._store = store
+        self._index = index
+        self._reservoir = ClassBalancedReservoir(capacity, seed)
+
+        # Preallocated once: adds write rows in place, nothing reallocates per step.
+        dev = self.device
+        self._features = torch.zeros((capacity, input_dim), dtype=torch.float32, device=dev)
+        self._embeddings = torch.zeros((capacity, embed_dim), dtype=torch.float32, device=dev)
+        self._labels = torch.full((capacity,), -1, dtype=torch.int64, device=dev)
+        # Bumped whenever a slot gets a new item: guards late embedding write-backs.
+        self._versions = torch.zeros(capacity, dtype=torch.int64, device=dev)
+        # Embeddings refreshed in the mirror but not yet written to the store.
+        self._dirty = torch.zeros(capacity, dtype=torch.bool, device=dev)
+        self._tasks: list[str | None] = [None] * capacity
+
+        self._names: dict[int, str] = {}
+        self._labels_by_name: dict[str, int] = {}
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._recent_max = recent_ids
+
+        self._generator = torch.Generator(device=dev)
+        self._generator.manual_seed(seed)
+        self._sample_weights: torch.Tensor | None = None  # cache, reset when membership changes
+        self._index_slots = torch.empty(0, dtype=torch.int64, device=dev)  # index row -> slot
+        self._index_stale = False
+        self._steps = 0
+
+    # -- construction from the store -------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        store: BankStore,
+        index: VectorIndex,
+        capacity: int,
+        input_dim: int,
+        embed_dim: int,
+        device: torch.device | str,
+        label_index: Callable[[str], int],
+        *,
+        seed: int = 0,
+        index_refresh_steps: int = 10,
+        hard_negative_queries: int = 32,
+        recent_ids: int = 65_536,
+    ) -> MemoryBank:
+        """Load the store's snapshot and rebuild the mirror and the index from it.
+
+        ``label_index`` maps a stored class name to the learner's int label. When the store
+        holds more items than ``capacity`` (the capacity was lowered), the bank evicts
+        class-balanced down to it and writes the evictions through.
+        """
+        started = time.perf_counter()
+        bank = cls(
+            store,
+            index,
+            capacity,
+            input_dim,
+            embed_dim,
+            device,
+            seed=seed,
+            index_refresh_steps=index_refresh_steps,
+            hard_negative_queries=hard_negative_queries,
+            recent_ids=recent_ids,
+        )
+        bank._restore(store.load(), label_index)
+        log.info(
+            "memory_bank_opened",
+            items=len(bank),
+            classes=len(bank.class_counts()),
+            capacity=capacity,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return bank
+
+    def _restore(self, snapshot: BankSnapshot, label_index: Callable[[str], int]) -> None:
+        # Sorted by id so that slots, and so sampling with a fixed seed, do not depend on the
+        # order the store happened to return.
+        items = sorted(snapshot.items, key=lambda item: item.id)
+        labels = [self._register(label_index(item.label), item.label) for item in items]
+        seen = {
+            self._register(label_index(name), name): int(count)
+            for name, count in snapshot.seen_per_class.items()
+        }
+        if len(items) > self.capacity:
+            keep = class_balanced_subset(labels, self.capacity, random.Random(self.seed))
+            kept = set(keep)
+            evicted = [item.id for i, item in enumerate(items) if i not in kept]
+            self._store.apply([], evicted, {})
+            log.warning(
+                "memory_bank_shrunk_to_capacity",
+                stored=len(items),
+                capacity=self.capacity,
+                evicted=len(evicted),
+            )
+            items = [items[i] for i in keep]
+            labels = [labels[i] for i in keep]
+        slots = self._reservoir.restore(
+            ((it.id, lab) for it, lab in zip(items, labels, strict=True)), seen
+        )
+        if items:
+            features = np.stack([np.asarray(it.features, dtype=np.float32) for it in items])
+            embeddings = np.stack([np.asarray(it.embedding, dtype=np.float32) for it in items])
+            if features.shape[1] != self.input_dim or embeddings.shape[1] != self.embed_dim:
+                raise ValueError(
+                    f"stored items have dims {features.shape[1]}/{embeddings.shape[1]}, "
+                    f"the bank expects {self.input_dim}/{self.embed_dim}"
+                )
+            dst = torch.tensor(slots, dtype=torch.int64, device=self.device)
+            self._features[dst] = torch.from_numpy(features).to(self.device)
+            self._embeddings[dst] = F.normalize(torch.from_numpy(embeddings).to(self.device), dim=1)
+            self._labels[dst] = torch.tensor(labels, dtype=torch.int64, device=self.device)
+            for slot, item in zip(slots, items, strict=True):
+                self._tasks[slot] = item.task
+        self._sample_weights = None
+        self.refresh_index()
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def add(
+        self,
+        ids: Sequence[str],
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        label_names: Sequence[str],
+        embeddings: torch.Tensor,
+        tasks: Sequence[str | None],
+    ) -> AddResult:
+        """Offer a batch to the reservoir; one ``store.apply`` writes its effect through.
+
+        ``labels`` are the learner's int labels, ``label_names`` the class names stored in
+        Redis, ``embeddings`` the encoder outputs (normalised here).
+        """
+        n = len(ids)
+        self._check_batch(n, features, labels, embeddings, names_and_tasks=(label_names, tasks))
+        if n == 0:
+            return AddResult(0, 0, 0, 0)
+        labels_host: list[int] = labels.detach().to("cpu", torch.int64).tolist()  # one sync
+
+        fresh: list[int] = []  # batch positions of ids never seen before
+        in_batch: set[str] = set()
+        for position, event_id in enumerate(ids):
+            if event_id in self._reservoir or event_id in self._recent or event_id in in_batch:
+                continue
+            in_batch.add(event_id)
+            fresh.append(position)
+            self._register(labels_host[position], label_names[position])
+        duplicates = n - len(fresh)
+        if not fresh:
+            return AddResult(0, 0, duplicates, 0)
+
+        plan = self._reservoir.offer_batch([(ids[p], labels_host[p]) for p in fresh])
+        placed = sorted((slot, fresh[j]) for slot, j in plan.placements.items())
+        dst = torch.tensor([slot for slot, _ in placed], dtype=torch.int64, device=self.device)
+        src = torch.tensor([p for _, p in placed], dtype=torch.int64, device=features.device)
+        new_features = features.detach()[src].to(self.device, torch.float32)
+        new_embeddings = F.normalize(
+            embeddings.detach()[src.to(embeddings.device)].to(self.device, torch.float32), dim=1
+        )
+        added_items: list[StoredItem] = []
+        if placed:
+            # One device->host copy per tensor per call, not per item.
+            features_np = new_features.cpu().numpy()
+            embeddings_np = new_embeddings.cpu().numpy()
+            added_items = [
+                StoredItem(
+                    id=ids[p],
+                    features=features_np[row],
+                    embedding=embeddings_np[row],
+                    label=label_names[p],
+                    task=tasks[p],
+                )
+                for row, (_, p) in enumerate(placed)
+            ]
+        seen_increments = {self._names[lab]: inc for lab, inc in plan.seen_increments.items()}
+        try:
+            self._store.apply(added_items, plan.evicted, seen_increments)
+        except BaseException:
+            self._reservoir.rollback(plan)
+            raise
+
+        if placed:
+            self._features[dst] = new_features
+            self._embeddings[dst] = new_embeddings
+            self._labels[dst] = labels.detach()[src.to(labels.device)].to(self.device, torch.int64)
+            self._versions[dst] += 1
+            self._dirty[dst] = False
+            for slot, p in placed:
+                self._tasks[slot] = tasks[p]
+        for p in fresh:
+            if ids[p] not in self._reservoir:
+                self._remember(ids[p])  # declined, or accepted and evicted in this call
+        for event_id in plan.evicted:
+            self._remember(event_id)
+        if plan.added or plan.evictions:
+            self._sample_weights = None
+            self._index_stale = True
+        return AddResult(plan.added, plan.evictions, duplicates, plan.declined)
+
+    def update_embeddings(
+        self, slots: torch.Tensor, embeddings: torch.Tensor, versions: torch.Tensor | None = None
+    ) -> None:
+        """Write re-encoded embeddings of replayed items into the mirror (no store access).
+
+        With ``versions`` (from :class:`Replay`), slots refilled since the draw are skipped, so
+        an ``add`` between sample and write-back cannot give a new item an old embedding.
+        The index sees the new embeddings at its next refresh; the store at :meth:`flush`.
+        """
+        if slots.numel() == 0:
+            return
+        if embeddings.shape != (slots.shape[0], self.embed_dim):
+            raise ValueError(
+                f"embeddings must be [{slots.shape[0]}, {self.embed_dim}], "
+                f"got {tuple(embeddings.shape)}"
+            )
+        slots = slots.to(self.device, torch.int64)
+        fresh = F.normalize(embeddings.detach().to(self.device, torch.float32), dim=1)
+        valid = self._labels[slots] >= 0
+        if versions is not None:
+            valid &= self._versions[slots] == versions.to(self.device)
+        # Masked on the device rather than by filtering the slots: filtering needs a sync.
+        self._embeddings[slots] = torch.where(valid[:, None], fresh, self._embeddings[slots])
+        self._dirty[slots] = self._dirty[slots] | valid
+        self._index_stale = True
+
+    def flush(self) -> int:
+        """Write dirty embeddings to the store in one batched call; returns how many."""
+        dirty = torch.nonzero(self._dirty & (self._labels >= 0)).squeeze(1)
+        if dirty.numel() == 0:
+            return 0
+        ids: list[str] = []
+        for slot in dirty.tolist():
+            event_id = self._reservoir.id_at(slot)
+            if event_id is None:  # labels >= 0 exactly where the reservoir holds an item
+                raise RuntimeError(f"bank mirror out of sync with its bookkeeping at slot {slot}")
+            ids.append(event_id)
+        self._store.write_embeddings(ids, self._embeddings[dirty].cpu().numpy())
+        self._dirty[dirty] = False
+        log.debug("memory_bank_flushed", embeddings=len(ids))
+        return len(ids)
+
+    # -- index -----------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Called once per train step: refreshes the index every ``index_refresh_steps``."""
+        self._steps += 1
+        if self._index_stale and self._steps % self.index_refresh_steps == 0:
+            self.refresh_index()
+
+    def refresh_index(self) -> None:
+        """Rebuild the index from the mirror's current embeddings (one host sync)."""
+        occupied = torch.nonzero(self._labels >= 0).squeeze(1)
+        self._index.rebuild(self._embeddings[occupied])
+        self._index_slots = occupied
+        self._index_stale = False
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def sample(self, n: int) -> Replay:
+        """Up to ``n`` distinct items, each class equally likely per draw (no Redis access)."""
+        size = len(self)
+        take = min(n, size)
+        if take <= 0:
+            return Replay(
+                slots=torch.empty(0, dtype=torch.int64, device=self.device),
+                features=torch.empty((0, self.input_dim), device=self.device),
+                labels=torch.empty(0, dtype=torch.int64, device=self.device),
+                versions=torch.empty(0, dtype=torch.int64, device=self.device),
+            )
+        slots = torch.multinomial(
+            self._class_balanced_weights(), take, replacement=False, generator=self._generator
+        )
+        return Replay(
+            slots=slots,
+            features=self._features[slots],
+            labels=self._labels[slots],
+            versions=self._versions[slots],
+        )
+
+    def hard_negatives(
+        self,
+        queries: torch.Tensor,
+        query_labels: torch.Tensor,
+        k: int,
+        exclude_slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Up to ``k`` distinct slots of other classes nearest to the queries, best first.
+
+        At most ``hard_negative_queries`` queries are searched (a random subset); labels are
+        checked against the mirror now, since the index may be a few steps old.
+        """
+        empty = torch.empty(0, dtype=torch.int64, device=self.device)
+        if k <= 0 or len(self._index) == 0 or queries.shape[0] == 0:
+            return empty
+        queries = queries.detach().to(self.device, torch.float32)
+        query_labels = query_labels.to(self.device, torch.int64)
+        if queries.shape[0] > self.hard_negative_queries:
+            pick = torch.randperm(queries.shape[0], generator=self._generator, device=self.device)
+            pick = pick[: self.hard_negative_queries]
+            queries, query_labels = queries[pick], query_labels[pick]
+        depth = min(len(self._index), max(_NEGATIVE_DEPTH_FACTOR * k, _MIN_NEGATIVE_DEPTH))
+        scores, rows = self._index.search(F.normalize(queries, dim=1), depth)
+        scores, rows = scores.to(self.device), rows.to(self.device)
+        slots = self._index_slots[rows.clamp(min=0)]
+        current = self._labels[slots]
+        valid = (rows >= 0) & (current >= 0) & (current != query_labels[:, None])
+        if exclude_slots is not None and exclude_slots.numel():
+            # A capacity-sized mask is several times cheaper than torch.isin at these sizes.
+            excluded = torch.zeros(self.capacity, dtype=torch.bool, device=self.device)
+            excluded[exclude_slots.to(self.device, torch.int64)] = True
+            valid &= ~excluded[slots]
+        # Best score per slot over all queries, then top-k: dedupes without a sync.
+        best = torch.full((self.capacity,), float("-inf"), device=self.device)
+        best.scatter_reduce_(
+            0, slots.flatten(), scores.masked_fill(~valid, float("-inf")).flatten(), "amax"
+        )
+        top = best.topk(min(k, self.capacity))
+        return top.indices[top.values > float("-inf")]  # the one sync: the result's length
+
+    def knn_predict(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Similarity-weighted majority vote of the ``k`` nearest items.
+
+        Returns (labels int64 [q], confidence float32 [q] = winning share of the vote);
+        label -1 and confidence 0 when the index is empty.
+        """
+        q = queries.shape[0]
+        if len(self._index) == 0 or k <= 0 or not self._names:
+            return (
+                torch.full((q,), -1, dtype=torch.int64, device=queries.device),
+                torch.zeros(q, dtype=torch.float32, device=queries.device),
+            )
+        x = F.normalize(queries.detach().to(self.device, torch.float32), dim=1)
+        scores, rows = self._index.search(x, k)
+        scores, rows = scores.to(self.device), rows.to(self.device)
+        labels = self._labels[self._index_slots[rows.clamp(min=0)]]
+        valid = (rows >= 0) & (labels >= 0)
+        # Cosine can be negative; clamp so a far neighbour never votes against its class,
+        # and add a floor so that all-negative neighbourhoods still vote (unweighted).
+        weights = torch.where(valid, scores.clamp(min=0) + 1e-6, torch.zeros_like(scores))
+        votes = torch.zeros((q, max(self._names) + 1), device=self.device)
+        votes.scatter_add_(1, labels.clamp(min=0), weights)
+        top, predicted = votes.max(dim=1)
+        total = votes.sum(dim=1)
+        predicted = torch.where(total > 0, predicted, torch.full_like(predicted, -1))
+        confidence = torch.where(total > 0, top / total.clamp(min=1e-12), torch.zeros_like(top))
+        return predicted.to(queries.device), confidence.to(queries.device)
+
+    def class_means(
+        self, embeddings: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised mean embedding per stored class: (labels [k], means [k, e]).
+
+        ``embeddings``, when given, are fresh encodings aligned with :meth:`occupied`'s slots
+        (re-encoded at evaluation); otherwise the mirror's embeddings are used.
+        """
+        slots = torch.nonzero(self._labels >= 0).squeeze(1)
+        source = self._embeddings[slots] if embeddings is None else embeddings
+        if source.shape[0] != slots.shape[0]:
+            raise ValueError(f"{source.shape[0]} embeddings for {slots.shape[0]} stored items")
+        if slots.numel() == 0:
+            return (
+                torch.empty(0, dtype=torch.int64, device=self.device),
+                torch.empty((0, source.shape[1]), device=self.device),
+            )
+        source = source.to(self.device, torch.float32)
+        classes, inverse = torch.unique(self._labels[slots], return_inverse=True)
+        sums = torch.zeros((classes.shape[0], source.shape[1]), device=self.device)
+        sums.index_add_(0, inverse, F.normalize(source, dim=1))
+        return classes, F.normalize(sums, dim=1)
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(features, labels, versions) of ``slots``, e.g. of :meth:`hard_negatives`' result.
+
+        Pass the versions to :meth:`update_embeddings` as with a :class:`Replay`.
+        """
+        slots = slots.to(self.device, torch.int64)
+        return self._features[slots], self._labels[slots], self._versions[slots]
+
+    def occupied(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slots ascending, features, labels) of every stored item, for re-encoding."""
+        slots = torch.nonzero(self._labels >= 0).squeeze(1)
+        return slots, self._features[slots], self._labels[slots]
+
+    def __len__(self) -> int:
+        return len(self._reservoir)
+
+    def class_counts(self) -> dict[int, int]:
+        return self._reservoir.class_counts()
+
+    def seen_counts(self) -> dict[int, int]:
+        """Events offered to the reservoir per class (what ``m_c / n_c`` divides by)."""
+        return self._reservoir.seen_counts()
+
+    def label_names(self) -> dict[int, str]:
+        return dict(self._names)
+
+    def ids(self) -> list[str]:
+        return self._reservoir.ids()
+
+    def slot_ids(self, slots: torch.Tensor) -> list[str | None]:
+        """Event ids held by ``slots`` (None for empty slots)."""
+        return [self._reservoir.id_at(slot) for slot in slots.tolist()]
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _class_balanced_weights(self) -> torch.Tensor:
+        # weight(slot) = 1 / count(class of slot): every class carries the same total mass.
+        # Computed on the device with a host-known number of classes, so no sync.
+        if self._sample_weights is None:
+            occupied = (self._labels >= 0).to(torch.float32)
+            labels = self._labels.clamp(min=0)
+            counts = torch.zeros(max(self._names, default=0) + 1, device=self.device)
+            counts.scatter_add_(0, labels, occupied)
+            self._sample_weights = occupied / counts[labels].clamp(min=1)
+        return self._sample_weights
+
+    def _register(self, label: int, name: str) -> int:
+        if label < 0:
+            raise ValueError(f"labels must be >= 0, got {label} for class {name!r}")
+        known_name = self._names.get(label)
+        known_label = self._labels_by_name.get(name)
+        if known_name is None and known_label is None:
+            self._names[label] = name
+            self._labels_by_name[name] = label
+        elif known_name != name or known_label != label:
+            raise ValueError(
+                f"class {name!r} has label {label}, but the bank knows label {label} as "
+                f"{known_name!r} and {name!r} as label {known_label}"
+            )
+        return label
+
+    def _remember(self, event_id: str) -> None:
+        if self._recent_max == 0:
+            return
+        self._recent[event_id] = None
+        self._recent.move_to_end(event_id)
+        while len(self._recent) > self._recent_max:
+            self._recent.popitem(last=False)
+
+    def _check_batch(
+        self,
+        n: int,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        embeddings: torch.Tensor,
+        *,
+        names_and_tasks: tuple[Sequence[str], Sequence[str | None]],
+    ) -> None:
+        label_names, tasks = names_and_tasks
+        if features.shape != (n, self.input_dim):
+            raise ValueError(f"features must be [{n}, {self.input_dim}], got {features.shape}")
+        if embeddings.shape != (n, self.embed_dim):
+            raise ValueError(f"embeddings must be [{n}, {self.embed_dim}], got {embeddings.shape}")
+        if labels.shape != (n,):
+            raise ValueError(f"labels must be [{n}], got {tuple(labels.shape)}")
+        if len(label_names) != n or len(tasks) != n:
+            raise ValueError(f"{n} ids, {len(label_names)} label names, {len(tasks)} tasks")

@@ -1,0 +1,114 @@
+"""Drive the supcon-stream CLI as a user would: replay → learner → sidecar → metrics topics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+from kafka import KafkaConsumer
+
+from pipeline.devstack import stop_process
+
+pytestmark = pytest.mark.e2e
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_bad_config_gives_one_line_and_exit_2(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("train:\n  objective: sgd\n")
+    result = _cli("config", "--config", str(cfg))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "train.objective" in lines[0]
+
+
+def test_bad_cli_value_gives_one_line_and_exit_2():
+    result = _cli("learn", "--max-events", "-3")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "--max-events" in result.stderr
+
+
+def test_replay_learn_sidecar_metrics(bootstrap, redis_url, unique, tmp_path):
+    prefix = f"e2e{unique}"
+    common = [
+        "--set",
+        f"kafka.bootstrap_servers={bootstrap}",
+        "--set",
+        f"kafka.topic_prefix={prefix}",
+        "--set",
+        f"redis.url={redis_url}",
+        "--set",
+        f"redis.key_prefix={prefix}",
+        "--set",
+        f"checkpoint.dir={tmp_path / 'ckpt'}",
+        "--set",
+        "sidecar.publish_every_s=0.5",
+        "--set",
+        "eval.every_steps=10",
+        "--set",
+        "train.torch_threads=1",
+    ]
+    log_path = tmp_path / "sidecar.log"
+    with log_path.open("wb") as log:
+        sidecar = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "sidecar", *common],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+    try:
+        replay = _cli("replay", "split-digits", "--limit", "600", *common)
+        assert replay.returncode == 0, replay.stderr
+        assert json.loads(replay.stdout)["sent"] == 600
+        learn = _cli(
+            "learn", "--objective", "supcon", "--exit-when-idle", "4", *common, timeout=240
+        )
+        assert learn.returncode == 0, learn.stderr[-2000:]
+        summary = json.loads(learn.stdout.strip().splitlines()[-1])
+        assert summary["consumed"] == 600
+        assert summary["trained"] + summary["held_out"] == 600
+
+        consumer = KafkaConsumer(
+            f"{prefix}.metrics.loss",
+            f"{prefix}.metrics.forgetting",
+            bootstrap_servers=bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            consumer_timeout_ms=1000,
+        )
+        seen: dict[str, list[dict]] = {"loss": [], "forgetting": []}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(r.get("final") for r in seen["forgetting"]):
+            for msg in consumer:
+                kind = "loss" if msg.topic.endswith(".loss") else "forgetting"
+                seen[kind].append(orjson.loads(msg.value))
+        consumer.close()
+    finally:
+        stop_process(sidecar.pid)
+    assert seen["loss"], log_path.read_text()[-2000:]
+    assert all(r["learner"] == "supcon" and r["objective"] == "supcon" for r in seen["loss"])
+    assert any(r["loss_mean"] is not None for r in seen["loss"])
+    final = [r for r in seen["forgetting"] if r.get("final")]
+    assert final, log_path.read_text()[-2000:]
+    last = final[-1]
+    # 600 events of split-digits cover tasks 0-1 (classes 0-3).
+    assert set(last["per_class_accuracy"]) >= {"0", "1", "2"}
+    assert 0.0 <= last["avg_accuracy"] <= 1.0
+    assert last["avg_accuracy"] > 0.5
+    assert 0.0 <= last["avg_forgetting"] <= 1.0

@@ -1,0 +1,152 @@
+"""The learner against a real broker and a real redis-server: bad input, counts, restart."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+
+import orjson
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+
+from consumers.admin import ensure_topics
+from pipeline.config import Settings, load_settings
+from pipeline.learner import RunLimits, run_learner
+
+pytestmark = pytest.mark.integration
+
+DIM = 8
+
+
+def _settings(bootstrap: str, redis_url: str, unique: str, tmp_path, **extra: str) -> Settings:
+    overrides = {
+        "kafka.bootstrap_servers": bootstrap,
+        "kafka.topic_prefix": f"t{unique}",
+        "kafka.partitions": "2",
+        "redis.url": redis_url,
+        "redis.key_prefix": f"t{unique}",
+        "model.input_dim": str(DIM),
+        "model.hidden_dim": "32",
+        "model.embed_dim": "16",
+        "model.proj_dim": "16",
+        "consumer.batch_size": "16",
+        "consumer.max_latency_ms": "100",
+        "bank.capacity": "64",
+        "eval.every_steps": "5",
+        "eval.probe_fraction": "0.1",
+        "checkpoint.dir": str(tmp_path / "ckpt"),
+        "checkpoint.every_steps": "5",
+        "train.torch_threads": "1",
+        **extra,
+    }
+    return load_settings(None, [f"{k}={v}" for k, v in overrides.items()], environ={})
+
+
+def _event(i: int, label: object = "auto", dim: int = DIM) -> dict:
+    return {
+        "id": f"e{i}",
+        "features": [((i * 7 + j) % 11) / 11 for j in range(dim)],
+        "label": (i % 3) if label == "auto" else label,
+        "task": 0,
+    }
+
+
+MALFORMED: list[tuple[bytes, str]] = [
+    (b"{not json", "not_json"),
+    (b"[1, 2, 3]", "not_object"),
+    (orjson.dumps({"features": [0.0] * DIM, "label": 1}), "missing_id"),
+    (orjson.dumps({"id": "w1", "features": [0.0] * (DIM + 1), "label": 1}), "wrong_dimension"),
+    (b'{"id": "n1", "features": [NaN, 0, 0, 0, 0, 0, 0, 0], "label": 1}', "not_json"),
+    (
+        orjson.dumps({"id": "n2", "features": [1e308 * 10 if False else 1e39] * DIM, "label": 1}),
+        "non_finite",
+    ),
+    (orjson.dumps({"id": "s1", "features": ["x"] * DIM, "label": 1}), "bad_features"),
+    (orjson.dumps({"id": "b1", "features": [0.0] * DIM, "label": [1]}), "bad_label"),
+    (b"x" * 70_000, "oversized"),
+]
+
+
+def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    for v in values:
+        producer.send(topic, v)
+    producer.flush()
+    producer.close()
+
+
+def _read_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 20.0) -> list[dict]:
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=1000,
+    )
+    out: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    while len(out) < expect and time.monotonic() < deadline:
+        out.extend(orjson.loads(m.value) for m in consumer)
+    consumer.close()
+    return out
+
+
+def test_malformed_events_are_dead_lettered_and_valid_ones_trained(
+    bootstrap, redis_url, unique, tmp_path
+):
+    settings = _settings(bootstrap, redis_url, unique, tmp_path)
+    k = settings.kafka
+    ensure_topics(k.client_options(), k.all_topics(), k.partitions, 1, timeout_s=30)
+    valid = [orjson.dumps(_event(i)) for i in range(200)]
+    unlabeled = [orjson.dumps(_event(1000 + i, label=None)) for i in range(10)]
+    # Interleave: every malformed record sits between valid neighbours.
+    values: list[bytes] = []
+    for i, v in enumerate(valid):
+        values.append(v)
+        if i % 20 == 0 and i // 20 < len(MALFORMED):
+            values.append(MALFORMED[i // 20][0])
+    values.extend(unlabeled)
+    _produce(bootstrap, k.events_topic, values)
+
+    summary = run_learner(settings, threading.Event(), RunLimits(exit_when_idle_s=4.0))
+    c = summary.counters
+    assert c["consumed"] == len(values)
+    assert c["dead_lettered"] == len(MALFORMED)
+    assert c["predicted"] == len(unlabeled)
+    assert c["trained"] + c["held_out"] == len(valid)
+    assert c["held_out"] > 0
+    assert c["trained"] + c["held_out"] + c["dead_lettered"] + c["predicted"] == c["consumed"]
+
+    letters = _read_all(bootstrap, k.dlq_topic, len(MALFORMED))
+    assert len(letters) == len(MALFORMED)
+    by_raw = {base64.b64decode(d["raw"]): d for d in letters if d["reason"] != "oversized"}
+    for raw, reason in MALFORMED:
+        if reason == "oversized":
+            assert any(d["reason"] == "oversized" for d in letters)
+            continue
+        assert by_raw[raw]["reason"] == reason
+        src = by_raw[raw]["source"]
+        assert src["topic"] == k.events_topic
+        assert src["offset"] >= 0
+
+    predictions = _read_all(bootstrap, k.predictions_topic, len(unlabeled))
+    assert sorted(p["id"] for p in predictions) == sorted(f"e{1000 + i}" for i in range(10))
+    assert all(p["learner"] == "supcon" and p["label"] in {"0", "1", "2"} for p in predictions)
+
+
+def test_restart_resumes_from_checkpoint_without_retraining(bootstrap, redis_url, unique, tmp_path):
+    settings = _settings(bootstrap, redis_url, unique, tmp_path)
+    k = settings.kafka
+    ensure_topics(k.client_options(), k.all_topics(), k.partitions, 1, timeout_s=30)
+    _produce(bootstrap, k.events_topic, [orjson.dumps(_event(i)) for i in range(120)])
+    first = run_learner(settings, threading.Event(), RunLimits(exit_when_idle_s=3.0))
+    assert first.counters["consumed"] == 120
+
+    time.sleep(0.5)  # stagger group membership changes (broker quirk, see DESIGN.md)
+    _produce(bootstrap, k.events_topic, [orjson.dumps(_event(i)) for i in range(120, 180)])
+    second = run_learner(settings, threading.Event(), RunLimits(exit_when_idle_s=3.0))
+    # Counters continue from the checkpoint; only the 60 new events were consumed.
+    assert second.counters["consumed"] == 180
+    assert second.steps > first.steps
+    assert second.bank_size <= 64
