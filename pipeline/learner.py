@@ -122,10 +122,13 @@ class LearnerSummary:
     counters: dict[str, float]
     elapsed_s: float
     bank_size: int
+    active_s: float  # first batch received → last batch processed, in this run
+    run_events: int  # events consumed in this run (counters continue across restarts)
 
     @property
     def events_per_s(self) -> float:
-        return self.counters["consumed"] / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        """Throughput while there was work: group join and idle waiting are not counted."""
+        return self.run_events / self.active_s if self.active_s > 0 else 0.0
 
 
 # --------------------------------------------------------------------------- per-batch work
@@ -574,6 +577,7 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
     last_eval_step = ctx.state.step
     last_progress = last_batch = time.monotonic()
     assigned = False
+    first_batch_at: float | None = None
     try:
         while not stop.is_set():
             if (
@@ -603,6 +607,7 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
                     break
                 continue
             last_batch, assigned = now, True
+            first_batch_at = first_batch_at or now
             first = batch.sources[0] if batch.sources else None
             structlog.contextvars.bind_contextvars(
                 step=ctx.state.step,
@@ -651,6 +656,8 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
         counters=ctx.counters.as_dict(),
         elapsed_s=time.monotonic() - ctx.started,
         bank_size=len(ctx.bank),
+        active_s=(last_batch - first_batch_at) if first_batch_at else 0.0,
+        run_events=ctx.counters.consumed - start_consumed,
     )
     log.info(
         "learner stopped",
