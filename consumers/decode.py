@@ -167,6 +167,8 @@ def decode_batch(
 
     keep = _batch_checks(candidates, finite, dead)
     if len(keep) != len(candidates):
+        # Batch-level rejections were appended last; restore per-partition offset order.
+        dead.sort(key=lambda dl: (dl.source.topic, dl.source.partition, dl.source.offset))
         matrix = np.ascontiguousarray(matrix[keep])
         candidates = [candidates[i] for i in keep]
 

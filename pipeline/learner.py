@@ -434,20 +434,11 @@ def build_context(settings: Settings) -> LearnerContext:
     producer = JsonProducer(client_options)
     source = KafkaBatchSource(
         SourceConfig(
+            # ConsumerSettings' keys are SourceConfig's field names, by design.
+            **settings.consumer.model_dump(exclude={"group_id"}),
             topic=settings.kafka.events_topic,
             group_id=settings.group_id,
-            batch_size=settings.consumer.batch_size,
-            max_latency_ms=settings.consumer.max_latency_ms,
-            queue_batches=settings.consumer.queue_batches,
-            poll_timeout_ms=settings.consumer.poll_timeout_ms,
-            max_poll_records=settings.consumer.max_poll_records,
-            fetch_max_bytes=settings.consumer.fetch_max_bytes,
-            max_partition_fetch_bytes=settings.consumer.max_partition_fetch_bytes,
-            auto_offset_reset=settings.consumer.auto_offset_reset,
-            session_timeout_ms=settings.consumer.session_timeout_ms,
-            max_poll_interval_ms=settings.consumer.max_poll_interval_ms,
             input_dim=settings.model.input_dim,
-            max_event_bytes=settings.consumer.max_event_bytes,
             dlq_topic=settings.kafka.dlq_topic,
         ),
         client_options,

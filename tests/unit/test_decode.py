@@ -198,18 +198,25 @@ json_values = st.recursive(
 
 
 def _near_events() -> st.SearchStrategy[bytes]:
-    """Mostly-well-formed events, so that the hypothesis run also reaches the late checks."""
+    """Mostly-well-formed events, so that the run also reaches the late checks and valid rows.
+
+    Ids come from a tiny alphabet so that duplicates within a batch happen.
+    """
+    good_features = st.lists(
+        st.floats(allow_nan=False, allow_infinity=False, width=32) | st.integers(-5, 5),
+        min_size=DIM,
+        max_size=DIM,
+    )
+    huge_features = st.lists(st.just(1e39) | st.floats(-1, 1), min_size=DIM, max_size=DIM)
     fields = st.fixed_dictionaries(
-        {},
+        {
+            "id": st.text("ab", min_size=1, max_size=2) | ints | st.none(),
+            "features": good_features | good_features | huge_features | json_values,
+        },
         optional={
-            "id": st.one_of(st.text(max_size=4), ints, st.none()),
-            "features": st.one_of(
-                st.lists(st.floats() | ints, min_size=DIM, max_size=DIM),
-                json_values,
-            ),
-            "label": json_values,
-            "task": json_values,
-            "ts": json_values,
+            "label": st.integers(0, 3) | st.text(max_size=3) | json_values,
+            "task": st.integers(0, 3) | json_values,
+            "ts": st.integers(0, 2**40) | json_values,
         },
     )
     return fields.map(orjson.dumps)
@@ -219,7 +226,7 @@ def _near_events() -> st.SearchStrategy[bytes]:
 @given(
     st.lists(
         st.tuples(
-            st.one_of(st.none(), st.binary(max_size=64), _near_events()),
+            st.one_of(st.none(), st.binary(max_size=64), _near_events(), _near_events()),
             st.integers(0, 2),
         ),
         max_size=20,
@@ -229,7 +236,7 @@ def test_arbitrary_bytes_never_raise_and_are_accounted_for(
     items: list[tuple[bytes | None, int]],
 ) -> None:
     records = [rec(value, offset=i, partition=p) for i, (value, p) in enumerate(items)]
-    batch = decode_batch(records, DIM, 128)
+    batch = decode_batch(records, DIM, 256)
     assert len(batch) + len(batch.dead_letters) == batch.consumed == len(records)
     assert {d.reason for d in batch.dead_letters} <= REASONS.keys()
     assert batch.features.shape == (len(batch), DIM)
