@@ -1,9 +1,10 @@
-"""Replay a built-in scenario or a JSONL file into the events topic.
+"""Replay a built-in scenario or a labeled file into the events topic.
 
 Each event is keyed by its id, so one id always lands on the same partition (a replayed
 duplicate meets its original in order, and the bank's idempotence by id does the rest).
 Lines of a JSONL file are sent as they are: a line that is not a JSON object is still sent,
-without a key, and the learner's consumer dead-letters it with a reason.
+without a key, and the learner's consumer dead-letters it with a reason. CSV, NPZ and Parquet
+files are parsed and checked up front by :func:`~pipeline.scenarios.load_labeled_file`.
 
 Pacing is a token bucket: ``rate`` events/s on average with a burst of at most
 :data:`BURST_S` seconds' worth, so a slow producer call does not make the next ones race.
@@ -23,10 +24,12 @@ import structlog
 
 from pipeline.config import Settings
 from pipeline.exceptions import ConfigError
-from pipeline.scenarios import SCENARIOS, get_scenario, load_jsonl
+from pipeline.scenarios import SCENARIOS, Scenario, get_scenario, load_jsonl, load_labeled_file
 
 log = structlog.get_logger(__name__)
 
+# Parsed into events up front; JSONL is not, so that its malformed lines reach the DLQ.
+LABELED_SUFFIXES = frozenset({".csv", ".npz", ".parquet"})
 BURST_S = 0.05
 PROGRESS_EVERY_S = 5.0
 FLUSH_TIMEOUT_S = 120.0
@@ -88,9 +91,7 @@ class TokenBucket:
         self._tokens -= 1.0
 
 
-def _scenario_messages(name: str, seed: int) -> tuple[Iterator[tuple[bytes, str | None]], int]:
-    scenario = get_scenario(name, seed)
-
+def _scenario_messages(scenario: Scenario) -> tuple[Iterator[tuple[bytes, str | None]], int]:
     def messages() -> Iterator[tuple[bytes, str | None]]:
         for event in scenario:
             yield orjson.dumps(event), str(event["id"])
@@ -116,8 +117,10 @@ def _key_of(line: bytes) -> str | None:
 
 def _open_source(source: str, seed: int) -> tuple[Iterator[tuple[bytes, str | None]], int | None]:
     if source in SCENARIOS:
-        return _scenario_messages(source, seed)
+        return _scenario_messages(get_scenario(source, seed))
     path = Path(source)
+    if path.is_file() and path.suffix.lower() in LABELED_SUFFIXES:
+        return _scenario_messages(load_labeled_file(path))
     if path.is_file():
         # load_jsonl opens eagerly: an unreadable file fails here, before any topic work.
         lines = load_jsonl(path)

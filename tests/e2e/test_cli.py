@@ -116,3 +116,58 @@ def test_replay_learn_sidecar_metrics(bootstrap, redis_url, unique, tmp_path):
     assert 0.0 <= last["avg_accuracy"] <= 1.0
     assert last["avg_accuracy"] > 0.5
     assert 0.0 <= last["avg_forgetting"] <= 1.0
+
+
+def test_sigterm_checkpoints_commits_and_exits_zero(bootstrap, redis_url, unique, tmp_path):
+    """A running learner stops cleanly on SIGTERM: final checkpoint, committed offsets, exit 0."""
+    import signal
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    prefix = f"sig{unique}"
+    common = [
+        "--set",
+        f"kafka.bootstrap_servers={bootstrap}",
+        "--set",
+        f"kafka.topic_prefix={prefix}",
+        "--set",
+        f"redis.url={redis_url}",
+        "--set",
+        f"redis.key_prefix={prefix}",
+        "--set",
+        f"checkpoint.dir={tmp_path / 'ckpt'}",
+        "--set",
+        "train.torch_threads=1",
+        "--set",
+        "kafka.partitions=1",
+        "--set",
+        "checkpoint.every_steps=3",
+    ]
+    replay = _cli("replay", "split-digits", "--limit", "300", *common)
+    assert replay.returncode == 0, replay.stderr
+    learner = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "learn", *common],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        ckpt_dir = tmp_path / "ckpt" / "supcon"
+        while time.monotonic() < deadline and not list(ckpt_dir.glob("ckpt-*.pt")):
+            time.sleep(0.2)  # the first periodic checkpoint proves it is training
+        learner.send_signal(signal.SIGTERM)
+        out, err = learner.communicate(timeout=30)
+    finally:
+        if learner.poll() is None:
+            stop_process(learner.pid)
+    assert learner.returncode == 0, err[-2000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["consumed"] > 0
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=f"{prefix}.learner.supcon", enable_auto_commit=False
+    )
+    committed = consumer.committed(TopicPartition(f"{prefix}.events", 0))
+    consumer.close()
+    # The committed offset covers exactly what the learner reports having consumed.
+    assert committed == summary["consumed"]
