@@ -93,9 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     side = sub.add_parser("sidecar", help="publish rolling loss and forgetting metrics to Kafka")
     _common(side)
 
-    replay = sub.add_parser("replay", help="produce a JSONL file or a built-in scenario")
+    replay = sub.add_parser(
+        "replay", help="produce a built-in scenario or a labeled file (JSONL, CSV, NPZ, Parquet)"
+    )
     _common(replay)
-    replay.add_argument("source", help="scenario name (e.g. split-digits) or a .jsonl path")
+    replay.add_argument(
+        "source",
+        help="scenario (split-digits, domain-digits, blurry-digits, gaussian-drift) or a file",
+    )
     replay.add_argument(
         "--rate", type=_positive_float, help="events/s (default: as fast as possible)"
     )

@@ -30,6 +30,7 @@ from types import FrameType
 from typing import Any
 
 import numpy as np
+import orjson
 import structlog
 import torch
 
@@ -166,8 +167,6 @@ def _dead_letter_class_limit(ctx: LearnerContext, batch: EventBatch, rows: list[
 
 
 def _event_json(batch: EventBatch, i: int) -> bytes:
-    import orjson
-
     return orjson.dumps(
         {
             "id": batch.ids[i],

@@ -1,4 +1,4 @@
-"""Streams to replay: built-in scenarios by name, and user JSONL files.
+"""Streams to replay: built-in scenarios by name, and user files of labeled events.
 
 A :class:`Scenario` iterates event dicts in stream order (each iteration starts over) and
 carries its metadata. Events have the wire schema the consumers decode::
