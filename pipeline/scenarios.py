@@ -67,6 +67,30 @@ class Scenario:
 SPLIT_DIGITS_TASKS: tuple[tuple[int, ...], ...] = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
 
 
+def _class_incremental_digits(
+    name: str, order: list[tuple[int, int]], features: np.ndarray, labels: np.ndarray
+) -> Scenario:
+    """A digits scenario that yields images in ``order`` ((task, row) pairs), ids by row."""
+
+    def events() -> Iterator[dict[str, Any]]:
+        for task, i in order:
+            yield {
+                "id": f"digits-{i}",
+                "features": features[i].tolist(),
+                "label": int(labels[i]),
+                "task": task,
+            }
+
+    return Scenario(
+        name=name,
+        input_dim=int(features.shape[1]),
+        n_events=len(order),
+        classes=tuple(range(10)),
+        tasks=SPLIT_DIGITS_TASKS,
+        events=events,
+    )
+
+
 def split_digits(seed: int = 0) -> Scenario:
     """Class-incremental split of sklearn's digits: 5 tasks × 2 classes, 1797 events."""
     from sklearn.datasets import load_digits
@@ -80,23 +104,7 @@ def split_digits(seed: int = 0) -> Scenario:
         rows = np.flatnonzero(np.isin(labels, classes))
         order.extend((task, int(i)) for i in rng.permutation(rows))
 
-    def events() -> Iterator[dict[str, Any]]:
-        for task, i in order:
-            yield {
-                "id": f"digits-{i}",
-                "features": features[i].tolist(),
-                "label": int(labels[i]),
-                "task": task,
-            }
-
-    return Scenario(
-        name="split-digits",
-        input_dim=int(features.shape[1]),
-        n_events=len(order),
-        classes=tuple(range(10)),
-        tasks=SPLIT_DIGITS_TASKS,
-        events=events,
-    )
+    return _class_incremental_digits("split-digits", order, features, labels)
 
 
 T = TypeVar("T")
@@ -198,23 +206,7 @@ def blurry_digits(seed: int = 0, *, blur: float = 0.1) -> Scenario:
         per_task.append([(task, int(i)) for i in rng.permutation(rows)])
     order = [item for span in blur_task_boundaries(per_task, blur, rng) for item in span]
 
-    def events() -> Iterator[dict[str, Any]]:
-        for task, i in order:
-            yield {
-                "id": f"digits-{i}",
-                "features": features[i].tolist(),
-                "label": int(labels[i]),
-                "task": task,
-            }
-
-    return Scenario(
-        name="blurry-digits",
-        input_dim=int(features.shape[1]),
-        n_events=len(order),
-        classes=tuple(range(10)),
-        tasks=SPLIT_DIGITS_TASKS,
-        events=events,
-    )
+    return _class_incremental_digits("blurry-digits", order, features, labels)
 
 
 GAUSSIAN_CHUNK = 1024  # events drawn per numpy call: bounds memory, amortises call overhead
