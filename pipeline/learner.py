@@ -24,7 +24,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -548,7 +547,6 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
     settings: Settings,
     stop: threading.Event,
     limits: RunLimits = RunLimits(),
-    on_progress: Callable[[LearnerContext], None] | None = None,
 ) -> LearnerSummary:
     ctx = build_context(settings)
     log.info(
@@ -616,8 +614,6 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
             ):
                 checkpoint_and_commit(ctx)
                 last_ckpt_step, last_ckpt_time = ctx.state.step, now
-            if on_progress is not None:
-                on_progress(ctx)
             if now - last_progress >= PROGRESS_EVERY_S:
                 _log_progress(ctx, start_consumed)
                 last_progress = now
