@@ -26,6 +26,20 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _stack_args(bootstrap: str, redis_url: str, prefix: str, tmp_path, *settings: str) -> list[str]:
+    """--set arguments pointing a CLI command at the test stack, plus extra settings."""
+    pairs = [
+        f"kafka.bootstrap_servers={bootstrap}",
+        f"kafka.topic_prefix={prefix}",
+        f"redis.url={redis_url}",
+        f"redis.key_prefix={prefix}",
+        f"checkpoint.dir={tmp_path / 'ckpt'}",
+        "train.torch_threads=1",
+        *settings,
+    ]
+    return [arg for pair in pairs for arg in ("--set", pair)]
+
+
 def test_bad_config_gives_one_line_and_exit_2(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("train:\n  objective: sgd\n")
@@ -45,24 +59,9 @@ def test_bad_cli_value_gives_one_line_and_exit_2():
 
 def test_replay_learn_sidecar_metrics(bootstrap, redis_url, unique, tmp_path):
     prefix = f"e2e{unique}"
-    common = [
-        "--set",
-        f"kafka.bootstrap_servers={bootstrap}",
-        "--set",
-        f"kafka.topic_prefix={prefix}",
-        "--set",
-        f"redis.url={redis_url}",
-        "--set",
-        f"redis.key_prefix={prefix}",
-        "--set",
-        f"checkpoint.dir={tmp_path / 'ckpt'}",
-        "--set",
-        "sidecar.publish_every_s=0.5",
-        "--set",
-        "eval.every_steps=10",
-        "--set",
-        "train.torch_threads=1",
-    ]
+    common = _stack_args(
+        bootstrap, redis_url, prefix, tmp_path, "sidecar.publish_every_s=0.5", "eval.every_steps=10"
+    )
     log_path = tmp_path / "sidecar.log"
     with log_path.open("wb") as log:
         sidecar = subprocess.Popen(
@@ -125,24 +124,9 @@ def test_sigterm_checkpoints_commits_and_exits_zero(bootstrap, redis_url, unique
     from kafka import KafkaConsumer, TopicPartition
 
     prefix = f"sig{unique}"
-    common = [
-        "--set",
-        f"kafka.bootstrap_servers={bootstrap}",
-        "--set",
-        f"kafka.topic_prefix={prefix}",
-        "--set",
-        f"redis.url={redis_url}",
-        "--set",
-        f"redis.key_prefix={prefix}",
-        "--set",
-        f"checkpoint.dir={tmp_path / 'ckpt'}",
-        "--set",
-        "train.torch_threads=1",
-        "--set",
-        "kafka.partitions=1",
-        "--set",
-        "checkpoint.every_steps=3",
-    ]
+    common = _stack_args(
+        bootstrap, redis_url, prefix, tmp_path, "kafka.partitions=1", "checkpoint.every_steps=3"
+    )
     replay = _cli("replay", "split-digits", "--limit", "300", *common)
     assert replay.returncode == 0, replay.stderr
     learner = subprocess.Popen(
