@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from typing import Any
 import orjson
 import structlog
 
-from pipeline.config import Settings
+from pipeline.config import Settings, load_settings
 from pipeline.devstack import Devstack, stop_process
 from pipeline.exceptions import SupconStreamError
 
@@ -211,7 +213,11 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def run_demo(
-    settings: Settings, config_path: Path | None, out_dir: Path, keep_stack: bool = False
+    settings: Settings,
+    config_path: Path | None,
+    user_overrides: Sequence[str],
+    out_dir: Path,
+    keep_stack: bool = False,
 ) -> dict[str, Any]:
     from consumers.admin import ensure_topics
     from pipeline.replay import run_replay
@@ -230,27 +236,19 @@ def run_demo(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
+    # The user's own --set values first, then this run's addresses and namespace. The same
+    # list configures this process and every child, so they cannot disagree.
     overrides = [
+        *user_overrides,
         f"kafka.bootstrap_servers={state.bootstrap_servers}",
         f"kafka.topic_prefix={prefix}",
         f"redis.url={state.redis_url}",
         f"redis.key_prefix={prefix}",
         f"checkpoint.dir={ckpt_dir}",
     ]
-    run_settings = settings.model_copy(
-        update={
-            "kafka": settings.kafka.model_copy(
-                update={"bootstrap_servers": state.bootstrap_servers, "topic_prefix": prefix}
-            ),
-            "redis": settings.redis.model_copy(
-                update={"url": state.redis_url, "key_prefix": prefix}
-            ),
-        }
-    )
+    run_settings = load_settings(config_path, overrides)
     children: list[Child] = []
     try:
-        import shutil
-
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         _clear_namespace(run_settings)
         k = run_settings.kafka
