@@ -213,9 +213,13 @@ def _publish_predictions(
 
 
 def _replay_for(
-    ctx: LearnerContext, x: torch.Tensor, y: torch.Tensor
+    ctx: LearnerContext, x: torch.Tensor, y: torch.Tensor, queries: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bank slots, features, labels and slot versions to contrast with this batch."""
+    """Bank slots, features, labels and slot versions to contrast with this batch.
+
+    ``queries`` are the batch's normalised embeddings under the current weights when the
+    caller already has them (the previous step returns exactly these); else one forward.
+    """
     cfg = ctx.settings.train
     empty = torch.empty(0, dtype=torch.long, device=ctx.device)
     if not cfg.replay_enabled or len(ctx.bank) == 0 or cfg.replay_size == 0:
@@ -223,10 +227,11 @@ def _replay_for(
     replay = ctx.bank.sample(cfg.replay_size)
     if cfg.hard_negatives == 0:
         return replay.slots, replay.features, replay.labels, replay.versions
-    with torch.no_grad():
-        ctx.state.model.eval()
-        q = torch.nn.functional.normalize(ctx.state.model.embed(x).float(), dim=-1)
-    hard = ctx.bank.hard_negatives(q, y, cfg.hard_negatives, exclude_slots=replay.slots)
+    if queries is None:
+        with torch.no_grad():
+            ctx.state.model.eval()
+            queries = torch.nn.functional.normalize(ctx.state.model.embed(x).float(), dim=-1)
+    hard = ctx.bank.hard_negatives(queries, y, cfg.hard_negatives, exclude_slots=replay.slots)
     h_feats, h_labels, h_versions = ctx.bank.gather(hard)
     return (
         torch.cat([replay.slots, hard]),
@@ -303,7 +308,8 @@ def _train_on(
     skipped_any = False
     result = None
     for _ in range(cfg.iters_per_batch):
-        slots, r_feats, r_labels, versions = _replay_for(ctx, x, y)
+        queries = result.batch_embeddings if result is not None else None
+        slots, r_feats, r_labels, versions = _replay_for(ctx, x, y, queries)
         inputs = StepInputs(x, y, r_feats, r_labels, ctx.seen_classes)
         result = train_step(ctx.state, inputs, cfg, ctx.generator)
         if slots.numel():
