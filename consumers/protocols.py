@@ -10,6 +10,19 @@ from consumers.events import EventBatch, TopicPartitionKey
 
 NO_OFFSETS: Final[Mapping[TopicPartitionKey, int]] = MappingProxyType({})
 
+# Counters every EventSource reports in ``stats()`` (0 when nothing happened).
+STAT_COUNTERS: Final = (
+    "polled",
+    "skipped",
+    "batches",
+    "events",
+    "dead_lettered",
+    "paused_events",
+    "commits",
+    "commit_failures",
+    "revoked_dropped",
+)
+
 
 def partition_label(key: TopicPartitionKey) -> str:
     """``"topic:partition"``: the key used in ``stats()`` and logs.

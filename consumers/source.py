@@ -51,7 +51,7 @@ from consumers.decode import dead_letter_payload, decode_batch
 from consumers.events import EventBatch, SourceRecord, TopicPartitionKey
 from consumers.exceptions import BrokerUnavailableError, ProducerError, SourceClosedError
 from consumers.producer import JsonProducer
-from consumers.protocols import NO_OFFSETS, labelled, partition_label
+from consumers.protocols import NO_OFFSETS, STAT_COUNTERS, labelled, partition_label
 
 log = structlog.get_logger(__name__)
 
@@ -282,20 +282,7 @@ class KafkaBatchSource:
     def stats(self) -> dict[str, Any]:
         with self._stats_lock:
             return {
-                **{
-                    k: self._counters[k]
-                    for k in (
-                        "polled",
-                        "skipped",
-                        "batches",
-                        "events",
-                        "dead_lettered",
-                        "paused_events",
-                        "commits",
-                        "commit_failures",
-                        "revoked_dropped",
-                    )
-                },
+                **{name: self._counters[name] for name in STAT_COUNTERS},
                 "paused": self._paused,
                 "committed": labelled(self._committed),
                 "lag": labelled(self._lag),

@@ -20,7 +20,7 @@ import orjson
 from consumers.decode import decode_batch
 from consumers.events import DeadLetter, EventBatch, SourceRecord, TopicPartitionKey
 from consumers.exceptions import SourceClosedError
-from consumers.protocols import NO_OFFSETS, EventSource, labelled
+from consumers.protocols import NO_OFFSETS, STAT_COUNTERS, EventSource, labelled
 
 
 class InMemorySource:
@@ -101,19 +101,8 @@ class InMemorySource:
         self._stopped = True
 
     def stats(self) -> dict[str, Any]:
-        names = (
-            "polled",
-            "skipped",
-            "batches",
-            "events",
-            "dead_lettered",
-            "paused_events",
-            "commits",
-            "commit_failures",
-            "revoked_dropped",
-        )
         return {
-            **{name: self._counters[name] for name in names},
+            **{name: self._counters[name] for name in STAT_COUNTERS},
             "paused": False,
             "committed": labelled(self._committed),
             "lag": labelled({k: self._highwater[k] - p for k, p in self._positions.items()}),
