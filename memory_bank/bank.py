@@ -16,7 +16,8 @@ INVARIANTS
 - Write-through: the store is written before the mirror. If ``store.apply`` fails, the
   reservoir's bookkeeping is rolled back and the mirror is untouched, so the mirror never
   holds what the durable copy lacks.
-- Capacity is never exceeded; eviction is class-balanced (:mod:`memory_bank.reservoir`).
+- Capacity is never exceeded; eviction follows the bank's policy, class-balanced by default
+  or plain reservoir (:mod:`memory_bank.reservoir`).
 
 Not thread-safe: one training thread owns the bank.
 """
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 
 from memory_bank.protocols import BankSnapshot, BankStore, StoredItem, VectorIndex
-from memory_bank.reservoir import ClassBalancedReservoir, class_balanced_subset
+from memory_bank.reservoir import POLICIES, class_balanced_subset
 
 log = structlog.get_logger(__name__)
 
@@ -77,7 +78,7 @@ class Replay:
 
 
 class MemoryBank:
-    """Class-balanced replay memory with a FAISS/torch index over its embeddings.
+    """Replay memory (class-balanced or plain reservoir) with a FAISS/torch index over it.
 
     Use :meth:`open` to start from what the store holds. The constructor starts an empty
     mirror and is meant for an empty (or just cleared) store.
@@ -96,6 +97,7 @@ class MemoryBank:
         index_refresh_steps: int = 10,
         hard_negative_queries: int = 32,
         recent_ids: int = 65_536,
+        policy: str = "class_balanced",
     ) -> None:
         if capacity < 1 or input_dim < 1 or embed_dim < 1:
             raise ValueError(f"need capacity, input_dim, embed_dim >= 1: {capacity=}")
@@ -113,7 +115,10 @@ class MemoryBank:
         self.hard_negative_queries = hard_negative_queries
         self._store = store
         self._index = index
-        self._reservoir = ClassBalancedReservoir(capacity, seed)
+        if policy not in POLICIES:
+            raise ValueError(f"unknown bank policy {policy!r}; known: {sorted(POLICIES)}")
+        self.policy = policy
+        self._reservoir = POLICIES[policy](capacity, seed)
 
         # Preallocated once: adds write rows in place, nothing reallocates per step.
         dev = self.device
@@ -155,6 +160,7 @@ class MemoryBank:
         index_refresh_steps: int = 10,
         hard_negative_queries: int = 32,
         recent_ids: int = 65_536,
+        policy: str = "class_balanced",
     ) -> MemoryBank:
         """Load the store's snapshot and rebuild the mirror and the index from it.
 
@@ -174,6 +180,7 @@ class MemoryBank:
             index_refresh_steps=index_refresh_steps,
             hard_negative_queries=hard_negative_queries,
             recent_ids=recent_ids,
+            policy=policy,
         )
         bank._restore(store.load(), label_index)
         log.info(
@@ -368,8 +375,14 @@ class MemoryBank:
 
     # -- reads -----------------------------------------------------------------------------
 
-    def sample(self, n: int) -> Replay:
-        """Up to ``n`` distinct items, each class equally likely per draw (no Redis access)."""
+    def sample(self, n: int, how: str = "class_balanced") -> Replay:
+        """Up to ``n`` distinct items (no Redis access).
+
+        ``how="class_balanced"``: each class equally likely per draw; ``"random"``: each
+        stored item equally likely (classes in the bank's proportions).
+        """
+        if how not in ("class_balanced", "random"):
+            raise ValueError(f"unknown replay sampling {how!r}")
         size = len(self)
         take = min(n, size)
         if take <= 0:
@@ -379,9 +392,12 @@ class MemoryBank:
                 labels=torch.empty(0, dtype=torch.int64, device=self.device),
                 versions=torch.empty(0, dtype=torch.int64, device=self.device),
             )
-        slots = torch.multinomial(
-            self._class_balanced_weights(), take, replacement=False, generator=self._generator
+        weights = (
+            self._class_balanced_weights()
+            if how == "class_balanced"
+            else (self._labels >= 0).to(torch.float32)
         )
+        slots = torch.multinomial(weights, take, replacement=False, generator=self._generator)
         return Replay(
             slots=slots,
             features=self._features[slots],

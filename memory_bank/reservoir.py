@@ -1,4 +1,5 @@
-"""Class-balanced reservoir sampling (CBRS, Chrysakis & Moens, ICML 2020): slot bookkeeping.
+"""Bank admission policies: class-balanced reservoir sampling (CBRS, Chrysakis & Moens,
+ICML 2020) and plain reservoir sampling, with their slot bookkeeping.
 
 Pure Python, no tensors: which event id sits in which slot of the bank, per-class slot lists,
 per-class ``seen`` counters, and the admission decision for each offered item. The bank
@@ -301,3 +302,28 @@ class ClassBalancedReservoir:
             self._max_count = new
         elif old == self._max_count and old not in self._size_hist:
             self._max_count = new  # the only class of the largest size shrank by one
+
+
+class Reservoir(ClassBalancedReservoir):
+    """Plain reservoir sampling (Vitter's algorithm R), the usual experience-replay memory.
+
+    Once the bank is full, the ``n``-th item offered (all classes together) is kept with
+    probability ``capacity / n`` and replaces a uniformly drawn slot, so the bank is a
+    uniform sample of the stream: class proportions follow the stream's, and a class seen
+    long ago fades as it would in the stream. Same bookkeeping, hash-derived accept draw and
+    rollback as :class:`ClassBalancedReservoir`; only the admission rule differs.
+    """
+
+    def _admit(self, event_id: str, label: int) -> int | None:
+        if self._free:
+            return -1
+        seen = max(sum(self._seen.values()), self.capacity)
+        if uniform_from_id(event_id, self.seed) >= self.capacity / seen:
+            return None
+        return self._rng.randrange(self.capacity)  # full: every slot holds an item
+
+
+POLICIES: dict[str, type[ClassBalancedReservoir]] = {
+    "class_balanced": ClassBalancedReservoir,
+    "reservoir": Reservoir,
+}

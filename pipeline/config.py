@@ -8,6 +8,7 @@ An unknown key or a bad value raises :class:`ConfigError` naming the dotted key.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -123,8 +124,12 @@ class ModelSettings(_Frozen):
     max_classes: int = Field(100, ge=2)
 
 
+Objective = Literal["supcon", "ce", "asym_supcon", "focal", "triplet"]
+LossTermName = Literal["supcon", "asym_supcon", "ce", "ce_detached", "focal", "triplet"]
+
+
 class TrainSettings(_Frozen):
-    objective: Literal["supcon", "ce"] = "supcon"
+    objective: Objective = "supcon"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     temperature: float = Field(0.07, gt=0)
@@ -145,14 +150,39 @@ class TrainSettings(_Frozen):
     torch_threads: int | None = Field(
         None, ge=1, description="Intra-op threads for torch; None keeps torch's default."
     )
+    # The loss family (pipeline/objectives.py). ``loss_terms`` empty: the objective alone.
+    loss_terms: dict[LossTermName, float] = Field(
+        default_factory=dict,
+        description="Weighted loss terms, e.g. {supcon: 1.0, ce_detached: 0.1}; "
+        "empty means {<objective>: 1.0}.",
+    )
+    replay_sampling: Literal["class_balanced", "random"] = "class_balanced"
+    label_smoothing: float = Field(0.0, ge=0, le=1)
+    focal_gamma: float = Field(2.0, ge=0)
+    focal_alpha: float | None = Field(None, gt=0)
+    triplet_margin: float = Field(0.2, ge=0)
 
     @property
     def replay_enabled(self) -> bool:
-        return self.objective == "supcon" if self.replay is None else self.replay
+        if self.replay is None:
+            return self.objective in ("supcon", "asym_supcon", "triplet")
+        return self.replay
+
+    @model_validator(mode="after")
+    def _check_loss_terms(self) -> TrainSettings:
+        for name, weight in self.loss_terms.items():
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"loss_terms.{name}: weight must be finite and >= 0")
+        if self.loss_terms and not any(self.loss_terms.values()):
+            raise ValueError("loss_terms: at least one weight must be > 0")
+        return self
 
 
 class BankSettings(_Frozen):
     capacity: int = Field(2000, ge=1)
+    policy: Literal["class_balanced", "reservoir"] = Field(
+        "class_balanced", description="Admission/eviction: class-balanced or plain reservoir."
+    )
     index_refresh_steps: int = Field(10, ge=1)
     hard_negative_queries: int = Field(32, ge=1)
     use_gpu: Literal["auto", "never"] = "auto"

@@ -51,13 +51,17 @@ from pipeline.evaluation import (
 )
 from pipeline.exceptions import SupconStreamError
 from pipeline.labels import LabelRegistry
+from pipeline.metrics import expected_calibration_error
 from pipeline.model import StreamNet
-from pipeline.step import StepInputs, TrainState, make_state, train_step
+from pipeline.objectives import HEAD_TERMS, loss_weights, natural_classifier
+from pipeline.online import learn_batch
+from pipeline.step import TrainState, make_state
 from pipeline.telemetry import TelemetryWriter, telemetry_client
 
 log = structlog.get_logger(__name__)
 
 PROGRESS_EVERY_S = 5.0
+KNN_K = 10  # neighbours of the kNN classifier reported at evaluation
 JOIN_TIMEOUT_S = 120.0
 
 
@@ -186,8 +190,8 @@ def _refresh_means(ctx: LearnerContext, force: bool = False) -> ClassMeans:
 
 
 def _predict(ctx: LearnerContext, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The objective's natural classifier: nearest class mean for supcon, the head for ce."""
-    if ctx.settings.train.objective == "ce":
+    """The objective's natural classifier: nearest class mean, or the head for ce / focal."""
+    if natural_classifier(ctx.settings.train) == "head":
         return predict_head(ctx.state.model, feats, ctx.seen_classes)
     return predict_ncm(ctx.state.model, feats, _refresh_means(ctx))
 
@@ -210,35 +214,6 @@ def _publish_predictions(
             },
             key=batch.ids[i].encode(),
         )
-
-
-def _replay_for(
-    ctx: LearnerContext, x: torch.Tensor, y: torch.Tensor, queries: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bank slots, features, labels and slot versions to contrast with this batch.
-
-    ``queries`` are the batch's normalised embeddings under the current weights when the
-    caller already has them (the previous step returns exactly these); else one forward.
-    """
-    cfg = ctx.settings.train
-    empty = torch.empty(0, dtype=torch.long, device=ctx.device)
-    if not cfg.replay_enabled or len(ctx.bank) == 0 or cfg.replay_size == 0:
-        return empty, x.new_empty(0, x.shape[1]), empty, empty
-    replay = ctx.bank.sample(cfg.replay_size)
-    if cfg.hard_negatives == 0:
-        return replay.slots, replay.features, replay.labels, replay.versions
-    if queries is None:
-        with torch.no_grad():
-            ctx.state.model.eval()
-            queries = torch.nn.functional.normalize(ctx.state.model.embed(x).float(), dim=-1)
-    hard = ctx.bank.hard_negatives(queries, y, cfg.hard_negatives, exclude_slots=replay.slots)
-    h_feats, h_labels, h_versions = ctx.bank.gather(hard)
-    return (
-        torch.cat([replay.slots, hard]),
-        torch.cat([replay.features, h_feats]),
-        torch.cat([replay.labels, h_labels]),
-        torch.cat([replay.versions, h_versions]),
-    )
 
 
 def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
@@ -272,7 +247,7 @@ def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
         x = feats_all[train_rows]
         y = torch.tensor([class_idx[i] for i in train_rows], dtype=torch.long, device=ctx.device)
         # Predict, then train: the prequential accuracy costs one forward pass.
-        if len(ctx.bank) > 0 or s.train.objective == "ce":
+        if len(ctx.bank) > 0 or natural_classifier(s.train) == "head":
             predicted, _ = _predict(ctx, x)
             ctx.counters.prequential_correct += int((predicted == y).sum())
             ctx.counters.prequential_total += len(train_rows)
@@ -302,33 +277,15 @@ def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
 def _train_on(
     ctx: LearnerContext, batch: EventBatch, rows: list[int], x: torch.Tensor, y: torch.Tensor
 ) -> dict[str, Any]:
-    cfg = ctx.settings.train
-    losses: list[float] = []
-    per_sample: torch.Tensor | None = None
-    skipped_any = False
-    result = None
-    for _ in range(cfg.iters_per_batch):
-        queries = result.batch_embeddings if result is not None else None
-        slots, r_feats, r_labels, versions = _replay_for(ctx, x, y, queries)
-        inputs = StepInputs(x, y, r_feats, r_labels, ctx.seen_classes)
-        result = train_step(ctx.state, inputs, cfg, ctx.generator)
-        if slots.numel():
-            # Re-encoded replay items write back their fresh embeddings (index refreshes).
-            ctx.bank.update_embeddings(slots, result.replay_embeddings, versions)
-        ctx.bank.step()
-        skipped_any |= result.skipped
-        if result.loss is not None:
-            losses.append(result.loss)
-            per_sample = result.per_sample_loss
-    assert result is not None  # iters_per_batch >= 1
-    ctx.bank.add(
+    bank_items = (
         [batch.ids[i] for i in rows],
-        x,
-        y,
         [batch.labels[i] or "" for i in rows],
-        result.batch_embeddings,
         [batch.tasks[i] for i in rows],
     )
+    outcome = learn_batch(
+        ctx.state, ctx.bank, ctx.settings.train, x, y, ctx.seen_classes, ctx.generator, bank_items
+    )
+    losses, per_sample = outcome.losses, outcome.per_sample_loss
     per_class: dict[str, float] = {}
     if per_sample is not None:
         ys = y.cpu()
@@ -337,7 +294,7 @@ def _train_on(
     return {
         "loss": round(float(np.mean(losses)), 6) if losses else None,
         "per_class_loss": per_class,
-        "skipped": skipped_any,
+        "skipped": outcome.skipped_any,
     }
 
 
@@ -345,17 +302,29 @@ def _train_on(
 
 
 def evaluate(ctx: LearnerContext) -> dict[str, Any]:
-    """Per-class accuracy on the held-out probes with NCM (and the CE head for ce)."""
+    """Per-class accuracy and ECE on the held-out probes: NCM, kNN, and the head when trained.
+
+    ``primary`` is the objective's natural classifier (:func:`natural_classifier`).
+    """
     feats, truth = ctx.probes.tensors()
-    classifiers: dict[str, dict[str, Any]] = {}
+    cfg = ctx.settings.train
     means = _refresh_means(ctx, force=True)
-    pred, _ = predict_ncm(ctx.state.model, feats, means)
-    classifiers["ncm"] = {"per_class_accuracy": per_class_accuracy(pred, truth, ctx.registry)}
-    primary = "ncm"
-    if ctx.settings.train.objective == "ce":
-        pred, _ = predict_head(ctx.state.model, feats, ctx.seen_classes)
-        classifiers["head"] = {"per_class_accuracy": per_class_accuracy(pred, truth, ctx.registry)}
-        primary = "head"
+    predictions = {"ncm": predict_ncm(ctx.state.model, feats, means)}
+    if len(ctx.bank) and feats.shape[0]:
+        with torch.no_grad():
+            ctx.state.model.eval()
+            queries = torch.nn.functional.normalize(ctx.state.model.embed(feats).float(), dim=-1)
+        predictions["knn"] = ctx.bank.knn_predict(queries, KNN_K)
+    primary = natural_classifier(cfg)
+    if primary == "head" or HEAD_TERMS & set(loss_weights(cfg)):
+        predictions["head"] = predict_head(ctx.state.model, feats, ctx.seen_classes)
+    classifiers = {
+        name: {
+            "per_class_accuracy": per_class_accuracy(pred, truth, ctx.registry),
+            "ece": expected_calibration_error(conf.tolist(), (pred == truth).tolist()),
+        }
+        for name, (pred, conf) in predictions.items()
+    }
     return {
         "primary": primary,
         "classifiers": classifiers,
@@ -480,6 +449,7 @@ def build_context(settings: Settings) -> LearnerContext:
         index_refresh_steps=b.index_refresh_steps,
         hard_negative_queries=b.hard_negative_queries,
         label_index=label_index,
+        policy=b.policy,
     )
     log.info("memory bank loaded", items=len(bank), seconds=round(time.monotonic() - started, 3))
     ctx = LearnerContext(

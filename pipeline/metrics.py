@@ -8,15 +8,18 @@ Forgetting follows Chaudhry et al. 2018 ("Riemannian Walk"): for each class (and
 ``forgetting = best accuracy so far − current accuracy``. Because "best so far" includes the
 current evaluation, forgetting is never negative: a class that improves has forgotten nothing.
 Average anytime accuracy follows Caccia et al. 2022, backward transfer Lopez-Paz & Ranzato
-2017 (``BWT = mean over earlier tasks i of R[last, i] − R[i, i]``).
+2017 (``BWT = mean over earlier tasks i of R[last, i] − R[i, i]``), the stability gap's
+worst-case accuracy De Lange et al. 2023 (``min_task_accuracy``: a task's lowest accuracy at
+any evaluation after it ended), and expected calibration error Guo et al. 2017
+(:func:`expected_calibration_error`). docs/metrics.md has the definitions.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 InT_contra = TypeVar("InT_contra", contravariant=True)
@@ -140,6 +143,35 @@ class Rate:
         return self._count_after_first / span
 
 
+ECE_BINS = 15
+
+
+def expected_calibration_error(
+    confidence: Sequence[float], correct: Sequence[bool], bins: int = ECE_BINS
+) -> float | None:
+    """ECE (Guo et al. 2017): ``Σ_b |B_b|/n · |accuracy(B_b) − mean confidence(B_b)|``.
+
+    Predictions are put in ``bins`` equal-width confidence bins over (0, 1] (a confidence of
+    exactly 0 goes in the first bin). ``None`` when there are no predictions.
+    """
+    if len(confidence) != len(correct):
+        raise ValueError(f"{len(confidence)} confidences for {len(correct)} outcomes")
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    n = len(confidence)
+    if n == 0:
+        return None
+    conf_sum = [0.0] * bins
+    hits = [0] * bins
+    count = [0] * bins
+    for c, ok in zip(confidence, correct, strict=True):
+        b = min(bins - 1, max(0, math.ceil(float(c) * bins) - 1))
+        conf_sum[b] += float(c)
+        hits[b] += bool(ok)
+        count[b] += 1
+    return math.fsum(abs(hits[b] - conf_sum[b]) / n for b in range(bins) if count[b])
+
+
 @dataclass(frozen=True, slots=True)
 class AccuracyRow:
     """One row of the accuracy matrix: per-task accuracy when ``task`` ended."""
@@ -169,6 +201,10 @@ class ForgettingResult:
     anytime_avg_accuracy: float | None
     accuracy_matrix: tuple[AccuracyRow, ...]
     backward_transfer: float | None
+    # Stability gap (De Lange et al. 2023): each ended task's lowest accuracy at any
+    # evaluation after it ended, and the mean of those minima over ended tasks.
+    min_task_accuracy: dict[str, float] = field(default_factory=dict)
+    avg_min_accuracy: float | None = None
 
 
 @dataclass(slots=True)
@@ -213,6 +249,7 @@ class ForgettingTracker:
         self._evaluations = 0
         self._anytime_sum = 0.0
         self._anytime_n = 0
+        self._task_min: dict[str, float] = {}  # ended tasks only
 
     def update(
         self,
@@ -229,6 +266,7 @@ class ForgettingTracker:
         ):
             # The previous evaluation was the last one of the task that just ended.
             self._close_row(self._current_task, provisional=False)
+            self._task_min.setdefault(self._current_task, math.inf)
         if class_task:
             for cls, task in class_task.items():
                 if task is not None:
@@ -251,6 +289,8 @@ class ForgettingTracker:
                 hist.evaluations += 1
         for task, acc in self._task_accuracy().items():
             self._task_best[task] = max(self._task_best.get(task, acc), acc)
+            if task in self._task_min and task != self._current_task:
+                self._task_min[task] = min(self._task_min[task], acc)
         self._evaluations += 1
         avg = self._avg_accuracy()
         if avg is not None:
@@ -270,6 +310,7 @@ class ForgettingTracker:
         task_acc = self._task_accuracy()
         task_forgetting = {t: self._task_best[t] - acc for t, acc in task_acc.items()}
         rows = tuple(AccuracyRow(r.task, dict(r.accuracy)) for r in self._rows)
+        minima = {t: m for t, m in self._task_min.items() if math.isfinite(m)}
         return ForgettingResult(
             evaluations=self._evaluations,
             current_task=self._current_task,
@@ -284,6 +325,8 @@ class ForgettingTracker:
             anytime_avg_accuracy=(self._anytime_sum / self._anytime_n if self._anytime_n else None),
             accuracy_matrix=rows,
             backward_transfer=self._backward_transfer(),
+            min_task_accuracy=minima,
+            avg_min_accuracy=_mean(list(minima.values())),
         )
 
     def _note_task(self, task: str) -> None:

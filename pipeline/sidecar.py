@@ -40,6 +40,9 @@ and on ``end``::
      "avg_forgetting", "avg_accuracy",                       # float | null
      "per_task_accuracy", "per_task_forgetting",             # {task: float}
      "anytime_avg_accuracy", "backward_transfer",            # float | null
+     "min_task_accuracy",    # {ended task: lowest accuracy since it ended} (stability gap)
+     "avg_min_accuracy",     # mean of min_task_accuracy, null before a task ends
+     "ece",                  # expected calibration error of the primary classifier | null
      "accuracy_matrix",      # [{"task": ended task, "accuracy": {task: float}}, ...]
      "current_task", "evaluations",
      "final"}                # the learner's `end` was seen (and no step since)
@@ -124,6 +127,7 @@ class LearnerState:
         self.prequential_correct = 0
         self.prequential_total = 0
         self.classifier: str | None = None
+        self.ece: float | None = None
         self.steps_seen = 0
         self.evals_seen = 0
         self.ended = False
@@ -191,6 +195,7 @@ class LearnerState:
             primary, chosen = next(iter(classifiers.items()))
         self.classifier = primary
         accuracy = (chosen or {}).get("per_class_accuracy") or {}
+        self.ece = _finite((chosen or {}).get("ece"))
         per_class = {str(k): _finite(v) for k, v in accuracy.items()}
         class_task = {str(k): _opt_str(v) for k, v in (payload.get("class_task") or {}).items()}
         self.forgetting.update(
@@ -252,6 +257,9 @@ class LearnerState:
             "per_task_forgetting": r.per_task_forgetting,
             "anytime_avg_accuracy": r.anytime_avg_accuracy,
             "backward_transfer": r.backward_transfer,
+            "min_task_accuracy": r.min_task_accuracy,
+            "avg_min_accuracy": r.avg_min_accuracy,
+            "ece": self.ece,
             "accuracy_matrix": [
                 {"task": row.task, "accuracy": row.accuracy} for row in r.accuracy_matrix
             ],

@@ -2,8 +2,9 @@
 
 ``train_step`` contrasts the micro-batch together with the replayed bank items (class-balanced
 sample plus FAISS hard negatives), both re-encoded by the current model so gradient flows
-through replay too. It returns fresh, L2-normalised encoder embeddings for both, which the
-learner writes into the bank (new items) and back over the replayed items' stale ones.
+through replay too; the loss is the configured objective (:mod:`pipeline.objectives`). It
+returns fresh, L2-normalised encoder embeddings for both, which the learner writes into the
+bank (new items) and back over the replayed items' stale ones.
 
 INVARIANT: a non-finite loss or gradient never reaches the weights; the step is skipped and
 counted in ``state.skipped``.
@@ -19,8 +20,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from pipeline.config import TrainSettings
-from pipeline.losses import masked_cross_entropy, supcon_loss
-from pipeline.model import StreamNet, augment
+from pipeline.model import StreamNet
+from pipeline.objectives import objective_loss
 
 
 @dataclass
@@ -34,7 +35,7 @@ class TrainState:
 @dataclass(frozen=True, slots=True)
 class StepInputs:
     features: torch.Tensor  # [n, d] on the learner's device
-    labels: torch.Tensor  # [n] int64 class indices
+    labels: torch.Tensor  # [n] int64 class indices, -1 for events without a label
     replay_features: torch.Tensor  # [r, d], r may be 0
     replay_labels: torch.Tensor  # [r]
     seen_classes: torch.Tensor  # bool [max_classes]
@@ -62,34 +63,6 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def _objective_loss(
-    model: StreamNet,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    inputs: StepInputs,
-    cfg: TrainSettings,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """Per-sample loss [m] over the contrasted set x (batch ∪ replay), averaged over views."""
-    m = x.shape[0]
-    views = torch.cat(
-        [augment(x, cfg.noise_std, cfg.mask_prob, generator) for _ in range(2)], dim=0
-    )
-    h = model.embed(views)
-    if cfg.objective == "supcon":
-        z = model.project(h)
-        feats = torch.stack([z[:m], z[m:]], dim=1)
-        per_anchor = supcon_loss(
-            feats, y, cfg.temperature, cfg.base_temperature, cfg.contrast_mode, reduction="none"
-        )
-        if cfg.contrast_mode == "one":
-            return per_anchor
-        return per_anchor.view(2, m).mean(dim=0)
-    logits = model.logits(h)
-    per_view = masked_cross_entropy(logits, y.repeat(2), inputs.seen_classes, reduction="none")
-    return per_view.view(2, m).mean(dim=0)
-
-
 def train_step(
     state: TrainState,
     inputs: StepInputs,
@@ -105,8 +78,8 @@ def train_step(
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with _autocast(device, cfg.amp):
-        per_sample = _objective_loss(model, x, y, inputs, cfg, generator)
-    loss = per_sample.float().mean()
+        objective = objective_loss(model, x, y, n, inputs.seen_classes, cfg, generator)
+    loss = objective.loss.float()
     state.step += 1
 
     loss_value = float(loss.detach())
@@ -129,7 +102,7 @@ def train_step(
     return StepResult(
         loss=None if skipped else loss_value,
         skipped=skipped,
-        per_sample_loss=per_sample[:n].detach().float().cpu(),
+        per_sample_loss=objective.batch_per_sample.float().cpu(),
         batch_embeddings=fresh[:n],
         replay_embeddings=fresh[n:],
         grad_norm=grad_norm,

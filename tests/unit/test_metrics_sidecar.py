@@ -50,7 +50,7 @@ def evaluation(n: int, head: dict[str, float], current_task: int, **extra: Any) 
         # NCM numbers differ on purpose: only the primary classifier may be used.
         "classifiers": {
             "ncm": {"per_class_accuracy": dict.fromkeys(head, 1.0)},
-            "head": {"per_class_accuracy": head},
+            "head": {"per_class_accuracy": head, "ece": 0.125},
         },
         # Tasks as ints, as a JSONL user may send them: normalised to strings.
         "class_task": {"a": 0, "b": 0, "c": 1, "d": 1},
@@ -159,6 +159,10 @@ def test_forgetting_payloads_use_the_primary_classifier() -> None:
         "per_task_forgetting": {"0": approx(0.3), "1": 0.0},
         "anytime_avg_accuracy": approx((0.9 + 0.7) / 2),
         "backward_transfer": None,
+        # Task 0 ended before this evaluation: its lowest accuracy since is this one.
+        "min_task_accuracy": {"0": approx(0.6)},
+        "avg_min_accuracy": approx(0.6),
+        "ece": 0.125,  # the primary classifier's
         "accuracy_matrix": [{"task": "0", "accuracy": {"0": approx(0.9)}}],
         "current_task": "1",
         "evaluations": 2,

@@ -1,0 +1,209 @@
+"""Objectives: the loss family of :mod:`pipeline.losses` wired to the network, from config.
+
+An objective is a weighted sum of named loss terms (``train.loss_terms``; empty means the
+preset ``{train.objective: 1.0}``). Every term sees the same contrasted set, the micro-batch
+(its first ``n`` rows) followed by the replayed bank items, and the same two augmented views:
+
+- ``supcon``: SupCon over batch ∪ replay, every item an anchor (SCR, Mai et al. 2021);
+- ``asym_supcon``: only batch items are anchors, replay items are contrast only (Co2L,
+  Cha et al. 2021);
+- ``ce``: masked cross-entropy of the head on the encoder output, label smoothing optional;
+- ``ce_detached``: the same head trained on a *detached* encoder output, so it learns to read
+  the representation without pulling it towards the CE solution (e.g. SupCon + 0.1 · CE);
+- ``focal``: focal loss of the head (``focal_gamma``, ``focal_alpha``);
+- ``triplet``: batch-hard triplet loss on the normalised projection.
+
+Events without a label (label ``-1``) are handled by the contrastive terms as in SimCLR: each
+gets an identity of its own, so its only positive is its other view and every other item is
+a negative: NT-Xent (Chen et al. 2020) inside the same softmax, at the same temperature. The
+head terms (CE, focal) skip them.
+
+:func:`natural_classifier` says how an objective predicts: nearest class mean over the
+encoder output for the representation objectives, the head for CE and focal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.config import TrainSettings
+from pipeline.losses import (
+    asymmetric_supcon_loss,
+    batch_hard_triplet_loss,
+    combine,
+    cross_entropy_loss,
+    focal_loss,
+    supcon_loss,
+)
+from pipeline.model import StreamNet, augment
+
+HEAD_TERMS = frozenset({"ce", "ce_detached", "focal"})
+UNLABELED = -1
+
+
+def loss_weights(cfg: TrainSettings) -> dict[str, float]:
+    """The weighted terms the objective is made of (zero-weight terms dropped)."""
+    terms = dict(cfg.loss_terms) if cfg.loss_terms else {cfg.objective: 1.0}
+    return {name: w for name, w in terms.items() if w > 0}
+
+
+def natural_classifier(cfg: TrainSettings) -> str:
+    """``"head"`` when the objective trains the head on the encoder itself, else ``"ncm"``."""
+    return "head" if cfg.objective in ("ce", "focal") else "ncm"
+
+
+@dataclass(frozen=True, slots=True)
+class Views:
+    """Two augmented views of the contrasted set, encoded once and shared by every term."""
+
+    n: int  # batch items first, then replay items
+    labels: torch.Tensor  # [m], UNLABELED for events without a label
+    h: torch.Tensor  # [2m, embed_dim] encoder output, view-major
+    seen_classes: torch.Tensor
+
+    @property
+    def m(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class TermLoss:
+    """A term's per-item losses (each averaged over its views) for rows ``0..len-1``.
+
+    Terms whose anchors are the batch only (``asym_supcon``) cover the first ``n`` rows.
+    """
+
+    per_item: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectiveLoss:
+    loss: torch.Tensor  # scalar, what backward() is called on
+    batch_per_sample: torch.Tensor  # [n] weighted per-item loss of the batch items
+
+
+def _contrast_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels with each unlabeled item given a fresh identity (below every real label)."""
+    unlabeled = labels == UNLABELED
+    if not bool(unlabeled.any()):
+        return labels
+    ids = -2 - torch.arange(labels.shape[0], device=labels.device)
+    return torch.where(unlabeled, ids, labels)
+
+
+def _per_view_mean(per_anchor: torch.Tensor, items: int) -> torch.Tensor:
+    return per_anchor.view(2, items).mean(dim=0)
+
+
+def _projected(model: StreamNet, v: Views) -> torch.Tensor:
+    z = model.project(v.h)
+    return torch.stack([z[: v.m], z[v.m :]], dim=1)  # [m, 2, proj]
+
+
+def _supcon_term(model: StreamNet, v: Views, cfg: TrainSettings) -> TermLoss:
+    feats = _projected(model, v)
+    per_anchor = supcon_loss(
+        feats,
+        _contrast_labels(v.labels),
+        cfg.temperature,
+        cfg.base_temperature,
+        cfg.contrast_mode,
+        reduction="none",
+    )
+    return TermLoss(per_anchor if cfg.contrast_mode == "one" else _per_view_mean(per_anchor, v.m))
+
+
+def _asym_supcon_term(model: StreamNet, v: Views, cfg: TrainSettings) -> TermLoss:
+    feats = _projected(model, v)
+    labels = _contrast_labels(v.labels)
+    replay = feats[v.n :]
+    per_anchor = asymmetric_supcon_loss(
+        feats[: v.n],
+        labels[: v.n],
+        replay.transpose(0, 1).reshape(-1, replay.shape[-1]),
+        labels[v.n :].repeat(2),
+        cfg.temperature,
+        cfg.base_temperature,
+        reduction="none",
+    )
+    return TermLoss(_per_view_mean(per_anchor, v.n))
+
+
+def _labeled_only(per_view: torch.Tensor, v: Views) -> TermLoss:
+    """Average a head loss over views; unlabeled items contribute 0."""
+    labeled = (v.labels != UNLABELED).repeat(2)
+    per_view = per_view.masked_fill(~labeled, 0.0)
+    return TermLoss(_per_view_mean(per_view, v.m))
+
+
+def _head_targets(v: Views) -> torch.Tensor:
+    return v.labels.clamp(min=0).repeat(2)
+
+
+def _ce_term(model: StreamNet, v: Views, cfg: TrainSettings, detach: bool) -> TermLoss:
+    logits = model.logits(v.h.detach() if detach else v.h)
+    per_view = cross_entropy_loss(
+        logits,
+        _head_targets(v),
+        v.seen_classes,
+        label_smoothing=cfg.label_smoothing,
+        reduction="none",
+    )
+    return _labeled_only(per_view, v)
+
+
+def _focal_term(model: StreamNet, v: Views, cfg: TrainSettings) -> TermLoss:
+    per_view = focal_loss(
+        model.logits(v.h),
+        _head_targets(v),
+        gamma=cfg.focal_gamma,
+        alpha=cfg.focal_alpha,
+        seen_classes=v.seen_classes,
+        reduction="none",
+    )
+    return _labeled_only(per_view, v)
+
+
+def _triplet_term(model: StreamNet, v: Views, cfg: TrainSettings) -> TermLoss:
+    z = model.project(v.h)
+    labels = _contrast_labels(v.labels).repeat(2)
+    per_anchor = batch_hard_triplet_loss(z, labels, cfg.triplet_margin, reduction="none")
+    return TermLoss(_per_view_mean(per_anchor, v.m))
+
+
+TermFn = Callable[[StreamNet, Views, TrainSettings], TermLoss]
+TERMS: dict[str, TermFn] = {
+    "supcon": _supcon_term,
+    "asym_supcon": _asym_supcon_term,
+    "ce": lambda model, v, cfg: _ce_term(model, v, cfg, detach=False),
+    "ce_detached": lambda model, v, cfg: _ce_term(model, v, cfg, detach=True),
+    "focal": _focal_term,
+    "triplet": _triplet_term,
+}
+
+
+def objective_loss(
+    model: StreamNet,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    n: int,
+    seen_classes: torch.Tensor,
+    cfg: TrainSettings,
+    generator: torch.Generator | None = None,
+) -> ObjectiveLoss:
+    """Loss of the configured objective over ``x`` (the batch's ``n`` rows, then replay)."""
+    views = torch.cat(
+        [augment(x, cfg.noise_std, cfg.mask_prob, generator) for _ in range(2)], dim=0
+    )
+    v = Views(n=n, labels=labels, h=model.embed(views), seen_classes=seen_classes)
+    weights = loss_weights(cfg)
+    per_term = {name: TERMS[name](model, v, cfg).per_item for name in weights}
+    total = combine({name: t.float().mean() for name, t in per_term.items()}, weights)
+    batch = combine({name: t[:n].float() for name, t in per_term.items()}, weights)
+    return ObjectiveLoss(
+        loss=total,
+        batch_per_sample=batch.detach(),
+    )

@@ -1,0 +1,111 @@
+"""One micro-batch of online learning against the memory bank, shared by every caller.
+
+The streaming learner (:mod:`pipeline.learner`) and the in-process forgetting benchmark
+(:mod:`pipeline.bench_forgetting`) both learn a batch with :func:`learn_batch`, so the numbers
+the benchmark reports are those of the code the learner runs:
+
+    iters_per_batch × (select replay → train_step → write fresh replay embeddings back)
+    → bank.add(batch)
+
+Replay retrieval (:func:`select_replay`): ``replay_size`` items drawn ``replay_sampling``
+(class-balanced or uniformly at random) plus up to ``hard_negatives`` FAISS hard negatives,
+the bank items of other classes nearest to the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from memory_bank.bank import MemoryBank
+from pipeline.config import TrainSettings
+from pipeline.step import StepInputs, StepResult, TrainState, train_step
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaySelection:
+    slots: torch.Tensor
+    features: torch.Tensor
+    labels: torch.Tensor
+    versions: torch.Tensor
+
+
+def select_replay(
+    bank: MemoryBank,
+    cfg: TrainSettings,
+    state: TrainState,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    queries: torch.Tensor | None,
+) -> ReplaySelection:
+    """Bank items to contrast with the batch ``x``.
+
+    ``queries`` are the batch's normalised embeddings under the current weights when the
+    caller already has them (the previous step returns exactly these); else one forward.
+    """
+    empty = torch.empty(0, dtype=torch.long, device=x.device)
+    if not cfg.replay_enabled or len(bank) == 0 or cfg.replay_size + cfg.hard_negatives == 0:
+        return ReplaySelection(empty, x.new_empty(0, x.shape[1]), empty, empty)
+    replay = bank.sample(cfg.replay_size, cfg.replay_sampling)
+    if cfg.hard_negatives == 0:
+        return ReplaySelection(replay.slots, replay.features, replay.labels, replay.versions)
+    if queries is None:
+        with torch.no_grad():
+            state.model.eval()
+            queries = F.normalize(state.model.embed(x).float(), dim=-1)
+    hard = bank.hard_negatives(queries, y, cfg.hard_negatives, exclude_slots=replay.slots)
+    h_feats, h_labels, h_versions = bank.gather(hard)
+    return ReplaySelection(
+        torch.cat([replay.slots, hard]),
+        torch.cat([replay.features, h_feats]),
+        torch.cat([replay.labels, h_labels]),
+        torch.cat([replay.versions, h_versions]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    losses: list[float]  # one per step that was not skipped
+    per_sample_loss: torch.Tensor | None  # [n] of the last step that was not skipped
+    skipped_any: bool
+    last: StepResult
+
+
+def learn_batch(
+    state: TrainState,
+    bank: MemoryBank,
+    cfg: TrainSettings,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    seen_classes: torch.Tensor,
+    generator: torch.Generator | None,
+    bank_items: tuple[Sequence[str], Sequence[str], Sequence[str | None]],
+) -> BatchOutcome:
+    """Train ``iters_per_batch`` steps on batch ∪ replay, then offer the batch to the bank.
+
+    ``bank_items`` is (event ids, label names, tasks) of the batch rows, for ``bank.add``.
+    """
+    losses: list[float] = []
+    per_sample: torch.Tensor | None = None
+    skipped_any = False
+    result: StepResult | None = None
+    for _ in range(cfg.iters_per_batch):
+        queries = result.batch_embeddings if result is not None else None
+        replay = select_replay(bank, cfg, state, x, y, queries)
+        inputs = StepInputs(x, y, replay.features, replay.labels, seen_classes)
+        result = train_step(state, inputs, cfg, generator)
+        if replay.slots.numel():
+            # Re-encoded replay items write back their fresh embeddings (index refreshes).
+            bank.update_embeddings(replay.slots, result.replay_embeddings, replay.versions)
+        bank.step()
+        skipped_any |= result.skipped
+        if result.loss is not None:
+            losses.append(result.loss)
+            per_sample = result.per_sample_loss
+    assert result is not None  # iters_per_batch >= 1
+    ids, names, tasks = bank_items
+    bank.add(list(ids), x, y, list(names), result.batch_embeddings, list(tasks))
+    return BatchOutcome(losses, per_sample, skipped_any, result)
