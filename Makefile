@@ -6,10 +6,10 @@ PY := $(BIN)/python
 # On CPU machines torch comes from the pinned 2.13.0 CPU wheel; set TORCH_SPEC to change it
 # (e.g. TORCH_SPEC=torch on a CUDA host, with EXTRAS=gpu,dev for faiss-gpu).
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= cpu,dev
+EXTRAS ?= cpu,dev,bench
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-unit test-integration test-e2e lint format typecheck clean devstack-up devstack-down
+.PHONY: setup demo bench-forgetting test test-unit test-integration test-e2e lint format typecheck clean devstack-up devstack-down
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(BIN)/supcon-stream demo --config configs/local.yaml
+
+bench-forgetting: setup
+	$(BIN)/supcon-stream bench forgetting --out runs/bench
 
 test: setup
 	$(BIN)/pytest -q

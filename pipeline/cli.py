@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     learn = sub.add_parser("learn", help="run a learner (consumer group member) until stopped")
     _common(learn)
     learn.add_argument(
-        "--objective", choices=["supcon", "ce"], help="shortcut for --set train.objective=..."
+        "--objective",
+        choices=["supcon", "ce", "asym_supcon", "focal", "triplet"],
+        help="shortcut for --set train.objective=...",
     )
     learn.add_argument("--name", help="learner name (group, bank, checkpoints, telemetry)")
     learn.add_argument("--max-events", type=_positive_int, help="exit after consuming N events")
@@ -125,7 +127,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("config", help="print the effective settings (secrets redacted)")
     _common(show)
+
+    bench = sub.add_parser("bench", help="in-process benchmarks (no broker, no Redis)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    _add_bench_forgetting(bench_sub)
     return parser
+
+
+def _add_bench_forgetting(bench_sub: argparse._SubParsersAction[_Parser]) -> None:
+    forgetting = bench_sub.add_parser(
+        "forgetting", help="split-digits online: CE vs SupCon + bank, forgetting table and plot"
+    )
+    _common(forgetting)
+    forgetting.add_argument(
+        "--memories", default="20,50,100,200", help="comma-separated bank sizes"
+    )
+    forgetting.add_argument("--seeds", type=_positive_int, default=5, help="seeds 0..N-1")
+    forgetting.add_argument("--methods", help="comma-separated subset (default: all)")
+    forgetting.add_argument("--out", type=Path, default=Path("runs/bench"), help="report folder")
+    forgetting.add_argument(
+        "--threads", type=_positive_int, default=1, help="torch threads (tiny MLP: 1 is fastest)"
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -232,6 +254,14 @@ def _cmd_config(_args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _cmd_bench(args: argparse.Namespace, _settings: Settings) -> int:
+    if args.bench == "forgetting":
+        from pipeline.bench_cli import run_bench_forgetting
+
+        return run_bench_forgetting(args)
+    raise ConfigError(f"unknown benchmark {args.bench!r}")
+
+
 COMMANDS = {
     "learn": _cmd_learn,
     "sidecar": _cmd_sidecar,
@@ -240,6 +270,7 @@ COMMANDS = {
     "topics": _cmd_topics,
     "demo": _cmd_demo,
     "config": _cmd_config,
+    "bench": _cmd_bench,
 }
 
 

@@ -15,6 +15,7 @@ from pipeline.metrics import (
     Rate,
     RollingMean,
     RollingMetric,
+    expected_calibration_error,
 )
 
 approx = pytest.approx
@@ -297,3 +298,35 @@ class TestForgettingWithTasks:
         assert r.seen_before == ("x",)
         assert r.avg_forgetting == approx(0.5)
         assert r.per_task_accuracy == {"0": approx(0.5)}
+
+
+# -- stability gap and calibration ---------------------------------------------------------
+
+
+def test_stability_gap_is_the_lowest_task_accuracy_after_the_task_ended() -> None:
+    tasks = {"a": "0", "b": "0", "c": "1", "d": "1", "e": "2", "f": "2"}
+    t = ForgettingTracker()
+    t.update({"a": 1.0, "b": 0.8}, class_task=tasks, current_task="0")
+    t.update({"a": 0.2, "b": 0.6}, class_task=tasks, current_task="0")  # still task 0: no gap
+    assert t.result().min_task_accuracy == {}
+    assert t.result().avg_min_accuracy is None
+    t.update({"a": 0.5, "b": 0.7, "c": 1.0, "d": 1.0}, class_task=tasks, current_task="1")
+    t.update({"a": 0.9, "b": 0.9, "c": 0.4, "d": 0.6}, class_task=tasks, current_task="1")
+    r = t.result()
+    assert r.min_task_accuracy == {"0": pytest.approx(0.6)}  # the dip, not the recovery
+    t.update({"a": 0.8, "b": 0.8, "c": 0.7, "d": 0.9, "e": 1.0, "f": 1.0}, current_task="2")
+    r = t.result()
+    assert r.min_task_accuracy == {"0": pytest.approx(0.6), "1": pytest.approx(0.8)}
+    assert r.avg_min_accuracy == pytest.approx(0.7)
+
+
+def test_ece_closed_form() -> None:
+    # Bin (0.8667, 0.9333]: accuracy 1/2, confidence 0.9; bin (0.5333, 0.6]: accuracy 1, 0.6.
+    ece = expected_calibration_error([0.9, 0.9, 0.6, 0.6], [True, False, True, True])
+    assert ece == pytest.approx(2 / 4 * 0.4 + 2 / 4 * 0.4)
+    assert expected_calibration_error([1.0, 1.0], [True, True]) == 0.0
+    assert expected_calibration_error([0.0], [False]) == 0.0  # confidence 0 lands in bin 1
+    assert expected_calibration_error([], []) is None
+    assert expected_calibration_error([0.75] * 4, [1, 1, 1, 0], bins=1) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="confidences"):
+        expected_calibration_error([0.5], [])

@@ -1,0 +1,367 @@
+"""``supcon-stream bench forgetting``: the cross-entropy trap, measured in-process.
+
+The standard online class-incremental protocol on ``split-digits`` (sklearn's 1797 8×8 digits,
+5 tasks × 2 classes): a stratified hold-out of :data:`TEST_FRACTION` per class is the test
+set, the rest streams once, task after task, in micro-batches of ``stream_batch`` (10) events.
+Each method learns every batch with :func:`pipeline.online.learn_batch`, the function the
+streaming learner runs (same ``train_step``, same bank, same replay retrieval), only without
+Kafka and Redis: the bank writes through to an in-memory store.
+
+Every ``eval_every`` batches, and at the end of every task, the test images of the classes
+seen so far are classified (class-incremental: one classifier over all classes seen) and the
+per-class accuracies fed to :class:`pipeline.metrics.ForgettingTracker`, the sidecar's
+tracker, which gives final average accuracy, forgetting, anytime accuracy and the stability
+gap. ``joint`` is the offline upper bound: the same network trained for several epochs on
+the whole (shuffled) training set with the same ``train_step``.
+
+Methods (hyperparameters in :data:`METHODS`, shared ones in :func:`bench_train_settings`):
+CE fine-tune (no replay), CE + experience replay (reservoir memory, random replay), SupCon +
+bank (class-balanced memory and replay), SupCon + bank + FAISS hard negatives, asymmetric
+SupCon (Co2L), and the joint upper bound. Replay per step never exceeds ``replay_size``
+bank items, hard negatives included.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+
+from memory_bank.bank import MemoryBank
+from memory_bank.index import make_index
+from memory_bank.testing import InMemoryBankStore
+from pipeline.config import BankSettings, ModelSettings, TrainSettings
+from pipeline.evaluation import class_means, predict_head, predict_ncm
+from pipeline.metrics import ForgettingTracker
+from pipeline.model import StreamNet
+from pipeline.objectives import natural_classifier
+from pipeline.online import learn_batch
+from pipeline.scenarios import SPLIT_DIGITS_TASKS
+from pipeline.step import StepInputs, make_state, train_step
+
+log = structlog.get_logger(__name__)
+
+TEST_FRACTION = 0.3
+DEFAULT_MEMORIES = (20, 50, 100, 200)
+DEFAULT_SEEDS = 5
+JOINT = "joint"
+JOINT_SUPCON = "joint_supcon"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One benchmarked configuration: ``train`` overrides on top of the shared settings."""
+
+    name: str
+    label: str
+    train: dict[str, Any]
+    bank_policy: str = "class_balanced"
+    uses_memory: bool = True
+
+
+# Learning rates were tuned per objective on seeds 0-2 at memory 100 (CE: 5e-4 / 1e-3 / 2e-3,
+# SupCon: 3e-4 / 5e-4 / 1e-3 / 2e-3); everything else is shared (bench_train_settings).
+CE_LR, SUPCON_LR = 1e-3, 5e-4
+METHODS: tuple[Method, ...] = (
+    Method(
+        "ce_finetune",
+        "CE fine-tune",
+        {"objective": "ce", "replay": False, "lr": CE_LR},
+        uses_memory=False,
+    ),
+    Method(
+        "ce_er",
+        "CE + ER",
+        {
+            "objective": "ce",
+            "replay": True,
+            "hard_negatives": 0,
+            "replay_sampling": "random",
+            "lr": CE_LR,
+        },
+        bank_policy="reservoir",
+    ),
+    Method(
+        "supcon", "SupCon + bank", {"objective": "supcon", "hard_negatives": 0, "lr": SUPCON_LR}
+    ),
+    Method(
+        "supcon_hn",
+        "SupCon + bank + hard neg.",
+        {"objective": "supcon", "replay_size": 48, "hard_negatives": 16, "lr": SUPCON_LR},
+    ),
+    Method(
+        "asym_supcon",
+        "Asym. SupCon (Co2L)",
+        {"objective": "asym_supcon", "hard_negatives": 0, "lr": SUPCON_LR},
+    ),
+)
+JOINT_METHODS = {
+    JOINT: ("Joint, offline (CE)", "ce", CE_LR),
+    JOINT_SUPCON: ("Joint, offline (SupCon)", "supcon", SUPCON_LR),
+}
+
+
+def bench_train_settings(**overrides: Any) -> TrainSettings:
+    """The shared training settings of the benchmark.
+
+    SCR-style: several optimizer steps per incoming batch (each with a fresh replay draw),
+    light augmentation (8×8 digits lose their shape under heavy masking), replay batch 64.
+    """
+    base: dict[str, Any] = {
+        "device": "cpu",
+        "amp": False,
+        "replay_size": 64,
+        "iters_per_batch": 5,
+        "noise_std": 0.02,
+        "mask_prob": 0.05,
+    }
+    return TrainSettings(**{**base, **overrides})
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    memories: tuple[int, ...] = DEFAULT_MEMORIES
+    seeds: int = DEFAULT_SEEDS
+    methods: tuple[str, ...] = (*(m.name for m in METHODS), JOINT, JOINT_SUPCON)
+    stream_batch: int = 10
+    eval_every: int = 2  # batches between evaluations (anytime accuracy, stability gap)
+    joint_epochs: int = 30
+    joint_batch: int = 32
+    train: TrainSettings = field(default_factory=bench_train_settings)
+    bank: BankSettings = field(default_factory=BankSettings)
+
+
+@dataclass(frozen=True)
+class Split:
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def digits_split(seed: int) -> Split:
+    """Stratified train/test split of sklearn's digits (features ÷ 16), seeded."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = np.asarray(digits.data, dtype=np.float32) / 16.0
+    y = np.asarray(digits.target, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(y), dtype=bool)
+    for cls in np.unique(y):
+        rows = rng.permutation(np.flatnonzero(y == cls))
+        test[rows[: round(TEST_FRACTION * len(rows))]] = True
+    return Split(x[~test], y[~test], torch.from_numpy(x[test]), torch.from_numpy(y[test]))
+
+
+def stream_order(split: Split, seed: int) -> list[np.ndarray]:
+    """Row indices of the training stream, one array per task, shuffled within each task."""
+    rng = np.random.default_rng(seed + 1)
+    return [
+        rng.permutation(np.flatnonzero(np.isin(split.train_y, classes)))
+        for classes in SPLIT_DIGITS_TASKS
+    ]
+
+
+@dataclass
+class RunResult:
+    method: str
+    memory: int
+    seed: int
+    final_accuracy: float
+    forgetting: float
+    anytime_accuracy: float
+    min_accuracy: float | None
+    ncm_final_accuracy: float
+    curve: list[tuple[int, float]]  # (events seen, average accuracy over seen classes)
+    seconds: float
+
+
+def _model_settings() -> ModelSettings:
+    return ModelSettings(input_dim=64, max_classes=10)
+
+
+def _predictor(
+    classifier: str, model: StreamNet, bank_x: torch.Tensor, bank_y: torch.Tensor
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Prediction function for the test rows, given the classes seen so far (bool mask)."""
+    if classifier == "head":
+        return lambda x, seen: predict_head(model, x, seen)[0]
+    means = class_means(model, bank_x, bank_y)
+    return lambda x, _seen: predict_ncm(model, x, means)[0]
+
+
+def _per_class_accuracy(
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    split: Split,
+    seen: torch.Tensor,
+) -> dict[str, float]:
+    rows = seen[split.test_y]
+    x, y = split.test_x[rows], split.test_y[rows]
+    correct = (predict(x, seen) == y).float()
+    out: dict[str, float] = {}
+    for cls in torch.unique(y).tolist():
+        out[str(cls)] = float(correct[y == cls].mean())
+    return out
+
+
+def _task_of() -> dict[str, str]:
+    return {str(c): str(t) for t, classes in enumerate(SPLIT_DIGITS_TASKS) for c in classes}
+
+
+def _task_forgetting(tracker: ForgettingTracker) -> float:
+    """Chaudhry et al. 2018: mean over all tasks but the last of (best − final) accuracy."""
+    r = tracker.result()
+    last = str(len(SPLIT_DIGITS_TASKS) - 1)
+    values = [f for task, f in r.per_task_forgetting.items() if task != last]
+    return float(np.mean(values)) if values else 0.0
+
+
+def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: Split) -> RunResult:
+    """One online pass of ``method`` over the stream of ``seed``."""
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    train_cfg = cfg.train.model_copy(update={**method.train, "seed": seed})
+    model_cfg = _model_settings()
+    model = StreamNet(model_cfg)
+    state = make_state(model, train_cfg)
+    generator = torch.Generator().manual_seed(seed)
+    bank = MemoryBank(
+        InMemoryBankStore(),
+        make_index("faiss", model_cfg.embed_dim, "cpu", "never"),
+        capacity=memory,
+        input_dim=model_cfg.input_dim,
+        embed_dim=model_cfg.embed_dim,
+        device="cpu",
+        seed=seed,
+        index_refresh_steps=cfg.bank.index_refresh_steps,
+        hard_negative_queries=cfg.bank.hard_negative_queries,
+        policy=method.bank_policy,
+    )
+    seen = torch.zeros(model_cfg.max_classes, dtype=torch.bool)
+    natural = natural_classifier(train_cfg)
+    tracker, ncm_tracker = ForgettingTracker(), ForgettingTracker()
+    class_task = _task_of()
+    curve: list[tuple[int, float]] = []
+    events = 0
+
+    def evaluate(task: int) -> None:
+        _, bank_x, bank_y = bank.occupied()
+        for classifier, trk in ((natural, tracker), ("ncm", ncm_tracker)):
+            if classifier == "ncm" and trk is ncm_tracker and natural == "ncm":
+                continue
+            acc = _per_class_accuracy(_predictor(classifier, model, bank_x, bank_y), split, seen)
+            trk.update(acc, class_task=class_task, current_task=str(task))
+        avg = tracker.result().avg_accuracy
+        curve.append((events, float(avg) if avg is not None else 0.0))
+
+    for task, rows in enumerate(stream_order(split, seed)):
+        for start in range(0, len(rows), cfg.stream_batch):
+            idx = rows[start : start + cfg.stream_batch]
+            x = torch.from_numpy(split.train_x[idx])
+            y = torch.from_numpy(split.train_y[idx])
+            seen[y] = True
+            items = ([f"digits-{i}" for i in idx], [str(int(c)) for c in y], [str(task)] * len(idx))
+            learn_batch(state, bank, train_cfg, x, y, seen, generator, items)
+            events += len(idx)
+            batch_no = start // cfg.stream_batch + 1
+            if batch_no % cfg.eval_every == 0 or start + cfg.stream_batch >= len(rows):
+                evaluate(task)
+    tracker.finish()
+    ncm_tracker.finish()
+    result = tracker.result()
+    ncm = ncm_tracker.result() if natural != "ncm" else result
+    return RunResult(
+        method=method.name,
+        memory=memory,
+        seed=seed,
+        final_accuracy=float(result.avg_accuracy or 0.0),
+        forgetting=_task_forgetting(tracker),
+        anytime_accuracy=float(result.anytime_avg_accuracy or 0.0),
+        min_accuracy=result.avg_min_accuracy,
+        ncm_final_accuracy=float(ncm.avg_accuracy or 0.0),
+        curve=curve,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def run_joint(name: str, seed: int, cfg: BenchConfig, split: Split) -> RunResult:
+    """Offline upper bound: ``joint_epochs`` over i.i.d. shuffled batches of all training data.
+
+    Same ``train_step``, no replay; ``joint`` trains CE (predicts with the head),
+    ``joint_supcon`` SupCon (predicts with NCM over the whole training set).
+    """
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    _, objective, lr = JOINT_METHODS[name]
+    update = {"objective": objective, "replay": False, "seed": seed, "lr": lr, "iters_per_batch": 1}
+    train_cfg = cfg.train.model_copy(update=update)
+    model = StreamNet(_model_settings())
+    state = make_state(model, train_cfg)
+    generator = torch.Generator().manual_seed(seed)
+    seen = torch.ones(model.head.out_features, dtype=torch.bool)
+    x_all, y_all = torch.from_numpy(split.train_x), torch.from_numpy(split.train_y)
+    empty_x, empty_y = x_all[:0], y_all[:0]
+    rng = np.random.default_rng(seed)
+    for _ in range(cfg.joint_epochs):
+        order = torch.from_numpy(rng.permutation(len(y_all)))
+        for start in range(0, len(order), cfg.joint_batch):
+            idx = order[start : start + cfg.joint_batch]
+            inputs = StepInputs(x_all[idx], y_all[idx], empty_x, empty_y, seen)
+            train_step(state, inputs, train_cfg, generator)
+    natural = natural_classifier(train_cfg)
+    acc = _per_class_accuracy(_predictor(natural, model, x_all, y_all), split, seen)
+    ncm_acc = _per_class_accuracy(_predictor("ncm", model, x_all, y_all), split, seen)
+    final = float(np.mean(list(acc.values())))
+    return RunResult(
+        method=name,
+        memory=0,
+        seed=seed,
+        final_accuracy=final,
+        forgetting=0.0,
+        anytime_accuracy=final,
+        min_accuracy=None,
+        ncm_final_accuracy=float(np.mean(list(ncm_acc.values()))),
+        curve=[],
+        seconds=time.perf_counter() - started,
+    )
+
+
+def method_by_name(name: str) -> Method:
+    for method in METHODS:
+        if method.name == name:
+            return method
+    known = ", ".join([*(m.name for m in METHODS), *JOINT_METHODS])
+    raise ValueError(f"unknown method {name!r}; known: {known}")
+
+
+def _seed_runs(cfg: BenchConfig, seed: int) -> Iterator[RunResult]:
+    split = digits_split(seed)
+    for name in cfg.methods:
+        if name in JOINT_METHODS:
+            yield run_joint(name, seed, cfg, split)
+            continue
+        method = method_by_name(name)
+        for memory in cfg.memories if method.uses_memory else (max(cfg.memories),):
+            yield run_online(method, memory, seed, cfg, split)
+
+
+def run_grid(
+    cfg: BenchConfig, progress: Callable[[RunResult], None] | None = None
+) -> list[RunResult]:
+    """Every (method, memory, seed) run; memory-free methods run once per seed."""
+    for name in cfg.methods:
+        if name not in JOINT_METHODS:
+            method_by_name(name)  # fail before any run on a misspelt method
+    results: list[RunResult] = []
+    for seed in range(cfg.seeds):
+        for result in _seed_runs(cfg, seed):
+            results.append(result)
+            if progress is not None:
+                progress(result)
+    return results

@@ -1,0 +1,208 @@
+"""Report of ``bench forgetting``: mean ± 95% interval per (method, memory), as Markdown, JSON
+and a PNG of accuracy-over-time curves.
+
+The interval is Student's t over seeds: ``mean ± t(0.975, n−1) · sd / √n`` (0 for one seed).
+matplotlib is imported only to draw the PNG (``pip install 'supcon-stream[bench]'``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.bench_forgetting import JOINT_METHODS, METHODS, BenchConfig, RunResult
+from pipeline.exceptions import ConfigError
+
+METRICS = ("final_accuracy", "forgetting", "anytime_accuracy", "min_accuracy")
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    half_width: float  # 95% interval half-width
+    n: int
+
+    def text(self) -> str:
+        return f"{self.mean:.3f} ± {self.half_width:.3f}"
+
+
+def interval(values: Sequence[float]) -> Stat | None:
+    """Mean and 95% Student-t half-width; None for no values."""
+    if not values:
+        return None
+    n = len(values)
+    mean = float(np.mean(values))
+    if n == 1:
+        return Stat(mean, 0.0, 1)
+    from scipy.stats import t
+
+    sd = float(np.std(values, ddof=1))
+    return Stat(mean, float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n), n)
+
+
+def label_of(method: str) -> str:
+    for m in METHODS:
+        if m.name == method:
+            return m.label
+    return JOINT_METHODS[method][0] if method in JOINT_METHODS else method
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str
+    memory: int
+    stats: dict[str, Stat | None]  # METRICS plus "ncm_final_accuracy"
+    seconds: float
+
+
+def summarise(results: Sequence[RunResult]) -> list[Row]:
+    """One row per (method, memory), in the order the runs first appear."""
+    groups: dict[tuple[str, int], list[RunResult]] = {}
+    for r in results:
+        groups.setdefault((r.method, r.memory), []).append(r)
+    rows = []
+    for (method, memory), runs in groups.items():
+        stats: dict[str, Stat | None] = {}
+        for key in (*METRICS, "ncm_final_accuracy"):
+            values = [getattr(r, key) for r in runs if getattr(r, key) is not None]
+            stats[key] = interval(values)
+        rows.append(Row(method, memory, stats, sum(r.seconds for r in runs)))
+    return sorted(rows, key=lambda row: (row.memory == 0, row.memory, _order(row.method)))
+
+
+def _order(method: str) -> int:
+    names = [m.name for m in METHODS] + list(JOINT_METHODS)
+    return names.index(method) if method in names else len(names)
+
+
+def _cell(stat: Stat | None) -> str:
+    return stat.text() if stat is not None else "–"
+
+
+def markdown(rows: Sequence[Row], cfg: BenchConfig, wall_s: float, png_name: str) -> str:
+    head = (
+        "| memory | method | final avg accuracy | forgetting ↓ | anytime accuracy | "
+        "min accuracy (stability gap) | final accuracy, NCM |\n"
+        "|---:|---|---|---|---|---|---|\n"
+    )
+    body = "".join(
+        f"| {row.memory or '–'} | {label_of(row.method)} | "
+        + " | ".join(_cell(row.stats[k]) for k in (*METRICS, "ncm_final_accuracy"))
+        + " |\n"
+        for row in rows
+    )
+    t = cfg.train
+    return (
+        "# Forgetting benchmark: split-digits, online class-incremental\n\n"
+        f"{cfg.seeds} seeds, memories {', '.join(map(str, cfg.memories))}, stream batch "
+        f"{cfg.stream_batch}, replay batch ≤ {t.replay_size}, {t.iters_per_batch} optimizer "
+        f"steps per incoming batch, evaluation every {cfg.eval_every} batches and at each "
+        f"task end. Mean ± 95% t-interval over seeds. Wall time {wall_s:.0f} s "
+        f"({platform.machine()}, torch threads {_threads()}).\n\n"
+        "CE fine-tune has no memory (its row is memory-independent); the joint rows are "
+        "offline upper bounds. Accuracies use each method's natural classifier (the head "
+        "for CE, NCM over the bank for SupCon); the last column is NCM for every method.\n\n"
+        + head
+        + body
+        + f"\n![accuracy over the stream]({png_name})\n"
+    )
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def to_json(
+    rows: Sequence[Row], results: Sequence[RunResult], cfg: BenchConfig, wall_s: float
+) -> dict[str, Any]:
+    return {
+        "config": {
+            "memories": list(cfg.memories),
+            "seeds": cfg.seeds,
+            "methods": list(cfg.methods),
+            "stream_batch": cfg.stream_batch,
+            "eval_every": cfg.eval_every,
+            "joint_epochs": cfg.joint_epochs,
+            "train": cfg.train.model_dump(mode="json"),
+        },
+        "wall_s": round(wall_s, 2),
+        "summary": [
+            {
+                "method": row.method,
+                "label": label_of(row.method),
+                "memory": row.memory,
+                **{
+                    k: (None if s is None else {"mean": s.mean, "ci95": s.half_width, "n": s.n})
+                    for k, s in row.stats.items()
+                },
+            }
+            for row in rows
+        ],
+        "runs": [asdict(r) for r in results],
+    }
+
+
+def plot(results: Sequence[RunResult], cfg: BenchConfig, path: Path) -> None:
+    """Mean accuracy over seen classes vs events seen, one panel per memory size."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ConfigError(
+            "the forgetting plot needs matplotlib: pip install 'supcon-stream[bench]'"
+        ) from exc
+    memories = list(cfg.memories)
+    fig, axes = plt.subplots(1, len(memories), figsize=(4.2 * len(memories), 3.6), sharey=True)
+    axes = np.atleast_1d(axes)
+    joint = [r.final_accuracy for r in results if r.method in JOINT_METHODS]
+    for ax, memory in zip(axes, memories, strict=True):
+        for method in [m.name for m in METHODS if m.name in cfg.methods]:
+            mine = [r for r in results if r.method == method]
+            # CE fine-tune has no memory: its one run per seed is drawn in every panel.
+            runs = [r for r in mine if r.memory == memory] or mine
+            if not runs:
+                continue
+            length = min(len(r.curve) for r in runs)
+            x = [p[0] for p in runs[0].curve[:length]]
+            y = np.mean([[p[1] for p in r.curve[:length]] for r in runs], axis=0)
+            ax.plot(x, y, label=label_of(method), linewidth=1.4)
+        if joint:
+            ax.axhline(max(joint), color="grey", linestyle=":", label="joint (best offline)")
+        ax.set_title(f"memory {memory}")
+        ax.set_xlabel("training events seen")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy over classes seen")
+    axes[-1].legend(loc="lower left", fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(
+    results: Sequence[RunResult], cfg: BenchConfig, out_dir: Path, wall_s: float
+) -> dict[str, Path]:
+    """runs/bench/forgetting.{md,json,png} (or under ``out_dir``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = summarise(results)
+    paths = {
+        "markdown": out_dir / "forgetting.md",
+        "json": out_dir / "forgetting.json",
+        "png": out_dir / "forgetting.png",
+    }
+    plot(results, cfg, paths["png"])
+    paths["markdown"].write_text(markdown(rows, cfg, wall_s, paths["png"].name))
+    paths["json"].write_text(json.dumps(to_json(rows, results, cfg, wall_s), indent=1))
+    return paths

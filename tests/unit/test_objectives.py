@@ -1,0 +1,134 @@
+"""Objectives from config: presets, weighted terms, unlabeled events, natural classifiers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ModelSettings, TrainSettings, load_settings
+from pipeline.exceptions import ConfigError
+from pipeline.losses import asymmetric_supcon_loss, nt_xent_loss, supcon_loss
+from pipeline.model import StreamNet
+from pipeline.objectives import loss_weights, natural_classifier, objective_loss
+from pipeline.step import StepInputs, make_state, train_step
+
+MODEL = ModelSettings(input_dim=8, hidden_dim=32, embed_dim=16, proj_dim=16, max_classes=5)
+# No augmentation: both views equal the input, so the closed forms below need no RNG.
+PLAIN = {"noise_std": 0.0, "mask_prob": 0.0}
+
+
+def _net(seed: int = 0) -> StreamNet:
+    torch.manual_seed(seed)
+    return StreamNet(MODEL)
+
+
+def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, MODEL.input_dim, generator=g)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2, 3, 3, 0])
+    seen = torch.zeros(MODEL.max_classes, dtype=torch.bool)
+    seen[:4] = True
+    return x, y, seen
+
+
+def _views(model: StreamNet, x: torch.Tensor) -> torch.Tensor:
+    z = model.project(model.embed(x))
+    return torch.stack([z, z], dim=1)
+
+
+def test_supcon_preset_is_the_reference_supcon_over_batch_and_replay() -> None:
+    model, (x, y, seen) = _net(), _data()
+    cfg = TrainSettings(objective="supcon", **PLAIN)
+    out = objective_loss(model, x, y, 8, seen, cfg)
+    expected = supcon_loss(_views(model, x), y, cfg.temperature, cfg.base_temperature)
+    torch.testing.assert_close(out.loss, expected)
+    per_anchor = supcon_loss(_views(model, x), y, reduction="none").view(2, 12).mean(dim=0)
+    torch.testing.assert_close(out.batch_per_sample, per_anchor[:8].detach())
+
+
+def test_asymmetric_preset_anchors_only_the_batch() -> None:
+    model, (x, y, seen) = _net(), _data()
+    n = 8
+    cfg = TrainSettings(objective="asym_supcon", **PLAIN)
+    out = objective_loss(model, x, y, n, seen, cfg)
+    feats = _views(model, x)
+    replay = feats[n:].transpose(0, 1).reshape(-1, feats.shape[-1])
+    expected = asymmetric_supcon_loss(feats[:n], y[:n], replay, y[n:].repeat(2))
+    torch.testing.assert_close(out.loss, expected)
+    assert out.batch_per_sample.shape == (n,)
+
+
+def test_weighted_terms_are_the_weighted_sum_and_the_detached_head_spares_the_encoder() -> None:
+    x, y, seen = _data()
+    cfg_sup = TrainSettings(objective="supcon", **PLAIN)
+    cfg_mix = TrainSettings(loss_terms={"supcon": 1.0, "ce_detached": 0.1}, **PLAIN)
+    m1, m2 = _net(), _net()
+    sup = objective_loss(m1, x, y, 12, seen, cfg_sup)
+    mix = objective_loss(m2, x, y, 12, seen, cfg_mix)
+    h = m2.embed(x)
+    ce = F.cross_entropy(m2.logits(h).masked_fill(~seen, float("-inf")), y)
+    torch.testing.assert_close(mix.loss, sup.loss + 0.1 * ce)
+    sup.loss.backward()
+    mix.loss.backward()
+    for p1, p2 in zip(m1.encoder.parameters(), m2.encoder.parameters(), strict=True):
+        torch.testing.assert_close(p1.grad, p2.grad)  # CE reached the head only
+    assert m1.head.weight.grad is None
+    assert m2.head.weight.grad is not None
+    assert m2.head.weight.grad.abs().sum() > 0
+
+
+def test_unlabeled_events_get_nt_xent() -> None:
+    model, (x, _, seen) = _net(), _data()
+    unlabeled = torch.full((12,), -1)
+    cfg = TrainSettings(objective="supcon", temperature=0.5, base_temperature=0.5, **PLAIN)
+    out = objective_loss(model, x, unlabeled, 12, seen, cfg)
+    torch.testing.assert_close(out.loss, nt_xent_loss(_views(model, x), temperature=0.5))
+
+
+def test_head_terms_skip_unlabeled_events() -> None:
+    model, (x, y, seen) = _net(), _data()
+    y = y.clone()
+    y[3] = -1
+    out = objective_loss(model, x, y, 12, seen, TrainSettings(objective="ce", **PLAIN))
+    assert out.batch_per_sample[3] == 0.0
+    assert bool((out.batch_per_sample[y >= 0] > 0).all())
+
+
+def test_triplet_preset_and_focal_preset_train() -> None:
+    x, y, seen = _data()
+    for objective in ("triplet", "focal", "asym_supcon", "supcon", "ce"):
+        model = _net()
+        cfg = TrainSettings(objective=objective, lr=5e-3)
+        state = make_state(model, cfg)
+        inputs = StepInputs(x[:8], y[:8], x[8:], y[8:], seen)
+        results = [train_step(state, inputs, cfg) for _ in range(5)]
+        assert all(r.loss is not None and r.loss >= 0 for r in results), objective
+        assert results[0].per_sample_loss.shape == (8,)
+
+
+def test_loss_weights_and_natural_classifiers() -> None:
+    assert loss_weights(TrainSettings(objective="focal")) == {"focal": 1.0}
+    mixed = TrainSettings(loss_terms={"supcon": 1.0, "ce_detached": 0.1, "triplet": 0.0})
+    assert loss_weights(mixed) == {"supcon": 1.0, "ce_detached": 0.1}
+    assert natural_classifier(TrainSettings(objective="ce")) == "head"
+    assert natural_classifier(TrainSettings(objective="focal")) == "head"
+    assert natural_classifier(TrainSettings(objective="asym_supcon")) == "ncm"
+    assert TrainSettings(objective="asym_supcon").replay_enabled
+    assert not TrainSettings(objective="focal").replay_enabled
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.loss_terms={supcon: -1}", "weight must be finite and >= 0"),
+        ("train.loss_terms={supcon: 0}", "at least one weight"),
+        ("train.loss_terms={softmax: 1}", "train.loss_terms.softmax"),
+        ("train.objective=mse", "train.objective"),
+        ("bank.policy=fifo", "bank.policy"),
+        ("train.replay_sampling=hard", "train.replay_sampling"),
+    ],
+)
+def test_bad_objective_settings_fail_with_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(None, [override], environ={})
