@@ -82,7 +82,7 @@ def run_bench_forgetting(args: argparse.Namespace) -> int:
             memory=r.memory,
             seed=r.seed,
             final_accuracy=round(r.final_accuracy, 4),
-            forgetting=round(r.forgetting, 4),
+            forgetting=None if r.forgetting is None else round(r.forgetting, 4),
             seconds=round(r.seconds, 2),
         )
 

@@ -74,7 +74,11 @@ def summarise(results: Sequence[RunResult]) -> list[Row]:
             values = [getattr(r, key) for r in runs if getattr(r, key) is not None]
             stats[key] = interval(values)
         rows.append(Row(method, memory, stats, sum(r.seconds for r in runs)))
-    return sorted(rows, key=lambda row: (row.memory == 0, row.memory, _order(row.method)))
+    # CE fine-tune (no memory) first, then by memory, the joint bounds last.
+    return sorted(
+        rows,
+        key=lambda row: (row.method in JOINT_METHODS, row.memory, _order(row.method)),
+    )
 
 
 def _order(method: str) -> int:
@@ -163,7 +167,7 @@ def plot(results: Sequence[RunResult], cfg: BenchConfig, path: Path) -> None:
             "the forgetting plot needs matplotlib: pip install 'supcon-stream[bench]'"
         ) from exc
     memories = list(cfg.memories)
-    fig, axes = plt.subplots(1, len(memories), figsize=(4.2 * len(memories), 3.6), sharey=True)
+    fig, axes = plt.subplots(1, len(memories), figsize=(4.2 * len(memories), 3.9), sharey=True)
     axes = np.atleast_1d(axes)
     joint = [r.final_accuracy for r in results if r.method in JOINT_METHODS]
     for ax, memory in zip(axes, memories, strict=True):
@@ -184,8 +188,9 @@ def plot(results: Sequence[RunResult], cfg: BenchConfig, path: Path) -> None:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy over classes seen")
-    axes[-1].legend(loc="lower left", fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)

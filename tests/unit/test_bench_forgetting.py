@@ -1,0 +1,102 @@
+"""The forgetting benchmark on a tiny grid: the protocol, its metrics and its report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from pipeline.bench_cli import bench_config
+from pipeline.bench_forgetting import (
+    TEST_FRACTION,
+    BenchConfig,
+    bench_train_settings,
+    digits_split,
+    run_grid,
+    stream_order,
+)
+from pipeline.bench_report import interval, write_report
+from pipeline.exceptions import ConfigError
+
+TINY = BenchConfig(
+    memories=(20,),
+    seeds=1,
+    methods=("ce_finetune", "supcon", "joint"),
+    joint_epochs=2,
+    train=bench_train_settings(iters_per_batch=1),
+)
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_grid(TINY)
+
+
+def test_split_is_stratified_and_the_stream_covers_the_training_rows_task_by_task() -> None:
+    split = digits_split(0)
+    n = len(split.train_y) + len(split.test_y)
+    assert n == 1797
+    assert len(split.test_y) == pytest.approx(TEST_FRACTION * n, abs=10)
+    tasks = stream_order(split, 0)
+    assert sorted(int(i) for rows in tasks for i in rows) == list(range(len(split.train_y)))
+    assert set(split.train_y[tasks[0]].tolist()) == {0, 1}
+    assert set(split.train_y[tasks[4]].tolist()) == {8, 9}
+
+
+def test_ce_fine_tune_falls_into_the_trap_and_supcon_with_a_bank_does_not(results) -> None:
+    by_method = {r.method: r for r in results}
+    ce, supcon, joint = by_method["ce_finetune"], by_method["supcon"], by_method["joint"]
+    assert ce.memory == 0  # no memory: one run, whatever the grid's sizes
+    assert ce.forgetting is not None
+    assert ce.forgetting > 0.8
+    assert ce.final_accuracy < 0.35  # about the last task's 2 classes out of 10
+    assert supcon.final_accuracy > ce.final_accuracy + 0.3
+    assert supcon.min_accuracy is not None
+    assert joint.forgetting is None
+    assert joint.final_accuracy > 0.8
+    # One evaluation every eval_every batches and at each task end, over the whole stream.
+    events = [e for e, _ in supcon.curve]
+    assert events == sorted(events)
+    assert events[-1] == len(digits_split(0).train_y)
+
+
+def test_report_files(results, tmp_path) -> None:
+    paths = write_report(results, TINY, tmp_path, wall_s=1.0)
+    text = paths["markdown"].read_text()
+    assert "| 20 | SupCon + bank |" in text
+    assert "| – | CE fine-tune |" in text
+    assert "![accuracy over the stream](forgetting.png)" in text
+    report = json.loads(paths["json"].read_text())
+    assert {row["method"] for row in report["summary"]} == {"ce_finetune", "supcon", "joint"}
+    assert len(report["runs"]) == 3
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interval_is_the_student_t_95_percent_interval() -> None:
+    stat = interval([1.0, 2.0, 3.0])
+    assert stat is not None
+    assert stat.mean == 2.0
+    assert stat.half_width == pytest.approx(4.302653 * 1.0 / 3**0.5, rel=1e-5)
+    single = interval([0.5])
+    assert single is not None
+    assert single.half_width == 0.0
+    assert interval([]) is None
+
+
+def _args(**kw):
+    base = {"memories": "20,50", "seeds": 2, "methods": None, "overrides": []}
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_bench_arguments() -> None:
+    cfg = bench_config(_args(overrides=["train.iters_per_batch=2", "kafka.partitions=3"]))
+    assert cfg.memories == (20, 50)
+    assert cfg.train.iters_per_batch == 2
+    assert "joint" in cfg.methods
+    with pytest.raises(ConfigError, match="--memories"):
+        bench_config(_args(memories="20,x"))
+    with pytest.raises(ConfigError, match="unknown"):
+        bench_config(_args(methods="supcon,sgd"))
+    with pytest.raises(ConfigError, match="train"):
+        bench_config(_args(overrides=["train.iters_per_batch=0"]))
