@@ -125,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("config", help="print the effective settings (secrets redacted)")
     _common(show)
+
+    status = sub.add_parser(
+        "status", help="health of the learners under checkpoint.dir (exit 1 unless all healthy)"
+    )
+    _common(status)
+    status.add_argument(
+        "--learner", action="append", dest="learners", help="only this learner (repeatable)"
+    )
     return parser
 
 
@@ -232,6 +240,14 @@ def _cmd_config(_args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.health import healthy, read_status
+
+    report = read_status(settings.checkpoint.dir, settings.health.stale_after_s, args.learners)
+    print(json.dumps(report, indent=2))
+    return EXIT_OK if healthy(report) else EXIT_FAILURE
+
+
 COMMANDS = {
     "learn": _cmd_learn,
     "sidecar": _cmd_sidecar,
@@ -240,6 +256,7 @@ COMMANDS = {
     "topics": _cmd_topics,
     "demo": _cmd_demo,
     "config": _cmd_config,
+    "status": _cmd_status,
 }
 
 
