@@ -17,7 +17,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from pipeline.chaos import KillDrill, run_kill_drill
+from pipeline.chaos import KillDrill, drill_pairs, run_kill_drill
 from pipeline.devstack import free_port, start_broker, start_redis, stop_process
 
 
@@ -34,18 +34,7 @@ def main() -> int:
     broker = start_broker(free_port(), workdir / "stack")
     redis_proc = start_redis(free_port(), workdir / "stack")
     prefix = f"k9{uuid.uuid4().hex[:8]}"
-    pairs = [
-        f"kafka.bootstrap_servers={broker.address}",
-        f"kafka.topic_prefix={prefix}",
-        f"redis.url=redis://{redis_proc.address}/0",
-        f"redis.key_prefix={prefix}",
-        f"checkpoint.dir={workdir / 'ckpt'}",
-        "checkpoint.ledger=true",
-        "checkpoint.every_steps=20",
-        "checkpoint.every_seconds=2",
-        "consumer.session_timeout_ms=3000",
-        "train.torch_threads=1",
-    ]
+    pairs = drill_pairs(broker.address, f"redis://{redis_proc.address}/0", prefix, workdir)
     try:
         drill = KillDrill(
             args.events, args.kills, args.rate, seed=args.seed, max_delay_s=args.max_delay

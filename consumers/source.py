@@ -71,7 +71,7 @@ def _broker_connected(consumer: KafkaConsumer) -> bool | None:
     """
     try:
         client = consumer._client  # private: see the docstring
-        nodes = [broker.nodeId for broker in client.cluster.brokers()]
+        nodes = [broker.node_id for broker in client.cluster.brokers()]
         return any(client.connected(node) for node in nodes)
     except (AttributeError, TypeError):
         return None

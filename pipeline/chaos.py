@@ -18,11 +18,14 @@ real broker and a real redis-server; nothing is mocked.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -192,6 +195,23 @@ class KillDrill:
     max_delay_s: float = 8.0
 
 
+def drill_pairs(bootstrap: str, redis_url: str, prefix: str, workdir: Path) -> list[str]:
+    """``--set`` pairs of a drill learner: ledger on, short session and checkpoint intervals."""
+    return [
+        f"kafka.bootstrap_servers={bootstrap}",
+        f"kafka.topic_prefix={prefix}",
+        f"redis.url={redis_url}",
+        f"redis.key_prefix={prefix}",
+        f"checkpoint.dir={workdir / 'ckpt'}",
+        "checkpoint.ledger=true",
+        "checkpoint.every_steps=20",
+        "checkpoint.every_seconds=2",
+        # A SIGKILLed member holds its partitions until its session expires.
+        "consumer.session_timeout_ms=3000",
+        "train.torch_threads=1",
+    ]
+
+
 def drill_settings(settings_pairs: Sequence[str]) -> Settings:
     return load_settings(None, list(settings_pairs), environ={})
 
@@ -276,3 +296,89 @@ def run_kill_drill(
         restarts_s=restarts,
         elapsed_s=round(time.monotonic() - started, 1),
     )
+
+
+def wait_for_ledger(path: Path, distinct: int, timeout_s: float) -> int:
+    """Wait until the ledger at ``path`` holds ``distinct`` ids; returns how many it holds."""
+    deadline = time.monotonic() + timeout_s
+    seen = 0
+    while time.monotonic() < deadline:
+        seen = read_ledger(path).distinct
+        if seen >= distinct:
+            break
+        time.sleep(0.25)
+    return seen
+
+
+class TcpProxy:
+    """A loopback TCP forwarder that can be cut: the network outage of a live broker.
+
+    ``cut()`` closes every open connection and the listening socket, so clients see resets
+    and then "connection refused", exactly as when a broker host goes away; ``restore()``
+    listens again on the same port. The broker behind it keeps its data, which is what makes
+    a zero-loss check meaningful on a dev broker whose storage is in memory.
+    """
+
+    def __init__(self, upstream_port: int, port: int, host: str = "127.0.0.1") -> None:
+        self.upstream = (host, upstream_port)
+        self.address = (host, port)
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self._cut = threading.Event()
+
+    def start(self) -> TcpProxy:
+        listener = socket.create_server(self.address, reuse_port=False)
+        listener.settimeout(0.2)
+        self._listener = listener
+        self._cut.clear()
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    restore = start
+
+    def cut(self) -> None:
+        self._cut.set()
+        with self._lock:
+            conns, self._conns = self._conns, []
+            listener, self._listener = self._listener, None
+        for sock in [*conns, *([listener] if listener else [])]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    close = cut
+
+    def _accept(self, listener: socket.socket) -> None:
+        while not self._cut.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._cut.is_set():
+                    client.close()
+                    upstream.close()
+                    return
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)

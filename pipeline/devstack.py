@@ -110,12 +110,18 @@ def _wait_until(check: object, timeout_s: float, what: str, proc: subprocess.Pop
     raise DevstackError(f"{what} did not become ready within {timeout_s:.0f} s")
 
 
-def start_broker(port: int, workdir: Path, timeout_s: float = 30.0) -> ManagedProcess:
-    """Start Tansu on ``127.0.0.1:port`` with in-memory storage; returns once it accepts."""
+def start_broker(
+    port: int, workdir: Path, timeout_s: float = 30.0, advertised_port: int | None = None
+) -> ManagedProcess:
+    """Start Tansu on ``127.0.0.1:port`` with in-memory storage; returns once it accepts.
+
+    ``advertised_port`` makes clients connect elsewhere (a proxy in front of the broker).
+    """
     binary = find_tansu()
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"broker-{port}.log"
     url = f"tcp://{LOOPBACK}:{port}"
+    advertised = f"tcp://{LOOPBACK}:{advertised_port or port}"
     with log_path.open("ab") as out:
         proc = subprocess.Popen(
             [
@@ -124,7 +130,7 @@ def start_broker(port: int, workdir: Path, timeout_s: float = 30.0) -> ManagedPr
                 "--listener-url",
                 url,
                 "--advertised-listener-url",
-                url,
+                advertised,
                 "--storage-engine",
                 "memory://tansu/",
             ],
