@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -151,8 +152,13 @@ def start_redis(
     password: str | None = None,
     appendonly: bool = True,
     timeout_s: float = 15.0,
+    extra_args: Sequence[str] = (),
 ) -> ManagedProcess:
-    """Start redis-server on ``127.0.0.1:port`` with its AOF under ``workdir``."""
+    """Start redis-server on ``127.0.0.1:port`` with its AOF under ``workdir``.
+
+    ``extra_args`` are appended to the command line (later directives win), e.g. ACL users
+    or ``--port 0 --tls-port <port> ...`` for a TLS-only server on ``port``.
+    """
     binary = find_redis_server()
     data_dir = workdir / f"redis-{port}"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -178,6 +184,7 @@ def start_redis(
     ]
     if password:
         args += ["--requirepass", password]
+    args += list(extra_args)
     proc = subprocess.Popen(
         args,
         stdout=subprocess.DEVNULL,
