@@ -53,5 +53,9 @@ devstack-up: setup
 devstack-down: setup
 	$(BIN)/supcon-stream devstack down --config configs/local.yaml
 
+.PHONY: bench-kill9
+bench-kill9: setup
+	$(PY) bench/kill9.py --events 20000 --kills 10 --rate 150
+
 clean:
 	rm -rf runs .devstack .pytest_cache .mypy_cache .ruff_cache

@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -70,6 +70,7 @@ class JsonProducer:
         max_block_ms: int = 10_000,
         recreate_backoff_s: float = 1.0,
         producer_options: Mapping[str, Any] | None = None,
+        on_health: Callable[[str | None], None] | None = None,
     ) -> None:
         request_timeout_ms = int(client_options.get("request_timeout_ms", 30_000))
         self._options: dict[str, Any] = {
@@ -92,6 +93,13 @@ class JsonProducer:
         self._generation = 0
         self._recreated = 0
         self._closed = False
+        # Told the error when a flush fails, and None at the next flush that succeeds.
+        self._on_health = on_health
+        self._failing = False
+        # After a failed (re)connect, sends queue their records until this time instead of
+        # each blocking on a new connection attempt; the delay doubles up to 30 s.
+        self._reconnect_at = 0.0
+        self._reconnect_delay_s = recreate_backoff_s
         try:
             self._producer: KafkaProducer | None = self._new_client()
         except KafkaError as exc:  # KafkaTimeoutError: "Unable to bootstrap from ..."
@@ -117,7 +125,8 @@ class JsonProducer:
         """Queue one record; a mapping is serialised with orjson. Returns without waiting.
 
         Raises ``MessageSizeTooLargeError``/``TypeError``/``ValueError`` for a record that can
-        never be sent, and :class:`ProducerError` when even a recreated client refuses it.
+        never be sent. While the broker is unreachable (even a recreated client fails) the
+        record is kept and re-sent by the next :meth:`flush`, which reports the outage.
         """
         payload = bytes(value) if isinstance(value, bytes | bytearray) else orjson.dumps(value)
         self._send_item((topic, payload, key), retry=True)
@@ -133,16 +142,24 @@ class JsonProducer:
         upto = next(self._seq)
         problem = self._flush_until(deadline, upto)
         if problem is None:
+            self._report(None)
             return
         log.warning("producer flush failed; recreating the client", error=repr(problem))
-        self._recreate(problem)
+        try:
+            self._recreate(problem)
+        except ProducerError as exc:
+            self._report(str(exc))
+            raise
         # Re-sent records got new numbers: everything queued so far must be acknowledged.
         problem = self._flush_until(deadline, next(self._seq))
-        if problem is not None:
-            raise ProducerError(
-                f"{self.pending} record(s) not acknowledged by the broker after recreating "
-                f"the producer: {problem!r}"
-            ) from (problem if isinstance(problem, BaseException) else None)
+        if problem is None:
+            self._report(None)
+            return
+        self._report(repr(problem))
+        raise ProducerError(
+            f"{self.pending} record(s) not acknowledged by the broker after recreating "
+            f"the producer: {problem!r}"
+        ) from (problem if isinstance(problem, BaseException) else None)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Flush (raising :class:`ProducerError` if records are still undelivered), then close."""
@@ -162,21 +179,48 @@ class JsonProducer:
     def _new_client(self) -> KafkaProducer:
         return KafkaProducer(**self._options)
 
+    def _report(self, error: str | None) -> None:
+        if (error is None) == (not self._failing):
+            return
+        self._failing = error is not None
+        if self._on_health is not None:
+            self._on_health(error)
+
     def _client(self) -> tuple[KafkaProducer, int]:
         with self._client_lock:
             if self._closed:
                 raise ProducerError("the producer is closed")
             if self._producer is None:  # a previous recreate failed to connect
-                self._producer = self._new_client()
+                if time.monotonic() < self._reconnect_at:
+                    raise ProducerError("no broker connection; waiting to reconnect")
+                try:
+                    self._producer = self._new_client()
+                except KafkaError as exc:
+                    self._reconnect_at = time.monotonic() + self._reconnect_delay_s
+                    self._reconnect_delay_s = min(30.0, 2 * self._reconnect_delay_s)
+                    raise ProducerError(f"cannot create a Kafka producer: {exc!r}") from exc
+                self._reconnect_delay_s = self._recreate_backoff_s
                 self._generation += 1
             return self._producer, self._generation
 
+    def _keep_for_retry(self, item: _Item, exc: BaseException) -> None:
+        """Hold a record the broker could not take now; the next flush re-sends or reports it."""
+        with self._lock:
+            self._failed[next(self._seq)] = (item, exc)
+
     def _send_item(self, item: _Item, retry: bool) -> None:
         topic, payload, key = item
+        if self._closed:
+            raise ProducerError("the producer is closed")
         try:
             producer, generation = self._client()
-        except KafkaError as exc:
-            raise ProducerError(f"cannot create a Kafka producer: {exc!r}") from exc
+        except ProducerError as exc:
+            if not retry:
+                raise
+            # No client (the broker is unreachable): queue the record rather than fail the
+            # caller; flush() retries and reports, and a checkpoint waits for it.
+            self._keep_for_retry(item, exc)
+            return
         seq = next(self._seq)
         with self._lock:
             self._unacked[seq] = item
@@ -191,12 +235,15 @@ class JsonProducer:
             self._forget(seq)
             if not retry:
                 raise ProducerError(f"send to {topic!r} failed after recreate: {exc!r}") from exc
-            if generation == self._generation:
-                log.warning(
-                    "producer send failed; recreating the client", topic=topic, error=repr(exc)
-                )
-                self._recreate(exc)
-            self._send_item(item, retry=False)
+            try:
+                if generation == self._generation:
+                    log.warning(
+                        "producer send failed; recreating the client", topic=topic, error=repr(exc)
+                    )
+                    self._recreate(exc)
+                self._send_item(item, retry=False)
+            except ProducerError as again:
+                self._keep_for_retry(item, again)
             return
         except BaseException:
             self._forget(seq)
@@ -256,6 +303,8 @@ class JsonProducer:
             try:
                 self._producer = self._new_client()
             except KafkaError as exc:
+                self._reconnect_at = time.monotonic() + self._reconnect_delay_s
+                self._reconnect_delay_s = min(30.0, 2 * self._reconnect_delay_s)
                 with self._lock:  # keep them for the next attempt; nothing is dropped
                     for item in items:
                         self._failed[next(self._seq)] = (item, exc)

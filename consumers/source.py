@@ -36,7 +36,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -60,6 +60,21 @@ log = structlog.get_logger(__name__)
 _PAUSED_POLL_MS: Final = 100
 _START_TIMEOUT_S: Final = 120.0
 _COMMIT_RETRY_S: Final = 1.0
+_BROKER_LOST_S: Final = 2.0  # no broker connection for this long counts as an outage
+
+
+def _broker_connected(consumer: KafkaConsumer) -> bool | None:
+    """True when the client holds a live connection to a known broker; None when unknown.
+
+    kafka-python has no public connectivity query; this reads its client (checked against
+    kafka-python 3.0.x) and says "unknown" rather than guess if that ever changes.
+    """
+    try:
+        client = consumer._client  # private: see the docstring
+        nodes = [broker.node_id for broker in client.cluster.brokers()]
+        return any(client.connected(node) for node in nodes)
+    except (AttributeError, TypeError):
+        return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -177,7 +192,11 @@ class KafkaBatchSource:
     """
 
     def __init__(
-        self, config: SourceConfig, client_options: Mapping[str, Any], dlq_producer: JsonProducer
+        self,
+        config: SourceConfig,
+        client_options: Mapping[str, Any],
+        dlq_producer: JsonProducer,
+        on_health: Callable[[str | None], None] | None = None,
     ) -> None:
         self._config = config
         self._log = log.bind(topic=config.topic, group=config.group_id)
@@ -196,6 +215,12 @@ class KafkaBatchSource:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._close_timeout_ms = 10_000
+        # Broker connectivity, checked about once a second by the consumer thread and told to
+        # ``on_health`` on each change (an error text while cut off, None once back).
+        self._on_health = on_health
+        self._broker_lost_at: float | None = None
+        self._broker_reported_down = False
+        self._next_probe = 0.0
         # Owned by the consumer thread.
         self._batcher = MicroBatcher(config.batch_size, config.max_latency_ms / 1000)
         self._pending: EventBatch | None = None  # decoded, waiting for room in the queue
@@ -372,12 +397,49 @@ class KafkaBatchSource:
                 if until_ready is not None:  # a partial batch must leave within its latency
                     timeout_ms = min(timeout_ms, max(1, int(until_ready * 1000) + 1))
             polled = consumer.poll(timeout_ms=timeout_ms, max_records=cfg.max_poll_records)
+            self._probe_broker(consumer, got_records=bool(polled))
             # Rebalance callbacks ran during poll(); act on them before buffering what it
             # returned, which belongs to the new assignment.
             self._reconcile_assignment(consumer)
             if polled:
                 self._ingest(polled)
                 self._update_lag(consumer)
+
+    def _probe_broker(self, consumer: KafkaConsumer, got_records: bool) -> None:
+        """Track whether any broker connection is up; report a loss lasting over 2 s.
+
+        kafka-python reconnects on its own, backing off from ``reconnect_backoff_ms`` to
+        ``reconnect_backoff_max_ms``; this only makes the outage visible (logs, health).
+        """
+        now = time.monotonic()
+        if not got_records and now < self._next_probe:
+            return
+        self._next_probe = now + 1.0
+        connected = got_records or _broker_connected(consumer)
+        if connected is None:
+            return
+        if connected:
+            self._broker_lost_at = None
+            if self._broker_reported_down:
+                self._broker_reported_down = False
+                self._log.info("broker connection restored")
+                self._health(None)
+            return
+        if self._broker_lost_at is None:
+            self._broker_lost_at = now
+        elif not self._broker_reported_down and now - self._broker_lost_at >= _BROKER_LOST_S:
+            self._broker_reported_down = True
+            servers = self._client_options.get("bootstrap_servers")
+            self._log.warning(
+                "broker unreachable; reconnecting with backoff",
+                bootstrap_servers=servers,
+                since_s=round(now - self._broker_lost_at, 1),
+            )
+            self._health(f"no connection to any broker of {servers}")
+
+    def _health(self, error: str | None) -> None:
+        if self._on_health is not None:
+            self._on_health(error)
 
     def _ingest(self, polled: Mapping[TopicPartition, list[Any]]) -> None:
         polled_count = skipped = 0

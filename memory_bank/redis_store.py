@@ -158,6 +158,7 @@ def make_redis_client(
     username: str | None = None,
     password: str | _Secret | None = None,
     socket_timeout_s: float = 5.0,
+    tls_options: Mapping[str, str] | None = None,
 ) -> redis.Redis:
     """A client for :class:`RedisBankStore` (binary replies, bounded socket waits).
 
@@ -170,6 +171,7 @@ def make_redis_client(
         "socket_connect_timeout": socket_timeout_s,
         "health_check_interval": 30,
         "retry": Retry(NoBackoff(), 0),
+        **(tls_options or {}),
     }
     if username is not None:
         kwargs["username"] = username
@@ -182,8 +184,10 @@ class RedisBankStore:
     """:class:`~memory_bank.protocols.BankStore` on Redis hashes (layout in the module doc).
 
     Every operation is idempotent and retried on ``ConnectionError`` / ``TimeoutError`` with
-    exponential backoff (``backoff_s``, doubled per attempt, ``retries`` times), then raises
-    :class:`BankUnavailableError`.
+    exponential backoff (``backoff_s``, doubled per attempt up to ``max_backoff_s``,
+    ``retries`` times), then raises :class:`BankUnavailableError`. ``on_health`` (optional)
+    is called with the error text on each failed attempt and with None on the first success
+    after a failure, so an outage shows in the learner's health status.
     """
 
     def __init__(
@@ -196,6 +200,8 @@ class RedisBankStore:
         *,
         retries: int = 5,
         backoff_s: float = 0.1,
+        max_backoff_s: float = 5.0,
+        on_health: Callable[[str | None], None] | None = None,
     ) -> None:
         if input_dim < 1 or embed_dim < 1:
             raise ValueError(f"dimensions must be >= 1, got {input_dim=} {embed_dim=}")
@@ -210,6 +216,10 @@ class RedisBankStore:
         self.embed_dim = embed_dim
         self.retries = retries
         self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        # Told the error while Redis is failing, and None once an operation succeeds again.
+        self._on_health = on_health
+        self._failing = False
         base = f"{key_prefix}:bank:{bank_name}"
         self.bank_key = base
         self._feat = f"{base}:feat"
@@ -322,18 +332,20 @@ class RedisBankStore:
         attempt = 0
         while True:
             try:
-                return fn()
+                result = fn()
             except _NOT_RETRYABLE as exc:
+                self._report(str(exc))
                 raise BankUnavailableError(
                     f"redis refused {operation} on {self.bank_key}: {exc}"
                 ) from exc
             except _RETRYABLE as exc:
+                self._report(str(exc))
                 if attempt >= self.retries:
                     raise BankUnavailableError(
                         f"redis unavailable for {operation} on {self.bank_key} after "
                         f"{attempt + 1} attempts: {exc}"
                     ) from exc
-                delay = self.backoff_s * (2**attempt)
+                delay = min(self.max_backoff_s, self.backoff_s * (2**attempt))
                 self._log.warning(
                     "bank_store_retry",
                     operation=operation,
@@ -343,6 +355,20 @@ class RedisBankStore:
                 )
                 time.sleep(delay)
                 attempt += 1
+            else:
+                if self._failing:
+                    self._failing = False
+                    self._log.info(
+                        "bank_store_recovered", operation=operation, attempts=attempt + 1
+                    )
+                    if self._on_health is not None:
+                        self._on_health(None)
+                return result
+
+    def _report(self, error: str) -> None:
+        self._failing = True
+        if self._on_health is not None:
+            self._on_health(error)
 
     def _dims_message(self, stored: str | bytes) -> str:
         return (

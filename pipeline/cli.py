@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="in-process benchmarks (no broker, no Redis)")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     _add_bench_forgetting(bench_sub)
+    status = sub.add_parser(
+        "status", help="health of the learners under checkpoint.dir (exit 1 unless all healthy)"
+    )
+    _common(status)
+    status.add_argument(
+        "--learner", action="append", dest="learners", help="only this learner (repeatable)"
+    )
     return parser
 
 
@@ -262,6 +269,14 @@ def _cmd_bench(args: argparse.Namespace, _settings: Settings) -> int:
     raise ConfigError(f"unknown benchmark {args.bench!r}")
 
 
+def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.health import healthy, read_status
+
+    report = read_status(settings.checkpoint.dir, settings.health.stale_after_s, args.learners)
+    print(json.dumps(report, indent=2))
+    return EXIT_OK if healthy(report) else EXIT_FAILURE
+
+
 COMMANDS = {
     "learn": _cmd_learn,
     "sidecar": _cmd_sidecar,
@@ -271,6 +286,7 @@ COMMANDS = {
     "demo": _cmd_demo,
     "config": _cmd_config,
     "bench": _cmd_bench,
+    "status": _cmd_status,
 }
 
 

@@ -40,6 +40,8 @@ class KafkaSettings(_Frozen):
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     request_timeout_ms: int = Field(30_000, ge=1000)
+    reconnect_backoff_ms: int = Field(100, ge=1)
+    reconnect_backoff_max_ms: int = Field(5_000, ge=1)
 
     @property
     def events_topic(self) -> str:
@@ -77,6 +79,11 @@ class KafkaSettings(_Frozen):
             "client_id": self.client_id,
             "security_protocol": self.security_protocol,
             "request_timeout_ms": self.request_timeout_ms,
+            # Reconnects after a lost broker back off exponentially up to the max.
+            "reconnect_backoff_ms": self.reconnect_backoff_ms,
+            "reconnect_backoff_max_ms": max(
+                self.reconnect_backoff_ms, self.reconnect_backoff_max_ms
+            ),
         }
         if self.sasl_mechanism:
             opts["sasl_mechanism"] = self.sasl_mechanism
@@ -114,6 +121,18 @@ class RedisSettings(_Frozen):
     key_prefix: str = Field("supcon", pattern=r"^[A-Za-z0-9._:-]+$")
     socket_timeout_s: float = Field(5.0, gt=0)
     telemetry_maxlen: int = Field(100_000, ge=100)
+    retries: int = Field(8, ge=0, description="Bank operation retries on a lost connection.")
+    retry_backoff_s: float = Field(0.1, ge=0, description="First retry delay, doubled each time.")
+    retry_max_backoff_s: float = Field(5.0, ge=0, description="Cap of one retry delay.")
+    ssl_cafile: str | None = Field(None, description="CA file for TLS (use a rediss:// url).")
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    def tls_options(self) -> dict[str, str]:
+        """redis-py TLS keyword arguments (TLS itself is switched on by a rediss:// url)."""
+        names = {"ssl_cafile": "ssl_ca_certs", "ssl_certfile": "ssl_certfile"}
+        names["ssl_keyfile"] = "ssl_keyfile"
+        return {kw: getattr(self, key) for key, kw in names.items() if getattr(self, key)}
 
 
 class ModelSettings(_Frozen):
@@ -200,6 +219,21 @@ class CheckpointSettings(_Frozen):
     every_steps: int = Field(100, ge=1)
     every_seconds: float = Field(30.0, gt=0)
     keep: int = Field(3, ge=1)
+    ledger: bool = Field(
+        False,
+        description="Append trained event ids to <dir>/<name>/ledger.jsonl (pipeline/ledger.py).",
+    )
+
+
+class HealthSettings(_Frozen):
+    every_s: float = Field(2.0, gt=0, description="Period of the learner's health.json refresh.")
+    stale_after_s: float = Field(
+        30.0, gt=0, description="`status` calls a learner whose health.json is older unresponsive."
+    )
+    http_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve GET /healthz on 127.0.0.1:<port>; 0 = any port."
+    )
+    http_host: str = "127.0.0.1"
 
 
 class LearnerSettings(_Frozen):
@@ -249,6 +283,7 @@ class Settings(_Frozen):
     bank: BankSettings = BankSettings()
     eval: EvalSettings = EvalSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
+    health: HealthSettings = HealthSettings()
     learner: LearnerSettings = LearnerSettings()
     sidecar: SidecarSettings = SidecarSettings()
     devstack: DevstackSettings = DevstackSettings()

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -110,12 +111,18 @@ def _wait_until(check: object, timeout_s: float, what: str, proc: subprocess.Pop
     raise DevstackError(f"{what} did not become ready within {timeout_s:.0f} s")
 
 
-def start_broker(port: int, workdir: Path, timeout_s: float = 30.0) -> ManagedProcess:
-    """Start Tansu on ``127.0.0.1:port`` with in-memory storage; returns once it accepts."""
+def start_broker(
+    port: int, workdir: Path, timeout_s: float = 30.0, advertised_port: int | None = None
+) -> ManagedProcess:
+    """Start Tansu on ``127.0.0.1:port`` with in-memory storage; returns once it accepts.
+
+    ``advertised_port`` makes clients connect elsewhere (a proxy in front of the broker).
+    """
     binary = find_tansu()
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"broker-{port}.log"
     url = f"tcp://{LOOPBACK}:{port}"
+    advertised = f"tcp://{LOOPBACK}:{advertised_port or port}"
     with log_path.open("ab") as out:
         proc = subprocess.Popen(
             [
@@ -124,7 +131,7 @@ def start_broker(port: int, workdir: Path, timeout_s: float = 30.0) -> ManagedPr
                 "--listener-url",
                 url,
                 "--advertised-listener-url",
-                url,
+                advertised,
                 "--storage-engine",
                 "memory://tansu/",
             ],
@@ -145,8 +152,13 @@ def start_redis(
     password: str | None = None,
     appendonly: bool = True,
     timeout_s: float = 15.0,
+    extra_args: Sequence[str] = (),
 ) -> ManagedProcess:
-    """Start redis-server on ``127.0.0.1:port`` with its AOF under ``workdir``."""
+    """Start redis-server on ``127.0.0.1:port`` with its AOF under ``workdir``.
+
+    ``extra_args`` are appended to the command line (later directives win), e.g. ACL users
+    or ``--port 0 --tls-port <port> ...`` for a TLS-only server on ``port``.
+    """
     binary = find_redis_server()
     data_dir = workdir / f"redis-{port}"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -172,6 +184,7 @@ def start_redis(
     ]
     if password:
         args += ["--requirepass", password]
+    args += list(extra_args)
     proc = subprocess.Popen(
         args,
         stdout=subprocess.DEVNULL,

@@ -35,6 +35,7 @@ import torch
 
 from consumers.decode import dead_letter_payload
 from consumers.events import DeadLetter, EventBatch, SourceRecord, TopicPartitionKey
+from consumers.exceptions import ProducerError
 from consumers.producer import JsonProducer
 from consumers.protocols import EventSource
 from memory_bank.bank import MemoryBank
@@ -50,7 +51,9 @@ from pipeline.evaluation import (
     predict_ncm,
 )
 from pipeline.exceptions import SupconStreamError
+from pipeline.health import HealthBoard, health_path, stop_quietly
 from pipeline.labels import LabelRegistry
+from pipeline.ledger import TrainedLedger, ledger_path
 from pipeline.metrics import expected_calibration_error
 from pipeline.model import StreamNet
 from pipeline.objectives import HEAD_TERMS, loss_weights, natural_classifier
@@ -111,6 +114,8 @@ class LearnerContext:
     means_step: int = -1
     current_task: str | None = None
     started: float = field(default_factory=time.monotonic)
+    ledger: TrainedLedger | None = None  # checkpoint.ledger: ids of every trained event
+    health: HealthBoard | None = None
 
     @property
     def name(self) -> str:
@@ -277,14 +282,17 @@ def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
 def _train_on(
     ctx: LearnerContext, batch: EventBatch, rows: list[int], x: torch.Tensor, y: torch.Tensor
 ) -> dict[str, Any]:
+    ids = [batch.ids[i] for i in rows]
     bank_items = (
-        [batch.ids[i] for i in rows],
+        ids,
         [batch.labels[i] or "" for i in rows],
         [batch.tasks[i] for i in rows],
     )
     outcome = learn_batch(
         ctx.state, ctx.bank, ctx.settings.train, x, y, ctx.seen_classes, ctx.generator, bank_items
     )
+    if ctx.ledger is not None:
+        ctx.ledger.record(ctx.state.step, ids)
     losses, per_sample = outcome.losses, outcome.per_sample_loss
     per_class: dict[str, float] = {}
     if per_sample is not None:
@@ -338,9 +346,20 @@ def evaluate(ctx: LearnerContext) -> dict[str, Any]:
 
 
 def checkpoint_and_commit(ctx: LearnerContext, wait: bool = False) -> None:
-    """INVARIANT order: bank + producer flushed → checkpoint durable → offsets committed."""
+    """INVARIANT order: bank + producer + ledger flushed → checkpoint durable → offsets committed.
+
+    When the producer cannot flush (broker unreachable), the checkpoint and the commit are
+    deferred to the next attempt rather than crashing: nothing is committed that is not
+    durable, and re-delivery covers the rest (at-least-once).
+    """
     ctx.bank.flush()
-    ctx.producer.flush()
+    try:
+        ctx.producer.flush()
+    except ProducerError as exc:
+        log.warning("checkpoint deferred: predictions/dead letters not durable", error=str(exc))
+        return
+    if ctx.ledger is not None:
+        ctx.ledger.sync()
     ckpt = Checkpoint(
         step=ctx.state.step,
         model=ctx.state.model.state_dict(),
@@ -352,6 +371,8 @@ def checkpoint_and_commit(ctx: LearnerContext, wait: bool = False) -> None:
         counters={**ctx.counters.as_dict(), "skipped": float(ctx.state.skipped)},
     )
     path = save_checkpoint(ctx.settings.checkpoint_dir, ckpt, ctx.settings.checkpoint.keep)
+    if ctx.health is not None:
+        ctx.health.progress(checkpoint_step=ctx.state.step, checkpoint_ts=round(time.time(), 3))
     if not ctx.offsets:
         return
     if wait:
@@ -402,9 +423,12 @@ def build_context(settings: Settings) -> LearnerContext:
     state = make_state(model, settings.train)
     seen = torch.zeros(settings.model.max_classes, dtype=torch.bool, device=device)
     r = settings.redis
-    client = make_redis_client(r.url, r.username, r.password, r.socket_timeout_s)
+    health = HealthBoard(settings.learner_name, health_path(settings.checkpoint_dir))
+    client = make_redis_client(
+        r.url, r.username, r.password, r.socket_timeout_s, tls_options=r.tls_options()
+    )
     client_options = settings.kafka.client_options()
-    producer = JsonProducer(client_options)
+    producer = JsonProducer(client_options, on_health=health.reporter("kafka_producer"))
     source = KafkaBatchSource(
         SourceConfig(
             # ConsumerSettings' keys are SourceConfig's field names, by design.
@@ -416,6 +440,7 @@ def build_context(settings: Settings) -> LearnerContext:
         ),
         client_options,
         producer,
+        on_health=health.reporter("kafka_consumer"),
     )
     ckpt = load_latest(settings.checkpoint_dir, map_location=device)
     if ckpt is None:
@@ -436,6 +461,10 @@ def build_context(settings: Settings) -> LearnerContext:
         settings.learner_name,
         settings.model.input_dim,
         settings.model.embed_dim,
+        retries=r.retries,
+        backoff_s=r.retry_backoff_s,
+        max_backoff_s=r.retry_max_backoff_s,
+        on_health=health.reporter("redis"),
     )
     started = time.monotonic()
     bank = MemoryBank.open(
@@ -467,15 +496,23 @@ def build_context(settings: Settings) -> LearnerContext:
             telemetry_client(r), r.key_prefix, settings.learner_name, r.telemetry_maxlen
         ),
         generator=torch.Generator(device=device).manual_seed(settings.train.seed),
+        health=health,
     )
+    if settings.checkpoint.ledger:
+        ctx.ledger = TrainedLedger(ledger_path(settings.checkpoint_dir))
     if ckpt is not None:
         apply_checkpoint(ctx, ckpt)
     return ctx
 
 
-def close_context(ctx: LearnerContext) -> None:
-    ctx.source.stop(timeout_s=10.0)
-    ctx.producer.close()
+def close_context(ctx: LearnerContext, final_state: str = "stopped") -> None:
+    try:
+        ctx.source.stop(timeout_s=10.0)
+        ctx.producer.close()
+    finally:
+        if ctx.ledger is not None:
+            ctx.ledger.close()
+        stop_quietly(ctx.health, final_state)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -536,12 +573,14 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
     )
     ctx.started = time.monotonic()
     start_consumed = ctx.counters.consumed
+    _start_health(ctx)
     ctx.source.start(ctx.offsets)
     last_ckpt_step, last_ckpt_time = ctx.state.step, time.monotonic()
     last_eval_step = ctx.state.step
     last_progress = last_batch = time.monotonic()
     assigned = False
     first_batch_at: float | None = None
+    clean = False
     try:
         while not stop.is_set():
             if (
@@ -580,6 +619,7 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
                 offsets={f"{t}:{p}": o for (t, p), o in batch.offsets.items()},
             )
             record = process_batch(ctx, batch)
+            _note_progress(ctx)
             ctx.telemetry.emit("step", _step_record(ctx, record))
             if ctx.state.step - last_eval_step >= settings.eval.every_steps:
                 _emit_eval(ctx)
@@ -607,9 +647,10 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
             },
         )
         ctx.telemetry.flush()
+        clean = True
     finally:
         structlog.contextvars.clear_contextvars()
-        close_context(ctx)
+        close_context(ctx, "stopped" if clean else "failed")
     summary = LearnerSummary(
         name=ctx.name,
         objective=settings.train.objective,
@@ -629,6 +670,25 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
         events_per_s=round(summary.events_per_s, 1),
     )
     return summary
+
+
+def _start_health(ctx: LearnerContext) -> None:
+    h = ctx.settings.health
+    if ctx.health is not None:
+        ctx.health.start(h.every_s, h.http_host, h.http_port)
+        ctx.health.set_state("running")
+
+
+def _note_progress(ctx: LearnerContext) -> None:
+    if ctx.health is not None:
+        c = ctx.counters
+        ctx.health.progress(
+            step=ctx.state.step,
+            consumed=c.consumed,
+            trained=c.trained,
+            dead_lettered=c.dead_lettered,
+            last_batch_ts=round(time.time(), 3),
+        )
 
 
 def _log_progress(ctx: LearnerContext, start_consumed: int) -> None:

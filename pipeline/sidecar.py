@@ -581,6 +581,7 @@ def redis_client(settings: Settings) -> redis.Redis:
         # XREAD blocks up to _BLOCK_MS: the socket must wait at least that long.
         socket_timeout=max(r.socket_timeout_s, _BLOCK_MS / 1000 + 1.0),
         socket_connect_timeout=r.socket_timeout_s,
+        **r.tls_options(),
     )
 
 

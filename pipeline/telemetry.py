@@ -92,6 +92,7 @@ def telemetry_client(settings: RedisSettings, timeout_s: float = 1.0) -> redis.R
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 1),
+        **settings.tls_options(),
     )
 
 

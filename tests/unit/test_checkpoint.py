@@ -75,3 +75,21 @@ def test_code_in_a_checkpoint_is_not_executed(tmp_path):
     restored = load_latest(tmp_path)  # the malicious newest one is refused, not run
     assert restored is not None
     assert restored.step == 1
+
+
+def test_fallback_is_logged_with_the_file_and_the_error(tmp_path):
+    from structlog.testing import capture_logs
+
+    save_checkpoint(tmp_path, _ckpt(1), keep=3)
+    newest = save_checkpoint(tmp_path, _ckpt(2), keep=3)
+    raw = bytearray(newest.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 64] = b"\x00" * 64  # corrupt, same length
+    newest.write_bytes(bytes(raw))
+    with capture_logs() as logs:
+        restored = load_latest(tmp_path)
+    assert restored is not None
+    assert restored.step == 1
+    fallback = [e for e in logs if e["event"] == "checkpoint unreadable, trying the previous one"]
+    assert len(fallback) == 1
+    assert fallback[0]["path"] == str(newest)
+    assert fallback[0]["error"]

@@ -94,3 +94,37 @@ def test_derived_names():
     assert settings.kafka.dlq_topic == "p.dlq"
     assert not settings.train.replay_enabled
     assert load_settings(None, environ={}).train.replay_enabled
+
+
+def test_sasl_scram_over_tls_and_redis_tls_from_config():
+    settings = load_settings(
+        None,
+        [
+            "kafka.security_protocol=SASL_SSL",
+            "kafka.sasl_mechanism=SCRAM-SHA-512",
+            "kafka.sasl_username=learner",
+            "kafka.sasl_password=scram-secret",
+            "kafka.ssl_cafile=/etc/ca.pem",
+            "kafka.ssl_certfile=/etc/client.pem",
+            "kafka.ssl_keyfile=/etc/client.key",
+            "redis.url=rediss://redis:6380/0",
+            "redis.ssl_cafile=/etc/ca.pem",
+        ],
+        environ={"SUPCON_STREAM__REDIS__PASSWORD": "env-secret"},
+    )
+    opts = settings.kafka.client_options()
+    assert opts["security_protocol"] == "SASL_SSL"
+    # kafka-python takes SCRAM credentials in its sasl_plain_* options too.
+    assert opts["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert opts["sasl_plain_username"] == "learner"
+    assert opts["sasl_plain_password"] == "scram-secret"
+    assert opts["ssl_cafile"] == "/etc/ca.pem"
+    assert opts["ssl_certfile"] == "/etc/client.pem"
+    assert opts["ssl_keyfile"] == "/etc/client.key"
+    assert opts["reconnect_backoff_max_ms"] >= opts["reconnect_backoff_ms"]
+    assert settings.redis.tls_options() == {"ssl_ca_certs": "/etc/ca.pem"}
+    dump = str(settings.redacted())
+    assert "scram-secret" not in dump
+    assert "env-secret" not in dump
+    assert settings.redis.password is not None
+    assert settings.redis.password.get_secret_value() == "env-secret"

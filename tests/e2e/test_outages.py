@@ -1,0 +1,274 @@
+"""Outages and group changes with real processes: the learner CLI against its own broker or
+redis-server, cut off or restarted mid-replay, and two learners sharing a group.
+
+Each test starts what it breaks (the session's broker and Redis stay untouched) and checks the
+learner's ledger, the committed offsets, the bank and the health file afterwards.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from kafka import KafkaProducer
+
+from pipeline.chaos import (
+    TcpProxy,
+    check_delivery,
+    cli_command,
+    committed_total,
+    drill_pairs,
+    drill_settings,
+    read_topic_ids,
+    set_args,
+    spawn,
+    wait_for_ledger,
+)
+from pipeline.devstack import free_port, start_broker, start_redis, stop_process
+from pipeline.evaluation import is_probe
+from pipeline.health import health_path
+from pipeline.ledger import ledger_path, read_ledger
+
+pytestmark = pytest.mark.e2e
+
+DIM = 8
+SMALL = [
+    f"model.input_dim={DIM}",
+    "model.hidden_dim=32",
+    "model.embed_dim=16",
+    "model.proj_dim=16",
+    "bank.capacity=64",
+    "consumer.batch_size=16",
+    "consumer.max_latency_ms=100",
+    "kafka.partitions=2",
+]
+
+
+def _events(tag: str, n: int, labeled: bool = True) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": f"{tag}-{i}",
+            "features": [((i * 7 + j) % 11) / 11 for j in range(DIM)],
+            "label": (i % 4) if labeled else None,
+        }
+        for i in range(n)
+    ]
+
+
+def _produce(bootstrap: str, topic: str, events: list[dict[str, Any]]) -> list[str]:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    for e in events:
+        producer.send(topic, orjson.dumps(e), key=e["id"].encode())
+    producer.flush(30)
+    producer.close()
+    return [e["id"] for e in events]
+
+
+def _trainable(ids: list[str], fraction: float = 0.1) -> int:
+    return sum(1 for i in ids if not is_probe(i, fraction))
+
+
+def _health(ckpt_dir: Path) -> dict[str, Any]:
+    try:
+        return orjson.loads(health_path(ckpt_dir).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+
+
+def _wait_health(ckpt_dir: Path, component: str, up: bool, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    snap: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        snap = _health(ckpt_dir)
+        entry = snap.get("components", {}).get(component)
+        if entry is not None and entry["up"] is up:
+            return snap
+        time.sleep(0.2)
+    raise AssertionError(f"{component} never became up={up}: {snap}")
+
+
+def _topics(pairs: list[str]) -> None:
+    cmd = cli_command("topics", *set_args(pairs))
+    done = subprocess.run(cmd, check=False, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-1000:]
+
+
+def _stop(learner: subprocess.Popen[bytes], log: Path) -> None:
+    learner.send_signal(signal.SIGTERM)
+    try:
+        learner.wait(timeout=60)
+    finally:
+        if learner.poll() is None:
+            stop_process(learner.pid)
+    assert learner.returncode == 0, log.read_text()[-3000:]
+
+
+def test_broker_unreachable_mid_replay_loses_nothing(redis_url, unique, tmp_path):
+    """A network cut between learner and a live broker: reconnect, then zero-loss checks."""
+    upstream, port = free_port(), free_port()
+    broker = start_broker(upstream, tmp_path / "stack", advertised_port=port)
+    proxy = TcpProxy(upstream, port).start()
+    address = f"127.0.0.1:{port}"
+    pairs = [*drill_pairs(address, redis_url, f"cut{unique}", tmp_path), *SMALL]
+    settings = drill_settings(pairs)
+    log = tmp_path / "learner.log"
+    learner = None
+    try:
+        _topics(pairs)
+        ids = _produce(address, settings.kafka.events_topic, _events("a", 200))
+        learner = spawn(cli_command("learn", *set_args(pairs)), log)
+        ledger = ledger_path(settings.checkpoint_dir)
+        assert wait_for_ledger(ledger, _trainable(ids), 90) == _trainable(ids), log.read_text()
+        proxy.cut()
+        _wait_health(settings.checkpoint_dir, "kafka_consumer", up=False, timeout_s=30)
+        time.sleep(2)  # offsets of the first half cannot be committed meanwhile
+        proxy.restore()
+        ids += _produce(address, settings.kafka.events_topic, _events("b", 200))
+        assert wait_for_ledger(ledger, _trainable(ids), 90) == _trainable(ids), log.read_text()
+        snap = _wait_health(settings.checkpoint_dir, "kafka_consumer", up=True, timeout_s=30)
+        assert snap["components"]["kafka_consumer"]["outages"] >= 1
+        assert learner.poll() is None, "the learner must ride out the outage"
+        _stop(learner, log)
+        report = check_delivery(settings, ids)
+    finally:
+        if learner is not None and learner.poll() is None:
+            stop_process(learner.pid)
+        proxy.close()
+        stop_process(broker.pid)
+    assert report.ok, report.as_dict()
+    assert report.committed == report.produced == 400
+    assert "broker unreachable; reconnecting with backoff" in log.read_text()
+
+
+def test_redis_restart_mid_replay_loses_nothing(bootstrap, unique, tmp_path):
+    """redis-server (AOF) stops while events arrive and comes back: retries, bank intact."""
+    redis_port = free_port()
+    redis_dir = tmp_path / "redis"
+    redis_proc = start_redis(redis_port, redis_dir, appendonly=True)
+    pairs = [
+        *drill_pairs(bootstrap, f"redis://127.0.0.1:{redis_port}/0", f"rr{unique}", tmp_path),
+        *SMALL,
+    ]
+    settings = drill_settings(pairs)
+    log = tmp_path / "learner.log"
+    learner = None
+    try:
+        _topics(pairs)
+        ids = _produce(bootstrap, settings.kafka.events_topic, _events("a", 200))
+        learner = spawn(cli_command("learn", *set_args(pairs)), log)
+        ledger = ledger_path(settings.checkpoint_dir)
+        assert wait_for_ledger(ledger, _trainable(ids), 90) == _trainable(ids), log.read_text()
+        time.sleep(1.0)  # let the last add of the first half reach Redis
+        before = check_delivery(settings, ids).bank_items
+        stop_process(redis_proc.pid)  # SIGTERM: redis-server syncs its AOF and exits
+        ids += _produce(bootstrap, settings.kafka.events_topic, _events("b", 200))
+        _wait_health(settings.checkpoint_dir, "redis", up=False, timeout_s=30)
+        redis_proc = start_redis(redis_port, redis_dir, appendonly=True)
+        assert wait_for_ledger(ledger, _trainable(ids), 90) == _trainable(ids), log.read_text()
+        snap = _wait_health(settings.checkpoint_dir, "redis", up=True, timeout_s=30)
+        assert snap["components"]["redis"]["outages"] >= 1
+        _stop(learner, log)
+        report = check_delivery(settings, ids)
+    finally:
+        if learner is not None and learner.poll() is None:
+            stop_process(learner.pid)
+        stop_process(redis_proc.pid)
+    assert report.ok, report.as_dict()
+    assert report.committed == report.produced == 400
+    assert report.bank_items >= before > 0
+    assert "bank_store_retry" in log.read_text()
+
+
+def test_broker_restart_reconnects_consumer_and_producers(redis_url, unique, tmp_path):
+    """A real broker restart. Tansu keeps topics in memory only, so the restarted broker is
+    empty: this checks reconnection, producer recreation and training of what is produced
+    after the restart. Committed offsets cannot be compared across a broker that lost its log
+    (see docs/architecture.md, "Delivery guarantee")."""
+    port = free_port()
+    broker = start_broker(port, tmp_path / "stack")
+    address = f"127.0.0.1:{port}"
+    pairs = [*drill_pairs(address, redis_url, f"br{unique}", tmp_path), *SMALL]
+    settings = drill_settings(pairs)
+    log = tmp_path / "learner.log"
+    learner = None
+    try:
+        _topics(pairs)
+        first = _produce(address, settings.kafka.events_topic, _events("a", 100))
+        first += _produce(address, settings.kafka.events_topic, _events("u", 10, labeled=False))
+        learner = spawn(cli_command("learn", *set_args(pairs)), log)
+        ledger = ledger_path(settings.checkpoint_dir)
+        assert wait_for_ledger(ledger, _trainable(first[:100]), 90) == _trainable(first[:100])
+        stop_process(broker.pid)
+        _wait_health(settings.checkpoint_dir, "kafka_consumer", up=False, timeout_s=30)
+        broker = start_broker(port, tmp_path / "stack")
+        _topics(pairs)
+        second = _produce(address, settings.kafka.events_topic, _events("b", 100))
+        unlabeled = _produce(address, settings.kafka.events_topic, _events("v", 10, False))
+        expected = _trainable(first[:100]) + _trainable(second)
+        assert wait_for_ledger(ledger, expected, 120) == expected, log.read_text()[-3000:]
+        predicted = read_topic_ids(address, settings.kafka.predictions_topic, 10, timeout_s=60)
+        _wait_health(settings.checkpoint_dir, "kafka_consumer", up=True, timeout_s=30)
+        assert learner.poll() is None, "the learner must not exit on a broker restart"
+        _stop(learner, log)
+    finally:
+        if learner is not None and learner.poll() is None:
+            stop_process(learner.pid)
+        stop_process(broker.pid)
+    # The predictions producer reconnected (recreated) and delivered to the new broker.
+    assert set(unlabeled) <= set(predicted)
+    trained = read_ledger(ledger_path(settings.checkpoint_dir)).counts
+    assert all(i in trained for i in second if not is_probe(i, 0.1))
+
+
+def test_second_learner_joining_and_first_leaving_skip_nothing(
+    bootstrap, redis_url, unique, tmp_path
+):
+    """Two members of one group: B joins mid-stream, A leaves (SIGTERM); no event skipped."""
+    group = f"grp{unique}"
+    base = [
+        *drill_pairs(bootstrap, redis_url, f"rb{unique}", tmp_path),
+        *SMALL,
+        "kafka.partitions=4",
+        f"consumer.group_id={group}",
+    ]
+    pairs_a, pairs_b = [*base, "learner.name=a"], [*base, "learner.name=b"]
+    sa, sb = drill_settings(pairs_a), drill_settings(pairs_b)
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    a = b = None
+    try:
+        _topics(pairs_a)
+        ids = _produce(bootstrap, sa.kafka.events_topic, _events("x", 300))
+        a = spawn(cli_command("learn", *set_args(pairs_a)), log_a)
+        assert wait_for_ledger(ledger_path(sa.checkpoint_dir), 20, 90) >= 20, log_a.read_text()
+        b = spawn(cli_command("learn", *set_args(pairs_b)), log_b)
+        ids += _produce(bootstrap, sa.kafka.events_topic, _events("y", 300))
+        assert wait_for_ledger(ledger_path(sb.checkpoint_dir), 1, 90) >= 1, log_b.read_text()
+        ids += _produce(bootstrap, sa.kafka.events_topic, _events("z", 300))
+        _stop(a, log_a)  # its partitions move to b: revoked work is committed or re-read
+        ids += _produce(bootstrap, sa.kafka.events_topic, _events("w", 300))
+        union = {*read_ledger(ledger_path(sa.checkpoint_dir)).counts}
+        expected = {i for i in ids if not is_probe(i, 0.1)}
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not expected <= union:
+            time.sleep(0.5)
+            union = {*read_ledger(ledger_path(sa.checkpoint_dir)).counts} | {
+                *read_ledger(ledger_path(sb.checkpoint_dir)).counts
+            }
+        time.sleep(1.0)  # stagger: a left a moment ago
+        _stop(b, log_b)
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                stop_process(proc.pid)
+    assert expected - union == set(), log_b.read_text()[-3000:]
+    assert committed_total(sa) == len(ids) == 1200
+    for settings in (sa, sb):
+        report = check_delivery(settings, ids)
+        assert report.bank_duplicate_ids == 0
+        assert report.bank_untrained_ids == 0
+        assert report.probes_trained == 0
