@@ -15,8 +15,9 @@ gap. ``joint`` is the offline upper bound: the same network trained for several 
 the whole (shuffled) training set with the same ``train_step``.
 
 Methods (hyperparameters in :data:`METHODS`, shared ones in :func:`bench_train_settings`):
-CE fine-tune (no replay), CE + experience replay (reservoir memory, random replay), SupCon +
-bank (class-balanced memory and replay), SupCon + bank + FAISS hard negatives, asymmetric
+CE fine-tune (no replay), CE + experience replay (reservoir memory, random replay, and the
+same with the class-balanced memory and replay the SupCon runs use), SupCon + bank
+(class-balanced memory and replay), SupCon + bank + FAISS hard negatives, asymmetric
 SupCon (Co2L), and the joint upper bound. Replay per step never exceeds ``replay_size``
 bank items, hard negatives included.
 """
@@ -85,6 +86,13 @@ METHODS: tuple[Method, ...] = (
             "lr": CE_LR,
         },
         bank_policy="reservoir",
+    ),
+    # The same baseline with the SupCon runs' memory: at small memories a class-balanced
+    # bank helps CE + ER, at larger ones the reservoir does; both are reported.
+    Method(
+        "ce_er_cb",
+        "CE + ER, class-bal. memory",
+        {"objective": "ce", "replay": True, "hard_negatives": 0, "lr": CE_LR},
     ),
     Method(
         "supcon", "SupCon + bank", {"objective": "supcon", "hard_negatives": 0, "lr": SUPCON_LR}
