@@ -157,6 +157,11 @@ class TrainSettings(_Frozen):
         "empty means {<objective>: 1.0}.",
     )
     replay_sampling: Literal["class_balanced", "random"] = "class_balanced"
+    train_unlabeled: bool = Field(
+        False,
+        description="Also train on events without a label (NT-Xent), alongside the labeled "
+        "events of the same micro-batch; they are still predicted.",
+    )
     label_smoothing: float = Field(0.0, ge=0, le=1)
     focal_gamma: float = Field(2.0, ge=0)
     focal_alpha: float | None = Field(None, gt=0)

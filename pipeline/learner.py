@@ -251,7 +251,8 @@ def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
             predicted, _ = _predict(ctx, x)
             ctx.counters.prequential_correct += int((predicted == y).sum())
             ctx.counters.prequential_total += len(train_rows)
-        record = _train_on(ctx, batch, train_rows, x, y)
+        unlabeled = feats_all[predict_rows] if s.train.train_unlabeled and predict_rows else None
+        record = _train_on(ctx, batch, train_rows, x, y, unlabeled)
         tasks = [batch.tasks[i] for i in train_rows]
         ctx.current_task = tasks[-1] if tasks[-1] is not None else ctx.current_task
 
@@ -275,8 +276,17 @@ def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
 
 
 def _train_on(
-    ctx: LearnerContext, batch: EventBatch, rows: list[int], x: torch.Tensor, y: torch.Tensor
+    ctx: LearnerContext,
+    batch: EventBatch,
+    rows: list[int],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    unlabeled: torch.Tensor | None = None,
 ) -> dict[str, Any]:
+    if unlabeled is not None:
+        # Label -1: NT-Xent in the contrastive terms (pipeline/objectives.py), never banked.
+        x = torch.cat([x, unlabeled])
+        y = torch.cat([y, y.new_full((unlabeled.shape[0],), -1)])
     bank_items = (
         [batch.ids[i] for i in rows],
         [batch.labels[i] or "" for i in rows],
@@ -289,7 +299,7 @@ def _train_on(
     per_class: dict[str, float] = {}
     if per_sample is not None:
         ys = y.cpu()
-        for cls in torch.unique(ys).tolist():
+        for cls in torch.unique(ys[ys >= 0]).tolist():
             per_class[ctx.registry.name(cls)] = round(float(per_sample[ys == cls].mean()), 6)
     return {
         "loss": round(float(np.mean(losses)), 6) if losses else None,
