@@ -54,7 +54,7 @@ from pipeline.labels import LabelRegistry
 from pipeline.metrics import expected_calibration_error
 from pipeline.model import StreamNet
 from pipeline.objectives import HEAD_TERMS, loss_weights, natural_classifier
-from pipeline.online import learn_batch
+from pipeline.online import learn_batch, with_unlabeled
 from pipeline.step import TrainState, make_state
 from pipeline.telemetry import TelemetryWriter, telemetry_client
 
@@ -252,7 +252,8 @@ def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
             ctx.counters.prequential_correct += int((predicted == y).sum())
             ctx.counters.prequential_total += len(train_rows)
         unlabeled = feats_all[predict_rows] if s.train.train_unlabeled and predict_rows else None
-        record = _train_on(ctx, batch, train_rows, x, y, unlabeled)
+        x, y = with_unlabeled(x, y, unlabeled)  # trained with NT-Xent, never banked
+        record = _train_on(ctx, batch, train_rows, x, y)
         tasks = [batch.tasks[i] for i in train_rows]
         ctx.current_task = tasks[-1] if tasks[-1] is not None else ctx.current_task
 
@@ -276,17 +277,8 @@ def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
 
 
 def _train_on(
-    ctx: LearnerContext,
-    batch: EventBatch,
-    rows: list[int],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    unlabeled: torch.Tensor | None = None,
+    ctx: LearnerContext, batch: EventBatch, rows: list[int], x: torch.Tensor, y: torch.Tensor
 ) -> dict[str, Any]:
-    if unlabeled is not None:
-        # Label -1: NT-Xent in the contrastive terms (pipeline/objectives.py), never banked.
-        x = torch.cat([x, unlabeled])
-        y = torch.cat([y, y.new_full((unlabeled.shape[0],), -1)])
     bank_items = (
         [batch.ids[i] for i in rows],
         [batch.labels[i] or "" for i in rows],

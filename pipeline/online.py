@@ -66,6 +66,15 @@ def select_replay(
     )
 
 
+def with_unlabeled(
+    x: torch.Tensor, y: torch.Tensor, unlabeled: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append events without a label (label -1) after the labeled rows of a batch."""
+    if unlabeled is None or unlabeled.shape[0] == 0:
+        return x, y
+    return torch.cat([x, unlabeled]), torch.cat([y, y.new_full((unlabeled.shape[0],), -1)])
+
+
 @dataclass(frozen=True, slots=True)
 class BatchOutcome:
     losses: list[float]  # one per step that was not skipped
