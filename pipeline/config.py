@@ -198,6 +198,12 @@ class EvalSettings(_Frozen):
     probe_per_class: int = Field(50, ge=1)
     every_steps: int = Field(20, ge=1)
     prediction_refresh_steps: int = Field(20, ge=1)
+    classifier: Literal["natural", "ncm", "knn", "head"] = Field(
+        "natural",
+        description="Classifier for predictions and the primary evaluation; natural: the "
+        "head for ce/focal, NCM otherwise.",
+    )
+    knn_k: int = Field(10, ge=1, description="Neighbours of the kNN classifier.")
 
 
 class CheckpointSettings(_Frozen):

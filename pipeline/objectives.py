@@ -41,6 +41,7 @@ from pipeline.losses import (
 from pipeline.model import StreamNet, augment
 
 HEAD_TERMS = frozenset({"ce", "ce_detached", "focal"})
+REPRESENTATION_TERMS = frozenset({"supcon", "asym_supcon", "triplet"})
 UNLABELED = -1
 
 
@@ -51,8 +52,14 @@ def loss_weights(cfg: TrainSettings) -> dict[str, float]:
 
 
 def natural_classifier(cfg: TrainSettings) -> str:
-    """``"head"`` when the objective trains the head on the encoder itself, else ``"ncm"``."""
-    return "head" if cfg.objective in ("ce", "focal") else "ncm"
+    """``"head"`` when only head terms (ce, focal) train the encoder, else ``"ncm"``."""
+    terms = set(loss_weights(cfg))
+    return "head" if terms & {"ce", "focal"} and not terms & REPRESENTATION_TERMS else "ncm"
+
+
+def chosen_classifier(cfg: TrainSettings, choice: str) -> str:
+    """``eval.classifier`` resolved: ``"natural"`` becomes the objective's natural one."""
+    return natural_classifier(cfg) if choice == "natural" else choice
 
 
 @dataclass(frozen=True, slots=True)

@@ -156,8 +156,8 @@ def test_configured_objective_policy_and_unlabeled_training(
     bootstrap, redis_url, redis_client, unique, tmp_path
 ):
     """SupCon + 0.1 · detached CE, reservoir bank, uniform replay, unlabeled events trained
-    on with NT-Xent: counts hold, only labeled events are banked, evaluations report NCM,
-    kNN and the head with their ECE."""
+    on with NT-Xent, kNN predictions: counts hold, only labeled events are banked,
+    evaluations report NCM, kNN (primary) and the head with their ECE."""
     from pipeline.telemetry import TelemetryReader
 
     settings = _settings(
@@ -171,6 +171,8 @@ def test_configured_objective_policy_and_unlabeled_training(
             "train.replay_sampling": "random",
             "bank.policy": "reservoir",
             "bank.capacity": "300",
+            "eval.classifier": "knn",
+            "eval.knn_k": "5",
         },
     )
     k = settings.kafka
@@ -191,7 +193,7 @@ def test_configured_objective_policy_and_unlabeled_training(
     evals = [r.payload for r in records if r.kind == "eval"]
     assert evals
     last = evals[-1]
-    assert last["primary"] == "ncm"
+    assert last["primary"] == "knn"
     assert set(last["classifiers"]) == {"ncm", "knn", "head"}
     for classifier in last["classifiers"].values():
         assert set(classifier["per_class_accuracy"]) == {"0", "1", "2"}
@@ -199,3 +201,8 @@ def test_configured_objective_policy_and_unlabeled_training(
     steps = [r.payload for r in records if r.kind == "step" and r.payload.get("loss") is not None]
     assert steps
     assert all(set(s["per_class_loss"]) <= {"0", "1", "2"} for s in steps)
+    predictions = _read_all(bootstrap, k.predictions_topic, 40)
+    assert len(predictions) == 40
+    # Events predicted before anything was learned get no label; the rest a known class.
+    assert {p["label"] for p in predictions} <= {"0", "1", "2", None}
+    assert sum(p["label"] is not None for p in predictions) >= 30

@@ -13,7 +13,12 @@ from pipeline.config import ModelSettings, TrainSettings, load_settings
 from pipeline.exceptions import ConfigError
 from pipeline.losses import asymmetric_supcon_loss, nt_xent_loss, supcon_loss
 from pipeline.model import StreamNet
-from pipeline.objectives import loss_weights, natural_classifier, objective_loss
+from pipeline.objectives import (
+    chosen_classifier,
+    loss_weights,
+    natural_classifier,
+    objective_loss,
+)
 from pipeline.online import learn_batch
 from pipeline.step import StepInputs, make_state, train_step
 
@@ -118,6 +123,11 @@ def test_loss_weights_and_natural_classifiers() -> None:
     assert natural_classifier(TrainSettings(objective="ce")) == "head"
     assert natural_classifier(TrainSettings(objective="focal")) == "head"
     assert natural_classifier(TrainSettings(objective="asym_supcon")) == "ncm"
+    # A representation term decides, whatever the preset says; a detached head does not.
+    assert natural_classifier(TrainSettings(objective="ce", loss_terms={"supcon": 1})) == "ncm"
+    assert natural_classifier(TrainSettings(loss_terms={"focal": 1, "ce_detached": 1})) == "head"
+    assert chosen_classifier(TrainSettings(objective="ce"), "natural") == "head"
+    assert chosen_classifier(TrainSettings(objective="ce"), "knn") == "knn"
     assert TrainSettings(objective="asym_supcon").replay_enabled
     assert not TrainSettings(objective="focal").replay_enabled
 
@@ -131,6 +141,7 @@ def test_loss_weights_and_natural_classifiers() -> None:
         ("train.objective=mse", "train.objective"),
         ("bank.policy=fifo", "bank.policy"),
         ("train.replay_sampling=hard", "train.replay_sampling"),
+        ("eval.classifier=svm", "eval.classifier"),
     ],
 )
 def test_bad_objective_settings_fail_with_the_key(override: str, message: str) -> None:
