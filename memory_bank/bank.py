@@ -449,9 +449,14 @@ class MemoryBank:
         """Similarity-weighted majority vote of the ``k`` nearest items.
 
         Returns (labels int64 [q], confidence float32 [q] = winning share of the vote);
-        label -1 and confidence 0 when the index is empty.
+        label -1 and confidence 0 when the bank is empty (an empty index over a non-empty
+        bank is built first).
         """
         q = queries.shape[0]
+        if len(self._index) == 0 and len(self) > 0:
+            # Items arrived before the first scheduled refresh: build the index now rather
+            # than answer "no label" until step index_refresh_steps.
+            self.refresh_index()
         if len(self._index) == 0 or k <= 0 or not self._names:
             return (
                 torch.full((q,), -1, dtype=torch.int64, device=queries.device),

@@ -15,8 +15,9 @@ gap. ``joint`` is the offline upper bound: the same network trained for several 
 the whole (shuffled) training set with the same ``train_step``.
 
 Methods (hyperparameters in :data:`METHODS`, shared ones in :func:`bench_train_settings`):
-CE fine-tune (no replay), CE + experience replay (reservoir memory, random replay), SupCon +
-bank (class-balanced memory and replay), SupCon + bank + FAISS hard negatives, asymmetric
+CE fine-tune (no replay), CE + experience replay (reservoir memory, random replay, and the
+same with the class-balanced memory and replay the SupCon runs use), SupCon + bank
+(class-balanced memory and replay), SupCon + bank + FAISS hard negatives, asymmetric
 SupCon (Co2L), and the joint upper bound. Replay per step never exceeds ``replay_size``
 bank items, hard negatives included.
 """
@@ -37,7 +38,7 @@ from memory_bank.index import make_index
 from memory_bank.testing import InMemoryBankStore
 from pipeline.config import BankSettings, ModelSettings, TrainSettings
 from pipeline.evaluation import class_means, predict_head, predict_ncm
-from pipeline.metrics import ForgettingTracker
+from pipeline.metrics import ForgettingTracker, expected_calibration_error
 from pipeline.model import StreamNet
 from pipeline.objectives import natural_classifier
 from pipeline.online import learn_batch
@@ -85,6 +86,13 @@ METHODS: tuple[Method, ...] = (
             "lr": CE_LR,
         },
         bank_policy="reservoir",
+    ),
+    # The same baseline with the SupCon runs' memory: at small memories a class-balanced
+    # bank helps CE + ER, at larger ones the reservoir does; both are reported.
+    Method(
+        "ce_er_cb",
+        "CE + ER, class-bal. memory",
+        {"objective": "ce", "replay": True, "hard_negatives": 0, "lr": CE_LR},
     ),
     Method(
         "supcon", "SupCon + bank", {"objective": "supcon", "hard_negatives": 0, "lr": SUPCON_LR}
@@ -178,6 +186,7 @@ class RunResult:
     anytime_accuracy: float | None
     min_accuracy: float | None
     ncm_final_accuracy: float
+    ece: float | None  # final ECE of the natural classifier on the test set
     curve: list[tuple[int, float]]  # (events seen, average accuracy over seen classes)
     seconds: float
 
@@ -186,28 +195,33 @@ def _model_settings() -> ModelSettings:
     return ModelSettings(input_dim=64, max_classes=10)
 
 
+Predictor = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 def _predictor(
     classifier: str, model: StreamNet, bank_x: torch.Tensor, bank_y: torch.Tensor
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Prediction function for the test rows, given the classes seen so far (bool mask)."""
+) -> Predictor:
+    """(labels, confidences) for the test rows, given the classes seen so far (bool mask)."""
     if classifier == "head":
-        return lambda x, seen: predict_head(model, x, seen)[0]
+        return lambda x, seen: predict_head(model, x, seen)
     means = class_means(model, bank_x, bank_y)
-    return lambda x, _seen: predict_ncm(model, x, means)[0]
+    return lambda x, _seen: predict_ncm(model, x, means)
 
 
-def _per_class_accuracy(
-    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    split: Split,
-    seen: torch.Tensor,
-) -> dict[str, float]:
+@dataclass(frozen=True)
+class Score:
+    per_class_accuracy: dict[str, float]
+    ece: float | None  # expected calibration error of the predictions (Guo et al. 2017)
+
+
+def _score(predict: Predictor, split: Split, seen: torch.Tensor) -> Score:
+    """Per-class accuracy and ECE on the test rows of the classes seen so far."""
     rows = seen[split.test_y]
     x, y = split.test_x[rows], split.test_y[rows]
-    correct = (predict(x, seen) == y).float()
-    out: dict[str, float] = {}
-    for cls in torch.unique(y).tolist():
-        out[str(cls)] = float(correct[y == cls].mean())
-    return out
+    predicted, confidence = predict(x, seen)
+    correct = predicted == y
+    acc = {str(c): float(correct[y == c].float().mean()) for c in torch.unique(y).tolist()}
+    return Score(acc, expected_calibration_error(confidence.tolist(), correct.tolist()))
 
 
 def _task_of() -> dict[str, str]:
@@ -249,14 +263,18 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
     class_task = _task_of()
     curve: list[tuple[int, float]] = []
     events = 0
+    final_ece: float | None = None  # the natural classifier's, at the latest evaluation
 
     def evaluate(task: int) -> None:
+        nonlocal final_ece
         _, bank_x, bank_y = bank.occupied()
         for classifier, trk in ((natural, tracker), ("ncm", ncm_tracker)):
             if classifier == "ncm" and trk is ncm_tracker and natural == "ncm":
                 continue
-            acc = _per_class_accuracy(_predictor(classifier, model, bank_x, bank_y), split, seen)
-            trk.update(acc, class_task=class_task, current_task=str(task))
+            score = _score(_predictor(classifier, model, bank_x, bank_y), split, seen)
+            trk.update(score.per_class_accuracy, class_task=class_task, current_task=str(task))
+            if trk is tracker:
+                final_ece = score.ece
         avg = tracker.result().avg_accuracy
         curve.append((events, float(avg) if avg is not None else 0.0))
 
@@ -285,6 +303,7 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
         anytime_accuracy=float(result.anytime_avg_accuracy or 0.0),
         min_accuracy=result.avg_min_accuracy,
         ncm_final_accuracy=float(ncm.avg_accuracy or 0.0),
+        ece=final_ece,
         curve=curve,
         seconds=time.perf_counter() - started,
     )
@@ -315,9 +334,9 @@ def run_joint(name: str, seed: int, cfg: BenchConfig, split: Split) -> RunResult
             inputs = StepInputs(x_all[idx], y_all[idx], empty_x, empty_y, seen)
             train_step(state, inputs, train_cfg, generator)
     natural = natural_classifier(train_cfg)
-    acc = _per_class_accuracy(_predictor(natural, model, x_all, y_all), split, seen)
-    ncm_acc = _per_class_accuracy(_predictor("ncm", model, x_all, y_all), split, seen)
-    final = float(np.mean(list(acc.values())))
+    score = _score(_predictor(natural, model, x_all, y_all), split, seen)
+    ncm = _score(_predictor("ncm", model, x_all, y_all), split, seen)
+    final = float(np.mean(list(score.per_class_accuracy.values())))
     return RunResult(
         method=name,
         memory=0,
@@ -326,7 +345,8 @@ def run_joint(name: str, seed: int, cfg: BenchConfig, split: Split) -> RunResult
         forgetting=None,
         anytime_accuracy=None,
         min_accuracy=None,
-        ncm_final_accuracy=float(np.mean(list(ncm_acc.values()))),
+        ncm_final_accuracy=float(np.mean(list(ncm.per_class_accuracy.values()))),
+        ece=score.ece,
         curve=[],
         seconds=time.perf_counter() - started,
     )

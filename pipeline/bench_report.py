@@ -21,6 +21,7 @@ from pipeline.bench_forgetting import JOINT_METHODS, METHODS, BenchConfig, RunRe
 from pipeline.exceptions import ConfigError
 
 METRICS = ("final_accuracy", "forgetting", "anytime_accuracy", "min_accuracy")
+COLUMNS = (*METRICS, "ncm_final_accuracy", "ece")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def label_of(method: str) -> str:
 class Row:
     method: str
     memory: int
-    stats: dict[str, Stat | None]  # METRICS plus "ncm_final_accuracy"
+    stats: dict[str, Stat | None]  # one per COLUMNS
     seconds: float
 
 
@@ -70,7 +71,7 @@ def summarise(results: Sequence[RunResult]) -> list[Row]:
     rows = []
     for (method, memory), runs in groups.items():
         stats: dict[str, Stat | None] = {}
-        for key in (*METRICS, "ncm_final_accuracy"):
+        for key in COLUMNS:
             values = [getattr(r, key) for r in runs if getattr(r, key) is not None]
             stats[key] = interval(values)
         rows.append(Row(method, memory, stats, sum(r.seconds for r in runs)))
@@ -93,12 +94,12 @@ def _cell(stat: Stat | None) -> str:
 def markdown(rows: Sequence[Row], cfg: BenchConfig, wall_s: float, png_name: str) -> str:
     head = (
         "| memory | method | final avg accuracy | forgetting ↓ | anytime accuracy | "
-        "min accuracy (stability gap) | final accuracy, NCM |\n"
-        "|---:|---|---|---|---|---|---|\n"
+        "min accuracy (stability gap) | final accuracy, NCM | ECE ↓ |\n"
+        "|---:|---|---|---|---|---|---|---|\n"
     )
     body = "".join(
         f"| {row.memory or '–'} | {label_of(row.method)} | "
-        + " | ".join(_cell(row.stats[k]) for k in (*METRICS, "ncm_final_accuracy"))
+        + " | ".join(_cell(row.stats[k]) for k in COLUMNS)
         + " |\n"
         for row in rows
     )
@@ -112,7 +113,8 @@ def markdown(rows: Sequence[Row], cfg: BenchConfig, wall_s: float, png_name: str
         f"({platform.machine()}, torch threads {_threads()}).\n\n"
         "CE fine-tune has no memory (its row is memory-independent); the joint rows are "
         "offline upper bounds. Accuracies use each method's natural classifier (the head "
-        "for CE, NCM over the bank for SupCon); the last column is NCM for every method.\n\n"
+        "for CE, NCM over the bank for SupCon); the NCM column applies NCM to every method; "
+        "ECE is the final expected calibration error of the natural classifier (15 bins).\n\n"
         + head
         + body
         + f"\n![accuracy over the stream]({png_name})\n"

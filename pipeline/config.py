@@ -176,6 +176,11 @@ class TrainSettings(_Frozen):
         "empty means {<objective>: 1.0}.",
     )
     replay_sampling: Literal["class_balanced", "random"] = "class_balanced"
+    train_unlabeled: bool = Field(
+        False,
+        description="Also train on events without a label (NT-Xent), alongside the labeled "
+        "events of the same micro-batch; they are still predicted.",
+    )
     label_smoothing: float = Field(0.0, ge=0, le=1)
     focal_gamma: float = Field(2.0, ge=0)
     focal_alpha: float | None = Field(None, gt=0)
@@ -212,6 +217,12 @@ class EvalSettings(_Frozen):
     probe_per_class: int = Field(50, ge=1)
     every_steps: int = Field(20, ge=1)
     prediction_refresh_steps: int = Field(20, ge=1)
+    classifier: Literal["natural", "ncm", "knn", "head"] = Field(
+        "natural",
+        description="Classifier for predictions and the primary evaluation; natural: the "
+        "head for ce/focal, NCM otherwise.",
+    )
+    knn_k: int = Field(10, ge=1, description="Neighbours of the kNN classifier.")
 
 
 class CheckpointSettings(_Frozen):

@@ -56,15 +56,18 @@ from pipeline.labels import LabelRegistry
 from pipeline.ledger import TrainedLedger, ledger_path
 from pipeline.metrics import expected_calibration_error
 from pipeline.model import StreamNet
-from pipeline.objectives import HEAD_TERMS, loss_weights, natural_classifier
-from pipeline.online import learn_batch
+from pipeline.objectives import (
+    HEAD_TERMS,
+    chosen_classifier,
+    loss_weights,
+)
+from pipeline.online import learn_batch, with_unlabeled
 from pipeline.step import TrainState, make_state
 from pipeline.telemetry import TelemetryWriter, telemetry_client
 
 log = structlog.get_logger(__name__)
 
 PROGRESS_EVERY_S = 5.0
-KNN_K = 10  # neighbours of the kNN classifier reported at evaluation
 JOIN_TIMEOUT_S = 120.0
 
 
@@ -195,10 +198,21 @@ def _refresh_means(ctx: LearnerContext, force: bool = False) -> ClassMeans:
 
 
 def _predict(ctx: LearnerContext, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The objective's natural classifier: nearest class mean, or the head for ce / focal."""
-    if natural_classifier(ctx.settings.train) == "head":
+    """``eval.classifier``: by default the objective's natural one (NCM; the head for ce and
+    focal); kNN over the FAISS index falls back to NCM while the bank is empty."""
+    choice = chosen_classifier(ctx.settings.train, ctx.settings.eval.classifier)
+    if choice == "head":
         return predict_head(ctx.state.model, feats, ctx.seen_classes)
+    if choice == "knn" and len(ctx.bank):
+        return _predict_knn(ctx, feats)
     return predict_ncm(ctx.state.model, feats, _refresh_means(ctx))
+
+
+def _predict_knn(ctx: LearnerContext, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        ctx.state.model.eval()
+        queries = torch.nn.functional.normalize(ctx.state.model.embed(feats).float(), dim=-1)
+    return ctx.bank.knn_predict(queries, ctx.settings.eval.knn_k)
 
 
 def _publish_predictions(
@@ -252,10 +266,12 @@ def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
         x = feats_all[train_rows]
         y = torch.tensor([class_idx[i] for i in train_rows], dtype=torch.long, device=ctx.device)
         # Predict, then train: the prequential accuracy costs one forward pass.
-        if len(ctx.bank) > 0 or natural_classifier(s.train) == "head":
+        if len(ctx.bank) > 0 or chosen_classifier(s.train, s.eval.classifier) == "head":
             predicted, _ = _predict(ctx, x)
             ctx.counters.prequential_correct += int((predicted == y).sum())
             ctx.counters.prequential_total += len(train_rows)
+        unlabeled = feats_all[predict_rows] if s.train.train_unlabeled and predict_rows else None
+        x, y = with_unlabeled(x, y, unlabeled)  # trained with NT-Xent, never banked
         record = _train_on(ctx, batch, train_rows, x, y)
         tasks = [batch.tasks[i] for i in train_rows]
         ctx.current_task = tasks[-1] if tasks[-1] is not None else ctx.current_task
@@ -297,7 +313,7 @@ def _train_on(
     per_class: dict[str, float] = {}
     if per_sample is not None:
         ys = y.cpu()
-        for cls in torch.unique(ys).tolist():
+        for cls in torch.unique(ys[ys >= 0]).tolist():
             per_class[ctx.registry.name(cls)] = round(float(per_sample[ys == cls].mean()), 6)
     return {
         "loss": round(float(np.mean(losses)), 6) if losses else None,
@@ -312,18 +328,15 @@ def _train_on(
 def evaluate(ctx: LearnerContext) -> dict[str, Any]:
     """Per-class accuracy and ECE on the held-out probes: NCM, kNN, and the head when trained.
 
-    ``primary`` is the objective's natural classifier (:func:`natural_classifier`).
+    ``primary`` is ``eval.classifier`` (by default the objective's natural classifier).
     """
     feats, truth = ctx.probes.tensors()
     cfg = ctx.settings.train
     means = _refresh_means(ctx, force=True)
     predictions = {"ncm": predict_ncm(ctx.state.model, feats, means)}
     if len(ctx.bank) and feats.shape[0]:
-        with torch.no_grad():
-            ctx.state.model.eval()
-            queries = torch.nn.functional.normalize(ctx.state.model.embed(feats).float(), dim=-1)
-        predictions["knn"] = ctx.bank.knn_predict(queries, KNN_K)
-    primary = natural_classifier(cfg)
+        predictions["knn"] = _predict_knn(ctx, feats)
+    primary = chosen_classifier(cfg, ctx.settings.eval.classifier)
     if primary == "head" or HEAD_TERMS & set(loss_weights(cfg)):
         predictions["head"] = predict_head(ctx.state.model, feats, ctx.seen_classes)
     classifiers = {

@@ -41,6 +41,7 @@ from pipeline.losses import (
 from pipeline.model import StreamNet, augment
 
 HEAD_TERMS = frozenset({"ce", "ce_detached", "focal"})
+REPRESENTATION_TERMS = frozenset({"supcon", "asym_supcon", "triplet"})
 UNLABELED = -1
 
 
@@ -51,8 +52,14 @@ def loss_weights(cfg: TrainSettings) -> dict[str, float]:
 
 
 def natural_classifier(cfg: TrainSettings) -> str:
-    """``"head"`` when the objective trains the head on the encoder itself, else ``"ncm"``."""
-    return "head" if cfg.objective in ("ce", "focal") else "ncm"
+    """``"head"`` when only head terms (ce, focal) train the encoder, else ``"ncm"``."""
+    terms = set(loss_weights(cfg))
+    return "head" if terms & {"ce", "focal"} and not terms & REPRESENTATION_TERMS else "ncm"
+
+
+def chosen_classifier(cfg: TrainSettings, choice: str) -> str:
+    """``eval.classifier`` resolved: ``"natural"`` becomes the objective's natural one."""
+    return natural_classifier(cfg) if choice == "natural" else choice
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,28 +77,18 @@ class Views:
 
 
 @dataclass(frozen=True, slots=True)
-class TermLoss:
-    """A term's per-item losses (each averaged over its views) for rows ``0..len-1``.
-
-    Terms whose anchors are the batch only (``asym_supcon``) cover the first ``n`` rows.
-    """
-
-    per_item: torch.Tensor
-
-
-@dataclass(frozen=True, slots=True)
 class ObjectiveLoss:
     loss: torch.Tensor  # scalar, what backward() is called on
     batch_per_sample: torch.Tensor  # [n] weighted per-item loss of the batch items
 
 
 def _contrast_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Labels with each unlabeled item given a fresh identity (below every real label)."""
-    unlabeled = labels == UNLABELED
-    if not bool(unlabeled.any()):
-        return labels
+    """Labels with each unlabeled item given a fresh identity (below every real label).
+
+    Always computed (no ``.any()`` test), so a step with labels only costs no host sync.
+    """
     ids = -2 - torch.arange(labels.shape[0], device=labels.device)
-    return torch.where(unlabeled, ids, labels)
+    return torch.where(labels == UNLABELED, ids, labels)
 
 
 def _per_view_mean(per_anchor: torch.Tensor, items: int) -> torch.Tensor:
@@ -103,7 +100,7 @@ def _projected(model: StreamNet, v: Views) -> torch.Tensor:
     return torch.stack([z[: v.m], z[v.m :]], dim=1)  # [m, 2, proj]
 
 
-def _supcon_term(model: StreamNet, v: Views, cfg: TrainSettings) -> TermLoss:
+def _supcon_term(model: StreamNet, v: Views, cfg: TrainSettings) -> torch.Tensor:
     feats = _projected(model, v)
     per_anchor = supcon_loss(
         feats,
@@ -113,10 +110,10 @@ def _supcon_term(model: StreamNet, v: Views, cfg: TrainSettings) -> TermLoss:
         cfg.contrast_mode,
         reduction="none",
     )
-    return TermLoss(per_anchor if cfg.contrast_mode == "one" else _per_view_mean(per_anchor, v.m))
+    return per_anchor if cfg.contrast_mode == "one" else _per_view_mean(per_anchor, v.m)
 
 
-def _asym_supcon_term(model: StreamNet, v: Views, cfg: TrainSettings) -> TermLoss:
+def _asym_supcon_term(model: StreamNet, v: Views, cfg: TrainSettings) -> torch.Tensor:
     feats = _projected(model, v)
     labels = _contrast_labels(v.labels)
     replay = feats[v.n :]
@@ -129,21 +126,21 @@ def _asym_supcon_term(model: StreamNet, v: Views, cfg: TrainSettings) -> TermLos
         cfg.base_temperature,
         reduction="none",
     )
-    return TermLoss(_per_view_mean(per_anchor, v.n))
+    return _per_view_mean(per_anchor, v.n)
 
 
-def _labeled_only(per_view: torch.Tensor, v: Views) -> TermLoss:
-    """Average a head loss over views; unlabeled items contribute 0."""
+def _labeled_only(per_view: torch.Tensor, v: Views) -> torch.Tensor:
+    """Average a head loss over views; unlabeled items contribute 0 (and count in the mean)."""
     labeled = (v.labels != UNLABELED).repeat(2)
     per_view = per_view.masked_fill(~labeled, 0.0)
-    return TermLoss(_per_view_mean(per_view, v.m))
+    return _per_view_mean(per_view, v.m)
 
 
 def _head_targets(v: Views) -> torch.Tensor:
     return v.labels.clamp(min=0).repeat(2)
 
 
-def _ce_term(model: StreamNet, v: Views, cfg: TrainSettings, detach: bool) -> TermLoss:
+def _ce_term(model: StreamNet, v: Views, cfg: TrainSettings, detach: bool) -> torch.Tensor:
     logits = model.logits(v.h.detach() if detach else v.h)
     per_view = cross_entropy_loss(
         logits,
@@ -155,7 +152,7 @@ def _ce_term(model: StreamNet, v: Views, cfg: TrainSettings, detach: bool) -> Te
     return _labeled_only(per_view, v)
 
 
-def _focal_term(model: StreamNet, v: Views, cfg: TrainSettings) -> TermLoss:
+def _focal_term(model: StreamNet, v: Views, cfg: TrainSettings) -> torch.Tensor:
     per_view = focal_loss(
         model.logits(v.h),
         _head_targets(v),
@@ -167,14 +164,16 @@ def _focal_term(model: StreamNet, v: Views, cfg: TrainSettings) -> TermLoss:
     return _labeled_only(per_view, v)
 
 
-def _triplet_term(model: StreamNet, v: Views, cfg: TrainSettings) -> TermLoss:
+def _triplet_term(model: StreamNet, v: Views, cfg: TrainSettings) -> torch.Tensor:
     z = model.project(v.h)
     labels = _contrast_labels(v.labels).repeat(2)
     per_anchor = batch_hard_triplet_loss(z, labels, cfg.triplet_margin, reduction="none")
-    return TermLoss(_per_view_mean(per_anchor, v.m))
+    return _per_view_mean(per_anchor, v.m)
 
 
-TermFn = Callable[[StreamNet, Views, TrainSettings], TermLoss]
+# A term returns its per-item losses (each averaged over the item's views): rows 0..m-1, or
+# only the batch's rows 0..n-1 for a term whose anchors are the batch (asym_supcon).
+TermFn = Callable[[StreamNet, Views, TrainSettings], torch.Tensor]
 TERMS: dict[str, TermFn] = {
     "supcon": _supcon_term,
     "asym_supcon": _asym_supcon_term,
@@ -200,7 +199,7 @@ def objective_loss(
     )
     v = Views(n=n, labels=labels, h=model.embed(views), seen_classes=seen_classes)
     weights = loss_weights(cfg)
-    per_term = {name: TERMS[name](model, v, cfg).per_item for name in weights}
+    per_term = {name: TERMS[name](model, v, cfg) for name in weights}
     total = combine({name: t.float().mean() for name, t in per_term.items()}, weights)
     batch = combine({name: t[:n].float() for name, t in per_term.items()}, weights)
     return ObjectiveLoss(

@@ -66,6 +66,15 @@ def select_replay(
     )
 
 
+def with_unlabeled(
+    x: torch.Tensor, y: torch.Tensor, unlabeled: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append events without a label (label -1) after the labeled rows of a batch."""
+    if unlabeled is None or unlabeled.shape[0] == 0:
+        return x, y
+    return torch.cat([x, unlabeled]), torch.cat([y, y.new_full((unlabeled.shape[0],), -1)])
+
+
 @dataclass(frozen=True, slots=True)
 class BatchOutcome:
     losses: list[float]  # one per step that was not skipped
@@ -86,7 +95,9 @@ def learn_batch(
 ) -> BatchOutcome:
     """Train ``iters_per_batch`` steps on batch ∪ replay, then offer the batch to the bank.
 
-    ``bank_items`` is (event ids, label names, tasks) of the batch rows, for ``bank.add``.
+    ``bank_items`` is (event ids, label names, tasks) of the labeled batch rows, which come
+    first in ``x``; rows after them are events without a label (``y = -1``): they are trained
+    on (NT-Xent in the contrastive terms) but never offered to the bank.
     """
     losses: list[float] = []
     per_sample: torch.Tensor | None = None
@@ -107,5 +118,6 @@ def learn_batch(
             per_sample = result.per_sample_loss
     assert result is not None  # iters_per_batch >= 1
     ids, names, tasks = bank_items
-    bank.add(list(ids), x, y, list(names), result.batch_embeddings, list(tasks))
+    k = len(ids)
+    bank.add(list(ids), x[:k], y[:k], list(names), result.batch_embeddings[:k], list(tasks))
     return BatchOutcome(losses, per_sample, skipped_any, result)

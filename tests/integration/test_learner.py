@@ -150,3 +150,59 @@ def test_restart_resumes_from_checkpoint_without_retraining(bootstrap, redis_url
     assert second.counters["consumed"] == 180
     assert second.steps > first.steps
     assert second.bank_size <= 64
+
+
+def test_configured_objective_policy_and_unlabeled_training(
+    bootstrap, redis_url, redis_client, unique, tmp_path
+):
+    """SupCon + 0.1 · detached CE, reservoir bank, uniform replay, unlabeled events trained
+    on with NT-Xent, kNN predictions: counts hold, only labeled events are banked,
+    evaluations report NCM, kNN (primary) and the head with their ECE."""
+    from pipeline.telemetry import TelemetryReader
+
+    settings = _settings(
+        bootstrap,
+        redis_url,
+        unique,
+        tmp_path,
+        **{
+            "train.loss_terms": "{supcon: 1.0, ce_detached: 0.1}",
+            "train.train_unlabeled": "true",
+            "train.replay_sampling": "random",
+            "bank.policy": "reservoir",
+            "bank.capacity": "300",
+            "eval.classifier": "knn",
+            "eval.knn_k": "5",
+        },
+    )
+    k = settings.kafka
+    ensure_topics(k.client_options(), k.all_topics(), k.partitions, 1, timeout_s=30)
+    events = [_event(i, label=None if i % 4 == 3 else "auto") for i in range(160)]
+    _produce(bootstrap, k.events_topic, [orjson.dumps(e) for e in events])
+
+    summary = run_learner(settings, threading.Event(), RunLimits(exit_when_idle_s=4.0))
+    c = summary.counters
+    assert c["consumed"] == 160
+    assert c["predicted"] == 40
+    assert c["trained"] + c["held_out"] == 120
+    assert summary.skipped_steps == 0
+    assert summary.bank_size == c["trained"]  # unlabeled events are never banked
+
+    reader = TelemetryReader(redis_client, settings.redis.key_prefix)
+    records = reader.read({settings.learner_name: "0-0"}, count=10_000)
+    evals = [r.payload for r in records if r.kind == "eval"]
+    assert evals
+    last = evals[-1]
+    assert last["primary"] == "knn"
+    assert set(last["classifiers"]) == {"ncm", "knn", "head"}
+    for classifier in last["classifiers"].values():
+        assert set(classifier["per_class_accuracy"]) == {"0", "1", "2"}
+        assert 0.0 <= classifier["ece"] <= 1.0
+    steps = [r.payload for r in records if r.kind == "step" and r.payload.get("loss") is not None]
+    assert steps
+    assert all(set(s["per_class_loss"]) <= {"0", "1", "2"} for s in steps)
+    predictions = _read_all(bootstrap, k.predictions_topic, 40)
+    assert len(predictions) == 40
+    # Events predicted before anything was learned get no label; the rest a known class.
+    assert {p["label"] for p in predictions} <= {"0", "1", "2", None}
+    assert sum(p["label"] is not None for p in predictions) >= 30

@@ -77,7 +77,7 @@ def evaluation(n: int, head: dict[str, float], task: int) -> dict[str, Any]:
         "primary": "head",
         "classifiers": {
             "ncm": {"per_class_accuracy": dict.fromkeys(head, 1.0)},
-            "head": {"per_class_accuracy": head},
+            "head": {"per_class_accuracy": head, "ece": 0.05},
         },
         "class_task": {"a": "0", "b": "0", "c": "1", "d": "1", "e": "2"},
         "current_task": str(task),
@@ -185,6 +185,9 @@ def test_publishes_loss_and_forgetting(
         "per_task_forgetting": {"0": approx(0.3), "1": 0.0},  # task 0: 0.9 → 0.6
         "anytime_avg_accuracy": approx(0.8),  # (0.9 + 0.7) / 2
         "backward_transfer": None,
+        "min_task_accuracy": {"0": approx(0.6)},  # task 0 since it ended: 0.6
+        "avg_min_accuracy": approx(0.6),
+        "ece": 0.05,
         "accuracy_matrix": [{"task": "0", "accuracy": {"0": approx(0.9)}}],
         "current_task": "1",
         "evaluations": 2,

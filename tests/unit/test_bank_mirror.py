@@ -163,14 +163,20 @@ def test_update_embeddings_skips_refilled_slots_and_flush_writes_once() -> None:
 
 
 def test_index_refreshes_every_n_steps() -> None:
+    centers = torch.eye(EMB_DIM)[:2]
+    query = centers[1:2]  # nearest to class 1 once class 1 is indexed
     bank = make_bank(capacity=10, index_refresh_steps=3)
-    fill(bank, {0: 5})
-    assert bank.knn_predict(torch.randn(1, EMB_DIM), 1)[0].item() == -1  # not indexed yet
+    fill(bank, {0: 5}, centers=centers)
+    # An empty index over a non-empty bank is built on first use...
+    assert bank.knn_predict(query, 1)[0].item() == 0
+    fill(bank, {1: 5}, centers=centers, prefix="f")
+    # ...later changes wait for the scheduled refresh, every index_refresh_steps steps.
+    assert bank.knn_predict(query, 1)[0].item() == 0
     bank.step()
     bank.step()
-    assert bank.knn_predict(torch.randn(1, EMB_DIM), 1)[0].item() == -1
+    assert bank.knn_predict(query, 1)[0].item() == 0
     bank.step()
-    assert bank.knn_predict(torch.randn(1, EMB_DIM), 1)[0].item() == 0
+    assert bank.knn_predict(query, 1)[0].item() == 1
 
 
 def test_class_means_from_mirror_and_from_given_embeddings() -> None:

@@ -93,3 +93,12 @@ def test_random_sampling_follows_the_bank_and_class_balanced_evens_classes() -> 
         balanced.update(bank.sample(10, "class_balanced").labels.tolist())
     assert uniform[1] / 2000 == pytest.approx(0.10, abs=0.03)
     assert balanced[1] / 2000 > 0.35  # class 1 (10 items) is drawn ~ half the time
+
+
+def test_knn_answers_before_the_first_scheduled_index_refresh() -> None:
+    bank = _bank("class_balanced", capacity=20)
+    assert bank.knn_predict(torch.randn(2, EMB_DIM), k=3)[0].tolist() == [-1, -1]  # empty bank
+    _fill(bank, [0] * 5 + [1] * 5)
+    labels, confidence = bank.knn_predict(torch.randn(4, EMB_DIM), k=3)
+    assert set(labels.tolist()) <= {0, 1}
+    assert bool((confidence > 0).all())

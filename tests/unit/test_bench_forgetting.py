@@ -54,6 +54,9 @@ def test_ce_fine_tune_falls_into_the_trap_and_supcon_with_a_bank_does_not(result
     assert supcon.final_accuracy > ce.final_accuracy + 0.3
     assert supcon.min_accuracy is not None
     assert joint.forgetting is None
+    for run in (ce, supcon, joint):
+        assert run.ece is not None
+        assert 0.0 <= run.ece <= 1.0
     assert joint.final_accuracy > 0.8
     # One evaluation every eval_every batches and at each task end, over the whole stream.
     events = [e for e, _ in supcon.curve]
@@ -66,6 +69,7 @@ def test_report_files(results, tmp_path) -> None:
     text = paths["markdown"].read_text()
     assert "| 20 | SupCon + bank |" in text
     assert "| – | CE fine-tune |" in text
+    assert "ECE ↓" in text
     assert "![accuracy over the stream](forgetting.png)" in text
     report = json.loads(paths["json"].read_text())
     assert {row["method"] for row in report["summary"]} == {"ce_finetune", "supcon", "joint"}

@@ -6,11 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from memory_bank.bank import MemoryBank
+from memory_bank.index import TorchIndex
+from memory_bank.testing import InMemoryBankStore
 from pipeline.config import ModelSettings, TrainSettings, load_settings
 from pipeline.exceptions import ConfigError
 from pipeline.losses import asymmetric_supcon_loss, nt_xent_loss, supcon_loss
 from pipeline.model import StreamNet
-from pipeline.objectives import loss_weights, natural_classifier, objective_loss
+from pipeline.objectives import (
+    chosen_classifier,
+    loss_weights,
+    natural_classifier,
+    objective_loss,
+)
+from pipeline.online import learn_batch
 from pipeline.step import StepInputs, make_state, train_step
 
 MODEL = ModelSettings(input_dim=8, hidden_dim=32, embed_dim=16, proj_dim=16, max_classes=5)
@@ -114,6 +123,11 @@ def test_loss_weights_and_natural_classifiers() -> None:
     assert natural_classifier(TrainSettings(objective="ce")) == "head"
     assert natural_classifier(TrainSettings(objective="focal")) == "head"
     assert natural_classifier(TrainSettings(objective="asym_supcon")) == "ncm"
+    # A representation term decides, whatever the preset says; a detached head does not.
+    assert natural_classifier(TrainSettings(objective="ce", loss_terms={"supcon": 1})) == "ncm"
+    assert natural_classifier(TrainSettings(loss_terms={"focal": 1, "ce_detached": 1})) == "head"
+    assert chosen_classifier(TrainSettings(objective="ce"), "natural") == "head"
+    assert chosen_classifier(TrainSettings(objective="ce"), "knn") == "knn"
     assert TrainSettings(objective="asym_supcon").replay_enabled
     assert not TrainSettings(objective="focal").replay_enabled
 
@@ -127,8 +141,26 @@ def test_loss_weights_and_natural_classifiers() -> None:
         ("train.objective=mse", "train.objective"),
         ("bank.policy=fifo", "bank.policy"),
         ("train.replay_sampling=hard", "train.replay_sampling"),
+        ("eval.classifier=svm", "eval.classifier"),
     ],
 )
 def test_bad_objective_settings_fail_with_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_settings(None, [override], environ={})
+
+
+def test_learn_batch_trains_on_unlabeled_rows_but_banks_only_labeled_ones() -> None:
+    x, y, seen = _data()
+    y = torch.cat([y[:8], torch.full((4,), -1)])  # 8 labeled rows, then 4 unlabeled
+    model = _net()
+    cfg = TrainSettings(objective="supcon", iters_per_batch=2)
+    state = make_state(model, cfg)
+    bank = MemoryBank(InMemoryBankStore(), TorchIndex(MODEL.embed_dim), 50, 8, 16, "cpu")
+    ids = [f"e{i}" for i in range(8)]
+    items = (ids, [str(int(c)) for c in y[:8]], [None] * 8)
+    out = learn_batch(state, bank, cfg, x, y, seen, None, items)
+    assert sorted(bank.ids()) == sorted(ids)
+    assert len(out.losses) == 2
+    assert out.per_sample_loss is not None
+    assert out.per_sample_loss.shape == (12,)
+    assert bool((out.per_sample_loss[8:] > 0).all())  # NT-Xent of the unlabeled rows
