@@ -212,6 +212,9 @@ class LearnerSettings(_Frozen):
         pattern=r"^[A-Za-z0-9._-]+$",
         description="Names group, bank, checkpoints and telemetry; defaults to the objective.",
     )
+    startup_wait_s: float = Field(
+        300.0, ge=0, description="How long to wait at start for an unreachable broker or Redis."
+    )
 
 
 class SidecarSettings(_Frozen):

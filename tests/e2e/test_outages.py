@@ -272,3 +272,27 @@ def test_second_learner_joining_and_first_leaving_skip_nothing(
         assert report.bank_duplicate_ids == 0
         assert report.bank_untrained_ids == 0
         assert report.probes_trained == 0
+
+
+def test_learner_started_before_the_broker_waits_for_it(redis_url, unique, tmp_path):
+    """A stack coming up in any order: the learner waits for its broker instead of exiting."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    pairs = [*drill_pairs(address, redis_url, f"wb{unique}", tmp_path), *SMALL]
+    settings = drill_settings(pairs)
+    log = tmp_path / "learner.log"
+    learner = spawn(cli_command("learn", "--exit-when-idle", "3", *set_args(pairs)), log)
+    broker = None
+    try:
+        time.sleep(4)
+        assert learner.poll() is None, log.read_text()[-2000:]
+        broker = start_broker(port, tmp_path / "stack")
+        _topics(pairs)
+        ids = _produce(address, settings.kafka.events_topic, _events("a", 100))
+        assert learner.wait(timeout=180) == 0, log.read_text()[-3000:]
+    finally:
+        if learner.poll() is None:
+            stop_process(learner.pid)
+        if broker is not None:
+            stop_process(broker.pid)
+    assert read_ledger(ledger_path(settings.checkpoint_dir)).distinct == _trainable(ids)
