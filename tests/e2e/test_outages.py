@@ -126,6 +126,11 @@ def test_broker_unreachable_mid_replay_loses_nothing(redis_url, unique, tmp_path
         assert wait_for_ledger(ledger, _trainable(ids), 90) == _trainable(ids), log.read_text()
         proxy.cut()
         _wait_health(settings.checkpoint_dir, "kafka_consumer", up=False, timeout_s=30)
+        status = subprocess.run(
+            cli_command("status", *set_args(pairs)), check=False, capture_output=True, timeout=60
+        )
+        assert status.returncode == 1  # the outage is visible, not a silent stall
+        assert orjson.loads(status.stdout)["supcon"]["status"] == "degraded"
         time.sleep(2)  # offsets of the first half cannot be committed meanwhile
         proxy.restore()
         ids += _produce(address, settings.kafka.events_topic, _events("b", 200))
@@ -134,6 +139,11 @@ def test_broker_unreachable_mid_replay_loses_nothing(redis_url, unique, tmp_path
         assert snap["components"]["kafka_consumer"]["outages"] >= 1
         assert learner.poll() is None, "the learner must ride out the outage"
         _stop(learner, log)
+        status = subprocess.run(
+            cli_command("status", *set_args(pairs)), check=False, capture_output=True, timeout=60
+        )
+        assert status.returncode == 0
+        assert orjson.loads(status.stdout)["supcon"]["status"] == "stopped"
         report = check_delivery(settings, ids)
     finally:
         if learner is not None and learner.poll() is None:
