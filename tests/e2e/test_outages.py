@@ -235,10 +235,12 @@ def test_broker_restart_reconnects_consumer_and_producers(redis_url, unique, tmp
     assert all(i in trained for i in second if not is_probe(i, 0.1))
 
 
+@pytest.mark.parametrize("leave", ["sigterm", "sigkill"])
 def test_second_learner_joining_and_first_leaving_skip_nothing(
-    bootstrap, redis_url, unique, tmp_path
+    bootstrap, redis_url, unique, tmp_path, leave
 ):
-    """Two members of one group: B joins mid-stream, A leaves (SIGTERM); no event skipped."""
+    """Two members of one group: B joins mid-stream, A leaves (SIGTERM, or SIGKILL so its
+    partitions move only when its session expires); no event is skipped."""
     group = f"grp{unique}"
     base = [
         *drill_pairs(bootstrap, redis_url, f"rb{unique}", tmp_path),
@@ -259,7 +261,11 @@ def test_second_learner_joining_and_first_leaving_skip_nothing(
         ids += _produce(bootstrap, sa.kafka.events_topic, _events("y", 300))
         assert wait_for_ledger(ledger_path(sb.checkpoint_dir), 1, 90) >= 1, log_b.read_text()
         ids += _produce(bootstrap, sa.kafka.events_topic, _events("z", 300))
-        _stop(a, log_a)  # its partitions move to b: revoked work is committed or re-read
+        if leave == "sigterm":
+            _stop(a, log_a)  # its partitions move to b: revoked work is committed or re-read
+        else:
+            a.send_signal(signal.SIGKILL)
+            a.wait(10)
         ids += _produce(bootstrap, sa.kafka.events_topic, _events("w", 300))
         union = {*read_ledger(ledger_path(sa.checkpoint_dir)).counts}
         expected = {i for i in ids if not is_probe(i, 0.1)}
