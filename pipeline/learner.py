@@ -467,7 +467,7 @@ def build_context(settings: Settings, stop: threading.Event | None = None) -> Le
     """Create every component. Nothing is connected at import time."""
     from consumers.source import KafkaBatchSource, SourceConfig
     from memory_bank.index import make_index
-    from memory_bank.redis_store import RedisBankStore, make_redis_client
+    from memory_bank.redis_store import RedisBankStore, make_redis_client, ping_redis
 
     torch.manual_seed(settings.train.seed)
     if settings.train.torch_threads:
@@ -528,22 +528,18 @@ def build_context(settings: Settings, stop: threading.Event | None = None) -> Le
         on_health=health.reporter("redis"),
     )
     started = time.monotonic()
-    bank = _until_reachable(
-        lambda: MemoryBank.open(
-            store,
-            make_index("faiss", settings.model.embed_dim, device, b.use_gpu),
-            capacity=b.capacity,
-            input_dim=settings.model.input_dim,
-            embed_dim=settings.model.embed_dim,
-            device=device,
-            seed=settings.train.seed,
-            index_refresh_steps=b.index_refresh_steps,
-            hard_negative_queries=b.hard_negative_queries,
-            label_index=label_index,
-        ),
-        "redis",
-        wait_s,
-        stop,
+    _until_reachable(lambda: ping_redis(client), "redis", wait_s, stop)
+    bank = MemoryBank.open(
+        store,
+        make_index("faiss", settings.model.embed_dim, device, b.use_gpu),
+        capacity=b.capacity,
+        input_dim=settings.model.input_dim,
+        embed_dim=settings.model.embed_dim,
+        device=device,
+        seed=settings.train.seed,
+        index_refresh_steps=b.index_refresh_steps,
+        hard_negative_queries=b.hard_negative_queries,
+        label_index=label_index,
     )
     log.info("memory bank loaded", items=len(bank), seconds=round(time.monotonic() - started, 3))
     ctx = LearnerContext(
