@@ -290,25 +290,36 @@ def test_second_learner_joining_and_first_leaving_skip_nothing(
         assert report.probes_trained == 0
 
 
-def test_learner_started_before_the_broker_waits_for_it(redis_url, unique, tmp_path):
-    """A stack coming up in any order: the learner waits for its broker instead of exiting."""
+@pytest.mark.parametrize("late", ["broker", "redis"])
+def test_learner_started_before_its_broker_or_redis_waits(
+    bootstrap, redis_url, unique, tmp_path, late
+):
+    """A stack coming up in any order: the learner waits for a dependency instead of exiting."""
     port = free_port()
-    address = f"127.0.0.1:{port}"
-    pairs = [*drill_pairs(address, redis_url, f"wb{unique}", tmp_path), *SMALL]
+    address = f"127.0.0.1:{port}" if late == "broker" else bootstrap
+    redis_at = f"redis://127.0.0.1:{port}/0" if late == "redis" else redis_url
+    pairs = [*drill_pairs(address, redis_at, f"wb{unique}", tmp_path), *SMALL]
     settings = drill_settings(pairs)
     log = tmp_path / "learner.log"
+    if late == "redis":
+        _topics(pairs)
     learner = spawn(cli_command("learn", "--exit-when-idle", "3", *set_args(pairs)), log)
-    broker = None
+    started = None
     try:
         time.sleep(4)
         assert learner.poll() is None, log.read_text()[-2000:]
-        broker = start_broker(port, tmp_path / "stack")
-        _topics(pairs)
+        if late == "broker":
+            started = start_broker(port, tmp_path / "stack")
+            _topics(pairs)
+        else:
+            started = start_redis(port, tmp_path / "redis")
         ids = _produce(address, settings.kafka.events_topic, _events("a", 100))
         assert learner.wait(timeout=180) == 0, log.read_text()[-3000:]
     finally:
         if learner.poll() is None:
             stop_process(learner.pid)
-        if broker is not None:
-            stop_process(broker.pid)
+        if started is not None:
+            stop_process(started.pid)
     assert read_ledger(ledger_path(settings.checkpoint_dir)).distinct == _trainable(ids)
+    if late == "redis":
+        assert "waiting for a dependency" in log.read_text()
