@@ -443,24 +443,37 @@ def apply_checkpoint(ctx: LearnerContext, ckpt: Checkpoint) -> None:
 # --------------------------------------------------------------------------- assembly
 
 
-def _until_reachable(make: Callable[[], T], what: str, wait_s: float, stop: threading.Event) -> T:
+def _until_reachable(
+    make: Callable[[], T],
+    what: str,
+    wait_s: float,
+    stop: threading.Event,
+    report: Callable[[str | None], None] | None = None,
+) -> T:
     """``make()``, retried with backoff while its server is unreachable at start.
 
     A learner started before its broker or Redis (a whole stack coming up at once) waits up
-    to ``learner.startup_wait_s`` instead of exiting and being restarted in a loop.
+    to ``learner.startup_wait_s`` instead of exiting and being restarted in a loop; the wait
+    shows in ``report`` (the health board) as that dependency being down.
     """
     deadline = time.monotonic() + wait_s
     delay = 1.0
     while True:
         try:
-            return make()
+            made = make()
         except (BrokerUnavailableError, BankUnavailableError) as exc:
+            if report is not None:
+                report(str(exc))
             if time.monotonic() + delay > deadline or stop.is_set():
                 raise
             log.warning("waiting for a dependency", dependency=what, error=str(exc), retry_s=delay)
             if stop.wait(delay):
                 raise
             delay = min(30.0, 2 * delay)
+        else:
+            if report is not None:
+                report(None)
+            return made
 
 
 def build_context(settings: Settings, stop: threading.Event | None = None) -> LearnerContext:
@@ -489,6 +502,7 @@ def build_context(settings: Settings, stop: threading.Event | None = None) -> Le
         "kafka",
         wait_s,
         stop,
+        health.reporter("kafka_producer"),
     )
     source = KafkaBatchSource(
         SourceConfig(
@@ -528,7 +542,7 @@ def build_context(settings: Settings, stop: threading.Event | None = None) -> Le
         on_health=health.reporter("redis"),
     )
     started = time.monotonic()
-    _until_reachable(lambda: ping_redis(client), "redis", wait_s, stop)
+    _until_reachable(lambda: ping_redis(client), "redis", wait_s, stop, health.reporter("redis"))
     bank = MemoryBank.open(
         store,
         make_index("faiss", settings.model.embed_dim, device, b.use_gpu),

@@ -314,6 +314,9 @@ def test_learner_started_before_its_broker_or_redis_waits(
     try:
         time.sleep(4)
         assert learner.poll() is None, log.read_text()[-2000:]
+        if late == "redis":  # the wait is visible in the health file
+            snap = _wait_health(settings.checkpoint_dir, "redis", up=False, timeout_s=30)
+            assert snap["status"] == "starting"
         if late == "broker":
             started = start_broker(port, tmp_path / "stack")
             _topics(pairs)
