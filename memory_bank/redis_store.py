@@ -36,7 +36,7 @@ import structlog
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from memory_bank.exceptions import BankCorruptError, BankUnavailableError
+from memory_bank.exceptions import BankCorruptError, BankError, BankUnavailableError
 from memory_bank.protocols import BankSnapshot, StoredItem
 
 log = structlog.get_logger(__name__)
@@ -178,6 +178,17 @@ def make_redis_client(
     if password is not None:
         kwargs["password"] = password if isinstance(password, str) else password.get_secret_value()
     return redis.Redis.from_url(url, **kwargs)
+
+
+def ping_redis(client: redis.Redis) -> None:
+    """One PING. :class:`BankUnavailableError` while Redis cannot be reached (worth waiting
+    for); a refused login raises :class:`BankError`, which waiting does not fix."""
+    try:
+        client.ping()
+    except _NOT_RETRYABLE as exc:
+        raise BankError(f"redis refused the connection: {exc}") from exc
+    except _RETRYABLE as exc:
+        raise BankUnavailableError(f"cannot reach redis: {exc}") from exc
 
 
 class RedisBankStore:

@@ -112,7 +112,7 @@ class DeliveryReport:
     bank_capacity: int
     bank_seen_total: int  # events counted by the reservoir (re-offers after restarts inflate it)
     kills: int = 0
-    restarts_s: list[float] = field(default_factory=list)
+    kill_after_s: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
 
     @property
@@ -249,7 +249,7 @@ def run_kill_drill(
         workdir / "replay.log",
     )
     learner_log = workdir / "learner.log"
-    restarts: list[float] = []
+    kill_after: list[float] = []
     try:
         ledger = ledger_path(settings.checkpoint_dir)
         for n in range(drill.kills):
@@ -268,7 +268,7 @@ def run_kill_drill(
                 )
             learner.send_signal(signal.SIGKILL)
             learner.wait()
-            restarts.append(round(delay, 2))
+            kill_after.append(round(delay, 2))
             log.info("learner killed", kill=n + 1, after_s=round(delay, 2))
         if replay.wait(timeout=max(600.0, 3 * drill.events / drill.rate)) != 0:
             raise RuntimeError(f"replay failed; see {workdir / 'replay.log'}")
@@ -293,7 +293,7 @@ def run_kill_drill(
     return replace(
         report,
         kills=drill.kills,
-        restarts_s=restarts,
+        kill_after_s=kill_after,
         elapsed_s=round(time.monotonic() - started, 1),
     )
 

@@ -253,6 +253,9 @@ class LearnerSettings(_Frozen):
         pattern=r"^[A-Za-z0-9._-]+$",
         description="Names group, bank, checkpoints and telemetry; defaults to the objective.",
     )
+    startup_wait_s: float = Field(
+        300.0, ge=0, description="How long to wait at start for an unreachable broker or Redis."
+    )
 
 
 class SidecarSettings(_Frozen):
@@ -329,7 +332,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: cannot set a key below the scalar {part!r}")
+            raise ConfigError(f"{dotted!r}: cannot set a key below the scalar {part!r}")
         node = child
     node[parts[-1]] = value
 
@@ -344,7 +347,8 @@ def _parse_scalar(raw: str) -> Any:
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for item in err.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        # repr()'s escaping keeps a key with a newline on the one error line.
+        key = repr(".".join(str(p) for p in item["loc"]))[1:-1] or "<root>"
         if item["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key '{key}'")
         else:

@@ -24,9 +24,10 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -35,10 +36,11 @@ import torch
 
 from consumers.decode import dead_letter_payload
 from consumers.events import DeadLetter, EventBatch, SourceRecord, TopicPartitionKey
-from consumers.exceptions import ProducerError
+from consumers.exceptions import BrokerUnavailableError, ProducerError
 from consumers.producer import JsonProducer
 from consumers.protocols import EventSource
 from memory_bank.bank import MemoryBank
+from memory_bank.exceptions import BankUnavailableError
 from pipeline.checkpoint import Checkpoint, load_latest, save_checkpoint
 from pipeline.config import Settings
 from pipeline.evaluation import (
@@ -66,6 +68,7 @@ from pipeline.step import TrainState, make_state
 from pipeline.telemetry import TelemetryWriter, telemetry_client
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 PROGRESS_EVERY_S = 5.0
 JOIN_TIMEOUT_S = 120.0
@@ -422,11 +425,44 @@ def apply_checkpoint(ctx: LearnerContext, ckpt: Checkpoint) -> None:
 # --------------------------------------------------------------------------- assembly
 
 
-def build_context(settings: Settings) -> LearnerContext:
+def _until_reachable(
+    make: Callable[[], T],
+    what: str,
+    wait_s: float,
+    stop: threading.Event,
+    report: Callable[[str | None], None] | None = None,
+) -> T:
+    """``make()``, retried with backoff while its server is unreachable at start.
+
+    A learner started before its broker or Redis (a whole stack coming up at once) waits up
+    to ``learner.startup_wait_s`` instead of exiting and being restarted in a loop; the wait
+    shows in ``report`` (the health board) as that dependency being down.
+    """
+    deadline = time.monotonic() + wait_s
+    delay = 1.0
+    while True:
+        try:
+            made = make()
+        except (BrokerUnavailableError, BankUnavailableError) as exc:
+            if report is not None:
+                report(str(exc))
+            if time.monotonic() + delay > deadline or stop.is_set():
+                raise
+            log.warning("waiting for a dependency", dependency=what, error=str(exc), retry_s=delay)
+            if stop.wait(delay):
+                raise
+            delay = min(30.0, 2 * delay)
+        else:
+            if report is not None:
+                report(None)
+            return made
+
+
+def build_context(settings: Settings, stop: threading.Event | None = None) -> LearnerContext:
     """Create every component. Nothing is connected at import time."""
     from consumers.source import KafkaBatchSource, SourceConfig
     from memory_bank.index import make_index
-    from memory_bank.redis_store import RedisBankStore, make_redis_client
+    from memory_bank.redis_store import RedisBankStore, make_redis_client, ping_redis
 
     torch.manual_seed(settings.train.seed)
     if settings.train.torch_threads:
@@ -441,7 +477,15 @@ def build_context(settings: Settings) -> LearnerContext:
         r.url, r.username, r.password, r.socket_timeout_s, tls_options=r.tls_options()
     )
     client_options = settings.kafka.client_options()
-    producer = JsonProducer(client_options, on_health=health.reporter("kafka_producer"))
+    stop = stop or threading.Event()
+    wait_s = settings.learner.startup_wait_s
+    producer = _until_reachable(
+        lambda: JsonProducer(client_options, on_health=health.reporter("kafka_producer")),
+        "kafka",
+        wait_s,
+        stop,
+        health.reporter("kafka_producer"),
+    )
     source = KafkaBatchSource(
         SourceConfig(
             # ConsumerSettings' keys are SourceConfig's field names, by design.
@@ -480,6 +524,7 @@ def build_context(settings: Settings) -> LearnerContext:
         on_health=health.reporter("redis"),
     )
     started = time.monotonic()
+    _until_reachable(lambda: ping_redis(client), "redis", wait_s, stop, health.reporter("redis"))
     bank = MemoryBank.open(
         store,
         make_index("faiss", settings.model.embed_dim, device, b.use_gpu),
@@ -574,7 +619,7 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
     stop: threading.Event,
     limits: RunLimits = RunLimits(),
 ) -> LearnerSummary:
-    ctx = build_context(settings)
+    ctx = build_context(settings, stop)
     log.info(
         "learner starting",
         learner=ctx.name,

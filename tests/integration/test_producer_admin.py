@@ -17,7 +17,7 @@ from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
 from consumers.admin import ensure_topics
-from consumers.exceptions import BrokerUnavailableError
+from consumers.exceptions import BrokerUnavailableError, ProducerError
 from consumers.producer import JsonProducer
 from pipeline.devstack import ManagedProcess, free_port, start_broker, stop_process
 
@@ -83,6 +83,39 @@ def test_producer_recreated_after_broker_restart(tmp_path: Path) -> None:
         assert producer.recreated == 1
         assert producer.pending == 0
         assert sorted(orjson.loads(v)["n"] for v in read_all(address, "restart", 3)) == [1, 2, 3]
+    finally:
+        if producer is not None:
+            producer.close(2.0)
+        stop_process(broker.pid, timeout_s=0.5)
+
+
+def test_sends_are_held_while_the_broker_is_down_and_delivered_after(tmp_path: Path) -> None:
+    """send() never fails the caller during an outage; flush() reports it, then recovers."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    broker = start_broker(port, tmp_path)
+    health: list[str | None] = []
+    producer: JsonProducer | None = None
+    try:
+        ensure_topics(options(address), ["held"], 1, 1, 20.0)
+        producer = JsonProducer(
+            options(address), recreate_backoff_s=0.2, max_block_ms=2_000, on_health=health.append
+        )
+        stop_process(broker.pid, timeout_s=0.5)
+        for n in range(3):
+            producer.send("held", {"n": n})  # must not raise while the broker is away
+        with pytest.raises(ProducerError):
+            producer.flush(3.0)
+        assert producer.pending == 3
+        assert health
+        assert health[-1] is not None  # the outage was reported
+
+        broker = start_broker(port, tmp_path)
+        ensure_topics(options(address), ["held"], 1, 1, 20.0)
+        producer.flush(20.0)
+        assert producer.pending == 0
+        assert health[-1] is None  # and its end
+        assert sorted(orjson.loads(v)["n"] for v in read_all(address, "held", 3)) == [0, 1, 2]
     finally:
         if producer is not None:
             producer.close(2.0)
