@@ -27,7 +27,7 @@ from memory_bank.exceptions import BankError
 
 log = structlog.get_logger(__name__)
 
-IndexKind = Literal["faiss", "torch"]
+IndexKind = Literal["auto", "faiss", "torch"]
 # ``"never"`` is accepted beside ``False`` because that is how the settings spell it.
 UseGpu = bool | Literal["auto", "never"]
 
@@ -181,11 +181,21 @@ def make_index(
 ) -> FaissIndex | TorchIndex:
     """Build the index the settings ask for.
 
+    ``kind="auto"``: FAISS when the learner runs on CUDA and FAISS sees a GPU, else
+    :class:`TorchIndex` on ``device`` (the measured fallback; see the comment below).
+
     With ``kind="faiss"`` and ``use_gpu="auto"`` the GPU index is used only when the learner
     itself runs on CUDA (a CPU learner would pay two host/device copies per search for
     nothing). ``kind="torch"`` searches on ``device``.
     """
     dev = torch.device(device)
+    if kind == "auto":
+        # FAISS flat on the CPU is ~2x slower than torch matmul + topk here (100k x 128, 32
+        # queries: 30 ms vs 14 ms on 2 cores); on a GPU, faiss-gpu when installed, else torch
+        # on the device, which never copies the bank to the host.
+        on_gpu_faiss = dev.type == "cuda" and use_gpu == "auto" and faiss_gpu_available()
+        kind = "faiss" if on_gpu_faiss else "torch"
+        log.info("vector_index_selected", kind=kind, device=str(dev))
     if kind == "torch":
         return TorchIndex(dim, dev)
     if kind == "faiss":

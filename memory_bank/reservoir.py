@@ -132,6 +132,26 @@ class ClassBalancedReservoir:
     def class_counts(self) -> dict[int, int]:
         return {label: len(slots) for label, slots in self._class_slots.items() if slots}
 
+    def draw_balanced(self, take: int, rng: random.Random) -> list[int] | None:
+        """``take`` distinct slots: each draw picks a class uniformly, then an item of it.
+
+        Host-side and O(take + classes), so the cost does not grow with the bank. Returns
+        None when some class would run out of items (the caller then uses an exact draw).
+        """
+        classes = [label for label, slots in self._class_slots.items() if slots]
+        if not classes or take <= 0:
+            return None
+        wanted: dict[int, int] = {}
+        for label in rng.choices(classes, k=take):
+            wanted[label] = wanted.get(label, 0) + 1
+        out: list[int] = []
+        for label, count in wanted.items():
+            slots = self._class_slots[label]
+            if count > len(slots):
+                return None
+            out.extend(rng.sample(slots, count))
+        return out
+
     def seen_counts(self) -> dict[int, int]:
         return dict(self._seen)
 

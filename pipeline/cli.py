@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -125,7 +126,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("config", help="print the effective settings (secrets redacted)")
     _common(show)
+
+    _add_bench_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub: Any) -> None:
+    """``bench <name>``: benchmarks, one sub-subcommand each (implementations in own modules)."""
+    bench = sub.add_parser("bench", help="benchmarks (embedded broker + redis-server)")
+    kinds = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    tp = kinds.add_parser(
+        "throughput", help="raw/ingest/learner/end-to-end rates, bank costs, restart, latency"
+    )
+    _common(tp)
+    tp.add_argument("--events", type=_positive_int, default=200_000, help="stream length")
+    tp.add_argument("--bank-items", type=_positive_int, default=100_000, help="bank size")
+    tp.add_argument(
+        "--learner-events",
+        type=_positive_int,
+        default=60_000,
+        help="events through the learner-only stage (at most --events)",
+    )
+    tp.add_argument(
+        "--latency-rate",
+        type=_positive_float,
+        help="offered load of the latency stage, events/s (default: half the end-to-end rate)",
+    )
+    tp.add_argument(
+        "--latency-seconds", type=_positive_float, default=10.0, help="latency stage length"
+    )
+    tp.add_argument("--out", type=Path, default=Path("runs/bench"), help="report folder")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -156,6 +186,7 @@ def _cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
                 "skipped_steps": summary.skipped_steps,
                 "events_per_s": round(summary.events_per_s, 1),
                 "bank_size": summary.bank_size,
+                "first_batch_to_commit_s": round(summary.first_batch_to_commit_s, 3),
                 **summary.counters,
             }
         )
@@ -232,6 +263,25 @@ def _cmd_config(_args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _cmd_bench(args: argparse.Namespace, _settings: Settings) -> int:
+    from pipeline.bench_throughput import BenchOptions, run_bench
+
+    opts = BenchOptions(
+        events=args.events,
+        input_dim=_settings.model.input_dim,
+        bank_items=args.bank_items,
+        learner_events=args.learner_events,
+        latency_rate=args.latency_rate,
+        latency_seconds=args.latency_seconds,
+        out=args.out,
+        config=args.config,
+        overrides=tuple(args.overrides),
+    )
+    report = run_bench(opts, "supcon-stream " + " ".join(sys.argv[1:]))
+    print(json.dumps(report["ratios"]))
+    return EXIT_OK
+
+
 COMMANDS = {
     "learn": _cmd_learn,
     "sidecar": _cmd_sidecar,
@@ -240,6 +290,7 @@ COMMANDS = {
     "topics": _cmd_topics,
     "demo": _cmd_demo,
     "config": _cmd_config,
+    "bench": _cmd_bench,
 }
 
 

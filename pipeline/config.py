@@ -156,6 +156,14 @@ class BankSettings(_Frozen):
     index_refresh_steps: int = Field(10, ge=1)
     hard_negative_queries: int = Field(32, ge=1)
     use_gpu: Literal["auto", "never"] = "auto"
+    index: Literal["auto", "faiss", "torch"] = Field(
+        "auto",
+        description="Vector index: auto = FAISS on a GPU when faiss-gpu sees one, else torch "
+        "matmul + topk on the learner's device (2x faster than FAISS flat on 2 CPU cores).",
+    )
+    hard_negative_every: int = Field(
+        1, ge=1, description="Search the index for hard negatives every N train iterations."
+    )
 
 
 class EvalSettings(_Frozen):

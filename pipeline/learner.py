@@ -54,6 +54,7 @@ from pipeline.labels import LabelRegistry
 from pipeline.model import StreamNet
 from pipeline.step import StepInputs, TrainState, make_state, train_step
 from pipeline.telemetry import TelemetryWriter, telemetry_client
+from pipeline.tuning import default_torch_threads
 
 log = structlog.get_logger(__name__)
 
@@ -124,6 +125,7 @@ class LearnerSummary:
     bank_size: int
     active_s: float  # first batch received → last batch processed, in this run
     run_events: int  # events consumed in this run (counters continue across restarts)
+    first_batch_to_commit_s: float = 0.0  # first batch received → final commit done
 
     @property
     def events_per_s(self) -> float:
@@ -426,9 +428,10 @@ def build_context(settings: Settings) -> LearnerContext:
     from memory_bank.redis_store import RedisBankStore, make_redis_client
 
     torch.manual_seed(settings.train.seed)
-    if settings.train.torch_threads:
-        torch.set_num_threads(settings.train.torch_threads)
     device = resolve_device(settings.train.device)
+    threads = settings.train.torch_threads or default_torch_threads(device)
+    if threads:
+        torch.set_num_threads(threads)
     model = StreamNet(settings.model).to(device)
     state = make_state(model, settings.train)
     seen = torch.zeros(settings.model.max_classes, dtype=torch.bool, device=device)
@@ -471,7 +474,7 @@ def build_context(settings: Settings) -> LearnerContext:
     started = time.monotonic()
     bank = MemoryBank.open(
         store,
-        make_index("faiss", settings.model.embed_dim, device, b.use_gpu),
+        make_index(b.index, settings.model.embed_dim, device, b.use_gpu),
         capacity=b.capacity,
         input_dim=settings.model.input_dim,
         embed_dim=settings.model.embed_dim,
@@ -479,6 +482,7 @@ def build_context(settings: Settings) -> LearnerContext:
         seed=settings.train.seed,
         index_refresh_steps=b.index_refresh_steps,
         hard_negative_queries=b.hard_negative_queries,
+        hard_negative_every=b.hard_negative_every,
         label_index=label_index,
     )
     log.info("memory bank loaded", items=len(bank), seconds=round(time.monotonic() - started, 3))
@@ -626,6 +630,7 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
             structlog.contextvars.clear_contextvars()
         _emit_eval(ctx)
         checkpoint_and_commit(ctx, wait=True)
+        committed_at = time.monotonic()
         elapsed = time.monotonic() - ctx.started
         ctx.telemetry.emit(
             "end",
@@ -650,6 +655,7 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
         bank_size=len(ctx.bank),
         active_s=(last_batch - first_batch_at) if first_batch_at else 0.0,
         run_events=ctx.counters.consumed - start_consumed,
+        first_batch_to_commit_s=(committed_at - first_batch_at) if first_batch_at else 0.0,
     )
     log.info(
         "learner stopped",
