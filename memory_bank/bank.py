@@ -34,6 +34,7 @@ import structlog
 import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 
+from memory_bank.index import MirrorIndex
 from memory_bank.protocols import BankSnapshot, BankStore, StoredItem, VectorIndex
 from memory_bank.reservoir import ClassBalancedReservoir, class_balanced_subset
 
@@ -151,6 +152,10 @@ class MemoryBank:
         self._draw_rng = random.Random(seed)  # host-side replay draws (see _draw)
         self._sample_weights: torch.Tensor | None = None  # cache, reset when membership changes
         self._index_slots = torch.empty(0, dtype=torch.int64, device=dev)  # index row -> slot
+        if isinstance(index, MirrorIndex):
+            # Searched in place: row = slot, never stale, no rebuild copies.
+            index.attach(self._embeddings, self._labels, self.__len__)
+            self._index_slots = torch.arange(capacity, device=dev)
         self._index_stale = False
         self._index_due = False  # stale and refresh_steps elapsed: rebuild before next search
         self._steps = 0
@@ -390,6 +395,9 @@ class MemoryBank:
 
     def refresh_index(self) -> None:
         """Rebuild the index from the mirror's current embeddings (one host sync)."""
+        if isinstance(self._index, MirrorIndex) and self._index.attached:
+            self._index_stale = self._index_due = False
+            return
         occupied = torch.nonzero(self._labels >= 0).squeeze(1)
         self._index.rebuild(self._embeddings[occupied])
         self._index_slots = occupied
@@ -465,9 +473,16 @@ class MemoryBank:
         self._negative_calls += 1
         slots, owners = self._negative_cache
         current = self._labels[slots]
-        keep = (current >= 0) & (current != owners) & torch.isin(owners, query_labels)
+        # Lookup masks instead of torch.isin (~3x faster at these sizes). Owners are labels
+        # the bank knows; query labels beyond them land in an overflow bucket.
+        n_labels = max(self._names, default=0) + 1
+        present = torch.zeros(n_labels + 1, dtype=torch.bool, device=self.device)
+        present[query_labels.clamp(0, n_labels)] = True
+        keep = (current >= 0) & (current != owners) & present[owners]
         if exclude_slots is not None and exclude_slots.numel():
-            keep &= ~torch.isin(slots, exclude_slots.to(self.device, torch.int64))
+            excluded = torch.zeros(self.capacity, dtype=torch.bool, device=self.device)
+            excluded[exclude_slots.to(self.device, torch.int64)] = True
+            keep &= ~excluded[slots]
         return slots[keep][:k]  # the one sync: the result's length
 
     def _search_negatives(

@@ -423,6 +423,7 @@ def measure_bank(settings: Settings, data: Synthetic, items: int) -> dict[str, A
 
     s = settings
     torch.manual_seed(0)
+    every = s.bank.model_copy(update={"capacity": items}).hard_negative_interval
     client = make_redis_client(s.redis.url)
     store = RedisBankStore(
         client, s.redis.key_prefix, s.learner_name, s.model.input_dim, s.model.embed_dim
@@ -436,7 +437,7 @@ def measure_bank(settings: Settings, data: Synthetic, items: int) -> dict[str, A
         device="cpu",
         index_refresh_steps=s.bank.index_refresh_steps,
         hard_negative_queries=s.bank.hard_negative_queries,
-        hard_negative_every=s.bank.hard_negative_every,
+        hard_negative_every=every,
     )
     rng = np.random.default_rng(1)
     bs = s.consumer.batch_size
@@ -490,7 +491,7 @@ def measure_bank(settings: Settings, data: Synthetic, items: int) -> dict[str, A
         "replay_size": s.train.replay_size,
         "hard_negatives": s.train.hard_negatives,
         "hard_negative_queries": s.bank.hard_negative_queries,
-        "hard_negative_every": s.bank.hard_negative_every,
+        "hard_negative_every": every,
         "index": s.bank.index,
         "sample_ms": ms(sample_t),
         "search_ms": ms(search_t),
