@@ -163,6 +163,7 @@ class MemoryBank:
         # best first, and the label of the query each is nearest to; reused between searches.
         self._negative_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._negative_calls = 0
+        self._owner_bound = 1
 
     # -- construction from the store -------------------------------------------------------
 
@@ -473,9 +474,9 @@ class MemoryBank:
         self._negative_calls += 1
         slots, owners = self._negative_cache
         current = self._labels[slots]
-        # Lookup masks instead of torch.isin (~3x faster at these sizes). Owners are labels
-        # the bank knows; query labels beyond them land in an overflow bucket.
-        n_labels = max(self._names, default=0) + 1
+        # Lookup masks instead of torch.isin (~3x faster at these sizes). Owners are below
+        # _owner_bound; query labels beyond it land in an overflow bucket.
+        n_labels = self._owner_bound
         present = torch.zeros(n_labels + 1, dtype=torch.bool, device=self.device)
         present[query_labels.clamp(0, n_labels)] = True
         keep = (current >= 0) & (current != owners) & present[owners]
@@ -502,6 +503,8 @@ class MemoryBank:
         slots = self._index_slots[rows.clamp(min=0)]
         current = self._labels[slots]
         owners = query_labels[:, None].expand_as(slots)
+        # One host read per search (not per call): sizes the owner mask of the cached calls.
+        self._owner_bound = int(query_labels.max()) + 1
         valid = (rows >= 0) & (current >= 0) & (current != owners)
         flat_scores = scores.masked_fill(~valid, float("-inf")).flatten()
         order = flat_scores.argsort(descending=True, stable=True)

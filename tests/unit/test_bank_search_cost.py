@@ -149,3 +149,23 @@ def test_auto_index_and_torch_threads_on_cpu() -> None:
     threads = default_torch_threads(torch.device("cpu"))
     assert threads is not None
     assert threads >= 1
+
+
+def test_cached_candidates_of_a_class_new_to_the_bank() -> None:
+    centers = torch.eye(EMB_DIM)
+    bank = MemoryBank(
+        InMemoryBankStore(),
+        make_index("mirror", EMB_DIM, "cpu"),
+        40,
+        IN_DIM,
+        EMB_DIM,
+        "cpu",
+        hard_negative_every=5,
+    )
+    add(bank, [0] * 5 + [1] * 5, centers, "a")
+    # Queries of class 7, which the bank has never stored: their candidates are cached too.
+    q7, y7 = centers[1].repeat(3, 1), torch.full((3,), 7)
+    first = bank.hard_negatives(q7, y7, 4)
+    assert first.numel() == 4
+    assert torch.equal(bank.hard_negatives(q7, y7, 4), first)
+    assert bank.hard_negatives(q7, torch.full((3,), 9), 4).numel() == 0
