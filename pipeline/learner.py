@@ -52,7 +52,7 @@ from pipeline.evaluation import (
 from pipeline.exceptions import SupconStreamError
 from pipeline.labels import LabelRegistry
 from pipeline.model import StreamNet
-from pipeline.step import StepInputs, TrainState, make_state, train_step
+from pipeline.step import StepInputs, StepResult, TrainState, make_state, train_step
 from pipeline.telemetry import TelemetryWriter, telemetry_client
 from pipeline.tuning import default_torch_threads
 
@@ -317,6 +317,7 @@ def _train_on(
     per_sample: torch.Tensor | None = None
     skipped_any = False
     result = None
+    results: list[StepResult] = []
     for _ in range(cfg.iters_per_batch):
         queries = result.batch_embeddings if result is not None else None
         slots, r_feats, r_labels, versions = _replay_for(ctx, x, y, queries)
@@ -326,11 +327,14 @@ def _train_on(
             # Re-encoded replay items write back their fresh embeddings (index refreshes).
             ctx.bank.update_embeddings(slots, result.replay_embeddings, versions)
         ctx.bank.step()
-        skipped_any |= result.skipped
-        if result.loss is not None:
-            losses.append(result.loss)
-            per_sample = result.per_sample_loss
+        results.append(result)
     assert result is not None  # iters_per_batch >= 1
+    # Read back once per batch, after every step is queued (a host sync on CUDA).
+    for done in results:
+        skipped_any |= done.skipped
+        if done.loss is not None:
+            losses.append(done.loss)
+            per_sample = done.per_sample_loss
     ctx.bank.add(
         [batch.ids[i] for i in rows],
         x,
