@@ -146,10 +146,13 @@ def _register_labels(ctx: LearnerContext, batch: EventBatch) -> list[int | None]
         elif ctx.registry.has_room_for(label):
             idx = ctx.registry.index(label, task)
             ctx.registry.note_task(label, task)
-            ctx.seen_classes[idx] = True
             out.append(idx)
         else:
             out.append(-1)
+    fresh = {idx for idx in out if idx is not None and idx >= 0}
+    if fresh:
+        # One indexed write per batch: a tensor write per event cost ~20 µs each.
+        ctx.seen_classes[sorted(fresh)] = True
     return out
 
 
@@ -448,8 +451,6 @@ def build_context(settings: Settings, start_source: bool = False) -> LearnerCont
     threads = settings.train.torch_threads or default_torch_threads(device)
     if threads:
         torch.set_num_threads(threads)
-    model = StreamNet(settings.model).to(device)
-    state = make_state(model, settings.train)
     seen = torch.zeros(settings.model.max_classes, dtype=torch.bool, device=device)
     r = settings.redis
     client = make_redis_client(r.url, r.username, r.password, r.socket_timeout_s)
@@ -474,6 +475,9 @@ def build_context(settings: Settings, start_source: bool = False) -> LearnerCont
         # Join the consumer group while the bank loads: a restart then costs
         # max(group join, bank load), not their sum (a 100k-item bank loads in ~2 s).
         source.start(ckpt.offsets if ckpt else {})
+    # After the join has started: the first Adam import takes ~1.5 s (torch._dynamo).
+    model = StreamNet(settings.model).to(device)
+    state = make_state(model, settings.train)
     registry = registry_from(ckpt, settings.model.max_classes)
     seen[: len(registry)] = True
 
