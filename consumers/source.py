@@ -82,7 +82,7 @@ class SourceConfig:
     fetch_max_bytes: int = 52_428_800
     max_partition_fetch_bytes: int = 4_194_304
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    session_timeout_ms: int = 10_000
+    session_timeout_ms: int = 6_000
     max_poll_interval_ms: int = 300_000
     max_event_bytes: int = 65_536
     commit_timeout_ms: int = 10_000
