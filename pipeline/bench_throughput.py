@@ -236,6 +236,7 @@ def measure_ingest(settings: Settings, total: int) -> dict[str, Any]:
             last = time.perf_counter()
             first = first or last
             count += batch.consumed
+        paused = source.stats().get("paused_events", 0)
     finally:
         source.stop(timeout_s=10.0)
         producer.close()
@@ -245,6 +246,7 @@ def measure_ingest(settings: Settings, total: int) -> dict[str, Any]:
         "seconds": round(elapsed, 3),
         "events_per_s": _rate(count, elapsed),
         "join_s": round((first or started) - started, 3),
+        "backpressure_pauses": paused,
     }
 
 
