@@ -135,22 +135,25 @@ class ClassBalancedReservoir:
     def draw_balanced(self, take: int, rng: random.Random) -> list[int] | None:
         """``take`` distinct slots: each draw picks a class uniformly, then an item of it.
 
-        Host-side and O(take + classes), so the cost does not grow with the bank. Returns
-        None when some class would run out of items (the caller then uses an exact draw).
+        Host-side and O(take + classes), so the cost does not grow with the bank. A slot
+        drawn twice is drawn again; after ``4 * take`` draws without enough distinct slots
+        (classes much smaller than ``take``) it returns None and the caller uses an exact draw.
         """
-        classes = [label for label, slots in self._class_slots.items() if slots]
+        classes = [slots for slots in self._class_slots.values() if slots]
         if not classes or take <= 0:
             return None
-        wanted: dict[int, int] = {}
-        for label in rng.choices(classes, k=take):
-            wanted[label] = wanted.get(label, 0) + 1
+        n, rand = len(classes), rng.random
+        chosen: set[int] = set()
         out: list[int] = []
-        for label, count in wanted.items():
-            slots = self._class_slots[label]
-            if count > len(slots):
-                return None
-            out.extend(rng.sample(slots, count))
-        return out
+        for _ in range(4 * take):
+            slots = classes[int(rand() * n)]
+            slot = slots[int(rand() * len(slots))]
+            if slot not in chosen:
+                chosen.add(slot)
+                out.append(slot)
+                if len(out) == take:
+                    return out
+        return None
 
     def seen_counts(self) -> dict[int, int]:
         return dict(self._seen)
