@@ -14,11 +14,9 @@ Order of a commit (each step waits for the previous one):
      the offset that covers it is committed, or a crash could lose a rejected event);
   3. the consumer thread commits synchronously, never below what it already committed.
 
-Backpressure: when the hand-off queue is full and at least ``max_poll_records`` records are
-buffered, every assigned partition is paused and the thread keeps polling (so the member stays
-in the group) until the learner makes room. With less buffered it keeps fetching, so the next
-records arrive while the learner works through the buffer. A batch is never dropped; at most
-about two polls' worth of records are buffered.
+Backpressure: when the hand-off queue is full, every assigned partition is paused and the
+thread keeps polling (so the member stays in the group) until the learner makes room. A batch
+is never dropped.
 
 Rebalances: kafka-python 3.x runs the listener on its network thread, where blocking or
 committing is not allowed, so the listener only records what happened. The consumer thread
@@ -60,8 +58,6 @@ log = structlog.get_logger(__name__)
 # While paused for backpressure poll() fetches nothing; a short poll only drives the group
 # protocol, and the thread otherwise sleeps until the learner takes a batch.
 _PAUSED_POLL_MS: Final = 100
-# Poll timeout while a decoded batch waits for room but the buffer is short (see _loop).
-_PREFETCH_POLL_MS: Final = 5
 _START_TIMEOUT_S: Final = 120.0
 _COMMIT_RETRY_S: Final = 1.0
 
@@ -353,15 +349,7 @@ class KafkaBatchSource:
         while not self._stopping.is_set():
             self._serve_commits(consumer)
             self._emit_ready()
-            if self._pending is not None and len(self._batcher) < cfg.max_poll_records:
-                # The learner is behind, but less than one poll's worth of records is buffered:
-                # keep fetching (briefly, to hand the pending batch over soon) so the next
-                # records are in hand before the buffer runs dry. Pausing here instead
-                # discards kafka-python's in-flight fetch, and after each resume the learner
-                # waited a fetch round trip: measured, it sat idle ~half the time.
-                self._resume_all(consumer)
-                timeout_ms = _PREFETCH_POLL_MS
-            elif self._pending is not None:
+            if self._pending is not None:
                 # Backpressure: the learner is behind. Fetch nothing more and hand batches
                 # over as soon as the learner takes one (get() sets _wake). poll() is still
                 # called every poll_timeout_ms, briefly, to drive the group protocol (a
