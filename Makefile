@@ -9,7 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= cpu,dev,bench
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo bench-forgetting test test-unit test-integration test-e2e lint format typecheck clean devstack-up devstack-down
+BENCH_ARGS ?=
+
+.PHONY: setup demo bench-forgetting bench-throughput test test-unit test-integration test-e2e lint format typecheck clean devstack-up devstack-down
 
 setup: $(STAMP)
 
@@ -46,6 +48,11 @@ lint: setup
 format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# One run, embedded broker + redis-server on free ports; writes runs/bench/throughput.{md,json}.
+# Quick run: make bench-throughput BENCH_ARGS="--events 20000 --bank-items 20000"
+bench-throughput: setup
+	$(BIN)/supcon-stream bench throughput $(BENCH_ARGS)
 
 devstack-up: setup
 	$(BIN)/supcon-stream devstack up --config configs/local.yaml

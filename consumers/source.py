@@ -93,7 +93,7 @@ class SourceConfig:
     fetch_max_bytes: int = 52_428_800
     max_partition_fetch_bytes: int = 4_194_304
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    session_timeout_ms: int = 10_000
+    session_timeout_ms: int = 6_000
     max_poll_interval_ms: int = 300_000
     max_event_bytes: int = 65_536
     commit_timeout_ms: int = 10_000
@@ -495,19 +495,21 @@ class KafkaBatchSource:
 
     def _decode(self, records: list[SourceRecord]) -> EventBatch:
         cfg = self._config
-        with structlog.contextvars.bound_contextvars(topic=cfg.topic, offsets=_ranges(records)):
-            batch = decode_batch(records, cfg.input_dim, cfg.max_event_bytes)
-            for dl in batch.dead_letters:
-                # Sent now, made durable by the flush that precedes the covering commit.
-                self._dlq.send(cfg.dlq_topic, dead_letter_payload(dl))
-            if batch.dead_letters:
+        batch = decode_batch(records, cfg.input_dim, cfg.max_event_bytes)
+        if batch.dead_letters:
+            # Offsets are bound only when there is something to log: computing the ranges of
+            # every batch cost ~0.5 µs per event on the consumer thread's hot path.
+            with structlog.contextvars.bound_contextvars(topic=cfg.topic, offsets=_ranges(records)):
+                for dl in batch.dead_letters:
+                    # Sent now, made durable by the flush that precedes the covering commit.
+                    self._dlq.send(cfg.dlq_topic, dead_letter_payload(dl))
                 self._log.warning(
                     "dead-lettered events",
                     count=len(batch.dead_letters),
                     reasons=dict(Counter(dl.reason for dl in batch.dead_letters)),
                     dlq=cfg.dlq_topic,
                 )
-            self._log.debug("batch decoded", events=len(batch), consumed=batch.consumed)
+        self._log.debug("batch decoded", events=len(batch), consumed=batch.consumed)
         with self._stats_lock:
             self._counters["batches"] += 1
             self._counters["events"] += len(batch)

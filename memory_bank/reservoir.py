@@ -133,6 +133,29 @@ class ClassBalancedReservoir:
     def class_counts(self) -> dict[int, int]:
         return {label: len(slots) for label, slots in self._class_slots.items() if slots}
 
+    def draw_balanced(self, take: int, rng: random.Random) -> list[int] | None:
+        """``take`` distinct slots: each draw picks a class uniformly, then an item of it.
+
+        Host-side and O(take + classes), so the cost does not grow with the bank. A slot
+        drawn twice is drawn again; after ``4 * take`` draws without enough distinct slots
+        (classes much smaller than ``take``) it returns None and the caller uses an exact draw.
+        """
+        classes = [slots for slots in self._class_slots.values() if slots]
+        if not classes or take <= 0:
+            return None
+        n, rand = len(classes), rng.random
+        chosen: set[int] = set()
+        out: list[int] = []
+        for _ in range(4 * take):
+            slots = classes[int(rand() * n)]
+            slot = slots[int(rand() * len(slots))]
+            if slot not in chosen:
+                chosen.add(slot)
+                out.append(slot)
+                if len(out) == take:
+                    return out
+        return None
+
     def seen_counts(self) -> dict[int, int]:
         return dict(self._seen)
 

@@ -128,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the effective settings (secrets redacted)")
     _common(show)
 
-    bench = sub.add_parser("bench", help="in-process benchmarks (no broker, no Redis)")
+    bench = sub.add_parser("bench", help="benchmarks: forgetting (in-process), throughput")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     _add_bench_forgetting(bench_sub)
+    _add_bench_throughput(bench_sub)
     status = sub.add_parser(
         "status", help="health of the learners under checkpoint.dir (exit 1 unless all healthy)"
     )
@@ -155,6 +156,30 @@ def _add_bench_forgetting(bench_sub: argparse._SubParsersAction[_Parser]) -> Non
     forgetting.add_argument(
         "--threads", type=_positive_int, default=1, help="torch threads (tiny MLP: 1 is fastest)"
     )
+
+
+def _add_bench_throughput(bench_sub: argparse._SubParsersAction[_Parser]) -> None:
+    tp = bench_sub.add_parser(
+        "throughput", help="raw/ingest/learner/end-to-end rates, bank costs, restart, latency"
+    )
+    _common(tp)
+    tp.add_argument("--events", type=_positive_int, default=200_000, help="stream length")
+    tp.add_argument("--bank-items", type=_positive_int, default=100_000, help="bank size")
+    tp.add_argument(
+        "--learner-events",
+        type=_positive_int,
+        default=60_000,
+        help="events through the learner-only stage (at most --events)",
+    )
+    tp.add_argument(
+        "--latency-rate",
+        type=_positive_float,
+        help="offered load of the latency stage, events/s (default: half the end-to-end rate)",
+    )
+    tp.add_argument(
+        "--latency-seconds", type=_positive_float, default=10.0, help="latency stage length"
+    )
+    tp.add_argument("--out", type=Path, default=Path("runs/bench"), help="report folder")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -185,6 +210,7 @@ def _cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
                 "skipped_steps": summary.skipped_steps,
                 "events_per_s": round(summary.events_per_s, 1),
                 "bank_size": summary.bank_size,
+                "first_batch_to_commit_s": round(summary.first_batch_to_commit_s, 3),
                 **summary.counters,
             }
         )
@@ -266,7 +292,28 @@ def _cmd_bench(args: argparse.Namespace, _settings: Settings) -> int:
         from pipeline.bench_cli import run_bench_forgetting
 
         return run_bench_forgetting(args)
+    if args.bench == "throughput":
+        return _bench_throughput(args, _settings)
     raise ConfigError(f"unknown benchmark {args.bench!r}")
+
+
+def _bench_throughput(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.bench_throughput import BenchOptions, run_bench
+
+    opts = BenchOptions(
+        events=args.events,
+        input_dim=settings.model.input_dim,
+        bank_items=args.bank_items,
+        learner_events=args.learner_events,
+        latency_rate=args.latency_rate,
+        latency_seconds=args.latency_seconds,
+        out=args.out,
+        config=args.config,
+        overrides=tuple(args.overrides),
+    )
+    report = run_bench(opts, "supcon-stream " + " ".join(sys.argv[1:]))
+    print(json.dumps(report["ratios"]))
+    return EXIT_OK
 
 
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:

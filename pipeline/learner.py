@@ -66,11 +66,13 @@ from pipeline.objectives import (
 from pipeline.online import learn_batch, with_unlabeled
 from pipeline.step import TrainState, make_state
 from pipeline.telemetry import TelemetryWriter, telemetry_client
+from pipeline.tuning import default_torch_threads
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 PROGRESS_EVERY_S = 5.0
+PREDICTION_MEANS_ITEMS = 4096  # bank items re-encoded for the class means of predictions
 JOIN_TIMEOUT_S = 120.0
 
 
@@ -139,6 +141,7 @@ class LearnerSummary:
     bank_size: int
     active_s: float  # first batch received → last batch processed, in this run
     run_events: int  # events consumed in this run (counters continue across restarts)
+    first_batch_to_commit_s: float = 0.0  # first batch received → final commit done
 
     @property
     def events_per_s(self) -> float:
@@ -158,10 +161,13 @@ def _register_labels(ctx: LearnerContext, batch: EventBatch) -> list[int | None]
         elif ctx.registry.has_room_for(label):
             idx = ctx.registry.index(label, task)
             ctx.registry.note_task(label, task)
-            ctx.seen_classes[idx] = True
             out.append(idx)
         else:
             out.append(-1)
+    fresh = {idx for idx in out if idx is not None and idx >= 0}
+    if fresh:
+        # One indexed write per batch: a tensor write per event cost ~20 µs each.
+        ctx.seen_classes[sorted(fresh)] = True
     return out
 
 
@@ -194,7 +200,14 @@ def _event_json(batch: EventBatch, i: int) -> bytes:
 def _refresh_means(ctx: LearnerContext, force: bool = False) -> ClassMeans:
     every = ctx.settings.eval.prediction_refresh_steps
     if force or ctx.means is None or ctx.state.step - ctx.means_step >= every:
-        _, feats, labels = ctx.bank.occupied()
+        if not force and len(ctx.bank) > PREDICTION_MEANS_ITEMS:
+            # Predictions only (evaluation re-encodes everything): a class-balanced subset
+            # bounds the re-encode, which for a 100k-item bank costs ~0.5 s on 2 CPU cores
+            # and would delay the first trained batch after a restart by as much.
+            drawn = ctx.bank.sample(PREDICTION_MEANS_ITEMS)
+            feats, labels = drawn.features, drawn.labels
+        else:
+            _, feats, labels = ctx.bank.occupied()
         ctx.means = class_means(ctx.state.model, feats, labels)
         ctx.means_step = ctx.state.step
     return ctx.means
@@ -458,18 +471,23 @@ def _until_reachable(
             return made
 
 
-def build_context(settings: Settings, stop: threading.Event | None = None) -> LearnerContext:
-    """Create every component. Nothing is connected at import time."""
+def build_context(
+    settings: Settings, stop: threading.Event | None = None, start_source: bool = False
+) -> LearnerContext:
+    """Create every component. Nothing is connected at import time.
+
+    With ``start_source`` the source is started (from the checkpoint's offsets) as soon as the
+    checkpoint is loaded, so the group join overlaps the bank load.
+    """
     from consumers.source import KafkaBatchSource, SourceConfig
     from memory_bank.index import make_index
     from memory_bank.redis_store import RedisBankStore, make_redis_client, ping_redis
 
     torch.manual_seed(settings.train.seed)
-    if settings.train.torch_threads:
-        torch.set_num_threads(settings.train.torch_threads)
     device = resolve_device(settings.train.device)
-    model = StreamNet(settings.model).to(device)
-    state = make_state(model, settings.train)
+    threads = settings.train.torch_threads or default_torch_threads(device)
+    if threads:
+        torch.set_num_threads(threads)
     seen = torch.zeros(settings.model.max_classes, dtype=torch.bool, device=device)
     r = settings.redis
     health = HealthBoard(settings.learner_name, health_path(settings.checkpoint_dir))
@@ -502,6 +520,13 @@ def build_context(settings: Settings, stop: threading.Event | None = None) -> Le
     ckpt = load_latest(settings.checkpoint_dir, map_location=device)
     if ckpt is None:
         log.info("no checkpoint; starting fresh", dir=str(settings.checkpoint_dir))
+    if start_source:
+        # Join the consumer group while the bank loads: a restart then costs
+        # max(group join, bank load), not their sum (a 100k-item bank loads in ~2 s).
+        source.start(ckpt.offsets if ckpt else {})
+    # After the join has started: the first Adam import takes ~1.5 s (torch._dynamo).
+    model = StreamNet(settings.model).to(device)
+    state = make_state(model, settings.train)
     registry = registry_from(ckpt, settings.model.max_classes)
     seen[: len(registry)] = True
 
@@ -524,20 +549,28 @@ def build_context(settings: Settings, stop: threading.Event | None = None) -> Le
         on_health=health.reporter("redis"),
     )
     started = time.monotonic()
-    _until_reachable(lambda: ping_redis(client), "redis", wait_s, stop, health.reporter("redis"))
-    bank = MemoryBank.open(
-        store,
-        make_index("faiss", settings.model.embed_dim, device, b.use_gpu),
-        capacity=b.capacity,
-        input_dim=settings.model.input_dim,
-        embed_dim=settings.model.embed_dim,
-        device=device,
-        seed=settings.train.seed,
-        index_refresh_steps=b.index_refresh_steps,
-        hard_negative_queries=b.hard_negative_queries,
-        label_index=label_index,
-        policy=b.policy,
-    )
+    try:
+        _until_reachable(
+            lambda: ping_redis(client), "redis", wait_s, stop, health.reporter("redis")
+        )
+        bank = MemoryBank.open(
+            store,
+            make_index(b.index, settings.model.embed_dim, device, b.use_gpu),
+            capacity=b.capacity,
+            input_dim=settings.model.input_dim,
+            embed_dim=settings.model.embed_dim,
+            device=device,
+            seed=settings.train.seed,
+            index_refresh_steps=b.index_refresh_steps,
+            hard_negative_queries=b.hard_negative_queries,
+            hard_negative_every=b.hard_negative_interval,
+            label_index=label_index,
+            policy=b.policy,
+        )
+    except BaseException:
+        if start_source:
+            source.stop(timeout_s=10.0)
+        raise
     log.info("memory bank loaded", items=len(bank), seconds=round(time.monotonic() - started, 3))
     ctx = LearnerContext(
         settings=settings,
@@ -619,7 +652,7 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
     stop: threading.Event,
     limits: RunLimits = RunLimits(),
 ) -> LearnerSummary:
-    ctx = build_context(settings, stop)
+    ctx = build_context(settings, stop, start_source=True)
     log.info(
         "learner starting",
         learner=ctx.name,
@@ -632,7 +665,6 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
     ctx.started = time.monotonic()
     start_consumed = ctx.counters.consumed
     _start_health(ctx)
-    ctx.source.start(ctx.offsets)
     last_ckpt_step, last_ckpt_time = ctx.state.step, time.monotonic()
     last_eval_step = ctx.state.step
     last_progress = last_batch = time.monotonic()
@@ -694,6 +726,7 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
             structlog.contextvars.clear_contextvars()
         _emit_eval(ctx)
         checkpoint_and_commit(ctx, wait=True)
+        committed_at = time.monotonic()
         elapsed = time.monotonic() - ctx.started
         ctx.telemetry.emit(
             "end",
@@ -719,6 +752,7 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
         bank_size=len(ctx.bank),
         active_s=(last_batch - first_batch_at) if first_batch_at else 0.0,
         run_events=ctx.counters.consumed - start_consumed,
+        first_batch_to_commit_s=(committed_at - first_batch_at) if first_batch_at else 0.0,
     )
     log.info(
         "learner stopped",

@@ -103,6 +103,7 @@ def learn_batch(
     per_sample: torch.Tensor | None = None
     skipped_any = False
     result: StepResult | None = None
+    results: list[StepResult] = []
     for _ in range(cfg.iters_per_batch):
         queries = result.batch_embeddings if result is not None else None
         replay = select_replay(bank, cfg, state, x, y, queries)
@@ -112,11 +113,14 @@ def learn_batch(
             # Re-encoded replay items write back their fresh embeddings (index refreshes).
             bank.update_embeddings(replay.slots, result.replay_embeddings, replay.versions)
         bank.step()
-        skipped_any |= result.skipped
-        if result.loss is not None:
-            losses.append(result.loss)
-            per_sample = result.per_sample_loss
+        results.append(result)
     assert result is not None  # iters_per_batch >= 1
+    # Read back once per batch, after every step is queued (a host sync on CUDA).
+    for done in results:
+        skipped_any |= done.skipped
+        if done.loss is not None:
+            losses.append(done.loss)
+            per_sample = done.per_sample_loss
     ids, names, tasks = bank_items
     k = len(ids)
     bank.add(list(ids), x[:k], y[:k], list(names), result.batch_embeddings[:k], list(tasks))

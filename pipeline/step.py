@@ -26,10 +26,29 @@ from pipeline.objectives import objective_loss
 
 @dataclass
 class TrainState:
+    """Model, optimizer and step counters.
+
+    ``skipped`` is a property: steps taken on the sync-free path (CUDA) count their skips in
+    a device tensor, read only when someone asks for the total.
+    """
+
     model: StreamNet
     optimizer: torch.optim.Optimizer
     step: int = 0
-    skipped: int = 0
+    skipped_settled: int = 0
+    skips_on_device: torch.Tensor | None = None  # int64 0-d, skips not yet read back
+
+    @property
+    def skipped(self) -> int:
+        if self.skips_on_device is not None:
+            self.skipped_settled += int(self.skips_on_device)  # the host read
+            self.skips_on_device = None
+        return self.skipped_settled
+
+    @skipped.setter
+    def skipped(self, value: int) -> None:
+        self.skipped_settled = value
+        self.skips_on_device = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,16 +62,46 @@ class StepInputs:
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    loss: float | None  # None when the step was skipped
-    skipped: bool
-    per_sample_loss: torch.Tensor  # [n] on CPU, loss of the batch items (replay excluded)
+    """What a step produced. Everything stays on the device until read.
+
+    ``loss``, ``skipped``, ``grad_norm`` and ``per_sample_loss`` are read back lazily (a
+    host sync on CUDA), so a caller that reads them once per batch, not per step, lets the
+    GPU run ahead.
+    """
+
+    loss_value: torch.Tensor  # float32 0-d, the step loss (maybe non-finite when skipped)
+    applied: torch.Tensor  # bool 0-d: the update reached the weights
+    per_sample: torch.Tensor  # [n] on the device, loss of the batch items (replay excluded)
     batch_embeddings: torch.Tensor  # [n, embed_dim], normalised, detached
     replay_embeddings: torch.Tensor  # [r, embed_dim], normalised, detached
-    grad_norm: float | None
+    grad_norm_value: torch.Tensor | None  # float32 0-d; None when not computed
+
+    @property
+    def skipped(self) -> bool:
+        return not bool(self.applied)
+
+    @property
+    def loss(self) -> float | None:
+        """The step loss; None when the step was skipped."""
+        return None if self.skipped else float(self.loss_value)
+
+    @property
+    def grad_norm(self) -> float | None:
+        return None if self.grad_norm_value is None else float(self.grad_norm_value)
+
+    @property
+    def per_sample_loss(self) -> torch.Tensor:
+        """[n] on CPU."""
+        return self.per_sample.float().cpu()
 
 
 def make_state(model: StreamNet, cfg: TrainSettings) -> TrainState:
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # capturable keeps Adam's step counter on the GPU, so the sync-free skip (see
+    # _guarded_step) can undo a step without a host round trip.
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=on_cuda
+    )
     return TrainState(model=model, optimizer=optimizer)
 
 
@@ -68,9 +117,20 @@ def train_step(
     inputs: StepInputs,
     cfg: TrainSettings,
     generator: torch.Generator | None = None,
+    *,
+    sync_free: bool | None = None,
 ) -> StepResult:
+    """One optimizer step on batch ∪ replay.
+
+    ``sync_free`` (default: on CUDA) keeps every decision on the device: the loss and the
+    gradient norm stay tensors, a non-finite one is undone with ``torch.where`` instead of a
+    Python branch, so the CPU never waits for the GPU inside the step. On the CPU a host read
+    costs nothing, and the plain branch skips the work of an update it would undo.
+    """
     model, optimizer = state.model, state.optimizer
     device = inputs.features.device
+    if sync_free is None:
+        sync_free = device.type == "cuda"
     n = inputs.features.shape[0]
     x = torch.cat([inputs.features, inputs.replay_features], dim=0)
     y = torch.cat([inputs.labels, inputs.replay_labels], dim=0)
@@ -81,29 +141,80 @@ def train_step(
         objective = objective_loss(model, x, y, n, inputs.seen_classes, cfg, generator)
     loss = objective.loss.float()
     state.step += 1
-
-    loss_value = float(loss.detach())
-    grad_norm: float | None = None
-    skipped = not math.isfinite(loss_value)
-    if not skipped:
-        loss.backward()
-        max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-        skipped = not math.isfinite(grad_norm)
-    if skipped:
-        optimizer.zero_grad(set_to_none=True)
-        state.skipped += 1
+    max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
+    grad_norm: torch.Tensor | None
+    if sync_free:
+        applied, grad_norm = _guarded_step(state, loss, max_norm)
     else:
-        optimizer.step()
+        applied, grad_norm = _branching_step(state, loss, max_norm)
 
     model.eval()
     with torch.no_grad(), _autocast(device, cfg.amp):
         fresh = F.normalize(model.embed(x).float(), dim=-1)
     return StepResult(
-        loss=None if skipped else loss_value,
-        skipped=skipped,
-        per_sample_loss=objective.batch_per_sample.float().cpu(),
+        loss_value=loss.detach(),
+        applied=applied,
+        per_sample=objective.batch_per_sample.detach(),
         batch_embeddings=fresh[:n],
         replay_embeddings=fresh[n:],
-        grad_norm=grad_norm,
+        grad_norm_value=grad_norm,
     )
+
+
+def _branching_step(
+    state: TrainState, loss: torch.Tensor, max_norm: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Host-side decision (CPU): skip backward and update when the loss is not finite."""
+    params = list(state.model.parameters())
+    grad_norm: torch.Tensor | None = None
+    skipped = not math.isfinite(float(loss.detach()))
+    if not skipped:
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach().float()
+        skipped = not math.isfinite(float(grad_norm))
+    if skipped:
+        state.optimizer.zero_grad(set_to_none=True)
+        state.skipped += 1
+    else:
+        state.optimizer.step()
+    return torch.tensor(not skipped, device=loss.device), grad_norm
+
+
+def _guarded_step(
+    state: TrainState, loss: torch.Tensor, max_norm: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device-side decision (CUDA): always step, then undo a non-finite step with where().
+
+    INVARIANT kept without a host read: when the loss or the gradient norm is not finite,
+    the weights and the optimizer state come out exactly as they went in. Non-finite
+    gradients are zeroed before the step so that nothing NaN enters the optimizer state.
+    (Adam creates its state on its first step; a first step that is skipped leaves zero
+    moments behind, which is what Adam starts from anyway.)
+    """
+    model, optimizer = state.model, state.optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
+    ok = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+    with torch.no_grad():
+        grads = [p.grad for p in params if p.grad is not None]
+        for g in grads:
+            g.copy_(torch.where(ok, g, torch.zeros_like(g)))
+        before = [p.detach().clone() for p in params]
+        saved = [
+            (st, {k: v.clone() for k, v in st.items() if torch.is_tensor(v)})
+            for st in (optimizer.state.get(p) for p in params)
+            if st
+        ]
+    optimizer.step()
+    with torch.no_grad():
+        for p, old in zip(params, before, strict=True):
+            p.copy_(torch.where(ok, p, old))
+        for st, old_state in saved:
+            for key, old_value in old_state.items():
+                st[key].copy_(torch.where(ok, st[key], old_value))
+    skips = (~ok).to(torch.int64)
+    state.skips_on_device = (
+        skips if state.skips_on_device is None else state.skips_on_device + skips
+    )
+    return ok, grad_norm.detach().float()

@@ -1,4 +1,4 @@
-"""One contract suite for every VectorIndex implementation (FaissIndex, TorchIndex)."""
+"""One contract suite for every VectorIndex implementation (FaissIndex, TorchIndex, MirrorIndex)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from memory_bank.exceptions import BankError
-from memory_bank.index import FaissIndex, TorchIndex, faiss_gpu_available, make_index
+from memory_bank.index import (
+    FaissIndex,
+    MirrorIndex,
+    TorchIndex,
+    faiss_gpu_available,
+    make_index,
+)
 from memory_bank.protocols import VectorIndex
 
 DIM = 16
@@ -25,7 +31,11 @@ def _torch(dim: int) -> VectorIndex:
     return TorchIndex(dim)
 
 
-@pytest.fixture(params=[_faiss, _torch], ids=["faiss", "torch"])
+def _mirror(dim: int) -> VectorIndex:
+    return MirrorIndex(dim)  # detached: the contract of a standalone index
+
+
+@pytest.fixture(params=[_faiss, _torch, _mirror], ids=["faiss", "torch", "mirror"])
 def factory(request: pytest.FixtureRequest) -> IndexFactory:
     factory: IndexFactory = request.param
     return factory

@@ -1,0 +1,68 @@
+"""``supcon-stream bench throughput`` on a tiny stream: every stage runs against its own
+broker and redis-server and the report holds every figure. Speeds are not asserted (the bench
+measures them; tests do not time anything)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def test_bench_throughput_small_run_writes_both_reports(tmp_path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "bench",
+            "throughput",
+            "--events",
+            "2000",
+            "--bank-items",
+            "3000",
+            "--learner-events",
+            "1000",
+            "--latency-rate",
+            "200",
+            "--latency-seconds",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[bench" in proc.stderr  # progress lines
+    report = json.loads((out / "throughput.json").read_text())
+    results = report["results"]
+    assert results["raw_consume"]["events"] == 2000
+    assert results["ingest_only"]["events"] == 2000
+    assert results["end_to_end"]["events"] == 2000
+    for stage in ("raw_consume", "ingest_only", "learner_only", "end_to_end"):
+        assert results[stage]["events_per_s"] > 0
+    assert results["memory_bank"]["bank_items"] == 3000
+    assert results["restart"]["bank_items"] == 3000
+    assert results["restart"]["seconds"] > 0
+    assert results["latency"]["events"] > 0
+    assert results["latency"]["p50_ms"] <= results["latency"]["p99_ms"]
+    assert set(report["ratios"]["targets"]) == {
+        "ingest_over_raw >= 0.8",
+        "end_to_end_over_min >= 0.8",
+        "replay+search <= 10% of step",
+        "restart <= 5 s",
+    }
+    assert report["machine"]["cpu_count"] >= 1
+    markdown = (out / "throughput.md").read_text()
+    assert "| raw consume" in markdown
+    assert "GPU" in markdown
+    # The one-line JSON on stdout is the ratios.
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == report["ratios"]

@@ -1,0 +1,110 @@
+"""The throughput report's arithmetic and text, from a made-up result set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.bench_throughput import _restart_breakdown, ratios, render_markdown
+
+
+def _results() -> dict:
+    return {
+        "raw_consume": {"events": 100, "seconds": 1.0, "events_per_s": 100.0},
+        "ingest_only": {"events": 100, "seconds": 1.25, "events_per_s": 80.0},
+        "learner_only": {
+            "events": 50,
+            "seconds": 1.0,
+            "events_per_s": 50.0,
+            "batch_size": 32,
+            "replay_size": 64,
+            "hard_negatives": 16,
+        },
+        "end_to_end": {"events": 100, "seconds": 2.5, "events_per_s": 40.0},
+        "memory_bank": {
+            "bank_items": 1000,
+            "index": "auto",
+            "hard_negative_queries": 32,
+            "hard_negative_every": 2,
+            "fill_items_per_s": 1.0,
+            "fill_chunk": 1000,
+            "add_batch_size": 32,
+            "add_ms_per_batch": 1.0,
+            "add_items_per_s": 1.0,
+            "sample_ms": 0.1,
+            "search_ms": 0.2,
+            "search_ms_max": 1.0,
+            "train_step_ms": 2.0,
+            "writeback_and_refresh_ms": 0.1,
+            "iteration_ms": 3.0,
+            "sample_plus_search_share": 0.1,
+        },
+        "restart": {"bank_items": 1000, "seconds": 6.0, "group_join_s": 3.0},
+        "latency": {
+            "offered_events_per_s": 10.0,
+            "batch_size": 32,
+            "max_latency_ms_setting": 250,
+            "p50_ms": 100.0,
+            "p99_ms": 200.0,
+            "max_ms": 300.0,
+            "events": 20,
+        },
+        "torch_threads": {"step_ms_1_threads": 2.0, "step_ms_2_threads": 3.0},
+    }
+
+
+def test_ratios_and_targets() -> None:
+    q = ratios(_results())
+    assert q["ingest_over_raw"] == 0.8
+    assert q["end_to_end_over_min_ingest_learner"] == 0.8
+    assert q["restart_s_without_group_join"] == 3.0
+    assert q["targets"] == {
+        "ingest_over_raw >= 0.8": True,
+        "end_to_end_over_min >= 0.8": True,
+        "replay+search <= 10% of step": True,
+        "restart <= 5 s": False,
+    }
+
+
+def test_markdown_names_the_command_machine_and_gpu_status() -> None:
+    report = {
+        "command": "supcon-stream bench throughput",
+        "date_utc": "2026-01-01T00:00:00Z",
+        "total_s": 1.0,
+        "events": 100,
+        "input_dim": 64,
+        "partitions": 4,
+        "machine": {
+            "cpu_count": 2,
+            "cpu": "x",
+            "gpu": None,
+            "torch": "2",
+            "torch_threads": 1,
+            "kafka_python": "3",
+            "crc32c": True,
+            "faiss": "1",
+            "load_avg_at_start": [0.0],
+            "load_avg_at_end": [0.0],
+        },
+        "results": _results(),
+    }
+    report["ratios"] = ratios(report["results"])
+    text = render_markdown(report)
+    assert "`supcon-stream bench throughput`" in text
+    assert "2 CPUs" in text
+    assert "GPU: not measured" in text
+    assert "| ingest-only / raw ≥ 0.8 | 0.8 | True |" in text
+
+
+def test_restart_phases_from_log_timestamps(tmp_path: Path) -> None:
+    log = tmp_path / "learner.log"
+    log.write_text(
+        "2026-01-01T00:00:01.000000Z [info ] kafka source started group=g\n"
+        "2026-01-01T00:00:02.500000Z [info ] memory_bank_opened items=3 seconds=1.25\n"
+        "2026-01-01T00:00:04.000000Z [info ] partitions assigned group=g\n"
+    )
+    started = 1767225600.0  # 2026-01-01T00:00:00Z
+    phases = _restart_breakdown(log, started)
+    assert phases["join_started_s"] == 1.0
+    assert phases["assigned_s"] == 4.0
+    assert phases["group_join_s"] == 3.0
+    assert phases["bank_load_s"] == 1.25
