@@ -105,12 +105,22 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint, keep: int) -> Path:
     return final
 
 
+def _remove_torn_writes(directory: Path) -> None:
+    """Delete temp files of writes cut short by a crash (never renamed, so never loaded)."""
+    if not directory.is_dir():
+        return
+    for tmp in directory.glob(".ckpt-*.pt.tmp"):
+        tmp.unlink(missing_ok=True)
+        log.info("removed an unfinished checkpoint write", path=str(tmp))
+
+
 def load_latest(directory: Path, map_location: torch.device | str = "cpu") -> Checkpoint | None:
     """The newest checkpoint that loads, or None when there is none at all.
 
     Raises CheckpointError when checkpoints exist but every one of them is unreadable:
     starting from scratch silently would retrain (and re-commit) a whole stream.
     """
+    _remove_torn_writes(directory)
     candidates = list_checkpoints(directory)
     for path in candidates:
         try:

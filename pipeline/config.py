@@ -39,6 +39,10 @@ class KafkaSettings(_Frozen):
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    ssl_password: SecretStr | None = Field(
+        None, description="Password of an encrypted ssl_keyfile."
+    )
+    ssl_check_hostname: bool = True
     request_timeout_ms: int = Field(30_000, ge=1000)
     reconnect_backoff_ms: int = Field(100, ge=1)
     reconnect_backoff_max_ms: int = Field(5_000, ge=1)
@@ -94,6 +98,10 @@ class KafkaSettings(_Frozen):
         for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
             if getattr(self, key):
                 opts[key] = getattr(self, key)
+        if self.ssl_password is not None:
+            opts["ssl_password"] = self.ssl_password.get_secret_value()
+        if not self.ssl_check_hostname:
+            opts["ssl_check_hostname"] = False
         return opts
 
 

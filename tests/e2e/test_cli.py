@@ -94,7 +94,11 @@ def test_replay_learn_sidecar_metrics(bootstrap, redis_url, unique, tmp_path):
         consumer.subscribe([f"{prefix}.metrics.loss", f"{prefix}.metrics.forgetting"])
         seen: dict[str, list[dict]] = {"loss": [], "forgetting": []}
         deadline = time.monotonic() + 40
-        while time.monotonic() < deadline and not any(r.get("final") for r in seen["forgetting"]):
+        # Until both topics were read: the final forgetting record can arrive in an earlier
+        # fetch than the loss records (different topics and partitions).
+        while time.monotonic() < deadline and not (
+            seen["loss"] and any(r.get("final") for r in seen["forgetting"])
+        ):
             msg = consumer.poll(1.0)
             if msg is None or msg.error():
                 continue

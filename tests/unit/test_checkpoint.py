@@ -93,3 +93,13 @@ def test_fallback_is_logged_with_the_file_and_the_error(tmp_path):
     assert len(fallback) == 1
     assert fallback[0]["path"] == str(newest)
     assert fallback[0]["error"]
+
+
+def test_unfinished_write_left_by_a_crash_is_removed_and_ignored(tmp_path):
+    save_checkpoint(tmp_path, _ckpt(1), keep=3)
+    torn = tmp_path / ".ckpt-000000000002.pt.tmp"
+    torn.write_bytes(b"half a checkpoint")
+    restored = load_latest(tmp_path)
+    assert restored is not None
+    assert restored.step == 1
+    assert not torn.exists()

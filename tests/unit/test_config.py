@@ -107,6 +107,8 @@ def test_sasl_scram_over_tls_and_redis_tls_from_config():
             "kafka.ssl_cafile=/etc/ca.pem",
             "kafka.ssl_certfile=/etc/client.pem",
             "kafka.ssl_keyfile=/etc/client.key",
+            "kafka.ssl_password=key-secret",
+            "kafka.ssl_check_hostname=false",
             "redis.url=rediss://redis:6380/0",
             "redis.ssl_cafile=/etc/ca.pem",
         ],
@@ -121,10 +123,13 @@ def test_sasl_scram_over_tls_and_redis_tls_from_config():
     assert opts["ssl_cafile"] == "/etc/ca.pem"
     assert opts["ssl_certfile"] == "/etc/client.pem"
     assert opts["ssl_keyfile"] == "/etc/client.key"
+    assert opts["ssl_password"] == "key-secret"
+    assert opts["ssl_check_hostname"] is False
     assert opts["reconnect_backoff_max_ms"] >= opts["reconnect_backoff_ms"]
     assert settings.redis.tls_options() == {"ssl_ca_certs": "/etc/ca.pem"}
     dump = str(settings.redacted())
     assert "scram-secret" not in dump
+    assert "key-secret" not in dump
     assert "env-secret" not in dump
     assert settings.redis.password is not None
     assert settings.redis.password.get_secret_value() == "env-secret"
