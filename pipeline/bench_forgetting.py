@@ -11,15 +11,15 @@ Every ``eval_every`` batches, and at the end of every task, the test images of t
 seen so far are classified (class-incremental: one classifier over all classes seen) and the
 per-class accuracies fed to :class:`pipeline.metrics.ForgettingTracker`, the sidecar's
 tracker, which gives final average accuracy, forgetting, anytime accuracy and the stability
-gap. ``joint`` is the offline upper bound: the same network trained for several epochs on
-the whole (shuffled) training set with the same ``train_step``.
+gap. ``joint`` and ``joint_supcon`` are offline upper bounds: the same network trained with
+CE or SupCon for several epochs on the whole (shuffled) training set, same ``train_step``.
 
 Methods (hyperparameters in :data:`METHODS`, shared ones in :func:`bench_train_settings`):
 CE fine-tune (no replay), CE + experience replay (reservoir memory, random replay, and the
-same with the class-balanced memory and replay the SupCon runs use), SupCon + bank
-(class-balanced memory and replay), SupCon + bank + FAISS hard negatives, asymmetric
-SupCon (Co2L), and the joint upper bound. Replay per step never exceeds ``replay_size``
-bank items, hard negatives included.
+same with the class-balanced memory and replay of the SupCon runs), SupCon + bank
+(class-balanced memory and replay, and the same with a reservoir memory), SupCon + bank +
+FAISS hard negatives, asymmetric SupCon (Co2L), and the joint upper bound. Replay per step
+never exceeds ``replay_size`` bank items, hard negatives included.
 """
 
 from __future__ import annotations
@@ -96,6 +96,14 @@ METHODS: tuple[Method, ...] = (
     ),
     Method(
         "supcon", "SupCon + bank", {"objective": "supcon", "hard_negatives": 0, "lr": SUPCON_LR}
+    ),
+    # As for CE + ER, both memories: the reservoir keeps new classes rare in the bank for a
+    # while after a task switch (more replay of old classes); the class-balanced one does not.
+    Method(
+        "supcon_res",
+        "SupCon + bank, reservoir memory",
+        {"objective": "supcon", "hard_negatives": 0, "lr": SUPCON_LR},
+        bank_policy="reservoir",
     ),
     Method(
         "supcon_hn",

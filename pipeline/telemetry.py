@@ -27,12 +27,13 @@ start; labels and tasks are strings, JSON object keys always are):
      "elapsed_s",
      "prequential_correct", "prequential_total"}   # cumulative predict-then-train counts
 
-``eval`` — every ``eval.every_steps`` steps, accuracy on the held-out probe set::
+``eval`` — every ``eval.every_steps`` steps, accuracy and calibration on the probe set::
 
     {"learner", "objective", "group", "step", "ts", "events_total",
-     "primary": "ncm" | "head",
-     "classifiers": {"ncm": {"per_class_accuracy": {label: float}},
-                     "head": {"per_class_accuracy": {label: float}}},   # head: ce only
+     "primary": "ncm" | "knn" | "head",    # eval.classifier (default: natural classifier)
+     "classifiers": {name: {"per_class_accuracy": {label: float},
+                            "ece": float | null}},  # ncm always; knn once the bank has
+                                                    # items; head when a term trains it
      "class_task": {label: task | null},   # task in which the class first appeared
      "current_task": task | null,          # task of the most recently trained events
      "probe_sizes": {label: int}}
