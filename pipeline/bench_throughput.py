@@ -55,6 +55,7 @@ class BenchOptions:
     learner_events: int = LEARNER_EVENTS_CAP
     latency_rate: float | None = None  # events/s; None = half the end-to-end rate
     latency_seconds: float = 10.0
+    consumer_processes: int = 2  # ingest-only is also measured with this many (1 = skip)
     out: Path = Path("runs/bench")
     config: Path | None = None
     overrides: tuple[str, ...] = ()
@@ -200,7 +201,7 @@ def _source_config(settings: Settings, group: str) -> Any:
     from consumers.source import SourceConfig
 
     return SourceConfig(
-        **settings.consumer.model_dump(exclude={"group_id"}),
+        **settings.consumer.model_dump(exclude={"group_id", "processes"}),
         topic=settings.kafka.events_topic,
         group_id=group,
         input_dim=settings.model.input_dim,
@@ -211,16 +212,22 @@ def _source_config(settings: Settings, group: str) -> Any:
 # --------------------------------------------------------------------------- 2. ingest-only
 
 
-def measure_ingest(settings: Settings, total: int) -> dict[str, Any]:
-    """The project's source, first batch to last: poll + micro-batch + decode + validate."""
+def measure_ingest(settings: Settings, total: int, processes: int = 1) -> dict[str, Any]:
+    """The project's source, first batch to last: poll + micro-batch + decode + validate.
+
+    With ``processes`` > 1, :class:`~consumers.process_source.ProcessBatchSource`: that many
+    consumer processes in one group, batches unpickled in this one.
+    """
+    from consumers.process_source import ProcessBatchSource
     from consumers.producer import JsonProducer
     from consumers.source import KafkaBatchSource
 
     producer = JsonProducer(settings.kafka.client_options())
-    source = KafkaBatchSource(
-        _source_config(settings, f"bench-ingest-{uuid.uuid4().hex[:6]}"),
-        settings.kafka.client_options(),
-        producer,
+    config = _source_config(settings, f"bench-ingest-{uuid.uuid4().hex[:6]}")
+    source: KafkaBatchSource | ProcessBatchSource = (
+        ProcessBatchSource(config, settings.kafka.client_options(), processes, log_level=30)
+        if processes > 1
+        else KafkaBatchSource(config, settings.kafka.client_options(), producer)
     )
     started = time.perf_counter()
     source.start()
@@ -247,6 +254,7 @@ def measure_ingest(settings: Settings, total: int) -> dict[str, Any]:
         "events_per_s": _rate(count, elapsed),
         "join_s": round((first or started) - started, 3),
         "backpressure_pauses": paused,
+        "processes": processes,
     }
 
 
@@ -786,6 +794,10 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
             else None
         ),
     }
+    if "ingest_processes" in results:
+        out["ingest_processes_over_raw"] = (
+            round(results["ingest_processes"]["events_per_s"] / raw, 3) if raw else None
+        )
     out["targets"] = {
         "ingest_over_raw >= 0.8": bool(out["ingest_over_raw"] and out["ingest_over_raw"] >= 0.8),
         "end_to_end_over_min >= 0.8": bool(
@@ -833,6 +845,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     ):
         row = r[key]
         lines.append(f"| {title} | {row['events']} | {row['seconds']} | {row['events_per_s']} |")
+        if key == "ingest_only" and "ingest_processes" in r:
+            row = r["ingest_processes"]
+            lines.append(
+                f"| ingest-only, {row['processes']} consumer processes "
+                f"(`consumer.processes`) | {row['events']} | {row['seconds']} | "
+                f"{row['events_per_s']} |"
+            )
     lines += [
         "",
         "| ratio / target | value | met |",
@@ -943,6 +962,14 @@ def run_bench(opts: BenchOptions, command: str) -> dict[str, Any]:
         _progress(f"raw consume: {results['raw_consume']['events_per_s']:,.0f} events/s")
         results["ingest_only"] = measure_ingest(settings, opts.events)
         _progress(f"ingest-only: {results['ingest_only']['events_per_s']:,.0f} events/s")
+        if opts.consumer_processes > 1:
+            results["ingest_processes"] = measure_ingest(
+                settings, opts.events, opts.consumer_processes
+            )
+            _progress(
+                f"ingest-only, {opts.consumer_processes} consumer processes: "
+                f"{results['ingest_processes']['events_per_s']:,.0f} events/s"
+            )
 
         results["torch_threads"] = measure_threads(settings)
         _progress(f"train step by torch threads: {results['torch_threads']}")

@@ -21,6 +21,7 @@ INVARIANTS
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -442,6 +443,7 @@ def build_context(settings: Settings, start_source: bool = False) -> LearnerCont
     With ``start_source`` the source is started (from the checkpoint's offsets) as soon as the
     checkpoint is loaded, so the group join overlaps the bank load.
     """
+    from consumers.process_source import ProcessBatchSource
     from consumers.source import KafkaBatchSource, SourceConfig
     from memory_bank.index import make_index
     from memory_bank.redis_store import RedisBankStore, make_redis_client
@@ -456,18 +458,26 @@ def build_context(settings: Settings, start_source: bool = False) -> LearnerCont
     client = make_redis_client(r.url, r.username, r.password, r.socket_timeout_s)
     client_options = settings.kafka.client_options()
     producer = JsonProducer(client_options)
-    source = KafkaBatchSource(
-        SourceConfig(
-            # ConsumerSettings' keys are SourceConfig's field names, by design.
-            **settings.consumer.model_dump(exclude={"group_id"}),
-            topic=settings.kafka.events_topic,
-            group_id=settings.group_id,
-            input_dim=settings.model.input_dim,
-            dlq_topic=settings.kafka.dlq_topic,
-        ),
-        client_options,
-        producer,
+    source_config = SourceConfig(
+        # ConsumerSettings' keys are SourceConfig's field names, by design.
+        **settings.consumer.model_dump(exclude={"group_id", "processes"}),
+        topic=settings.kafka.events_topic,
+        group_id=settings.group_id,
+        input_dim=settings.model.input_dim,
+        dlq_topic=settings.kafka.dlq_topic,
     )
+    source: EventSource
+    if settings.consumer.processes > 1:
+        # Polling and decoding in other processes, off this one's GIL (a GPU learner
+        # outruns one kafka-python consumer); each child has its own DLQ producer.
+        source = ProcessBatchSource(
+            source_config,
+            client_options,
+            settings.consumer.processes,
+            log_level=logging.getLevelName(settings.logging.level),
+        )
+    else:
+        source = KafkaBatchSource(source_config, client_options, producer)
     ckpt = load_latest(settings.checkpoint_dir, map_location=device)
     if ckpt is None:
         log.info("no checkpoint; starting fresh", dir=str(settings.checkpoint_dir))
