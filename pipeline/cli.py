@@ -179,6 +179,12 @@ def _add_bench_throughput(bench_sub: argparse._SubParsersAction[_Parser]) -> Non
     tp.add_argument(
         "--latency-seconds", type=_positive_float, default=10.0, help="latency stage length"
     )
+    tp.add_argument(
+        "--consumer-processes",
+        type=_positive_int,
+        default=2,
+        help="also measure ingest-only with this many consumer processes (1 = skip)",
+    )
     tp.add_argument("--out", type=Path, default=Path("runs/bench"), help="report folder")
 
 
@@ -211,6 +217,7 @@ def _cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
                 "events_per_s": round(summary.events_per_s, 1),
                 "bank_size": summary.bank_size,
                 "first_batch_to_commit_s": round(summary.first_batch_to_commit_s, 3),
+                "consumer_processes": settings.consumer.processes,
                 **summary.counters,
             }
         )
@@ -307,6 +314,7 @@ def _bench_throughput(args: argparse.Namespace, settings: Settings) -> int:
         learner_events=args.learner_events,
         latency_rate=args.latency_rate,
         latency_seconds=args.latency_seconds,
+        consumer_processes=args.consumer_processes,
         out=args.out,
         config=args.config,
         overrides=tuple(args.overrides),

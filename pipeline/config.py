@@ -122,6 +122,13 @@ class ConsumerSettings(_Frozen):
     session_timeout_ms: int = Field(6_000, ge=1000)
     max_poll_interval_ms: int = Field(300_000, ge=1000)
     max_event_bytes: int = Field(65_536, ge=64)
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Consumer processes (members of the learner's group) that poll and decode "
+        "for it; 1 = a thread in the learner process.",
+    )
 
 
 class RedisSettings(_Frozen):

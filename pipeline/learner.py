@@ -21,6 +21,7 @@ INVARIANTS
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -471,6 +472,41 @@ def _until_reachable(
             return made
 
 
+def _make_source(
+    settings: Settings,
+    client_options: dict[str, Any],
+    producer: JsonProducer,
+    health: HealthBoard,
+) -> EventSource:
+    """The event source: in this process, or ``consumer.processes`` consumer processes."""
+    from consumers.process_source import ProcessBatchSource
+    from consumers.source import KafkaBatchSource, SourceConfig
+
+    source_config = SourceConfig(
+        # ConsumerSettings' keys are SourceConfig's field names, by design.
+        **settings.consumer.model_dump(exclude={"group_id", "processes"}),
+        topic=settings.kafka.events_topic,
+        group_id=settings.group_id,
+        input_dim=settings.model.input_dim,
+        dlq_topic=settings.kafka.dlq_topic,
+    )
+    if settings.consumer.processes > 1:
+        # Polling and decoding in other processes, off this one's GIL (a GPU learner
+        # outruns one kafka-python consumer); each child has its own DLQ producer.
+        return ProcessBatchSource(
+            source_config,
+            client_options,
+            settings.consumer.processes,
+            log_level=logging.getLevelName(settings.logging.level),
+        )
+    return KafkaBatchSource(
+        source_config,
+        client_options,
+        producer,
+        on_health=health.reporter("kafka_consumer"),
+    )
+
+
 def build_context(
     settings: Settings, stop: threading.Event | None = None, start_source: bool = False
 ) -> LearnerContext:
@@ -479,7 +515,6 @@ def build_context(
     With ``start_source`` the source is started (from the checkpoint's offsets) as soon as the
     checkpoint is loaded, so the group join overlaps the bank load.
     """
-    from consumers.source import KafkaBatchSource, SourceConfig
     from memory_bank.index import make_index
     from memory_bank.redis_store import RedisBankStore, make_redis_client, ping_redis
 
@@ -504,19 +539,7 @@ def build_context(
         stop,
         health.reporter("kafka_producer"),
     )
-    source = KafkaBatchSource(
-        SourceConfig(
-            # ConsumerSettings' keys are SourceConfig's field names, by design.
-            **settings.consumer.model_dump(exclude={"group_id"}),
-            topic=settings.kafka.events_topic,
-            group_id=settings.group_id,
-            input_dim=settings.model.input_dim,
-            dlq_topic=settings.kafka.dlq_topic,
-        ),
-        client_options,
-        producer,
-        on_health=health.reporter("kafka_consumer"),
-    )
+    source = _make_source(settings, client_options, producer, health)
     ckpt = load_latest(settings.checkpoint_dir, map_location=device)
     if ckpt is None:
         log.info("no checkpoint; starting fresh", dir=str(settings.checkpoint_dir))

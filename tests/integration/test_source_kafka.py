@@ -287,7 +287,8 @@ def test_backpressure_pauses_and_loses_nothing(harness: Harness) -> None:
         elif len(batches) <= 5:
             time.sleep(0.2)
     stats = source.stats()
-    assert stats["paused_events"] >= 2
+    # The 2.5 s stall pauses (after poll_timeout_ms of a full queue); the 0.2 s ones do not.
+    assert stats["paused_events"] >= 1
     ids = [i for b in batches for i in b.ids]
     assert len(ids) == total
     assert set(ids) == {f"e{i % 2}-{i}" for i in range(total)}

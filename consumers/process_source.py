@@ -1,0 +1,284 @@
+"""An :class:`~consumers.protocols.EventSource` over several consumer processes.
+
+Why: in one process, kafka-python's per-record work and decoding share one GIL (~17-25 µs per
+event on the 2-core development machine), which caps a learner that trains faster than that,
+i.e. one on a GPU. Here each of ``processes`` child processes runs its own
+:class:`~consumers.source.KafkaBatchSource` as a member of the same consumer group, so the
+group splits the partitions between them, and sends its decoded batches to the learner
+through one bounded ``multiprocessing`` queue. The learner's process only unpickles batches.
+
+Commits: the learner's ``commit`` goes to every child; each commits only the partitions it
+owns now (its source flushes its own DLQ producer first, as always), so the INVARIANT holds
+per partition: an offset is committed only after the checkpoint covering it is durable and
+the dead letters before it are. ``commit_sync`` is True once every child has answered True.
+
+Batches of different children interleave; within a partition they stay in order (one child
+owns a partition, and its batches travel through the queue in order).
+
+Children are started with ``spawn`` (no torch or threads inherited), stopped one by one with
+a pause between them: Tansu can wedge a group when two members leave within ~0.3 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import queue
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any, Final
+
+import structlog
+
+from consumers.events import EventBatch, TopicPartitionKey
+from consumers.exceptions import SourceClosedError
+from consumers.protocols import NO_OFFSETS, STAT_COUNTERS
+from consumers.source import KafkaBatchSource, SourceConfig
+
+log = structlog.get_logger(__name__)
+
+_STATUS_EVERY_S: Final = 0.5
+_STOP_STAGGER_S: Final = 0.5
+_CHILD_GET_S: Final = 0.1
+
+
+def _child_main(
+    index: int,
+    config: SourceConfig,
+    client_options: dict[str, Any],
+    resume: dict[TopicPartitionKey, int],
+    out: Any,
+    commands: Any,
+    status: Any,
+    log_level: int,
+) -> None:
+    """One consumer process: a KafkaBatchSource feeding ``out``, commands from ``commands``."""
+    from consumers.producer import JsonProducer
+
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(log_level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+    structlog.contextvars.bind_contextvars(consumer_process=index)
+    producer = JsonProducer(client_options)
+    source = KafkaBatchSource(config, client_options, producer)
+    out.cancel_join_thread()  # at stop, unsent batches are dropped: nothing was committed
+    next_status = 0.0
+    try:
+        source.start(resume)
+        while True:
+            if _serve_commands(index, source, commands, status):
+                return
+            now = time.monotonic()
+            if now >= next_status:
+                status.put(("stats", index, source.stats(), sorted(source.assignment())))
+                next_status = now + _STATUS_EVERY_S
+            batch = source.get(_CHILD_GET_S)
+            while batch is not None:
+                try:
+                    out.put(batch, timeout=_CHILD_GET_S)
+                    batch = None
+                except queue.Full:  # the learner is behind: keep serving commands
+                    if _serve_commands(index, source, commands, status):
+                        return
+    finally:
+        source.stop(timeout_s=10.0)
+        producer.close()
+
+
+def _serve_commands(index: int, source: KafkaBatchSource, commands: Any, status: Any) -> bool:
+    """Run pending commands; True when told to stop."""
+    while True:
+        try:
+            command = commands.get_nowait()
+        except queue.Empty:
+            return False
+        if command[0] == "stop":
+            return True
+        _, offsets, request_id, timeout_s = command
+        owned = source.assignment()
+        mine = {key: offset for key, offset in offsets.items() if key in owned}
+        if request_id is None:
+            if mine:
+                source.commit(mine)
+            continue
+        ok = source.commit_sync(mine, timeout_s) if mine else True
+        status.put(("commit", index, request_id, ok))
+
+
+class ProcessBatchSource:
+    """:class:`~consumers.protocols.EventSource` over ``processes`` consumer processes."""
+
+    def __init__(
+        self,
+        config: SourceConfig,
+        client_options: Mapping[str, Any],
+        processes: int,
+        *,
+        log_level: int = 20,
+    ) -> None:
+        if processes < 1:
+            raise ValueError(f"processes must be >= 1, got {processes}")
+        self._config = config
+        self._client_options = dict(client_options)
+        self._processes = processes
+        self._log_level = log_level
+        self._ctx = mp.get_context("spawn")
+        self._out: Any = self._ctx.Queue(maxsize=config.queue_batches)
+        self._status: Any = self._ctx.Queue()
+        self._commands: list[Any] = []
+        self._children: list[Any] = []
+        self._stats: dict[int, dict[str, Any]] = {}
+        self._assigned: dict[int, set[TopicPartitionKey]] = {}
+        self._replies: dict[str, dict[int, bool]] = {}
+        self._stopped = False
+        self._log = log.bind(topic=config.topic, group=config.group_id, processes=processes)
+
+    def start(self, resume_offsets: Mapping[TopicPartitionKey, int] = NO_OFFSETS) -> None:
+        if self._children:
+            raise RuntimeError("ProcessBatchSource.start() called twice")
+        resume = {(str(t), int(p)): int(o) for (t, p), o in resume_offsets.items()}
+        for index in range(self._processes):
+            commands = self._ctx.Queue()
+            child = self._ctx.Process(
+                target=_child_main,
+                args=(
+                    index,
+                    self._config,
+                    self._client_options,
+                    resume,
+                    self._out,
+                    commands,
+                    self._status,
+                    self._log_level,
+                ),
+                name=f"supcon-consumer-{index}",
+                daemon=True,
+            )
+            child.start()
+            self._commands.append(commands)
+            self._children.append(child)
+        self._log.info("consumer processes started", pids=[c.pid for c in self._children])
+
+    def get(self, timeout_s: float) -> EventBatch | None:
+        self._raise_if_unusable()
+        self._drain_status()
+        try:
+            batch = self._out.get(timeout=timeout_s) if timeout_s > 0 else self._out.get_nowait()
+        except queue.Empty:
+            self._raise_if_unusable()
+            return None
+        assert isinstance(batch, EventBatch)
+        return batch
+
+    def commit(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
+        self._raise_if_unusable()
+        for commands in self._commands:
+            commands.put(("commit", dict(offsets), None, 0.0))
+
+    def commit_sync(self, offsets: Mapping[TopicPartitionKey, int], timeout_s: float) -> bool:
+        self._raise_if_unusable()
+        request_id = uuid.uuid4().hex
+        self._replies[request_id] = {}
+        for commands in self._commands:
+            commands.put(("commit", dict(offsets), request_id, timeout_s))
+        deadline = time.monotonic() + timeout_s + 1.0
+        while len(self._replies[request_id]) < len(self._children):
+            if time.monotonic() >= deadline or not any(c.is_alive() for c in self._children):
+                break
+            self._drain_status(wait_s=0.05)
+        replies = self._replies.pop(request_id)
+        return len(replies) == len(self._children) and all(replies.values())
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        for i, (commands, child) in enumerate(zip(self._commands, self._children, strict=True)):
+            if i:
+                time.sleep(_STOP_STAGGER_S)  # Tansu: members leaving together can wedge a group
+            commands.put(("stop",))
+            deadline = time.monotonic() + timeout_s
+            while child.is_alive() and time.monotonic() < deadline:
+                self._discard_batches()  # a child blocked on a full queue must get through
+                child.join(0.05)
+            if child.is_alive():
+                self._log.warning("consumer process did not stop in time", pid=child.pid)
+                child.terminate()
+                child.join(1.0)
+        self._discard_batches()
+        self._drain_status()
+        self._log.info("consumer processes stopped", **self._summary())
+
+    def stats(self) -> dict[str, Any]:
+        self._drain_status()
+        committed: dict[str, int] = {}
+        lag: dict[str, int] = {}
+        for child_stats in self._stats.values():
+            committed.update(child_stats.get("committed", {}))
+            lag.update(child_stats.get("lag", {}))
+        depth = 0
+        with contextlib.suppress(NotImplementedError):  # qsize() is missing on macOS
+            depth = self._out.qsize()
+        return {
+            **self._totals(),
+            "paused": any(bool(c.get("paused")) for c in self._stats.values()),
+            "committed": committed,
+            "lag": lag,
+            "queue_depth": depth,
+            "processes": self._processes,
+        }
+
+    def assignment(self) -> set[TopicPartitionKey]:
+        self._drain_status()
+        return set().union(*self._assigned.values()) if self._assigned else set()
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _drain_status(self, wait_s: float = 0.0) -> None:
+        while True:
+            try:
+                message = self._status.get(timeout=wait_s) if wait_s else self._status.get_nowait()
+            except queue.Empty:
+                return
+            wait_s = 0.0
+            if message[0] == "stats":
+                _, index, child_stats, assigned = message
+                self._stats[index] = child_stats
+                self._assigned[index] = {(str(t), int(p)) for t, p in assigned}
+            elif message[0] == "commit":
+                _, index, request_id, ok = message
+                if request_id in self._replies:
+                    self._replies[request_id][index] = bool(ok)
+
+    def _discard_batches(self) -> None:
+        while True:
+            try:
+                self._out.get_nowait()
+            except queue.Empty:
+                return
+
+    def _raise_if_unusable(self) -> None:
+        if self._stopped:
+            raise SourceClosedError("the source is stopped")
+        if not self._children:
+            raise SourceClosedError("the source is not started")
+        dead = [c for c in self._children if not c.is_alive()]
+        if dead:
+            codes = {c.name: c.exitcode for c in dead}
+            raise SourceClosedError(f"consumer processes exited: {codes}")
+
+    def _summary(self) -> dict[str, int]:
+        totals = self._totals()
+        return {k: totals[k] for k in ("polled", "events", "dead_lettered", "batches")}
+
+    def _totals(self) -> dict[str, int]:
+        """Counters summed over the children's latest reports."""
+        totals: Counter[str] = Counter()
+        for child_stats in self._stats.values():
+            for name in STAT_COUNTERS:
+                totals[name] += int(child_stats.get(name, 0))
+        return {name: totals[name] for name in STAT_COUNTERS}
