@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.bench_throughput import _restart_breakdown, ratios, render_markdown
+from pipeline.bench_throughput import _restart_breakdown
+from pipeline.throughput_report import ratios, render_markdown
 
 
 def _results() -> dict:
@@ -72,6 +73,7 @@ def test_markdown_names_the_command_machine_and_gpu_status() -> None:
         "total_s": 1.0,
         "events": 100,
         "input_dim": 64,
+        "classes": 20,
         "partitions": 4,
         "machine": {
             "cpu_count": 2,
