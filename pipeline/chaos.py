@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import orjson
 import structlog
 
+from consumers.testing import read_topic_json
 from pipeline.config import Settings, load_settings
 from pipeline.evaluation import is_probe
 from pipeline.ledger import ledger_path, read_ledger
@@ -64,23 +64,7 @@ def spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
 
 def read_topic_ids(bootstrap: str, topic: str, expect: int, timeout_s: float = 60.0) -> list[str]:
     """The ``id`` of every record in ``topic`` (read without a group, nothing committed)."""
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=1000,
-    )
-    ids: list[str] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(ids) < expect and time.monotonic() < deadline:
-            ids.extend(str(orjson.loads(m.value)["id"]) for m in consumer)
-    finally:
-        consumer.close()
-    return ids
+    return [str(v["id"]) for v in read_topic_json(bootstrap, topic, expect, timeout_s)]
 
 
 def committed_total(settings: Settings) -> int:

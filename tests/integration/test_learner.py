@@ -8,9 +8,10 @@ import time
 
 import orjson
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from consumers.admin import ensure_topics
+from consumers.testing import read_topic_json
 from pipeline.config import Settings, load_settings
 from pipeline.learner import RunLimits, run_learner
 
@@ -77,19 +78,7 @@ def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
 
 
 def _read_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 20.0) -> list[dict]:
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=1000,
-    )
-    out: list[dict] = []
-    deadline = time.monotonic() + timeout_s
-    while len(out) < expect and time.monotonic() < deadline:
-        out.extend(orjson.loads(m.value) for m in consumer)
-    consumer.close()
-    return out
+    return read_topic_json(bootstrap, topic, expect, timeout_s)
 
 
 def test_malformed_events_are_dead_lettered_and_valid_ones_trained(

@@ -8,7 +8,6 @@ trained + held out + dead-lettered + predicted == consumed.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -21,6 +20,7 @@ from kafka import KafkaProducer
 
 from consumers.admin import ensure_topics
 from consumers.decode import REASONS
+from consumers.testing import read_topic_json
 from pipeline.chaos import read_topic_ids
 from pipeline.config import load_settings
 from pipeline.evaluation import is_probe
@@ -31,21 +31,7 @@ pytestmark = pytest.mark.integration
 
 
 def _read_letters(bootstrap: str, topic: str, expect: int) -> list[dict]:
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=1000,
-    )
-    out: list[dict] = []
-    deadline = time.monotonic() + 20
-    while len(out) < expect and time.monotonic() < deadline:
-        out.extend(orjson.loads(m.value) for m in consumer)
-    consumer.close()
-    return out
+    return read_topic_json(bootstrap, topic, expect, timeout_s=20)
 
 
 @settings(
