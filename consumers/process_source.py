@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import queue
+import signal
 import sys
 import time
 import uuid
@@ -58,6 +59,10 @@ def _child_main(
     """One consumer process: a KafkaBatchSource feeding ``out``, commands from ``commands``."""
     from consumers.producer import JsonProducer
 
+    # The parent stops its children with the "stop" command, after its final commit; a Ctrl-C
+    # or a SIGTERM sent to the whole process group must not kill them before that.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(log_level),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
@@ -70,7 +75,7 @@ def _child_main(
     try:
         source.start(resume)
         while True:
-            if _serve_commands(index, source, commands, status):
+            if _serve_commands(index, source, producer, commands, status):
                 return
             now = time.monotonic()
             if now >= next_status:
@@ -82,15 +87,22 @@ def _child_main(
                     out.put(batch, timeout=_CHILD_GET_S)
                     batch = None
                 except queue.Full:  # the learner is behind: keep serving commands
-                    if _serve_commands(index, source, commands, status):
+                    if _serve_commands(index, source, producer, commands, status):
                         return
     finally:
         source.stop(timeout_s=10.0)
         producer.close()
 
 
-def _serve_commands(index: int, source: KafkaBatchSource, commands: Any, status: Any) -> bool:
-    """Run pending commands; True when told to stop."""
+def _serve_commands(
+    index: int, source: KafkaBatchSource, producer: Any, commands: Any, status: Any
+) -> bool:
+    """Run pending commands; True when told to stop.
+
+    Every commit command flushes this child's DLQ producer first, even when it owns none of
+    the partitions: a partition that moved to another child since this one dead-lettered some
+    of its records is committed by the other child, and those records must be durable too.
+    """
     while True:
         try:
             command = commands.get_nowait()
@@ -99,14 +111,20 @@ def _serve_commands(index: int, source: KafkaBatchSource, commands: Any, status:
         if command[0] == "stop":
             return True
         _, offsets, request_id, timeout_s = command
+        flushed = True
+        try:
+            producer.flush(timeout_s or 30.0)
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which withholds success
+            flushed = False
+            log.warning("dead-letter flush failed before a commit", error=repr(exc))
         owned = source.assignment()
         mine = {key: offset for key, offset in offsets.items() if key in owned}
         if request_id is None:
-            if mine:
+            if mine and flushed:
                 source.commit(mine)
             continue
-        ok = source.commit_sync(mine, timeout_s) if mine else True
-        status.put(("commit", index, request_id, ok))
+        ok = flushed and (source.commit_sync(mine, timeout_s) if mine else True)
+        status.put(("commit", index, request_id, ok, sorted(mine) if ok else []))
 
 
 class ProcessBatchSource:
@@ -133,7 +151,7 @@ class ProcessBatchSource:
         self._children: list[Any] = []
         self._stats: dict[int, dict[str, Any]] = {}
         self._assigned: dict[int, set[TopicPartitionKey]] = {}
-        self._replies: dict[str, dict[int, bool]] = {}
+        self._replies: dict[str, dict[int, tuple[bool, set[TopicPartitionKey]]]] = {}
         self._stopped = False
         self._log = log.bind(topic=config.topic, group=config.group_id, processes=processes)
 
@@ -191,17 +209,24 @@ class ProcessBatchSource:
                 break
             self._drain_status(wait_s=0.05)
         replies = self._replies.pop(request_id)
-        return len(replies) == len(self._children) and all(replies.values())
+        committed: set[TopicPartitionKey] = set().union(*(keys for _, keys in replies.values()))
+        # True only when every child answered and the partitions they committed cover all of
+        # ``offsets``: one owned by no child (mid-rebalance) was not committed.
+        return (
+            len(replies) == len(self._children)
+            and all(ok for ok, _ in replies.values())
+            and committed >= set(offsets)
+        )
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self._stopped:
             return
         self._stopped = True
+        deadline = time.monotonic() + timeout_s  # one budget for all children, not each
         for i, (commands, child) in enumerate(zip(self._commands, self._children, strict=True)):
             if i:
                 time.sleep(_STOP_STAGGER_S)  # Tansu: members leaving together can wedge a group
             commands.put(("stop",))
-            deadline = time.monotonic() + timeout_s
             while child.is_alive() and time.monotonic() < deadline:
                 self._discard_batches()  # a child blocked on a full queue must get through
                 child.join(0.05)
@@ -250,9 +275,12 @@ class ProcessBatchSource:
                 self._stats[index] = child_stats
                 self._assigned[index] = {(str(t), int(p)) for t, p in assigned}
             elif message[0] == "commit":
-                _, index, request_id, ok = message
+                _, index, request_id, ok, keys = message
                 if request_id in self._replies:
-                    self._replies[request_id][index] = bool(ok)
+                    self._replies[request_id][index] = (
+                        bool(ok),
+                        {(str(t), int(p)) for t, p in keys},
+                    )
 
     def _discard_batches(self) -> None:
         while True:

@@ -495,8 +495,9 @@ class MemoryBank:
         # _owner_bound; query labels beyond it land in an overflow bucket.
         n_labels = self._owner_bound
         present = torch.zeros(n_labels + 1, dtype=torch.bool, device=self.device)
-        present[query_labels.clamp(0, n_labels)] = True
-        keep = (current >= 0) & (current != owners) & present[owners]
+        # Unlabeled queries (label -1) mark no class present and own no candidate.
+        present[query_labels[query_labels >= 0].clamp(max=n_labels)] = True
+        keep = (owners >= 0) & (current >= 0) & (current != owners) & present[owners.clamp(min=0)]
         if exclude_slots is not None and exclude_slots.numel():
             excluded = torch.zeros(self.capacity, dtype=torch.bool, device=self.device)
             excluded[exclude_slots.to(self.device, torch.int64)] = True
@@ -522,7 +523,7 @@ class MemoryBank:
         owners = query_labels[:, None].expand_as(slots)
         # One host read per search (not per call): sizes the owner mask of the cached calls.
         self._owner_bound = int(query_labels.max()) + 1
-        valid = (rows >= 0) & (current >= 0) & (current != owners)
+        valid = (rows >= 0) & (owners >= 0) & (current >= 0) & (current != owners)
         flat_scores = scores.masked_fill(~valid, float("-inf")).flatten()
         order = flat_scores.argsort(descending=True, stable=True)
         ranked_slots, ranked_owners = slots.flatten()[order], owners.flatten()[order]

@@ -29,6 +29,8 @@ from typing import Any
 import orjson
 import structlog
 
+from pipeline.exceptions import SupconStreamError
+
 log = structlog.get_logger(__name__)
 
 HEALTH_FILE = "health.json"
@@ -133,7 +135,13 @@ class HealthBoard:
         )
         self._thread.start()
         if http_port is not None:
-            self._server = ThreadingHTTPServer((http_host, http_port), _handler_for(self))
+            try:
+                self._server = ThreadingHTTPServer((http_host, http_port), _handler_for(self))
+            except OSError as exc:
+                raise SupconStreamError(
+                    f"health.http_port: cannot serve /healthz on {http_host}:{http_port}: "
+                    f"{exc.strerror or exc}"
+                ) from None
             self._server.daemon_threads = True
             threading.Thread(target=self._server.serve_forever, name="healthz", daemon=True).start()
             log.info("serving /healthz", address=f"http://{http_host}:{self.http_port}/healthz")

@@ -21,6 +21,7 @@ INVARIANTS
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -65,7 +66,7 @@ from pipeline.objectives import (
     loss_weights,
 )
 from pipeline.online import learn_batch, with_unlabeled
-from pipeline.step import TrainState, make_state
+from pipeline.step import TrainState, make_state, match_optimizer_device
 from pipeline.telemetry import TelemetryWriter, telemetry_client
 from pipeline.tuning import default_torch_threads
 
@@ -429,6 +430,7 @@ def apply_checkpoint(ctx: LearnerContext, ckpt: Checkpoint) -> None:
     """Restore model, optimizer, offsets, probes and counters (the registry is already set)."""
     ctx.state.model.load_state_dict(ckpt.model)
     ctx.state.optimizer.load_state_dict(ckpt.optimizer)
+    match_optimizer_device(ctx.state.optimizer, ctx.device)
     ctx.state.step = ckpt.step
     ctx.state.skipped = int(ckpt.counters.get("skipped", 0))
     ctx.offsets = dict(ckpt.offsets)
@@ -515,8 +517,7 @@ def build_context(
     With ``start_source`` the source is started (from the checkpoint's offsets) as soon as the
     checkpoint is loaded, so the group join overlaps the bank load.
     """
-    from memory_bank.index import make_index
-    from memory_bank.redis_store import RedisBankStore, make_redis_client, ping_redis
+    from memory_bank.redis_store import make_redis_client
 
     torch.manual_seed(settings.train.seed)
     device = resolve_device(settings.train.device)
@@ -540,6 +541,37 @@ def build_context(
         health.reporter("kafka_producer"),
     )
     source = _make_source(settings, client_options, producer, health)
+    try:
+        return _assemble(
+            settings, device, seen, client, health, producer, source, stop, start_source
+        )
+    except BaseException:
+        # Whatever failed after the source exists (checkpoint, model, Redis, bank, ledger):
+        # leave no consumer thread, consumer process or producer behind.
+        with contextlib.suppress(Exception):
+            source.stop(timeout_s=10.0)
+        with contextlib.suppress(Exception):
+            producer.close()
+        raise
+
+
+def _assemble(
+    settings: Settings,
+    device: torch.device,
+    seen: torch.Tensor,
+    client: Any,
+    health: HealthBoard,
+    producer: JsonProducer,
+    source: EventSource,
+    stop: threading.Event,
+    start_source: bool,
+) -> LearnerContext:
+    """The rest of :func:`build_context`, once the producer and the source exist."""
+    from memory_bank.index import make_index
+    from memory_bank.redis_store import RedisBankStore, ping_redis
+
+    r = settings.redis
+    wait_s = settings.learner.startup_wait_s
     ckpt = load_latest(settings.checkpoint_dir, map_location=device)
     if ckpt is None:
         log.info("no checkpoint; starting fresh", dir=str(settings.checkpoint_dir))
@@ -572,28 +604,21 @@ def build_context(
         on_health=health.reporter("redis"),
     )
     started = time.monotonic()
-    try:
-        _until_reachable(
-            lambda: ping_redis(client), "redis", wait_s, stop, health.reporter("redis")
-        )
-        bank = MemoryBank.open(
-            store,
-            make_index(b.index, settings.model.embed_dim, device, b.use_gpu),
-            capacity=b.capacity,
-            input_dim=settings.model.input_dim,
-            embed_dim=settings.model.embed_dim,
-            device=device,
-            seed=settings.train.seed,
-            index_refresh_steps=b.index_refresh_steps,
-            hard_negative_queries=b.hard_negative_queries,
-            hard_negative_every=b.hard_negative_interval,
-            label_index=label_index,
-            policy=b.policy,
-        )
-    except BaseException:
-        if start_source:
-            source.stop(timeout_s=10.0)
-        raise
+    _until_reachable(lambda: ping_redis(client), "redis", wait_s, stop, health.reporter("redis"))
+    bank = MemoryBank.open(
+        store,
+        make_index(b.index, settings.model.embed_dim, device, b.use_gpu),
+        capacity=b.capacity,
+        input_dim=settings.model.input_dim,
+        embed_dim=settings.model.embed_dim,
+        device=device,
+        seed=settings.train.seed,
+        index_refresh_steps=b.index_refresh_steps,
+        hard_negative_queries=b.hard_negative_queries,
+        hard_negative_every=b.hard_negative_interval,
+        label_index=label_index,
+        policy=b.policy,
+    )
     log.info("memory bank loaded", items=len(bank), seconds=round(time.monotonic() - started, 3))
     ctx = LearnerContext(
         settings=settings,
@@ -687,7 +712,6 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
     )
     ctx.started = time.monotonic()
     start_consumed = ctx.counters.consumed
-    _start_health(ctx)
     last_ckpt_step, last_ckpt_time = ctx.state.step, time.monotonic()
     last_eval_step = ctx.state.step
     last_progress = last_batch = time.monotonic()
@@ -695,6 +719,7 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
     first_batch_at: float | None = None
     clean = False
     try:
+        _start_health(ctx)
         while not stop.is_set():
             if (
                 limits.max_events is not None

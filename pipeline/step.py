@@ -105,6 +105,24 @@ def make_state(model: StreamNet, cfg: TrainSettings) -> TrainState:
     return TrainState(model=model, optimizer=optimizer)
 
 
+def match_optimizer_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Fit a restored optimizer to this learner's device.
+
+    ``load_state_dict`` brings back the saved ``capturable`` flag: a CUDA checkpoint restored on
+    a CPU learner would fail its first step, a CPU one on CUDA would keep Adam's step counter on
+    the host (a sync per step). Capturable follows the device, and the step counters move to
+    their parameters' device.
+    """
+    on_cuda = device.type == "cuda"
+    for group in optimizer.param_groups:
+        if "capturable" in group:
+            group["capturable"] = on_cuda
+        for param in group["params"]:
+            st = optimizer.state.get(param)
+            if st and torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(param.device if on_cuda else "cpu")
+
+
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[None]:
     # bf16 autocast needs no GradScaler; on CPU we keep fp32 (bf16 matmuls are slower there).
     if enabled and device.type == "cuda":
