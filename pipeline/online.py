@@ -116,11 +116,14 @@ def learn_batch(
         results.append(result)
     assert result is not None  # iters_per_batch >= 1
     # Read back once per batch, after every step is queued (a host sync on CUDA).
+    last_applied: StepResult | None = None
     for done in results:
         skipped_any |= done.skipped
         if done.loss is not None:
             losses.append(done.loss)
-            per_sample = done.per_sample_loss
+            last_applied = done
+    if last_applied is not None:
+        per_sample = last_applied.per_sample_loss  # one copy to the host, of the last step
     ids, names, tasks = bank_items
     k = len(ids)
     bank.add(list(ids), x[:k], y[:k], list(names), result.batch_embeddings[:k], list(tasks))

@@ -224,6 +224,7 @@ def _guarded_step(
             for st in (optimizer.state.get(p) for p in params)
             if st
         ]
+        stateless = [p for p in params if not optimizer.state.get(p)]
     optimizer.step()
     with torch.no_grad():
         for p, old in zip(params, before, strict=True):
@@ -231,6 +232,12 @@ def _guarded_step(
         for st, old_state in saved:
             for key, old_value in old_state.items():
                 st[key].copy_(torch.where(ok, st[key], old_value))
+        # State Adam created in this step (its first): zeros and step 0 when the step is undone,
+        # which is exactly what a fresh Adam starts from (weight decay cannot leak into it).
+        for st in (optimizer.state[p] for p in stateless):
+            for value in st.values():
+                if torch.is_tensor(value):
+                    value.copy_(torch.where(ok, value, torch.zeros_like(value)))
     skips = (~ok).to(torch.int64)
     state.skips_on_device = (
         skips if state.skips_on_device is None else state.skips_on_device + skips

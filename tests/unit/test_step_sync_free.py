@@ -91,3 +91,21 @@ def test_lazy_result_fields_and_skip_counter_setter() -> None:
     state.skipped = 5  # restored from a checkpoint
     train_step(state, _inputs(1, poison=True), cfg, sync_free=True)
     assert state.skipped == 6
+
+
+def test_sync_free_first_step_skipped_leaves_adam_as_fresh() -> None:
+    """A non-finite very first step: Adam's newly created state is zeros with step 0."""
+    cfg = TrainSettings(weight_decay=0.1)
+    torch.manual_seed(2)
+    state = make_state(StreamNet(MODEL), cfg)
+    params = [p.detach().clone() for p in state.model.parameters()]
+
+    result = train_step(state, _inputs(0, poison=True), cfg, sync_free=True)
+
+    assert result.skipped
+    for p, before in zip(state.model.parameters(), params, strict=True):
+        assert torch.equal(p, before)
+    tensors = _optimizer_tensors(state)
+    assert tensors  # the state exists (created by the undone step) ...
+    for tensor in tensors:
+        assert not tensor.any()  # ... and is all zeros, step counters included
