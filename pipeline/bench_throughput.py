@@ -463,7 +463,8 @@ def measure_bank(settings: Settings, data: Synthetic, items: int) -> dict[str, A
     fill = _fill_bank(bank, data, items, bs, rng)
     bank.refresh_index()
 
-    # Train iterations as in learner._train_on, each part timed.
+    # Train iterations as pipeline.online.learn_batch runs them (select_replay, train_step,
+    # write-back), each part timed separately.
     model = StreamNet(s.model)
     state = make_state(model, s.train)
     seen = torch.ones(s.model.max_classes, dtype=torch.bool)
@@ -482,7 +483,7 @@ def measure_bank(settings: Settings, data: Synthetic, items: int) -> dict[str, A
         y = torch.from_numpy(data.labels[idx])
         t0 = time.perf_counter()
         with _timer(sample_t):
-            replay = bank.sample(s.train.replay_size)
+            replay = bank.sample(s.train.replay_size, s.train.replay_sampling)
         if queries is None:
             with torch.no_grad():
                 queries = F.normalize(model.embed(x), dim=-1)
