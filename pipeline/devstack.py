@@ -56,6 +56,38 @@ def port_open(port: int, host: str = LOOPBACK) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def _resp(*parts: str) -> bytes:
+    """One Redis command in RESP framing."""
+    out = [f"*{len(parts)}\r\n".encode()]
+    for part in parts:
+        raw = part.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(out)
+
+
+def redis_answers(port: int, password: str | None = None, host: str = LOOPBACK) -> bool:
+    """True once redis-server on ``port`` answers commands, i.e. has loaded its AOF/RDB.
+
+    An open port is not enough: while it loads a dataset, Redis accepts connections and
+    replies ``-LOADING`` to commands. A reply of ``-NOAUTH`` (an ACL setup whose default user
+    is off) also means the server is answering.
+    """
+    request = (_resp("AUTH", password) if password else b"") + _resp("PING")
+    expected = 2 if password else 1
+    try:
+        with socket.create_connection((host, port), timeout=1.0) as sock:
+            sock.sendall(request)
+            reply = b""
+            while reply.count(b"\r\n") < expected:
+                chunk = sock.recv(1024)
+                if not chunk:
+                    return False
+                reply += chunk
+    except OSError:
+        return False
+    return b"-LOADING" not in reply
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -192,7 +224,14 @@ def start_redis(
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
-    _wait_until(lambda: port_open(port), timeout_s, f"redis-server on port {port}", proc)
+    # A TLS-only server cannot be asked in plain text: its open port has to do.
+    plain = "--tls-port" not in extra_args
+    _wait_until(
+        lambda: redis_answers(port, password) if plain else port_open(port),
+        timeout_s,
+        f"redis-server on port {port}",
+        proc,
+    )
     return ManagedProcess("redis", proc.pid, port, str(log_path))
 
 
