@@ -413,8 +413,7 @@ class MemoryBank:
         self._index_due = False
 
     def _search_index(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._index_due:
-            self.refresh_index()
+        # Callers refresh a due index first: they size the search by the refreshed index.
         scores, rows = self._index.search(queries, k)
         return scores.to(self.device), rows.to(self.device)
 

@@ -80,7 +80,6 @@ class BatchOutcome:
     losses: list[float]  # one per step that was not skipped
     per_sample_loss: torch.Tensor | None  # [n] of the last step that was not skipped
     skipped_any: bool
-    last: StepResult
 
 
 def learn_batch(
@@ -127,4 +126,4 @@ def learn_batch(
     ids, names, tasks = bank_items
     k = len(ids)
     bank.add(list(ids), x[:k], y[:k], list(names), result.batch_embeddings[:k], list(tasks))
-    return BatchOutcome(losses, per_sample, skipped_any, result)
+    return BatchOutcome(losses, per_sample, skipped_any)

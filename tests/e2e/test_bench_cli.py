@@ -11,31 +11,31 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 
-def test_bench_forgetting_writes_table_json_and_plot(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "bench",
-            "forgetting",
-            "--seeds",
-            "1",
-            "--memories",
-            "20",
-            "--methods",
-            "ce_finetune,supcon",
-            "--set",
-            "train.iters_per_batch=1",
-            "--out",
-            str(tmp_path),
-            "--log-level",
-            "WARNING",
-        ],
+def _bench_forgetting(*args: str, timeout: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "bench", "forgetting", *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         check=False,
+    )
+
+
+def test_bench_forgetting_writes_table_json_and_plot(tmp_path):
+    result = _bench_forgetting(
+        "--seeds",
+        "1",
+        "--memories",
+        "20",
+        "--methods",
+        "ce_finetune,supcon",
+        "--set",
+        "train.iters_per_batch=1",
+        "--out",
+        str(tmp_path),
+        "--log-level",
+        "WARNING",
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -46,23 +46,7 @@ def test_bench_forgetting_writes_table_json_and_plot(tmp_path):
 
 
 def test_bench_forgetting_rejects_an_unknown_method(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "bench",
-            "forgetting",
-            "--methods",
-            "sgd",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = _bench_forgetting("--methods", "sgd", "--out", str(tmp_path), timeout=120)
     assert result.returncode == 2
     assert "--methods" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
