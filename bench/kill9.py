@@ -3,7 +3,7 @@
 Starts its own Tansu broker and redis-server (AOF on) on free loopback ports under --dir,
 replays ``gaussian-drift`` through the CLI, kills and restarts ``supcon-stream learn`` with
 SIGKILL, lets a last run finish the stream, then checks the ledger, the committed offsets
-and the bank (pipeline/chaos.py). Exit 0 when every check holds.
+and the bank (pipeline/devtools/chaos.py). Exit 0 when every check holds.
 
     .venv/bin/python bench/kill9.py --events 20000 --kills 10 --rate 150
 """
@@ -17,8 +17,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from pipeline.chaos import KillDrill, drill_pairs, run_kill_drill
-from pipeline.devstack import free_port, start_broker, start_redis, stop_process
+from pipeline.devtools.chaos import KillDrill, drill_pairs, run_kill_drill
+from pipeline.devtools.devstack import free_port, start_broker, start_redis, stop_process
 
 
 def main() -> int:

@@ -201,7 +201,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.learner import RunLimits, install_stop_signals, run_learner
+    from pipeline.learner.loop import RunLimits, install_stop_signals, run_learner
 
     log.info("configuration", settings=settings.redacted())
     stop = threading.Event()
@@ -226,8 +226,8 @@ def _cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_sidecar(_args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.learner import install_stop_signals
-    from pipeline.sidecar import run_sidecar
+    from pipeline.learner.loop import install_stop_signals
+    from pipeline.sidecar.service import run_sidecar
 
     log.info("configuration", settings=settings.redacted())
     stop = threading.Event()
@@ -237,7 +237,7 @@ def _cmd_sidecar(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.replay import run_replay
+    from pipeline.streams.playback import run_replay
 
     report = run_replay(
         settings, args.source, rate=args.rate, limit=args.limit, seed=args.seed, progress=None
@@ -247,7 +247,7 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_devstack(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.devstack import Devstack
+    from pipeline.devtools.devstack import Devstack
 
     d = settings.devstack
     stack = Devstack(d.dir, d.broker_port, d.redis_port)
@@ -283,7 +283,7 @@ def _cmd_topics(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.devtools.demo import run_demo
 
     run_demo(settings, args.config, args.overrides, args.out, keep_stack=args.keep_stack)
     return EXIT_OK
@@ -296,7 +296,7 @@ def _cmd_config(_args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_bench(args: argparse.Namespace, _settings: Settings) -> int:
     if args.bench == "forgetting":
-        from pipeline.bench_cli import run_bench_forgetting
+        from pipeline.devtools.bench.cli import run_bench_forgetting
 
         return run_bench_forgetting(args)
     if args.bench == "throughput":
@@ -305,7 +305,7 @@ def _cmd_bench(args: argparse.Namespace, _settings: Settings) -> int:
 
 
 def _bench_throughput(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.bench_throughput import BenchOptions, run_bench
+    from pipeline.devtools.bench.throughput import BenchOptions, run_bench
 
     opts = BenchOptions(
         events=args.events,
@@ -335,7 +335,7 @@ def _redacted_argv(argv: Sequence[str]) -> list[str]:
 
 
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.health import healthy, read_status
+    from pipeline.learner.health import healthy, read_status
 
     report = read_status(settings.checkpoint.dir, settings.health.stale_after_s, args.learners)
     print(json.dumps(report, indent=2))

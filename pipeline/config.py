@@ -186,7 +186,7 @@ class TrainSettings(_Frozen):
     torch_threads: int | None = Field(
         None, ge=1, description="Intra-op threads for torch; None keeps torch's default."
     )
-    # The loss family (pipeline/objectives.py). ``loss_terms`` empty: the objective alone.
+    # The loss family (pipeline/learning/objectives.py). ``loss_terms`` empty: the objective alone.
     loss_terms: dict[LossTermName, float] = Field(
         default_factory=dict,
         description="Weighted loss terms, e.g. {supcon: 1.0, ce_detached: 0.1}; "
@@ -273,7 +273,9 @@ class CheckpointSettings(_Frozen):
     keep: int = Field(3, ge=1)
     ledger: bool = Field(
         False,
-        description="Append trained event ids to <dir>/<name>/ledger.jsonl (pipeline/ledger.py).",
+        description=(
+            "Append trained event ids to <dir>/<name>/ledger.jsonl (pipeline/learner/ledger.py)."
+        ),
     )
 
 

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.devstack import ManagedProcess, free_port, start_broker, start_redis, stop_process
+from pipeline.devtools.devstack import (
+    ManagedProcess,
+    free_port,
+    start_broker,
+    start_redis,
+    stop_process,
+)
 
 
 @pytest.fixture(scope="session")

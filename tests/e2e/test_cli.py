@@ -11,7 +11,7 @@ import time
 import pytest
 from confluent_kafka import Consumer as ConfluentConsumer
 
-from pipeline.devstack import stop_process
+from pipeline.devtools.devstack import stop_process
 
 pytestmark = pytest.mark.e2e
 

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from kafka import KafkaProducer
 
-from pipeline.chaos import (
+from pipeline.devtools.chaos import (
     TcpProxy,
     check_delivery,
     cli_command,
@@ -29,10 +29,10 @@ from pipeline.chaos import (
     spawn,
     wait_for_ledger,
 )
-from pipeline.devstack import free_port, start_broker, start_redis, stop_process
-from pipeline.evaluation import is_probe
-from pipeline.health import health_path
-from pipeline.ledger import ledger_path, read_ledger
+from pipeline.devtools.devstack import free_port, start_broker, start_redis, stop_process
+from pipeline.learner.health import health_path
+from pipeline.learner.ledger import ledger_path, read_ledger
+from pipeline.learning.inference import is_probe
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.chaos import KillDrill, drill_pairs, run_kill_drill
+from pipeline.devtools.chaos import KillDrill, drill_pairs, run_kill_drill
 
 pytestmark = pytest.mark.e2e
 
@@ -31,8 +31,8 @@ def test_configuration_dump_at_start_shows_no_secret(bootstrap, unique, tmp_path
     """The learner logs its settings at start with every secret redacted."""
     import subprocess
 
-    from pipeline.chaos import cli_command, set_args
-    from pipeline.devstack import free_port, start_redis, stop_process
+    from pipeline.devtools.chaos import cli_command, set_args
+    from pipeline.devtools.devstack import free_port, start_redis, stop_process
 
     redis_secret, kafka_secret = f"redis-{unique}-pw", f"kafka-{unique}-pw"
     port = free_port()

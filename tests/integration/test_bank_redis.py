@@ -13,7 +13,7 @@ import redis
 from memory_bank.exceptions import BankCorruptError, BankUnavailableError
 from memory_bank.protocols import StoredItem
 from memory_bank.redis_store import RedisBankStore, make_redis_client
-from pipeline.devstack import free_port
+from pipeline.devtools.devstack import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -133,7 +133,7 @@ def test_make_redis_client_talks_to_the_server(redis_url: str, unique: str) -> N
 def test_make_redis_client_unwraps_a_secret(stack_dir: Path) -> None:
     from pydantic import SecretStr
 
-    from pipeline.devstack import start_redis, stop_process
+    from pipeline.devtools.devstack import start_redis, stop_process
 
     server = start_redis(free_port(), stack_dir, password="s3cret", appendonly=False)
     try:

@@ -13,7 +13,7 @@ from kafka import KafkaProducer
 from consumers.admin import ensure_topics
 from consumers.testing import read_topic_json
 from pipeline.config import Settings, load_settings
-from pipeline.learner import RunLimits, run_learner
+from pipeline.learner.loop import RunLimits, run_learner
 
 pytestmark = pytest.mark.integration
 
@@ -147,7 +147,7 @@ def test_configured_objective_policy_and_unlabeled_training(
     """SupCon + 0.1 · detached CE, reservoir bank, uniform replay, unlabeled events trained
     on with NT-Xent, kNN predictions: counts hold, only labeled events are banked,
     evaluations report NCM, kNN (primary) and the head with their ECE."""
-    from pipeline.telemetry import TelemetryReader
+    from pipeline.telemetry.channel import TelemetryReader
 
     settings = _settings(
         bootstrap,

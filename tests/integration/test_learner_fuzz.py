@@ -21,11 +21,11 @@ from kafka import KafkaProducer
 from consumers.admin import ensure_topics
 from consumers.decode import REASONS
 from consumers.testing import read_topic_json
-from pipeline.chaos import read_topic_ids
 from pipeline.config import load_settings
-from pipeline.evaluation import is_probe
-from pipeline.learner import RunLimits, run_learner
-from pipeline.ledger import ledger_path, read_ledger
+from pipeline.devtools.chaos import read_topic_ids
+from pipeline.learner.ledger import ledger_path, read_ledger
+from pipeline.learner.loop import RunLimits, run_learner
+from pipeline.learning.inference import is_probe
 
 pytestmark = pytest.mark.integration
 

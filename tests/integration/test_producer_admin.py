@@ -19,7 +19,7 @@ from kafka.structs import TopicPartition
 from consumers.admin import ensure_topics
 from consumers.exceptions import BrokerUnavailableError, ProducerError
 from consumers.producer import JsonProducer
-from pipeline.devstack import ManagedProcess, free_port, start_broker, stop_process
+from pipeline.devtools.devstack import ManagedProcess, free_port, start_broker, stop_process
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.config import Settings
 from pipeline.exceptions import ConfigError
-from pipeline.replay import ReplayReport, TokenBucket, run_replay
+from pipeline.streams.playback import ReplayReport, TokenBucket, run_replay
 
 
 def make_settings(bootstrap: str, unique: str, partitions: int = 4) -> Settings:

@@ -22,11 +22,11 @@ from consumers.admin import ensure_topics
 from memory_bank.exceptions import BankUnavailableError
 from memory_bank.protocols import StoredItem
 from memory_bank.redis_store import RedisBankStore, make_redis_client
-from pipeline.chaos import committed_total
 from pipeline.config import load_settings
-from pipeline.devstack import free_port, start_broker, start_redis, stop_process
-from pipeline.learner import RunLimits, run_learner
-from pipeline.ledger import ledger_path, read_ledger
+from pipeline.devtools.chaos import committed_total
+from pipeline.devtools.devstack import free_port, start_broker, start_redis, stop_process
+from pipeline.learner.ledger import ledger_path, read_ledger
+from pipeline.learner.loop import RunLimits, run_learner
 
 pytestmark = pytest.mark.integration
 

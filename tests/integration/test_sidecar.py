@@ -14,9 +14,9 @@ import redis
 from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.config import Settings
-from pipeline.devstack import free_port
-from pipeline.sidecar import KafkaMetricsSink, SidecarRunner, run_sidecar
-from pipeline.telemetry import TelemetryWriter
+from pipeline.devtools.devstack import free_port
+from pipeline.sidecar.service import KafkaMetricsSink, SidecarRunner, run_sidecar
+from pipeline.telemetry.channel import TelemetryWriter
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ import pytest
 import redis
 
 from pipeline.config import RedisSettings
-from pipeline.devstack import free_port, start_redis, stop_process
-from pipeline.telemetry import (
+from pipeline.devtools.devstack import free_port, start_redis, stop_process
+from pipeline.telemetry.channel import (
     MALFORMED,
     TelemetryReader,
     TelemetryWriter,

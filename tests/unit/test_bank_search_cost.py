@@ -14,7 +14,7 @@ from memory_bank.index import MirrorIndex, TorchIndex, make_index
 from memory_bank.reservoir import ClassBalancedReservoir
 from memory_bank.testing import InMemoryBankStore
 from pipeline.config import BankSettings
-from pipeline.tuning import default_torch_threads
+from pipeline.learning.tuning import default_torch_threads
 
 IN_DIM, EMB_DIM = 4, 8
 

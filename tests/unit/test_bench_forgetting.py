@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from pipeline.bench_cli import bench_config
-from pipeline.bench_forgetting import (
+from pipeline.devtools.bench.cli import bench_config
+from pipeline.devtools.bench.forgetting import (
     TEST_FRACTION,
     BenchConfig,
     bench_train_settings,
@@ -16,7 +16,7 @@ from pipeline.bench_forgetting import (
     run_grid,
     stream_order,
 )
-from pipeline.bench_report import interval, write_report
+from pipeline.devtools.bench.forgetting_report import interval, write_report
 from pipeline.exceptions import ConfigError
 
 TINY = BenchConfig(

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.checkpoint import Checkpoint, list_checkpoints, load_latest, save_checkpoint
 from pipeline.exceptions import CheckpointError
+from pipeline.learner.checkpoint import Checkpoint, list_checkpoints, load_latest, save_checkpoint
 
 
 def _ckpt(step: int) -> Checkpoint:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from pipeline.devstack import redis_answers
+from pipeline.devtools.devstack import redis_answers
 
 
 def _one_reply_server(reply: bytes) -> tuple[int, threading.Thread]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.health import HealthBoard, health_path, healthy, read_status
-from pipeline.ledger import TrainedLedger, iter_ledger, ledger_path, read_ledger
+from pipeline.learner.health import HealthBoard, health_path, healthy, read_status
+from pipeline.learner.ledger import TrainedLedger, iter_ledger, ledger_path, read_ledger
 
 
 def test_ledger_counts_duplicates_and_survives_reopen(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import (
+from pipeline.learning.losses import (
     LossTerm,
     asymmetric_supcon_loss,
     batch_hard_triplet_loss,

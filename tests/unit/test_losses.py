@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import masked_cross_entropy, supcon_loss
+from pipeline.learning.losses import masked_cross_entropy, supcon_loss
 
 
 def reference_supcon(features, labels, temperature, base_temperature, contrast_mode):

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import pytest
 
-from pipeline.metrics import (
+from pipeline.quality import (
     Ema,
     ForgettingResult,
     ForgettingTracker,

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from pipeline.config import SidecarSettings
-from pipeline.sidecar import Publication, SidecarState
-from pipeline.telemetry import MALFORMED, TelemetryRecord
+from pipeline.sidecar.service import Publication, SidecarState
+from pipeline.telemetry.channel import MALFORMED, TelemetryRecord
 
 approx = pytest.approx
 CFG = SidecarSettings(window=3, ema_alpha=0.5, publish_every_s=2.0, rate_window_s=10.0)

@@ -11,16 +11,16 @@ from memory_bank.index import TorchIndex
 from memory_bank.testing import InMemoryBankStore
 from pipeline.config import ModelSettings, TrainSettings, load_settings
 from pipeline.exceptions import ConfigError
-from pipeline.losses import asymmetric_supcon_loss, nt_xent_loss, supcon_loss
-from pipeline.model import StreamNet
-from pipeline.objectives import (
+from pipeline.learning.batch import learn_batch
+from pipeline.learning.losses import asymmetric_supcon_loss, nt_xent_loss, supcon_loss
+from pipeline.learning.model import StreamNet
+from pipeline.learning.objectives import (
     chosen_classifier,
     loss_weights,
     natural_classifier,
     objective_loss,
 )
-from pipeline.online import learn_batch
-from pipeline.step import StepInputs, make_state, train_step
+from pipeline.learning.step import StepInputs, make_state, train_step
 
 MODEL = ModelSettings(input_dim=8, hidden_dim=32, embed_dim=16, proj_dim=16, max_classes=5)
 # No augmentation: both views equal the input, so the closed forms below need no RNG.

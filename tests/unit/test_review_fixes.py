@@ -14,8 +14,8 @@ from memory_bank.index import make_index
 from memory_bank.testing import InMemoryBankStore
 from pipeline.cli import _redacted_argv
 from pipeline.exceptions import SupconStreamError
-from pipeline.health import HealthBoard
-from pipeline.step import match_optimizer_device
+from pipeline.learner.health import HealthBoard
+from pipeline.learning.step import match_optimizer_device
 
 
 def test_optimizer_saved_as_capturable_steps_on_cpu_after_matching() -> None:

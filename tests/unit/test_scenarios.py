@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from pipeline.exceptions import ConfigError
-from pipeline.scenarios import (
+from pipeline.streams.scenarios import (
     SCENARIOS,
     SPLIT_DIGITS_TASKS,
     Scenario,

@@ -16,8 +16,8 @@ import orjson
 import pytest
 
 from pipeline.exceptions import ConfigError
-from pipeline.replay import _open_source
-from pipeline.scenarios import (
+from pipeline.streams.playback import _open_source
+from pipeline.streams.scenarios import (
     SCENARIOS,
     SPLIT_DIGITS_TASKS,
     Scenario,

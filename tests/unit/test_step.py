@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.config import ModelSettings, TrainSettings
-from pipeline.evaluation import (
+from pipeline.learning.inference import (
     ProbeSet,
     class_means,
     is_probe,
@@ -12,9 +12,9 @@ from pipeline.evaluation import (
     predict_head,
     predict_ncm,
 )
-from pipeline.labels import LabelRegistry
-from pipeline.model import StreamNet
-from pipeline.step import StepInputs, make_state, train_step
+from pipeline.learning.labels import LabelRegistry
+from pipeline.learning.model import StreamNet
+from pipeline.learning.step import StepInputs, make_state, train_step
 
 MODEL = ModelSettings(input_dim=8, hidden_dim=32, embed_dim=16, proj_dim=16, max_classes=5)
 

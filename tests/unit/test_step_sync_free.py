@@ -8,8 +8,8 @@ import copy
 import torch
 
 from pipeline.config import ModelSettings, TrainSettings
-from pipeline.model import StreamNet
-from pipeline.step import StepInputs, make_state, train_step
+from pipeline.learning.model import StreamNet
+from pipeline.learning.step import StepInputs, make_state, train_step
 
 MODEL = ModelSettings(input_dim=8, hidden_dim=32, embed_dim=16, proj_dim=16, max_classes=5)
 

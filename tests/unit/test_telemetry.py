@@ -15,8 +15,8 @@ from redis.retry import Retry
 from structlog.testing import capture_logs
 
 from pipeline.config import RedisSettings
-from pipeline.devstack import free_port
-from pipeline.telemetry import TelemetryWriter, stream_key, telemetry_client
+from pipeline.devtools.devstack import free_port
+from pipeline.telemetry.channel import TelemetryWriter, stream_key, telemetry_client
 
 
 class CountingRedis(redis.Redis):

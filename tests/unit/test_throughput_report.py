@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.bench_throughput import _restart_breakdown
-from pipeline.throughput_report import ratios, render_markdown
+from pipeline.devtools.bench.throughput import _restart_breakdown
+from pipeline.devtools.bench.throughput_report import ratios, render_markdown
 
 
 def _results() -> dict:

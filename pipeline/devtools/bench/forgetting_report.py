@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bench_forgetting import JOINT_METHODS, METHODS, BenchConfig, RunResult
+from pipeline.devtools.bench.forgetting import JOINT_METHODS, METHODS, BenchConfig, RunResult
 from pipeline.exceptions import ConfigError
 
 METRICS = ("final_accuracy", "forgetting", "anytime_accuracy", "min_accuracy")

@@ -1,7 +1,7 @@
 """The machine, the ratios and the Markdown of a ``bench throughput`` report.
 
-Kept apart from :mod:`pipeline.bench_throughput`, which runs the stages: this part only reads
-the results dictionary.
+Kept apart from :mod:`pipeline.devtools.bench.throughput`, which runs the stages: this part
+only reads the results dictionary.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def machine_info() -> dict[str, Any]:
     import kafka
     import torch
 
-    from pipeline.tuning import default_torch_threads
+    from pipeline.learning.tuning import default_torch_threads
 
     threads = default_torch_threads(torch.device("cpu"))
     if threads:

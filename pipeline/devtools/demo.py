@@ -26,7 +26,7 @@ import orjson
 import structlog
 
 from pipeline.config import Settings, load_settings
-from pipeline.devstack import Devstack, stop_process
+from pipeline.devtools.devstack import Devstack, stop_process
 from pipeline.exceptions import SupconStreamError
 
 log = structlog.get_logger(__name__)
@@ -76,7 +76,7 @@ def _clear_namespace(settings: Settings) -> None:
 def _progress(settings: Settings, stop_when: Any) -> None:
     """Print one status line per second from the learners' telemetry until ``stop_when()``."""
     from memory_bank.redis_store import make_redis_client
-    from pipeline.telemetry import TelemetryReader
+    from pipeline.telemetry.channel import TelemetryReader
 
     r = settings.redis
     client = make_redis_client(r.url, r.username, r.password, r.socket_timeout_s)
@@ -220,7 +220,7 @@ def run_demo(
     keep_stack: bool = False,
 ) -> dict[str, Any]:
     from consumers.admin import ensure_topics
-    from pipeline.replay import run_replay
+    from pipeline.streams.playback import run_replay
 
     started_at = time.monotonic()
     d = settings.devstack

@@ -11,7 +11,7 @@ import structlog
 import torch
 import yaml
 
-from pipeline.bench_forgetting import (
+from pipeline.devtools.bench.forgetting import (
     DEFAULT_MEMORIES,
     JOINT_METHODS,
     METHODS,
@@ -20,7 +20,7 @@ from pipeline.bench_forgetting import (
     bench_train_settings,
     run_grid,
 )
-from pipeline.bench_report import summarise, write_report
+from pipeline.devtools.bench.forgetting_report import summarise, write_report
 from pipeline.exceptions import ConfigError
 
 log = structlog.get_logger(__name__)

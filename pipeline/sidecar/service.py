@@ -47,7 +47,7 @@ and on ``end``::
      "current_task", "evaluations",
      "final"}                # the learner's `end` was seen (and no step since)
 
-See :mod:`pipeline.metrics` for the definitions.
+See :mod:`pipeline.quality` for the definitions.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ from kafka.errors import KafkaError, MessageSizeTooLargeError
 
 from consumers.exceptions import ConsumerError
 from pipeline.config import Settings, SidecarSettings
-from pipeline.metrics import Ema, ForgettingTracker, PerKeyRollingMean, Rate, RollingMean
-from pipeline.telemetry import END, EVAL, STEP, TelemetryReader, TelemetryRecord
+from pipeline.quality import Ema, ForgettingTracker, PerKeyRollingMean, Rate, RollingMean
+from pipeline.telemetry.channel import END, EVAL, STEP, TelemetryReader, TelemetryRecord
 
 if TYPE_CHECKING:
     from consumers.producer import JsonProducer

@@ -1,4 +1,4 @@
-"""Objectives: the loss family of :mod:`pipeline.losses` wired to the network, from config.
+"""Objectives: the loss family of :mod:`pipeline.learning.losses` wired to the network, from config.
 
 An objective is a weighted sum of named loss terms (``train.loss_terms``; empty means the
 preset ``{train.objective: 1.0}``). Every term sees the same contrasted set, the micro-batch
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import TrainSettings
-from pipeline.losses import (
+from pipeline.learning.losses import (
     asymmetric_supcon_loss,
     batch_hard_triplet_loss,
     combine,
@@ -38,7 +38,7 @@ from pipeline.losses import (
     focal_loss,
     supcon_loss,
 )
-from pipeline.model import StreamNet, augment
+from pipeline.learning.model import StreamNet, augment
 
 HEAD_TERMS = frozenset({"ce", "ce_detached", "focal"})
 REPRESENTATION_TERMS = frozenset({"supcon", "asym_supcon", "triplet"})

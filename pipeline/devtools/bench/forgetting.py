@@ -3,13 +3,13 @@
 The standard online class-incremental protocol on ``split-digits`` (sklearn's 1797 8×8 digits,
 5 tasks × 2 classes): a stratified hold-out of :data:`TEST_FRACTION` per class is the test
 set, the rest streams once, task after task, in micro-batches of ``stream_batch`` (10) events.
-Each method learns every batch with :func:`pipeline.online.learn_batch`, the function the
+Each method learns every batch with :func:`pipeline.learning.batch.learn_batch`, the function the
 streaming learner runs (same ``train_step``, same bank, same replay retrieval), only without
 Kafka and Redis: the bank writes through to an in-memory store.
 
 Every ``eval_every`` batches, and at the end of every task, the test images of the classes
 seen so far are classified (class-incremental: one classifier over all classes seen) and the
-per-class accuracies fed to :class:`pipeline.metrics.ForgettingTracker`, the sidecar's
+per-class accuracies fed to :class:`pipeline.quality.ForgettingTracker`, the sidecar's
 tracker, which gives final average accuracy, forgetting, anytime accuracy and the stability
 gap. ``joint`` and ``joint_supcon`` are offline upper bounds: the same network trained with
 CE or SupCon for several epochs on the whole (shuffled) training set, same ``train_step``.
@@ -37,13 +37,13 @@ from memory_bank.bank import MemoryBank
 from memory_bank.index import make_index
 from memory_bank.testing import InMemoryBankStore
 from pipeline.config import BankSettings, ModelSettings, TrainSettings
-from pipeline.evaluation import class_means, predict_head, predict_ncm
-from pipeline.metrics import ForgettingTracker, expected_calibration_error
-from pipeline.model import StreamNet
-from pipeline.objectives import natural_classifier
-from pipeline.online import learn_batch
-from pipeline.scenarios import SPLIT_DIGITS_TASKS
-from pipeline.step import StepInputs, make_state, train_step
+from pipeline.learning.batch import learn_batch
+from pipeline.learning.inference import class_means, predict_head, predict_ncm
+from pipeline.learning.model import StreamNet
+from pipeline.learning.objectives import natural_classifier
+from pipeline.learning.step import StepInputs, make_state, train_step
+from pipeline.quality import ForgettingTracker, expected_calibration_error
+from pipeline.streams.scenarios import SPLIT_DIGITS_TASKS
 
 log = structlog.get_logger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from pipeline.labels import LabelRegistry
-from pipeline.model import StreamNet
+from pipeline.learning.labels import LabelRegistry
+from pipeline.learning.model import StreamNet
 
 NCM_TEMPERATURE = 0.1  # softmax temperature turning cosine similarities into a confidence
 

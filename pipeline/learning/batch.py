@@ -1,8 +1,8 @@
 """One micro-batch of online learning against the memory bank, shared by every caller.
 
-The streaming learner (:mod:`pipeline.learner`) and the in-process forgetting benchmark
-(:mod:`pipeline.bench_forgetting`) both learn a batch with :func:`learn_batch`, so the numbers
-the benchmark reports are those of the code the learner runs:
+The streaming learner (:mod:`pipeline.learner.loop`) and the in-process forgetting benchmark
+(:mod:`pipeline.devtools.bench.forgetting`) both learn a batch with :func:`learn_batch`, so the
+numbers the benchmark reports are those of the code the learner runs:
 
     iters_per_batch × (select replay → train_step → write fresh replay embeddings back)
     → bank.add(batch)
@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from memory_bank.bank import MemoryBank
 from pipeline.config import TrainSettings
-from pipeline.step import StepInputs, StepResult, TrainState, train_step
+from pipeline.learning.step import StepInputs, StepResult, TrainState, train_step
 
 
 @dataclass(frozen=True, slots=True)

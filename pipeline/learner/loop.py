@@ -43,9 +43,13 @@ from consumers.producer import JsonProducer
 from consumers.protocols import EventSource
 from memory_bank.bank import MemoryBank
 from memory_bank.exceptions import BankUnavailableError
-from pipeline.checkpoint import Checkpoint, load_latest, save_checkpoint
 from pipeline.config import Settings
-from pipeline.evaluation import (
+from pipeline.exceptions import SupconStreamError
+from pipeline.learner.checkpoint import Checkpoint, load_latest, save_checkpoint
+from pipeline.learner.health import HealthBoard, health_path, stop_quietly
+from pipeline.learner.ledger import TrainedLedger, ledger_path
+from pipeline.learning.batch import learn_batch, with_unlabeled
+from pipeline.learning.inference import (
     ClassMeans,
     ProbeSet,
     class_means,
@@ -54,21 +58,17 @@ from pipeline.evaluation import (
     predict_head,
     predict_ncm,
 )
-from pipeline.exceptions import SupconStreamError
-from pipeline.health import HealthBoard, health_path, stop_quietly
-from pipeline.labels import LabelRegistry
-from pipeline.ledger import TrainedLedger, ledger_path
-from pipeline.metrics import expected_calibration_error
-from pipeline.model import StreamNet
-from pipeline.objectives import (
+from pipeline.learning.labels import LabelRegistry
+from pipeline.learning.model import StreamNet
+from pipeline.learning.objectives import (
     HEAD_TERMS,
     chosen_classifier,
     loss_weights,
 )
-from pipeline.online import learn_batch, with_unlabeled
-from pipeline.step import TrainState, make_state, match_optimizer_device
-from pipeline.telemetry import TelemetryWriter, telemetry_client
-from pipeline.tuning import default_torch_threads
+from pipeline.learning.step import TrainState, make_state, match_optimizer_device
+from pipeline.learning.tuning import default_torch_threads
+from pipeline.quality import expected_calibration_error
+from pipeline.telemetry.channel import TelemetryWriter, telemetry_client
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")

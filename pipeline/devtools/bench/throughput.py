@@ -6,7 +6,7 @@ every stage, so the figures are comparable with each other even on a noisy machi
 1. **raw consume**: a bare kafka-python consumer with the learner's fetch settings (the ceiling
    of the client);
 2. **ingest-only**: the project's source (poll, micro-batch, decode + validate), no learning;
-3. **learner-only**: :func:`pipeline.learner.process_batch` (predict, train steps with replay
+3. **learner-only**: :func:`pipeline.learner.loop.process_batch` (predict, train steps with replay
    from the real bank, write-through to Redis) plus telemetry, on batches held in memory;
 4. **end-to-end**: a full ``supcon-stream learn`` process, first batch to final commit;
 5. **memory bank** with a 100k-item bank in Redis: add rate, replay sample time, hard-negative
@@ -38,8 +38,14 @@ import numpy as np
 import orjson
 
 from pipeline.config import Settings, load_settings
-from pipeline.devstack import ManagedProcess, free_port, start_broker, start_redis, stop_process
-from pipeline.throughput_report import machine_info, ratios, render_markdown
+from pipeline.devtools.bench.throughput_report import machine_info, ratios, render_markdown
+from pipeline.devtools.devstack import (
+    ManagedProcess,
+    free_port,
+    start_broker,
+    start_redis,
+    stop_process,
+)
 
 CLASSES = 20
 LEARNER_EVENTS_CAP = 60_000
@@ -300,7 +306,7 @@ def _learner_mean(first: dict[str, Any], second: dict[str, Any]) -> None:
 
 def measure_learner(settings: Settings, data: Synthetic, total: int) -> dict[str, Any]:
     """process_batch + step telemetry on in-memory batches (warm-up excluded)."""
-    from pipeline.learner import _step_record, build_context, close_context, process_batch
+    from pipeline.learner.loop import _step_record, build_context, close_context, process_batch
 
     ctx = build_context(settings)
     batches = _batches(settings, data, 0, total)
@@ -437,8 +443,8 @@ def measure_bank(settings: Settings, data: Synthetic, items: int) -> dict[str, A
     from memory_bank.bank import MemoryBank
     from memory_bank.index import make_index
     from memory_bank.redis_store import RedisBankStore, make_redis_client
-    from pipeline.model import StreamNet
-    from pipeline.step import StepInputs, make_state, train_step
+    from pipeline.learning.model import StreamNet
+    from pipeline.learning.step import StepInputs, make_state, train_step
 
     s = settings
     torch.manual_seed(0)
@@ -463,7 +469,7 @@ def measure_bank(settings: Settings, data: Synthetic, items: int) -> dict[str, A
     fill = _fill_bank(bank, data, items, bs, rng)
     bank.refresh_index()
 
-    # Train iterations as pipeline.online.learn_batch runs them (select_replay, train_step,
+    # Train iterations as pipeline.learning.batch.learn_batch runs them (select_replay, train_step,
     # write-back), each part timed separately.
     model = StreamNet(s.model)
     state = make_state(model, s.train)
@@ -542,8 +548,8 @@ def measure_threads(settings: Settings, steps: int = 150) -> dict[str, Any]:
     """One train step (batch + replay + hard negatives rows) at each torch thread count."""
     import torch
 
-    from pipeline.model import StreamNet
-    from pipeline.step import StepInputs, make_state, train_step
+    from pipeline.learning.model import StreamNet
+    from pipeline.learning.step import StepInputs, make_state, train_step
 
     s = settings
     before = torch.get_num_threads()
@@ -582,7 +588,7 @@ def measure_restart(
     """Process start to the first trained batch of a learner whose bank holds ``bank_items``."""
     import redis
 
-    from pipeline.telemetry import stream_key
+    from pipeline.telemetry.channel import stream_key
 
     client = redis.Redis.from_url(settings.redis.url)
     key = stream_key(settings.redis.key_prefix, settings.learner_name)
@@ -670,7 +676,7 @@ def measure_latency(
     """
     from kafka import KafkaProducer
 
-    from pipeline.learner import _step_record, build_context, close_context, process_batch
+    from pipeline.learner.loop import _step_record, build_context, close_context, process_batch
 
     ctx = build_context(settings)
     producer = KafkaProducer(**settings.kafka.client_options(), linger_ms=0, acks=1)

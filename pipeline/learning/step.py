@@ -2,7 +2,7 @@
 
 ``train_step`` contrasts the micro-batch together with the replayed bank items (class-balanced
 sample plus FAISS hard negatives), both re-encoded by the current model so gradient flows
-through replay too; the loss is the configured objective (:mod:`pipeline.objectives`). It
+through replay too; the loss is the configured objective (:mod:`pipeline.learning.objectives`). It
 returns fresh, L2-normalised encoder embeddings for both, which the learner writes into the
 bank (new items) and back over the replayed items' stale ones.
 
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from pipeline.config import TrainSettings
-from pipeline.model import StreamNet
-from pipeline.objectives import objective_loss
+from pipeline.learning.model import StreamNet
+from pipeline.learning.objectives import objective_loss
 
 
 @dataclass

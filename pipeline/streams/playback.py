@@ -4,7 +4,7 @@ Each event is keyed by its id, so one id always lands on the same partition (a r
 duplicate meets its original in order, and the bank's idempotence by id does the rest).
 Lines of a JSONL file are sent as they are: a line that is not a JSON object is still sent,
 without a key, and the learner's consumer dead-letters it with a reason. CSV, NPZ and Parquet
-files are parsed and checked up front by :func:`~pipeline.scenarios.load_labeled_file`.
+files are parsed and checked up front by :func:`~pipeline.streams.scenarios.load_labeled_file`.
 
 Pacing is a token bucket: ``rate`` events/s on average with a burst of at most
 :data:`BURST_S` seconds' worth, so a slow producer call does not make the next ones race.
@@ -24,7 +24,13 @@ import structlog
 
 from pipeline.config import Settings
 from pipeline.exceptions import ConfigError
-from pipeline.scenarios import SCENARIOS, Scenario, get_scenario, load_jsonl, load_labeled_file
+from pipeline.streams.scenarios import (
+    SCENARIOS,
+    Scenario,
+    get_scenario,
+    load_jsonl,
+    load_labeled_file,
+)
 
 log = structlog.get_logger(__name__)
 
