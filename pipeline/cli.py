@@ -201,7 +201,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.learner.loop import RunLimits, install_stop_signals, run_learner
+    from pipeline.learner.loop import RunLimits, run_learner
+    from pipeline.signals import install_stop_signals
 
     log.info("configuration", settings=settings.redacted())
     stop = threading.Event()
@@ -226,8 +227,8 @@ def _cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_sidecar(_args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.learner.loop import install_stop_signals
     from pipeline.sidecar.service import run_sidecar
+    from pipeline.signals import install_stop_signals
 
     log.info("configuration", settings=settings.redacted())
     stop = threading.Event()

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any, TypeVar
 
 import numpy as np
@@ -846,14 +844,3 @@ def _log_progress(ctx: LearnerContext, start_consumed: int) -> None:
         events_per_s=round(events / elapsed, 1) if elapsed > 0 else 0.0,
         lag=stats.get("lag"),
     )
-
-
-def install_stop_signals(stop: threading.Event) -> None:
-    """SIGTERM/SIGINT finish the current step, checkpoint, commit and exit 0."""
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        log.info("stop requested", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
