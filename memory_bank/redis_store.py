@@ -27,17 +27,16 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
 import redis
 import structlog
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from memory_bank.exceptions import BankCorruptError, BankError, BankUnavailableError
 from memory_bank.protocols import BankSnapshot, StoredItem
+from memory_bank.redis_client import make_redis_client  # noqa: F401 - re-exported for callers
 
 log = structlog.get_logger(__name__)
 
@@ -145,39 +144,6 @@ return {reply[1], cjson.encode(ids), '[' .. table.concat(metas, ',') .. ']'}
 _RETRYABLE = (redis.ConnectionError, redis.TimeoutError)
 # Subclasses of ConnectionError that no amount of waiting fixes.
 _NOT_RETRYABLE = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
-
-
-class _Secret(Protocol):
-    """pydantic's ``SecretStr``, without importing pydantic here."""
-
-    def get_secret_value(self) -> str: ...
-
-
-def make_redis_client(
-    url: str,
-    username: str | None = None,
-    password: str | _Secret | None = None,
-    socket_timeout_s: float = 5.0,
-    tls_options: Mapping[str, str] | None = None,
-) -> redis.Redis:
-    """A client for :class:`RedisBankStore` (binary replies, bounded socket waits).
-
-    ``password`` may be a plain string or a ``SecretStr`` (unwrapped only here, so settings
-    dumps stay redacted). redis-py's own retries are switched off: the store retries with
-    backoff and logs each attempt, and stacking two retry layers would multiply the waits.
-    """
-    kwargs: dict[str, Any] = {
-        "socket_timeout": socket_timeout_s,
-        "socket_connect_timeout": socket_timeout_s,
-        "health_check_interval": 30,
-        "retry": Retry(NoBackoff(), 0),
-        **(tls_options or {}),
-    }
-    if username is not None:
-        kwargs["username"] = username
-    if password is not None:
-        kwargs["password"] = password if isinstance(password, str) else password.get_secret_value()
-    return redis.Redis.from_url(url, **kwargs)
 
 
 def ping_redis(client: redis.Redis) -> None:
