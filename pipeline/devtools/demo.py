@@ -77,30 +77,30 @@ def _progress(settings: Settings, stop_when: Any) -> None:
     """Print one status line per second from the learners' telemetry until ``stop_when()``."""
     from memory_bank.redis_store import make_redis_client
     from pipeline.telemetry.channel import TelemetryReader
+    from pipeline.telemetry.records import StepRecord
 
     r = settings.redis
     client = make_redis_client(r.url, r.username, r.password, r.socket_timeout_s)
     reader = TelemetryReader(client, r.key_prefix)
     cursors = dict.fromkeys(OBJECTIVES, "0-0")
-    latest: dict[str, dict[str, Any]] = {}
+    latest: dict[str, StepRecord] = {}
     tty = sys.stderr.isatty()
     try:
         while not stop_when():
             for rec in reader.read(cursors, block_ms=1000, count=1000):
                 cursors[rec.learner] = rec.id
-                if rec.kind == "step":
-                    latest[rec.learner] = rec.payload
+                if isinstance(rec.record, StepRecord):
+                    latest[rec.learner] = rec.record
             parts = []
             for name in OBJECTIVES:
                 p = latest.get(name)
                 if p is None:
                     parts.append(f"{name}: waiting")
                     continue
-                loss = p.get("loss")
                 parts.append(
-                    f"{name}: {p['events_total']:>5} events, step {p['step']:>5}, loss {loss:.3f}"
-                    if loss is not None
-                    else f"{name}: {p['events_total']:>5} events, step {p['step']:>5}"
+                    f"{name}: {p.events_total:>5} events, step {p.step:>5}, loss {p.loss:.3f}"
+                    if p.loss is not None
+                    else f"{name}: {p.events_total:>5} events, step {p.step:>5}"
                 )
             line = " | ".join(parts)
             print(

@@ -67,6 +67,7 @@ from pipeline.learning.step import TrainState, make_state, match_optimizer_devic
 from pipeline.learning.tuning import default_torch_threads
 from pipeline.quality import expected_calibration_error
 from pipeline.telemetry.channel import TelemetryWriter, telemetry_client
+from pipeline.telemetry.records import ClassifierScores, EndRecord, EvalRecord, StepRecord
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -341,7 +342,7 @@ def _train_on(
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(ctx: LearnerContext) -> dict[str, Any]:
+def evaluate(ctx: LearnerContext) -> EvalRecord:
     """Per-class accuracy and ECE on the held-out probes: NCM, kNN, and the head when trained.
 
     ``primary`` is ``eval.classifier`` (by default the objective's natural classifier).
@@ -356,19 +357,25 @@ def evaluate(ctx: LearnerContext) -> dict[str, Any]:
     if primary == "head" or HEAD_TERMS & set(loss_weights(cfg)):
         predictions["head"] = predict_head(ctx.state.model, feats, ctx.seen_classes)
     classifiers = {
-        name: {
-            "per_class_accuracy": per_class_accuracy(pred, truth, ctx.registry),
-            "ece": expected_calibration_error(conf.tolist(), (pred == truth).tolist()),
-        }
+        name: ClassifierScores(
+            per_class_accuracy=per_class_accuracy(pred, truth, ctx.registry),
+            ece=expected_calibration_error(conf.tolist(), (pred == truth).tolist()),
+        )
         for name, (pred, conf) in predictions.items()
     }
-    return {
-        "primary": primary,
-        "classifiers": classifiers,
-        "class_task": dict(ctx.registry.class_task),
-        "current_task": ctx.current_task,
-        "probe_sizes": {ctx.registry.name(k): v for k, v in ctx.probes.sizes().items()},
-    }
+    return EvalRecord(
+        learner=ctx.name,
+        step=ctx.state.step,
+        ts=int(time.time() * 1000),
+        primary=primary,
+        classifiers=classifiers,
+        objective=ctx.settings.train.objective,
+        group=ctx.settings.group_id,
+        events_total=ctx.counters.consumed,
+        class_task=dict(ctx.registry.class_task),
+        current_task=ctx.current_task,
+        probe_sizes={ctx.registry.name(k): v for k, v in ctx.probes.sizes().items()},
+    )
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -661,36 +668,26 @@ class RunLimits:
     exit_when_idle_s: float | None = None
 
 
-def _step_record(ctx: LearnerContext, record: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "learner": ctx.name,
-        "objective": ctx.settings.train.objective,
-        "group": ctx.settings.group_id,
-        "step": ctx.state.step,
-        "ts": int(time.time() * 1000),
-        "events_total": ctx.counters.consumed,
-        "trained_total": ctx.counters.trained,
-        "skipped_total": ctx.state.skipped,
-        "elapsed_s": round(time.monotonic() - ctx.started, 3),
-        "prequential_correct": ctx.counters.prequential_correct,
-        "prequential_total": ctx.counters.prequential_total,
+def _step_record(ctx: LearnerContext, record: dict[str, Any]) -> StepRecord:
+    """``record`` is :func:`process_batch`'s: the batch's counts, loss and per-class loss."""
+    return StepRecord(
+        learner=ctx.name,
+        objective=ctx.settings.train.objective,
+        group=ctx.settings.group_id,
+        step=ctx.state.step,
+        ts=int(time.time() * 1000),
+        events_total=ctx.counters.consumed,
+        trained_total=ctx.counters.trained,
+        skipped_total=ctx.state.skipped,
+        elapsed_s=round(time.monotonic() - ctx.started, 3),
+        prequential_correct=ctx.counters.prequential_correct,
+        prequential_total=ctx.counters.prequential_total,
         **record,
-    }
+    )
 
 
 def _emit_eval(ctx: LearnerContext) -> None:
-    ctx.telemetry.emit(
-        "eval",
-        {
-            "learner": ctx.name,
-            "objective": ctx.settings.train.objective,
-            "group": ctx.settings.group_id,
-            "step": ctx.state.step,
-            "ts": int(time.time() * 1000),
-            "events_total": ctx.counters.consumed,
-            **evaluate(ctx),
-        },
-    )
+    ctx.telemetry.emit(evaluate(ctx))
 
 
 def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
@@ -756,7 +753,7 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
             )
             record = process_batch(ctx, batch)
             _note_progress(ctx)
-            ctx.telemetry.emit("step", _step_record(ctx, record))
+            ctx.telemetry.emit(_step_record(ctx, record))
             if ctx.state.step - last_eval_step >= settings.eval.every_steps:
                 _emit_eval(ctx)
                 last_eval_step = ctx.state.step
@@ -775,13 +772,12 @@ def run_learner(  # noqa: PLR0915 - the one readable loop (STYLE.md) stays whole
         committed_at = time.monotonic()
         elapsed = time.monotonic() - ctx.started
         ctx.telemetry.emit(
-            "end",
-            {
-                "learner": ctx.name,
-                "step": ctx.state.step,
-                "events_total": ctx.counters.consumed,
-                "elapsed_s": round(elapsed, 3),
-            },
+            EndRecord(
+                learner=ctx.name,
+                step=ctx.state.step,
+                events_total=ctx.counters.consumed,
+                elapsed_s=round(elapsed, 3),
+            )
         )
         ctx.telemetry.flush()
         clean = True

@@ -1,10 +1,9 @@
-"""Sidecar: learner telemetry (Redis streams) → rolling loss and forgetting metrics (Kafka).
+"""The sidecar process: learner telemetry (Redis streams) → rolling metrics (Kafka).
 
-Its own process (``supcon-stream sidecar``), restartable without touching any learner.
-
-Loop: discover learners → read new telemetry → :meth:`SidecarState.apply` (pure) → publish
-→ persist cursors. Payload building is pure and lives in :class:`LearnerState`, so it is
-unit-testable without Kafka or Redis.
+Its own process (``supcon-stream sidecar``), restartable without touching any learner. Loop:
+discover learners → read new telemetry → :meth:`SidecarState.apply` (pure, in
+:mod:`pipeline.sidecar.state`, which also documents the published payloads) → publish →
+persist cursors.
 
 INVARIANT (restart): a learner's cursor (``<prefix>:sidecar:cursor:<learner>``) is written
 only after everything derived from the records up to it has been flushed to Kafka. On
@@ -15,39 +14,6 @@ and cursor write, or a flush that failed half-way, can repeat records, never los
 
 Back-pressure: while publications are pending (Kafka unreachable) no new telemetry is read;
 the learner is unaffected since its stream is durable and bounded by ``telemetry_maxlen``.
-
-Published payloads (JSON, keyed by learner name):
-
-``<prefix>.metrics.loss`` — every ``sidecar.publish_every_s`` per learner with new steps,
-and on ``end``::
-
-    {"learner", "objective", "group", "step", "ts", "window",
-     "loss_mean",            # mean loss of the last `window` non-skipped steps
-     "loss_ema",             # EMA (sidecar.ema_alpha) of the same losses
-     "per_class_loss",       # {label: mean of its last `window` per-class losses}
-     "events_total",
-     "events_per_s",         # consumed records/s over sidecar.rate_window_s (learner clock)
-     "skipped_steps",
-     "prequential_accuracy", # cumulative predict-then-train accuracy, null before any
-     "final"}                # true on the record published for `end`
-
-``<prefix>.metrics.forgetting`` — on every ``eval`` record, and once more on ``end``
-(then ``final`` is true and the accuracy matrix holds the last task's row)::
-
-    {"learner", "objective", "group", "step", "ts", "events_total",
-     "classifier",           # the eval's primary classifier ("ncm" | "head")
-     "per_class_accuracy", "best_accuracy", "forgetting",    # {label: float}
-     "avg_forgetting", "avg_accuracy",                       # float | null
-     "per_task_accuracy", "per_task_forgetting",             # {task: float}
-     "anytime_avg_accuracy", "backward_transfer",            # float | null
-     "min_task_accuracy",    # {ended task: lowest accuracy since it ended} (stability gap)
-     "avg_min_accuracy",     # mean of min_task_accuracy, null before a task ends
-     "ece",                  # expected calibration error of the primary classifier | null
-     "accuracy_matrix",      # [{"task": ended task, "accuracy": {task: float}}, ...]
-     "current_task", "evaluations",
-     "final"}                # the learner's `end` was seen (and no step since)
-
-See :mod:`pipeline.quality` for the definitions.
 """
 
 from __future__ import annotations
@@ -56,325 +22,25 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from collections.abc import Callable
 
-import orjson
 import redis
 import structlog
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 
 from consumers.exceptions import ConsumerError
-from pipeline.config import Settings, SidecarSettings
-from pipeline.quality import Ema, ForgettingTracker, PerKeyRollingMean, Rate, RollingMean
-from pipeline.telemetry.channel import END, EVAL, STEP, TelemetryReader, TelemetryRecord
-
-if TYPE_CHECKING:
-    from consumers.producer import JsonProducer
+from memory_bank.redis_client import make_redis_client
+from pipeline.config import Settings
+from pipeline.sidecar.sink import KafkaMetricsSink, MetricsSink
+from pipeline.sidecar.state import Publication, SidecarState, Stream
+from pipeline.telemetry.channel import TelemetryReader
 
 log = structlog.get_logger(__name__)
-
-Stream = Literal["loss", "forgetting"]
 
 _BLOCK_MS = 500  # XREAD wait: bounds how long a stop request waits for the loop
 _BACKOFF_MIN_S = 0.5
 _BACKOFF_MAX_S = 30.0
-_FLUSH_TIMEOUT_S = 30.0
-# Short: a stop request waits for it, and the runner's back-off retries it anyway.
-_TOPICS_TIMEOUT_S = 5.0
 _START_CURSOR = "0-0"
-
-
-@dataclass(frozen=True, slots=True)
-class Publication:
-    """One metrics record to publish: which stream, for which learner (the Kafka key)."""
-
-    stream: Stream
-    learner: str
-    payload: dict[str, Any]
-
-
-def _finite(value: Any) -> float | None:
-    """``value`` as a float if it is a finite number (bools excluded), else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    x = float(value)
-    return x if math.isfinite(x) else None
-
-
-def _opt_str(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-class LearnerState:
-    """Rolling state of one learner, fed record by record; builds the payloads."""
-
-    def __init__(self, name: str, cfg: SidecarSettings) -> None:
-        self.name = name
-        self.window = cfg.window
-        self.loss_mean = RollingMean(cfg.window)
-        self.loss_ema = Ema(cfg.ema_alpha)
-        self.per_class_loss = PerKeyRollingMean(cfg.window)
-        self.rate = Rate(cfg.rate_window_s)
-        self.forgetting = ForgettingTracker()
-        self.objective: str | None = None
-        self.group: str | None = None
-        self.step: int | None = None
-        self.ts: int | None = None
-        self.events_total: int | None = None
-        self.skipped_steps = 0
-        self.prequential_correct = 0
-        self.prequential_total = 0
-        self.classifier: str | None = None
-        self.ece: float | None = None
-        self.steps_seen = 0
-        self.evals_seen = 0
-        self.ended = False
-        self.dirty = False  # steps since the last loss publication
-        self.last_loss_publish = -math.inf  # sidecar monotonic clock
-
-    def apply(self, record: TelemetryRecord) -> list[Publication]:
-        """Fold one record in; returns what it makes due (eval → forgetting, end → both)."""
-        payload = record.payload
-        if record.kind == STEP:
-            self._apply_step(payload)
-            return []
-        if record.kind == EVAL:
-            self._apply_eval(payload)
-            return [Publication("forgetting", self.name, self.forgetting_payload())]
-        if record.kind == END:
-            return self._apply_end(payload)
-        return []  # unknown or malformed kinds: ignored, the cursor still moves past them
-
-    def _apply_common(self, payload: Mapping[str, Any]) -> None:
-        self.objective = _opt_str(payload.get("objective")) or self.objective
-        self.group = _opt_str(payload.get("group")) or self.group
-        if isinstance(payload.get("step"), int):
-            self.step = payload["step"]
-        if isinstance(payload.get("ts"), int):
-            self.ts = payload["ts"]
-        if isinstance(payload.get("events_total"), int):
-            self.events_total = payload["events_total"]
-
-    def _apply_step(self, payload: Mapping[str, Any]) -> None:
-        self._apply_common(payload)
-        self.steps_seen += 1
-        self.ended = False  # steps after an `end`: a new run of the same learner
-        skipped = bool(payload.get("skipped"))
-        loss = _finite(payload.get("loss"))
-        if not skipped and loss is not None:
-            self.loss_mean.update(loss)
-            self.loss_ema.update(loss)
-        per_class = payload.get("per_class_loss") or {}
-        if isinstance(per_class, Mapping):
-            finite = {str(k): _finite(v) for k, v in per_class.items()}
-            self.per_class_loss.update({k: v for k, v in finite.items() if v is not None})
-        if isinstance(payload.get("skipped_total"), int):
-            self.skipped_steps = payload["skipped_total"]
-        elif skipped:
-            self.skipped_steps += 1
-        batch_events = _finite(payload.get("batch_events"))
-        ts = payload.get("ts")
-        if batch_events is not None and isinstance(ts, int):
-            # The learner's clock, not ours: rebuilding after a restart or catching up on a
-            # backlog must give the rate the learner had, not the speed of reading.
-            self.rate.update((batch_events, ts / 1000.0))
-        if isinstance(payload.get("prequential_total"), int):
-            self.prequential_total = payload["prequential_total"]
-            self.prequential_correct = int(payload.get("prequential_correct") or 0)
-        self.dirty = True
-
-    def _apply_eval(self, payload: Mapping[str, Any]) -> None:
-        self._apply_common(payload)
-        self.evals_seen += 1
-        classifiers = payload.get("classifiers") or {}
-        primary = _opt_str(payload.get("primary")) or "ncm"
-        chosen = classifiers.get(primary)
-        if chosen is None and classifiers:
-            primary, chosen = next(iter(classifiers.items()))
-        self.classifier = primary
-        accuracy = (chosen or {}).get("per_class_accuracy") or {}
-        self.ece = _finite((chosen or {}).get("ece"))
-        per_class = {str(k): _finite(v) for k, v in accuracy.items()}
-        class_task = {str(k): _opt_str(v) for k, v in (payload.get("class_task") or {}).items()}
-        self.forgetting.update(
-            {k: v for k, v in per_class.items() if v is not None},
-            class_task=class_task,
-            current_task=_opt_str(payload.get("current_task")),
-        )
-
-    def _apply_end(self, payload: Mapping[str, Any]) -> list[Publication]:
-        self._apply_common(payload)
-        self.ended = True
-        self.forgetting.finish()
-        out: list[Publication] = []
-        if self.steps_seen:
-            out.append(Publication("loss", self.name, self.loss_payload()))
-            self.dirty = False
-        if self.evals_seen:
-            out.append(Publication("forgetting", self.name, self.forgetting_payload()))
-        return out
-
-    def loss_payload(self) -> dict[str, Any]:
-        return {
-            "learner": self.name,
-            "objective": self.objective,
-            "group": self.group,
-            "step": self.step,
-            "ts": self.ts,
-            "window": self.window,
-            "loss_mean": self.loss_mean.result(),
-            "loss_ema": self.loss_ema.result(),
-            "per_class_loss": self.per_class_loss.result(),
-            "events_total": self.events_total,
-            "events_per_s": self.rate.result(),
-            "skipped_steps": self.skipped_steps,
-            "prequential_accuracy": (
-                self.prequential_correct / self.prequential_total
-                if self.prequential_total
-                else None
-            ),
-            "final": self.ended,
-        }
-
-    def forgetting_payload(self) -> dict[str, Any]:
-        r = self.forgetting.result()
-        return {
-            "learner": self.name,
-            "objective": self.objective,
-            "group": self.group,
-            "step": self.step,
-            "ts": self.ts,
-            "events_total": self.events_total,
-            "classifier": self.classifier,
-            "per_class_accuracy": r.per_class_accuracy,
-            "best_accuracy": r.best_accuracy,
-            "forgetting": r.forgetting,
-            "avg_forgetting": r.avg_forgetting,
-            "avg_accuracy": r.avg_accuracy,
-            "per_task_accuracy": r.per_task_accuracy,
-            "per_task_forgetting": r.per_task_forgetting,
-            "anytime_avg_accuracy": r.anytime_avg_accuracy,
-            "backward_transfer": r.backward_transfer,
-            "min_task_accuracy": r.min_task_accuracy,
-            "avg_min_accuracy": r.avg_min_accuracy,
-            "ece": self.ece,
-            "accuracy_matrix": [
-                {"task": row.task, "accuracy": row.accuracy} for row in r.accuracy_matrix
-            ],
-            "current_task": r.current_task,
-            "evaluations": r.evaluations,
-            "final": self.ended,
-        }
-
-
-class SidecarState:
-    """All learners' rolling state. Pure: no I/O, time is passed in."""
-
-    def __init__(self, cfg: SidecarSettings) -> None:
-        self.cfg = cfg
-        self.learners: dict[str, LearnerState] = {}
-
-    def learner(self, name: str) -> LearnerState:
-        state = self.learners.get(name)
-        if state is None:
-            state = self.learners[name] = LearnerState(name, self.cfg)
-        return state
-
-    def apply(self, record: TelemetryRecord) -> list[Publication]:
-        state = self.learner(record.learner)
-        try:
-            return state.apply(record)
-        except (TypeError, ValueError, AttributeError) as exc:
-            # Telemetry is another process's data: a bad record is skipped, never fatal.
-            log.warning(
-                "telemetry record skipped",
-                learner=record.learner,
-                id=record.id,
-                kind=record.kind,
-                error=f"{type(exc).__name__}: {exc}",
-            )
-            return []
-
-    def due_loss(self, now: float) -> list[Publication]:
-        """Loss payloads of learners with new steps whose publish period has elapsed."""
-        out: list[Publication] = []
-        for state in self.learners.values():
-            if state.dirty and now - state.last_loss_publish >= self.cfg.publish_every_s:
-                out.append(Publication("loss", state.name, state.loss_payload()))
-                state.dirty = False
-                state.last_loss_publish = now
-        return out
-
-
-class MetricsSink(Protocol):
-    """Where publications go. ``send`` queues (raising if it cannot), ``flush`` makes every
-    queued record durable or raises; a record queued before a failed ``flush`` stays queued
-    and must not be sent again (the sink retries it on the next ``flush``)."""
-
-    def send(self, item: Publication) -> None: ...
-
-    def flush(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class KafkaMetricsSink:
-    """Publishes to the loss and forgetting topics through a lazily created JsonProducer.
-
-    Lazily, because the broker may be down when the sidecar starts: creating the topics
-    and the producer is retried by the runner's back-off like any other publish failure.
-    JsonProducer keeps unacknowledged records and recreates its client itself.
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        flush_timeout_s: float = _FLUSH_TIMEOUT_S,
-        topics_timeout_s: float = _TOPICS_TIMEOUT_S,
-    ) -> None:
-        kafka = settings.kafka
-        self._kafka = kafka
-        self._topics = {"loss": kafka.loss_topic, "forgetting": kafka.forgetting_topic}
-        self._flush_timeout_s = flush_timeout_s
-        self._topics_timeout_s = topics_timeout_s
-        self._producer: JsonProducer | None = None
-
-    def _ready_producer(self) -> JsonProducer:
-        if self._producer is None:
-            from consumers.admin import ensure_topics
-            from consumers.producer import JsonProducer
-
-            options = self._kafka.client_options()
-            ensure_topics(
-                options,
-                list(self._topics.values()),
-                self._kafka.partitions,
-                self._kafka.replication_factor,
-                timeout_s=self._topics_timeout_s,
-            )
-            self._producer = JsonProducer(options)
-        return self._producer
-
-    def send(self, item: Publication) -> None:
-        self._ready_producer().send(
-            self._topics[item.stream], orjson.dumps(item.payload), key=item.learner.encode()
-        )
-
-    def flush(self) -> None:
-        if self._producer is not None:
-            self._producer.flush(timeout_s=self._flush_timeout_s)
-
-    def close(self) -> None:
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            # close() flushes first and raises if records are still undelivered; the cursor
-            # was not advanced past them, so a restart re-derives and re-publishes them.
-            try:
-                producer.close(timeout_s=5.0)
-            except Exception as exc:  # noqa: BLE001 - shutting down; logged, not fatal
-                log.warning("metrics producer closed with undelivered records", error=str(exc))
 
 
 class SidecarRunner:
@@ -441,11 +107,11 @@ class SidecarRunner:
         if not self._cursors:
             # No learner yet: XREAD with no stream returns at once; do not spin.
             self._stop.wait(_BLOCK_MS / 1000)
-        records = self._reader.read(self._cursors, block_ms=_BLOCK_MS, count=self.cfg.read_count)
-        for record in records:
-            self._pending.extend(self.state.apply(record))
-            self._cursors[record.learner] = record.id
-        self.records_read += len(records)
+        entries = self._reader.read(self._cursors, block_ms=_BLOCK_MS, count=self.cfg.read_count)
+        for entry in entries:
+            self._pending.extend(self.state.apply(entry))
+            self._cursors[entry.learner] = entry.id
+        self.records_read += len(entries)
         self._pending.extend(self.state.due_loss(self._clock()))
         self._flush_pending()
         self._maybe_log_progress()
@@ -468,8 +134,8 @@ class SidecarRunner:
             after = _START_CURSOR
             while True:
                 batch = self._reader.read_range(learner, after, saved, count=self.cfg.read_count)
-                for record in batch:
-                    scratch.apply(record)  # publications discarded: already published
+                for entry in batch:
+                    scratch.apply(entry)  # publications discarded: already published
                 replayed += len(batch)
                 if len(batch) < self.cfg.read_count:
                     break
@@ -551,6 +217,7 @@ class SidecarRunner:
             published_forgetting=self.published["forgetting"],
             pending=len(self._pending) + len(self._unflushed),
             dropped=self.dropped,
+            malformed=self.state.malformed,
             steps={n: s.step for n, s in self.state.learners.items()},
         )
 
@@ -572,22 +239,24 @@ class SidecarRunner:
         )
 
 
-def redis_client(settings: Settings) -> redis.Redis:
+def sidecar_client(settings: Settings) -> redis.Redis:
+    """The sidecar's Redis client; it retries with its own back-off (:meth:`SidecarRunner.run`)."""
     r = settings.redis
-    return redis.Redis.from_url(
+    return make_redis_client(
         r.url,
-        username=r.username,
-        password=r.password.get_secret_value() if r.password else None,
+        r.username,
+        r.password,
         # XREAD blocks up to _BLOCK_MS: the socket must wait at least that long.
-        socket_timeout=max(r.socket_timeout_s, _BLOCK_MS / 1000 + 1.0),
-        socket_connect_timeout=r.socket_timeout_s,
-        **r.tls_options(),
+        max(r.socket_timeout_s, _BLOCK_MS / 1000 + 1.0),
+        r.tls_options(),
+        connect_timeout_s=r.socket_timeout_s,
+        retries=1,
     )
 
 
 def run_sidecar(settings: Settings, stop: threading.Event) -> None:
     """Follow every learner's telemetry and publish metrics until ``stop`` is set."""
-    client = redis_client(settings)
+    client = sidecar_client(settings)
     sink = KafkaMetricsSink(settings)
     runner = SidecarRunner(settings, client, sink)
     try:

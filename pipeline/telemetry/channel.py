@@ -1,49 +1,15 @@
 """The learner's local, durable telemetry channel: one Redis stream per learner.
 
 Stream key: ``<redis.key_prefix>:telemetry:<learner_name>``. Each entry has two fields:
-``kind`` (ASCII) and ``data`` (the payload as orjson bytes). The learner writes with
-:class:`TelemetryWriter`; the sidecar reads with :class:`TelemetryReader` and turns the
-records into rolling loss and forgetting metrics on Kafka.
+``kind`` (ASCII) and ``data`` (the record's JSON). The records are the types of
+:mod:`pipeline.telemetry.records`; the learner writes them with :class:`TelemetryWriter`, the
+sidecar reads them back with :class:`TelemetryReader`.
 
 INVARIANT: the learner never blocks on metrics publishing. :meth:`TelemetryWriter.emit`
 never raises: when Redis is unreachable it keeps a bounded number of records in memory,
 retries them on a later emit (after a back-off, so a dead Redis costs at most one socket
 timeout per back-off period), counts what it had to drop, and logs at most once per
 ``log_every_s``. Telemetry is at-least-once: a write that failed half-way may be repeated.
-
-Record kinds and payloads (times: ``ts`` in ms since the epoch, ``elapsed_s`` since learner
-start; labels and tasks are strings, JSON object keys always are):
-
-``step`` — one per training step (micro-batch)::
-
-    {"learner", "objective", "group", "step", "ts",
-     "events_total",      # records consumed so far (valid + dead-lettered)
-     "trained_total",     # events trained on so far
-     "batch_events",      # records this batch accounted for
-     "trained", "held_out", "predicted", "dead_lettered",   # this batch
-     "loss",              # float, or null when the step was skipped
-     "per_class_loss",    # {label: float}
-     "skipped", "skipped_total",
-     "elapsed_s",
-     "prequential_correct", "prequential_total"}   # cumulative predict-then-train counts
-
-``eval`` — every ``eval.every_steps`` steps, accuracy and calibration on the probe set::
-
-    {"learner", "objective", "group", "step", "ts", "events_total",
-     "primary": "ncm" | "knn" | "head",    # eval.classifier (default: natural classifier)
-     "classifiers": {name: {"per_class_accuracy": {label: float},
-                            "ece": float | null}},  # ncm always; knn once the bank has
-                                                    # items; head when a term trains it
-     "class_task": {label: task | null},   # task in which the class first appeared
-     "current_task": task | null,          # task of the most recently trained events
-     "probe_sizes": {label: int}}
-
-``end`` — when a bounded learner run finishes::
-
-    {"learner", "step", "events_total", "elapsed_s"}
-
-Readers must ignore kinds they do not know (forward compatibility); an entry that cannot
-be decoded is returned with kind :data:`MALFORMED` so the reader's cursor still moves on.
 """
 
 from __future__ import annotations
@@ -58,19 +24,14 @@ from typing import Any, Final
 import orjson
 import redis
 import structlog
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from memory_bank.redis_client import make_redis_client
 from pipeline.config import RedisSettings
+from pipeline.telemetry.records import TelemetryDecodeError, TelemetryRecord, decode_record
 
 log = structlog.get_logger(__name__)
 
-STEP: Final = "step"
-EVAL: Final = "eval"
-END: Final = "end"
 MALFORMED: Final = "malformed"
-
-_ORJSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
 def stream_key(key_prefix: str, learner_name: str) -> str:
@@ -81,30 +42,34 @@ def telemetry_client(settings: RedisSettings, timeout_s: float = 1.0) -> redis.R
     """A Redis client for the learner's writer that fails fast.
 
     The writer is on the learner's hot path. With redis-py's defaults a dead Redis stalls a
-    call for seconds (socket timeout, then three retries with exponential back-off, ~4 s
-    measured for a refused connection); this client gives up after one immediate retry (which
-    still covers a pooled connection that Redis closed while idle) and a short timeout.
+    call for seconds (socket timeout, then three retries with exponential back-off); this
+    client gives up after one immediate retry (which still covers a pooled connection that
+    Redis closed while idle) and a short timeout.
     """
-    timeout = min(timeout_s, settings.socket_timeout_s)
-    return redis.Redis.from_url(
+    return make_redis_client(
         settings.url,
-        username=settings.username,
-        password=settings.password.get_secret_value() if settings.password else None,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 1),
-        **settings.tls_options(),
+        settings.username,
+        settings.password,
+        min(timeout_s, settings.socket_timeout_s),
+        settings.tls_options(),
+        retries=1,
     )
 
 
 @dataclass(frozen=True, slots=True)
-class TelemetryRecord:
-    """One decoded stream entry. ``id`` is the Redis stream id (``"<ms>-<seq>"``)."""
+class TelemetryEntry:
+    """One stream entry as read back. ``id`` is the Redis stream id (``"<ms>-<seq>"``).
+
+    ``record`` is None for a kind this version does not know (readers ignore those: forward
+    compatibility) and for an entry that could not be decoded; ``kind`` is then
+    :data:`MALFORMED` and ``error`` says why. Either way the reader's cursor moves past it.
+    """
 
     learner: str
     id: str
     kind: str
-    payload: dict[str, Any]
+    record: TelemetryRecord | None
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,10 +121,11 @@ class TelemetryWriter:
         with self._lock:
             return WriterStats(self._emitted, self._dropped, len(self._buffer))
 
-    def emit(self, kind: str, payload: Mapping[str, Any]) -> None:
+    def emit(self, record: TelemetryRecord) -> None:
         """Queue one record and try to write everything queued. Never raises."""
+        kind = record.KIND
         try:
-            data = orjson.dumps(payload, option=_ORJSON_OPTS)
+            data = record.to_json()
         except (TypeError, orjson.JSONEncodeError) as exc:
             # A programming error in the payload must not take the learner down either.
             with self._lock:
@@ -251,7 +217,7 @@ class TelemetryReader:
 
     def read(
         self, cursors: Mapping[str, str], block_ms: int | None = None, count: int = 500
-    ) -> list[TelemetryRecord]:
+    ) -> list[TelemetryEntry]:
         """Records after each learner's cursor (``"0-0"`` = from the start), in stream order
         per learner. ``block_ms`` > 0 waits up to that long for the first record; ``None``
         or 0 returns at once (Redis reads ``BLOCK 0`` as "forever")."""
@@ -261,35 +227,35 @@ class TelemetryReader:
         block = block_ms if block_ms and block_ms > 0 else None
         # redis-py's stubs type replies loosely (and RESP2 vs RESP3 differ): read them as Any.
         reply: Any = self._client.xread(streams, count=count, block=block)  # type: ignore[arg-type]
-        records: list[TelemetryRecord] = []
+        found: list[TelemetryEntry] = []
         for raw_key, entries in reply or []:
             key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
             learner = key[len(self._stream_prefix) :]
-            records.extend(_decode(learner, entry_id, fields) for entry_id, fields in entries)
-        return records
+            found.extend(decode_entry(learner, entry_id, fields) for entry_id, fields in entries)
+        return found
 
     def read_range(
         self, learner: str, after_id: str, until_id: str, count: int = 1000
-    ) -> list[TelemetryRecord]:
+    ) -> list[TelemetryEntry]:
         """Records with ``after_id < id <= until_id`` (at most ``count``), oldest first."""
         start = "-" if after_id in ("0", "0-0") else f"({after_id}"
         entries: Any = self._client.xrange(self.key(learner), min=start, max=until_id, count=count)
-        return [_decode(learner, entry_id, fields) for entry_id, fields in entries]
+        return [decode_entry(learner, entry_id, fields) for entry_id, fields in entries]
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _decode(learner: str, entry_id: Any, fields: Mapping[Any, Any] | None) -> TelemetryRecord:
-    record_id = _text(entry_id)
+def decode_entry(learner: str, entry_id: Any, fields: Mapping[Any, Any] | None) -> TelemetryEntry:
+    """One raw stream entry (``{"kind": ..., "data": ...}``, bytes or str) as a typed entry;
+    never raises: a malformed one is logged and returned with kind :data:`MALFORMED`."""
+    entry = _text(entry_id)
     by_name = {_text(k): v for k, v in (fields or {}).items()}
     try:
         kind = _text(by_name["kind"])
-        payload = orjson.loads(by_name["data"])
-        if not isinstance(payload, dict):
-            raise TypeError(f"payload is a {type(payload).__name__}, not an object")
-    except (KeyError, TypeError, UnicodeDecodeError, orjson.JSONDecodeError) as exc:
-        log.warning("malformed telemetry entry", learner=learner, id=record_id, error=str(exc))
-        return TelemetryRecord(learner, record_id, MALFORMED, {"error": str(exc)})
-    return TelemetryRecord(learner, record_id, kind, payload)
+        return TelemetryEntry(learner, entry, kind, decode_record(kind, by_name["data"]))
+    except (KeyError, UnicodeDecodeError, TelemetryDecodeError) as exc:
+        error = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+        log.warning("malformed telemetry entry", learner=learner, id=entry, error=error)
+        return TelemetryEntry(learner, entry, MALFORMED, None, error)

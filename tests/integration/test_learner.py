@@ -148,6 +148,7 @@ def test_configured_objective_policy_and_unlabeled_training(
     on with NT-Xent, kNN predictions: counts hold, only labeled events are banked,
     evaluations report NCM, kNN (primary) and the head with their ECE."""
     from pipeline.telemetry.channel import TelemetryReader
+    from pipeline.telemetry.records import EvalRecord, StepRecord
 
     settings = _settings(
         bootstrap,
@@ -179,17 +180,20 @@ def test_configured_objective_policy_and_unlabeled_training(
 
     reader = TelemetryReader(redis_client, settings.redis.key_prefix)
     records = reader.read({settings.learner_name: "0-0"}, count=10_000)
-    evals = [r.payload for r in records if r.kind == "eval"]
+    evals = [r.record for r in records if isinstance(r.record, EvalRecord)]
     assert evals
     last = evals[-1]
-    assert last["primary"] == "knn"
-    assert set(last["classifiers"]) == {"ncm", "knn", "head"}
-    for classifier in last["classifiers"].values():
-        assert set(classifier["per_class_accuracy"]) == {"0", "1", "2"}
-        assert 0.0 <= classifier["ece"] <= 1.0
-    steps = [r.payload for r in records if r.kind == "step" and r.payload.get("loss") is not None]
+    assert last.primary == "knn"
+    assert set(last.classifiers) == {"ncm", "knn", "head"}
+    for classifier in last.classifiers.values():
+        assert set(classifier.per_class_accuracy) == {"0", "1", "2"}
+        assert classifier.ece is not None
+        assert 0.0 <= classifier.ece <= 1.0
+    steps = [
+        r.record for r in records if isinstance(r.record, StepRecord) and r.record.loss is not None
+    ]
     assert steps
-    assert all(set(s["per_class_loss"]) <= {"0", "1", "2"} for s in steps)
+    assert all(set(s.per_class_loss) <= {"0", "1", "2"} for s in steps)
     predictions = _read_all(bootstrap, k.predictions_topic, 40)
     assert len(predictions) == 40
     # Events predicted before anything was learned get no label; the rest a known class.

@@ -15,8 +15,10 @@ from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.config import Settings
 from pipeline.devtools.devstack import free_port
-from pipeline.sidecar.service import KafkaMetricsSink, SidecarRunner, run_sidecar
+from pipeline.sidecar.service import SidecarRunner, run_sidecar
+from pipeline.sidecar.sink import KafkaMetricsSink
 from pipeline.telemetry.channel import TelemetryWriter
+from pipeline.telemetry.records import EndRecord, EvalRecord, StepRecord
 
 pytestmark = pytest.mark.integration
 
@@ -155,10 +157,10 @@ def test_publishes_loss_and_forgetting(
     settings = make_settings(bootstrap, redis_url, unique)
     writer = TelemetryWriter(redis_client, settings.redis.key_prefix, LEARNER, maxlen=1000)
     for payload in STEPS:
-        writer.emit("step", payload)
-    writer.emit("eval", EVAL_1)
-    writer.emit("eval", EVAL_2)
-    writer.emit("end", END)
+        writer.emit(StepRecord.from_dict(payload))
+    writer.emit(EvalRecord.from_dict(EVAL_1))
+    writer.emit(EvalRecord.from_dict(EVAL_2))
+    writer.emit(EndRecord.from_dict(END))
 
     with running_sidecar(settings):
         forgetting = read_topic(bootstrap, settings.kafka.forgetting_topic, expected=3)
@@ -227,9 +229,9 @@ def test_restart_rebuilds_state_without_republishing(
     prefix = settings.redis.key_prefix
     writer = TelemetryWriter(redis_client, prefix, LEARNER, maxlen=1000)
     for payload in STEPS:
-        writer.emit("step", payload)
-    writer.emit("eval", EVAL_1)
-    writer.emit("eval", EVAL_2)
+        writer.emit(StepRecord.from_dict(payload))
+    writer.emit(EvalRecord.from_dict(EVAL_1))
+    writer.emit(EvalRecord.from_dict(EVAL_2))
     last_id = redis_client.xrevrange(writer.key, count=1)[0][0]
     cursor_key = f"{prefix}:sidecar:cursor:{LEARNER}"
 
@@ -238,8 +240,8 @@ def test_restart_rebuilds_state_without_republishing(
         # The cursor is saved only after the flush: wait for it before stopping.
         wait_for(lambda: redis_client.get(cursor_key) == last_id)
 
-    writer.emit("eval", EVAL_3)
-    writer.emit("end", END)
+    writer.emit(EvalRecord.from_dict(EVAL_3))
+    writer.emit(EndRecord.from_dict(END))
     with running_sidecar(settings):
         forgetting = read_topic(bootstrap, settings.kafka.forgetting_topic, expected=4)
         loss = read_topic(bootstrap, settings.kafka.loss_topic, expected=2)
@@ -278,7 +280,7 @@ def test_kafka_down_keeps_running_and_holds_the_cursor(
 ) -> None:
     settings = make_settings(f"127.0.0.1:{free_port()}", redis_url, unique)
     writer = TelemetryWriter(redis_client, settings.redis.key_prefix, LEARNER, maxlen=1000)
-    writer.emit("eval", EVAL_1)
+    writer.emit(EvalRecord.from_dict(EVAL_1))
     client = redis.Redis.from_url(redis_url)
     sink = KafkaMetricsSink(settings, topics_timeout_s=0.3)
     runner = SidecarRunner(settings, client, sink)

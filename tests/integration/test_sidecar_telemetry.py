@@ -17,17 +17,24 @@ from pipeline.telemetry.channel import (
     stream_key,
     telemetry_client,
 )
+from pipeline.telemetry.records import ClassifierScores, EndRecord, EvalRecord, StepRecord
 
 pytestmark = pytest.mark.integration
+
+
+def _step(n: int, learner: str = "ce") -> StepRecord:
+    return StepRecord(learner=learner, step=n, ts=1000 * n)
 
 
 def test_write_discover_read(redis_client: redis.Redis, unique: str) -> None:
     prefix = f"t{unique}"
     for name in ("ce", "supcon"):
         writer = TelemetryWriter(redis_client, prefix, name, maxlen=1000)
-        writer.emit("step", {"learner": name, "step": 1, "per_class_loss": {3: 0.5}})
-        writer.emit("eval", {"learner": name, "step": 1})
-        writer.emit("end", {"learner": name, "step": 1})
+        # An integer key (a JSONL label) is written as JSON keys always are: a string.
+        int_keyed: dict = {3: 0.5}
+        writer.emit(StepRecord(learner=name, step=1, ts=1, per_class_loss=int_keyed))
+        writer.emit(EvalRecord(name, 1, 2, "ncm", {"ncm": ClassifierScores({"3": 1.0})}))
+        writer.emit(EndRecord(learner=name, step=1))
         assert writer.stats.emitted == 3
     redis_client.set(f"{prefix}:telemetry:not-a-stream", b"x")  # only streams are learners
     reader = TelemetryReader(redis_client, prefix)
@@ -43,7 +50,9 @@ def test_write_discover_read(redis_client: redis.Redis, unique: str) -> None:
         ("supcon", "end"),
     ]
     first = records[0]
-    assert first.payload == {"learner": "ce", "step": 1, "per_class_loss": {"3": 0.5}}
+    assert first.record == StepRecord(learner="ce", step=1, ts=1, per_class_loss={"3": 0.5})
+    assert records[1].record == EvalRecord("ce", 1, 2, "ncm", {"ncm": ClassifierScores({"3": 1.0})})
+    assert records[2].record == EndRecord(learner="ce", step=1)
     cursors = {r.learner: r.id for r in records}
     assert reader.read(cursors) == []
     assert [r.kind for r in reader.read({"ce": first.id})] == ["eval", "end"]
@@ -64,16 +73,27 @@ def test_malformed_entry_still_moves_the_cursor(redis_client: redis.Redis, uniqu
     redis_client.xadd(key, {"kind": "step", "data": b"{not json"})
     redis_client.xadd(key, {"data": b"{}"})
     redis_client.xadd(key, {"kind": "step", "data": b"[1, 2]"})
-    TelemetryWriter(redis_client, prefix, "ce", maxlen=1000).emit("step", {"step": 7})
+    redis_client.xadd(key, {"kind": "step", "data": b'{"step": 7}'})  # no learner, no ts
+    TelemetryWriter(redis_client, prefix, "ce", maxlen=1000).emit(_step(7))
     records = TelemetryReader(redis_client, prefix).read({"ce": "0-0"})
-    assert [r.kind for r in records] == [MALFORMED, MALFORMED, MALFORMED, "step"]
-    assert records[-1].payload == {"step": 7}
+    assert [r.kind for r in records] == [MALFORMED, MALFORMED, MALFORMED, MALFORMED, "step"]
+    assert all(r.record is None and r.error for r in records[:-1])
+    assert records[-1].record == _step(7)
+
+
+def test_a_hand_written_wire_entry_is_read(redis_client: redis.Redis, unique: str) -> None:
+    """The wire format is two fields, ``kind`` and ``data`` (JSON): any writer may use it."""
+    prefix = f"t{unique}"
+    data = b'{"learner": "ce", "step": 3, "ts": 3000, "loss": 0.5, "per_class_loss": {"a": 0.5}}'
+    redis_client.xadd(stream_key(prefix, "ce"), {"kind": "step", "data": data})
+    (entry,) = TelemetryReader(redis_client, prefix).read({"ce": "0-0"})
+    assert entry.record == StepRecord("ce", 3, 3000, loss=0.5, per_class_loss={"a": 0.5})
 
 
 def test_maxlen_trims_approximately(redis_client: redis.Redis, unique: str) -> None:
     writer = TelemetryWriter(redis_client, f"t{unique}", "ce", maxlen=100)
     for step in range(1000):
-        writer.emit("step", {"step": step})
+        writer.emit(_step(step))
     length = redis_client.xlen(writer.key)
     assert 100 <= length < 1000
 
@@ -84,22 +104,22 @@ def test_writer_survives_a_redis_outage(tmp_path: Path) -> None:
     client = telemetry_client(RedisSettings(url=f"redis://127.0.0.1:{port}/0"), timeout_s=0.5)
     writer = TelemetryWriter(client, "t", "ce", maxlen=1000, retry_backoff_s=(0.05, 0.1))
     try:
-        writer.emit("step", {"step": 1})
+        writer.emit(_step(1))
         stop_process(server.pid)
 
         started = time.monotonic()
-        writer.emit("step", {"step": 2})  # Redis is down: buffered, neither raised nor stalled
-        writer.emit("step", {"step": 3})
+        writer.emit(_step(2))  # Redis is down: buffered, neither raised nor stalled
+        writer.emit(_step(3))
         assert time.monotonic() - started < 1.0
         assert writer.stats.buffered == 2
 
         server = start_redis(port, tmp_path)  # same data dir: its AOF brings record 1 back
         time.sleep(0.15)  # past the back-off
-        writer.emit("step", {"step": 4})
+        writer.emit(_step(4))
         assert writer.stats.buffered == 0
         assert writer.stats.emitted == 4
         records = TelemetryReader(client, "t").read({"ce": "0-0"})
-        assert [r.payload["step"] for r in records] == [1, 2, 3, 4]
+        assert [r.record.step for r in records if r.record] == [1, 2, 3, 4]
     finally:
         client.close()
         stop_process(server.pid)

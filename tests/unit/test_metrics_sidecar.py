@@ -5,11 +5,12 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import orjson
 import pytest
 
 from pipeline.config import SidecarSettings
-from pipeline.sidecar.service import Publication, SidecarState
-from pipeline.telemetry.channel import MALFORMED, TelemetryRecord
+from pipeline.sidecar.state import Publication, SidecarState
+from pipeline.telemetry.channel import MALFORMED, TelemetryEntry, decode_entry
 
 approx = pytest.approx
 CFG = SidecarSettings(window=3, ema_alpha=0.5, publish_every_s=2.0, rate_window_s=10.0)
@@ -18,8 +19,10 @@ CFG = SidecarSettings(window=3, ema_alpha=0.5, publish_every_s=2.0, rate_window_
 _ids = itertools.count(1)
 
 
-def rec(kind: str, payload: dict[str, Any], learner: str = "ce") -> TelemetryRecord:
-    return TelemetryRecord(learner, f"{next(_ids)}-0", kind, payload)
+def rec(kind: str, payload: dict[str, Any], learner: str = "ce") -> TelemetryEntry:
+    """The entry the reader makes of this stream entry (the wire format, decoded)."""
+    fields = {b"kind": kind.encode(), b"data": orjson.dumps(payload)}
+    return decode_entry(learner, f"{next(_ids)}-0".encode(), fields)
 
 
 def step(n: int, loss: float | None, per_class: dict[str, float], **extra: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 from pipeline.config import RedisSettings
 from pipeline.devtools.devstack import free_port
 from pipeline.telemetry.channel import TelemetryWriter, stream_key, telemetry_client
+from pipeline.telemetry.records import EndRecord, StepRecord
 
 
 class CountingRedis(redis.Redis):
@@ -45,6 +46,10 @@ def dead_client() -> CountingRedis:
     )
 
 
+def _step(n: int) -> StepRecord:
+    return StepRecord(learner="learner-a", step=n, ts=1_000 + n)
+
+
 def _writer(client: redis.Redis, clock: FakeClock, **kwargs: Any) -> TelemetryWriter:
     return TelemetryWriter(client, "t", "learner-a", 1000, clock=clock, **kwargs)
 
@@ -56,7 +61,7 @@ def test_stream_key() -> None:
 def test_emit_never_raises_and_buffers(dead_client: CountingRedis) -> None:
     writer = _writer(dead_client, FakeClock())
     for step in range(5):
-        writer.emit("step", {"step": step})
+        writer.emit(_step(step))
     stats = writer.stats
     assert (stats.emitted, stats.dropped, stats.buffered) == (0, 0, 5)
 
@@ -64,7 +69,7 @@ def test_emit_never_raises_and_buffers(dead_client: CountingRedis) -> None:
 def test_buffer_is_bounded_and_drops_are_counted(dead_client: CountingRedis) -> None:
     writer = _writer(dead_client, FakeClock(), buffer_limit=3)
     for step in range(5):
-        writer.emit("step", {"step": step})
+        writer.emit(_step(step))
     stats = writer.stats
     assert (stats.emitted, stats.dropped, stats.buffered) == (0, 2, 3)
 
@@ -72,25 +77,25 @@ def test_buffer_is_bounded_and_drops_are_counted(dead_client: CountingRedis) -> 
 def test_retries_wait_for_the_backoff(dead_client: CountingRedis) -> None:
     clock = FakeClock()
     writer = _writer(dead_client, clock, retry_backoff_s=(1.0, 4.0))
-    writer.emit("step", {"step": 0})
+    writer.emit(_step(0))
     assert dead_client.attempts == 1
-    writer.emit("step", {"step": 1})  # within the 1 s back-off: buffered, no round trip
+    writer.emit(_step(1))  # within the 1 s back-off: buffered, no round trip
     assert dead_client.attempts == 1
     clock.now += 1.0
-    writer.emit("step", {"step": 2})
+    writer.emit(_step(2))
     assert dead_client.attempts == 2
     clock.now += 1.0  # back-off doubled to 2 s
-    writer.emit("step", {"step": 3})
+    writer.emit(_step(3))
     assert dead_client.attempts == 2
     clock.now += 1.0
-    writer.emit("step", {"step": 4})
+    writer.emit(_step(4))
     assert dead_client.attempts == 3
     assert writer.stats.buffered == 5
 
 
 def test_flush_ignores_the_backoff_and_reports(dead_client: CountingRedis) -> None:
     writer = _writer(dead_client, FakeClock())
-    writer.emit("end", {"step": 1})
+    writer.emit(EndRecord(learner="learner-a", step=1))
     assert writer.flush() is False
     assert dead_client.attempts == 2
 
@@ -100,9 +105,9 @@ def test_failures_are_logged_at_most_once_per_period(dead_client: CountingRedis)
     writer = _writer(dead_client, clock, log_every_s=30.0, retry_backoff_s=(0.0, 0.0))
     with capture_logs() as logs:
         for _ in range(10):
-            writer.emit("step", {})
+            writer.emit(_step(0))
         clock.now += 30.0
-        writer.emit("step", {})
+        writer.emit(_step(0))
     warnings = [e for e in logs if e["log_level"] == "warning"]
     assert len(warnings) == 2
     assert dead_client.attempts == 11
@@ -110,7 +115,8 @@ def test_failures_are_logged_at_most_once_per_period(dead_client: CountingRedis)
 
 def test_unserialisable_payload_is_dropped_not_raised(dead_client: CountingRedis) -> None:
     writer = _writer(dead_client, FakeClock())
-    writer.emit("step", {"bad": object()})
+    # A programming error that typing did not catch (the learner passes no such thing).
+    writer.emit(StepRecord(learner="learner-a", step=1, ts=1, per_class_loss={"a": object()}))
     assert writer.stats.dropped == 1
     assert dead_client.attempts == 0
 
@@ -122,3 +128,43 @@ def test_telemetry_client_has_short_timeouts() -> None:
     assert kwargs["socket_connect_timeout"] == 0.25
     assert kwargs["retry"].get_retries() == 1
     client.close()
+
+
+def test_sidecar_client_outwaits_its_blocking_reads() -> None:
+    from pydantic import SecretStr
+
+    from pipeline.config import Settings
+    from pipeline.sidecar.service import sidecar_client
+
+    settings = Settings.model_validate(
+        {"redis": {"url": "redis://127.0.0.1:1/0", "password": "pw", "socket_timeout_s": 0.5}}
+    )
+    assert isinstance(settings.redis.password, SecretStr)
+    client = sidecar_client(settings)
+    kwargs = client.connection_pool.connection_kwargs
+    assert kwargs["socket_timeout"] >= 1.5  # XREAD blocks 0.5 s; the socket waits longer
+    assert kwargs["socket_connect_timeout"] == 0.5
+    assert kwargs["retry"].get_retries() == 1
+    assert kwargs["password"] == "pw"  # unwrapped by the factory, nowhere else
+    client.close()
+
+
+def test_sidecar_imports_neither_torch_nor_numpy() -> None:
+    """The sidecar command's import chain, in a fresh interpreter (this one may hold torch)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, pipeline.cli, pipeline.sidecar.service, pipeline.signals;"
+        "print(sorted(m for m in ('torch', 'faiss', 'numpy') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[2],  # this checkout first on sys.path
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert out.stdout.strip() == "[]"

@@ -313,11 +313,11 @@ def measure_learner(settings: Settings, data: Synthetic, total: int) -> dict[str
     warm = max(1, len(batches) // 20)
     try:
         for batch in batches[:warm]:
-            ctx.telemetry.emit("step", _step_record(ctx, process_batch(ctx, batch)))
+            ctx.telemetry.emit(_step_record(ctx, process_batch(ctx, batch)))
         started = time.perf_counter()
         events = 0
         for batch in batches[warm:]:
-            ctx.telemetry.emit("step", _step_record(ctx, process_batch(ctx, batch)))
+            ctx.telemetry.emit(_step_record(ctx, process_batch(ctx, batch)))
             events += batch.consumed
         elapsed = time.perf_counter() - started
         steps = ctx.state.step
@@ -713,7 +713,7 @@ def measure_latency(
             batch = ctx.source.get(timeout_s=0.5)
             if batch is None:
                 continue
-            ctx.telemetry.emit("step", _step_record(ctx, process_batch(ctx, batch)))
+            ctx.telemetry.emit(_step_record(ctx, process_batch(ctx, batch)))
             ages.append(time.time() * 1000 - batch.timestamps_ms)
             consumed += batch.consumed
     finally:
