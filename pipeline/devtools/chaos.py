@@ -34,7 +34,7 @@ from typing import Any
 
 import structlog
 
-from consumers.testing import read_topic_json
+from consumers.reading import read_topic_json
 from pipeline.config import Settings, load_settings
 from pipeline.learner.ledger import ledger_path, read_ledger
 from pipeline.learning.inference import is_probe
