@@ -22,6 +22,9 @@ from consumers.events import DeadLetter, EventBatch, SourceRecord, TopicPartitio
 from consumers.exceptions import SourceClosedError
 from consumers.protocols import NO_OFFSETS, STAT_COUNTERS, EventSource, labelled
 
+# Re-exported for the tests that read topics back; tools import it from consumers.reading.
+from consumers.reading import read_topic_json  # noqa: F401
+
 
 class InMemorySource:
     """An :class:`EventSource` over a fixed list of records, decoded in batches of ``batch_size``.
@@ -259,25 +262,3 @@ class EventSourceContract:
         except SourceClosedError:
             return
         raise AssertionError("get() after stop() must raise SourceClosedError")
-
-
-def read_topic_json(bootstrap: str, topic: str, expect: int, timeout_s: float = 60.0) -> list[Any]:
-    """The parsed JSON value of every record in ``topic``, read without a group (nothing is
-    committed), until ``expect`` records arrived or ``timeout_s`` passed."""
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=1000,
-    )
-    values: list[Any] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(values) < expect and time.monotonic() < deadline:
-            values.extend(orjson.loads(m.value) for m in consumer)
-    finally:
-        consumer.close()
-    return values

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from pipeline.config import Settings, load_settings
+from pipeline.config import OBJECTIVES, Settings, load_settings
 from pipeline.exceptions import ConfigError, SupconStreamError
 from pipeline.logs import configure_logging
 
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(learn)
     learn.add_argument(
         "--objective",
-        choices=["supcon", "ce", "asym_supcon", "focal", "triplet"],
+        choices=OBJECTIVES,
         help="shortcut for --set train.objective=...",
     )
     learn.add_argument("--name", help="learner name (group, bank, checkpoints, telemetry)")

@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -160,8 +160,16 @@ class ModelSettings(_Frozen):
     max_classes: int = Field(100, ge=2)
 
 
+# Objective names are written here once: settings validate against them, the CLI's --objective
+# offers them, and the loss-term registry (pipeline/learning/objectives.py) implements them.
+# Kept in this torch-free module so that every process can read them.
 Objective = Literal["supcon", "ce", "asym_supcon", "focal", "triplet"]
-LossTermName = Literal["supcon", "asym_supcon", "ce", "ce_detached", "focal", "triplet"]
+# A loss term is an objective, or the CE head trained on a detached encoder output.
+LossTermName = Literal[Objective, "ce_detached"]
+OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
+LOSS_TERMS: tuple[LossTermName, ...] = get_args(LossTermName)
+# The terms that train the representation itself: replay is on by default for them.
+REPRESENTATION_TERMS: frozenset[LossTermName] = frozenset({"supcon", "asym_supcon", "triplet"})
 
 
 class TrainSettings(_Frozen):
@@ -206,7 +214,7 @@ class TrainSettings(_Frozen):
     @property
     def replay_enabled(self) -> bool:
         if self.replay is None:
-            return self.objective in ("supcon", "asym_supcon", "triplet")
+            return self.objective in REPRESENTATION_TERMS
         return self.replay
 
     @model_validator(mode="after")

@@ -19,12 +19,10 @@ real broker and a real redis-server; nothing is mocked.
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -34,32 +32,13 @@ from typing import Any
 
 import structlog
 
-from consumers.testing import read_topic_json
+from consumers.reading import read_topic_json
 from pipeline.config import Settings, load_settings
+from pipeline.devtools.spawn import cli_command, run, set_args, spawn
 from pipeline.learner.ledger import ledger_path, read_ledger
 from pipeline.learning.inference import is_probe
 
 log = structlog.get_logger(__name__)
-
-
-def cli_command(command: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", command, *args]
-
-
-def set_args(pairs: Sequence[str]) -> list[str]:
-    return [arg for pair in pairs for arg in ("--set", pair)]
-
-
-def spawn(cmd: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    """Start a CLI process with its output in ``log_path`` (appended)."""
-    with log_path.open("ab") as out:
-        return subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
 
 
 def read_topic_ids(bootstrap: str, topic: str, expect: int, timeout_s: float = 60.0) -> list[str]:
@@ -256,14 +235,9 @@ def run_kill_drill(
             log.info("learner killed", kill=n + 1, after_s=round(delay, 2))
         if replay.wait(timeout=max(600.0, 3 * drill.events / drill.rate)) != 0:
             raise RuntimeError(f"replay failed; see {workdir / 'replay.log'}")
-        with learner_log.open("ab") as err:
-            final = subprocess.run(
-                cli_command("learn", "--exit-when-idle", "8", *common),
-                stdout=subprocess.PIPE,
-                stderr=err,
-                check=False,
-                timeout=1800,
-            )
+        final = run(
+            cli_command("learn", "--exit-when-idle", "8", *common), learner_log, timeout_s=1800
+        )
         if final.returncode != 0:
             raise RuntimeError(f"the final learner run failed; see {learner_log}")
     finally:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import structlog
 
 from pipeline.config import Settings, load_settings
 from pipeline.devtools.devstack import Devstack, stop_process
+from pipeline.devtools.spawn import cli_command, set_args, spawn
 from pipeline.exceptions import SupconStreamError
 
 log = structlog.get_logger(__name__)
@@ -45,17 +45,9 @@ class Child:
     log_path: Path
 
 
-def _spawn(name: str, args: list[str], out_dir: Path, threads: int) -> Child:
+def _start_child(name: str, command: str, args: list[str], out_dir: Path) -> Child:
     log_path = out_dir / f"{name}.log"
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    with log_path.open("wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", *args],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
+    proc = spawn(cli_command(command, *args), log_path, append=False, threads=1)
     return Child(name, proc, log_path)
 
 
@@ -255,15 +247,13 @@ def run_demo(
         ensure_topics(
             k.client_options(), k.all_topics(), k.partitions, k.replication_factor, timeout_s=30.0
         )
-        base = ["--config", str(config_path)] if config_path else []
-        for o in overrides:
-            base += ["--set", o]
-        children.append(_spawn("sidecar", ["sidecar", *base], out_dir, threads=1))
+        base = [*(["--config", str(config_path)] if config_path else []), *set_args(overrides)]
+        children.append(_start_child("sidecar", "sidecar", base, out_dir))
         learners = {
-            name: _spawn(
+            name: _start_child(
                 name,
+                "learn",
                 [
-                    "learn",
                     *base,
                     "--objective",
                     name,
@@ -275,7 +265,6 @@ def run_demo(
                     str(LEARNER_IDLE_EXIT_S),
                 ],
                 out_dir,
-                1,
             )
             for name in OBJECTIVES
         }

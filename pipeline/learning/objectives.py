@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.config import TrainSettings
+from pipeline.config import LOSS_TERMS, REPRESENTATION_TERMS, TrainSettings
 from pipeline.learning.losses import (
     asymmetric_supcon_loss,
     batch_hard_triplet_loss,
@@ -40,8 +40,7 @@ from pipeline.learning.losses import (
 )
 from pipeline.learning.model import StreamNet, augment
 
-HEAD_TERMS = frozenset({"ce", "ce_detached", "focal"})
-REPRESENTATION_TERMS = frozenset({"supcon", "asym_supcon", "triplet"})
+HEAD_TERMS = frozenset(LOSS_TERMS) - REPRESENTATION_TERMS
 UNLABELED = -1
 
 
@@ -171,6 +170,7 @@ def _triplet_term(model: StreamNet, v: Views, cfg: TrainSettings) -> torch.Tenso
     return _per_view_mean(per_anchor, v.m)
 
 
+# One function per name of config.LOSS_TERMS (a unit test holds the two to each other).
 # A term returns its per-item losses (each averaged over the item's views): rows 0..m-1, or
 # only the batch's rows 0..n-1 for a term whose anchors are the batch (asym_supcon).
 TermFn = Callable[[StreamNet, Views, TrainSettings], torch.Tensor]

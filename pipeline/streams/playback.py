@@ -4,7 +4,7 @@ Each event is keyed by its id, so one id always lands on the same partition (a r
 duplicate meets its original in order, and the bank's idempotence by id does the rest).
 Lines of a JSONL file are sent as they are: a line that is not a JSON object is still sent,
 without a key, and the learner's consumer dead-letters it with a reason. CSV, NPZ and Parquet
-files are parsed and checked up front by :func:`~pipeline.streams.scenarios.load_labeled_file`.
+files are parsed and checked up front by :func:`~pipeline.streams.files.load_labeled_file`.
 
 Pacing is a token bucket: ``rate`` events/s on average with a burst of at most
 :data:`BURST_S` seconds' worth, so a slow producer call does not make the next ones race.
@@ -24,13 +24,8 @@ import structlog
 
 from pipeline.config import Settings
 from pipeline.exceptions import ConfigError
-from pipeline.streams.scenarios import (
-    SCENARIOS,
-    Scenario,
-    get_scenario,
-    load_jsonl,
-    load_labeled_file,
-)
+from pipeline.streams.files import load_jsonl, load_labeled_file
+from pipeline.streams.scenarios import SCENARIOS, Scenario, get_scenario
 
 log = structlog.get_logger(__name__)
 
@@ -105,11 +100,6 @@ def _scenario_messages(scenario: Scenario) -> tuple[Iterator[tuple[bytes, str | 
     return messages(), scenario.n_events
 
 
-def _file_messages(path: Path) -> Iterator[tuple[bytes, str | None]]:
-    for line in load_jsonl(path):
-        yield line, _key_of(line)
-
-
 def _key_of(line: bytes) -> str | None:
     """The event id of a JSONL line, or None when the line is not an object with an id."""
     try:
@@ -121,7 +111,12 @@ def _key_of(line: bytes) -> str | None:
     return None
 
 
-def _open_source(source: str, seed: int) -> tuple[Iterator[tuple[bytes, str | None]], int | None]:
+def open_source(source: str, seed: int) -> tuple[Iterator[tuple[bytes, str | None]], int | None]:
+    """The (value, key) messages of ``source`` and their number (None for JSONL, not counted).
+
+    ``source`` is a built-in scenario's name or a file path; a labeled file (CSV, NPZ,
+    Parquet) is read and checked here, a JSONL file is only opened.
+    """
     if source in SCENARIOS:
         return _scenario_messages(get_scenario(source, seed))
     path = Path(source)
@@ -154,7 +149,7 @@ def run_replay(
         raise ConfigError(f"replay rate must be > 0 events/s, got {rate}")
     if limit is not None and limit < 0:
         raise ConfigError(f"replay limit must be >= 0, got {limit}")
-    messages, total = _open_source(source, seed)
+    messages, total = open_source(source, seed)
     if limit is not None and total is not None:
         total = min(total, limit)
     kafka = settings.kafka

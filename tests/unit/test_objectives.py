@@ -164,3 +164,21 @@ def test_learn_batch_trains_on_unlabeled_rows_but_banks_only_labeled_ones() -> N
     assert out.per_sample_loss is not None
     assert out.per_sample_loss.shape == (12,)
     assert bool((out.per_sample_loss[8:] > 0).all())  # NT-Xent of the unlabeled rows
+
+
+def test_objective_names_come_from_one_place() -> None:
+    """config.LOSS_TERMS is the one list; the registry, the term kinds and the CLI follow it."""
+    from pipeline.cli import build_parser
+    from pipeline.config import LOSS_TERMS, OBJECTIVES, REPRESENTATION_TERMS
+    from pipeline.learning.objectives import HEAD_TERMS, TERMS
+
+    assert set(TERMS) == set(LOSS_TERMS)
+    assert set(OBJECTIVES) < set(LOSS_TERMS)
+    assert set(LOSS_TERMS) == HEAD_TERMS | REPRESENTATION_TERMS
+    assert not HEAD_TERMS & REPRESENTATION_TERMS
+    for name in OBJECTIVES:
+        args = build_parser().parse_args(["learn", "--objective", name])
+        assert args.objective == name
+        assert TrainSettings(objective=name).replay_enabled == (name in REPRESENTATION_TERMS)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["learn", "--objective", "ce_detached"])

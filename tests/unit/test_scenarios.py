@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from pipeline.exceptions import ConfigError
+from pipeline.streams.files import load_jsonl
 from pipeline.streams.scenarios import (
     SCENARIOS,
     SPLIT_DIGITS_TASKS,
     Scenario,
     get_scenario,
-    load_jsonl,
     register_scenario,
 )
 

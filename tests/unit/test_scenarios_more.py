@@ -16,7 +16,8 @@ import orjson
 import pytest
 
 from pipeline.exceptions import ConfigError
-from pipeline.streams.playback import _open_source
+from pipeline.streams.files import load_labeled_file
+from pipeline.streams.playback import open_source
 from pipeline.streams.scenarios import (
     SCENARIOS,
     SPLIT_DIGITS_TASKS,
@@ -26,7 +27,6 @@ from pipeline.streams.scenarios import (
     domain_digits_permutations,
     gaussian_drift,
     get_scenario,
-    load_labeled_file,
 )
 
 
@@ -325,11 +325,11 @@ def test_parquet_without_pyarrow_or_pandas_names_the_package(
 def test_replay_source_uses_labeled_loader_for_csv_but_not_jsonl(tmp_path: Path) -> None:
     path = tmp_path / "data.csv"
     write_csv(path, [{"id": "a", "x": 0.5, "label": 1}])
-    messages, total = _open_source(str(path), seed=0)
+    messages, total = open_source(str(path), seed=0)
     assert total == 1
     assert list(messages) == [(b'{"id":"a","features":[0.5],"label":1}', "a")]
     raw = tmp_path / "data.jsonl"
     raw.write_text("not json\n")
-    messages, total = _open_source(str(raw), seed=0)
+    messages, total = open_source(str(raw), seed=0)
     assert total is None
     assert list(messages) == [(b"not json", None)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.devtools.bench.throughput import _restart_breakdown
+from pipeline.devtools.bench.throughput_bank import restart_breakdown
 from pipeline.devtools.bench.throughput_report import ratios, render_markdown
 
 
@@ -36,6 +36,8 @@ def _results() -> dict:
             "search_ms_max": 1.0,
             "train_step_ms": 2.0,
             "writeback_and_refresh_ms": 0.1,
+            "batch_add_ms": 0.5,
+            "iters_per_batch": 1,
             "iteration_ms": 3.0,
             "sample_plus_search_share": 0.1,
         },
@@ -105,7 +107,7 @@ def test_restart_phases_from_log_timestamps(tmp_path: Path) -> None:
         "2026-01-01T00:00:04.000000Z [info ] partitions assigned group=g\n"
     )
     started = 1767225600.0  # 2026-01-01T00:00:00Z
-    phases = _restart_breakdown(log, started)
+    phases = restart_breakdown(log, started)
     assert phases["join_started_s"] == 1.0
     assert phases["assigned_s"] == 4.0
     assert phases["group_join_s"] == 3.0

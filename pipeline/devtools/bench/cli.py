@@ -13,8 +13,7 @@ import yaml
 
 from pipeline.devtools.bench.forgetting import (
     DEFAULT_MEMORIES,
-    JOINT_METHODS,
-    METHODS,
+    METHOD_NAMES,
     BenchConfig,
     RunResult,
     bench_train_settings,
@@ -37,13 +36,14 @@ def _memories(text: str) -> tuple[int, ...]:
 
 
 def _methods(text: str | None) -> tuple[str, ...]:
-    known = [m.name for m in METHODS] + list(JOINT_METHODS)
     if text is None:
-        return tuple(known)
+        return METHOD_NAMES
     chosen = tuple(v.strip() for v in text.split(",") if v.strip())
-    unknown = [m for m in chosen if m not in known]
+    unknown = [m for m in chosen if m not in METHOD_NAMES]
     if unknown or not chosen:
-        raise ConfigError(f"--methods: unknown {unknown or text!r}; known: {', '.join(known)}")
+        raise ConfigError(
+            f"--methods: unknown {unknown or text!r}; known: {', '.join(METHOD_NAMES)}"
+        )
     return chosen
 
 

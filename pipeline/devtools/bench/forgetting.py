@@ -36,7 +36,7 @@ import torch
 from memory_bank.bank import MemoryBank
 from memory_bank.index import make_index
 from memory_bank.testing import InMemoryBankStore
-from pipeline.config import BankSettings, ModelSettings, TrainSettings
+from pipeline.config import BankSettings, ModelSettings, Objective, TrainSettings
 from pipeline.learning.batch import learn_batch
 from pipeline.learning.inference import class_means, predict_head, predict_ncm
 from pipeline.learning.model import StreamNet
@@ -116,10 +116,12 @@ METHODS: tuple[Method, ...] = (
         {"objective": "asym_supcon", "hard_negatives": 0, "lr": SUPCON_LR},
     ),
 )
-JOINT_METHODS = {
+JOINT_METHODS: dict[str, tuple[str, Objective, float]] = {
     JOINT: ("Joint, offline (CE)", "ce", CE_LR),
     JOINT_SUPCON: ("Joint, offline (SupCon)", "supcon", SUPCON_LR),
 }
+# Every method the benchmark knows, in report order: the online ones, then the joint bounds.
+METHOD_NAMES: tuple[str, ...] = (*(m.name for m in METHODS), *JOINT_METHODS)
 
 
 def bench_train_settings(**overrides: Any) -> TrainSettings:
@@ -143,7 +145,7 @@ def bench_train_settings(**overrides: Any) -> TrainSettings:
 class BenchConfig:
     memories: tuple[int, ...] = DEFAULT_MEMORIES
     seeds: int = DEFAULT_SEEDS
-    methods: tuple[str, ...] = (*(m.name for m in METHODS), JOINT, JOINT_SUPCON)
+    methods: tuple[str, ...] = METHOD_NAMES
     stream_batch: int = 10
     eval_every: int = 2  # batches between evaluations (anytime accuracy, stability gap)
     joint_epochs: int = 30
@@ -364,7 +366,7 @@ def method_by_name(name: str) -> Method:
     for method in METHODS:
         if method.name == name:
             return method
-    known = ", ".join([*(m.name for m in METHODS), *JOINT_METHODS])
+    known = ", ".join(METHOD_NAMES)
     raise ValueError(f"unknown method {name!r}; known: {known}")
 
 

@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.devtools.bench.forgetting import JOINT_METHODS, METHODS, BenchConfig, RunResult
+from pipeline.devtools.bench.forgetting import (
+    JOINT_METHODS,
+    METHOD_NAMES,
+    METHODS,
+    BenchConfig,
+    RunResult,
+)
 from pipeline.exceptions import ConfigError
 
 METRICS = ("final_accuracy", "forgetting", "anytime_accuracy", "min_accuracy")
@@ -83,8 +89,7 @@ def summarise(results: Sequence[RunResult]) -> list[Row]:
 
 
 def _order(method: str) -> int:
-    names = [m.name for m in METHODS] + list(JOINT_METHODS)
-    return names.index(method) if method in names else len(names)
+    return METHOD_NAMES.index(method) if method in METHOD_NAMES else len(METHOD_NAMES)
 
 
 def _cell(stat: Stat | None) -> str:

@@ -157,10 +157,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- fill: {b['fill_items_per_s']} items/s in adds of {b['fill_chunk']}; "
         f"per-batch add of {b['add_batch_size']} to the full bank: {b['add_ms_per_batch']} ms "
         f"({b['add_items_per_s']} items/s, evictions included)",
-        f"- per train iteration: sample {b['sample_ms']} ms, hard-negative search "
-        f"{b['search_ms']} ms (max {b['search_ms_max']} ms), train_step {b['train_step_ms']} ms, "
-        f"write-back + index refresh {b['writeback_and_refresh_ms']} ms, total "
-        f"{b['iteration_ms']} ms",
+        f"- per train iteration (one `learn_batch` call, {b['iters_per_batch']} step(s)): "
+        f"sample {b['sample_ms']} ms, hard-negative search {b['search_ms']} ms (max "
+        f"{b['search_ms_max']} ms), train step with the query forward {b['train_step_ms']} ms, "
+        f"write-back + index refresh {b['writeback_and_refresh_ms']} ms, add of the batch "
+        f"{b['batch_add_ms']} ms, total {b['iteration_ms']} ms",
         "",
         f"Restart: {r['restart']['seconds']} s from process start to the first trained batch; "
         f"after process start: group join started at {r['restart'].get('join_started_s')} s, "
