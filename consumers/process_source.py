@@ -34,10 +34,11 @@ from typing import Any, Final
 
 import structlog
 
+from consumers.config import SourceConfig
 from consumers.events import EventBatch, TopicPartitionKey
 from consumers.exceptions import SourceClosedError
 from consumers.protocols import NO_OFFSETS, STAT_COUNTERS
-from consumers.source import KafkaBatchSource, SourceConfig
+from consumers.source import KafkaBatchSource
 
 log = structlog.get_logger(__name__)
 

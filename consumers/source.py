@@ -39,7 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import structlog
 from kafka import KafkaConsumer
@@ -48,6 +48,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from consumers.batcher import MicroBatcher
+from consumers.config import SourceConfig
 from consumers.decode import dead_letter_payload, decode_batch
 from consumers.events import EventBatch, SourceRecord, TopicPartitionKey
 from consumers.exceptions import BrokerUnavailableError, ProducerError, SourceClosedError
@@ -76,71 +77,6 @@ def _broker_connected(consumer: KafkaConsumer) -> bool | None:
         return any(client.connected(node) for node in nodes)
     except (AttributeError, TypeError):
         return None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SourceConfig:
-    """Everything the Kafka source needs besides connection options (plain values)."""
-
-    topic: str
-    group_id: str
-    input_dim: int
-    dlq_topic: str
-    batch_size: int = 32
-    max_latency_ms: int = 250
-    queue_batches: int = 8
-    poll_timeout_ms: int = 1000
-    max_poll_records: int = 2000
-    fetch_max_bytes: int = 52_428_800
-    max_partition_fetch_bytes: int = 4_194_304
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    session_timeout_ms: int = 6_000
-    max_poll_interval_ms: int = 300_000
-    max_event_bytes: int = 65_536
-    commit_timeout_ms: int = 10_000
-    dlq_flush_timeout_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        minimums = {
-            "input_dim": 1,
-            "batch_size": 1,
-            "max_latency_ms": 0,
-            "queue_batches": 1,
-            "poll_timeout_ms": 1,
-            "max_poll_records": 1,
-            "fetch_max_bytes": 1,
-            "max_partition_fetch_bytes": 1,
-            "session_timeout_ms": 1000,
-            "max_poll_interval_ms": 1,
-            "max_event_bytes": 1,
-            "commit_timeout_ms": 1,
-        }
-        for name, low in minimums.items():
-            if getattr(self, name) < low:
-                raise ValueError(f"SourceConfig.{name} must be >= {low}, got {getattr(self, name)}")
-        for name in ("topic", "group_id", "dlq_topic"):
-            if not getattr(self, name):
-                raise ValueError(f"SourceConfig.{name} must not be empty")
-        if self.topic == self.dlq_topic:
-            raise ValueError("SourceConfig.dlq_topic must differ from topic")
-        if self.auto_offset_reset not in ("earliest", "latest"):
-            raise ValueError("SourceConfig.auto_offset_reset must be 'earliest' or 'latest'")
-
-    def consumer_options(self) -> dict[str, Any]:
-        """kafka-python consumer settings derived from this config (connection excluded)."""
-        return {
-            "group_id": self.group_id,
-            # Offsets are committed only by the learner, after a checkpoint covers them.
-            "enable_auto_commit": False,
-            "auto_offset_reset": self.auto_offset_reset,
-            "max_poll_records": self.max_poll_records,
-            "fetch_max_bytes": self.fetch_max_bytes,
-            "max_partition_fetch_bytes": self.max_partition_fetch_bytes,
-            "session_timeout_ms": self.session_timeout_ms,
-            "heartbeat_interval_ms": max(100, min(3000, self.session_timeout_ms // 3)),
-            "max_poll_interval_ms": self.max_poll_interval_ms,
-            # check_crcs stays on: with the crc32c package it is cheap.
-        }
 
 
 @dataclass(slots=True)
