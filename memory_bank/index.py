@@ -11,10 +11,11 @@ Three implementations of :class:`~memory_bank.protocols.VectorIndex`:
 - :class:`MirrorIndex`: a :class:`TorchIndex` that a bank attaches to its own mirror, searched
   in place without any rebuild (the default on CPU and the GPU fallback).
 
-Both are rebuilt wholesale from the bank's mirror (every ``index_refresh_steps`` steps), never
-updated item by item: rows are numbered 0..n-1 in the order given to ``rebuild`` and the bank
-keeps the row -> slot map. Both answer an empty index and ``k > n`` the same way: missing
-neighbours have row ``-1`` and score ``-inf``.
+Every index is offered the bank's mirror (:meth:`~memory_bank.protocols.VectorIndex.attach`);
+only :class:`MirrorIndex` takes it. The others are rebuilt wholesale from the mirror (every
+``index_refresh_steps`` steps), never updated item by item: rows are numbered 0..n-1 in the
+order given to ``rebuild`` and the bank keeps the row -> slot map. All answer an empty index
+and ``k > n`` the same way: missing neighbours have row ``-1`` and score ``-inf``.
 """
 
 from __future__ import annotations
@@ -125,6 +126,9 @@ class FaissIndex:
     def __len__(self) -> int:
         return int(self._index.ntotal)
 
+    def attach(self, vectors: torch.Tensor, labels: torch.Tensor, count: Callable[[], int]) -> bool:
+        return False  # FAISS keeps its own copy (on the GPU, in its own memory)
+
     def rebuild(self, vectors: torch.Tensor) -> None:
         _check_vectors(vectors, self.dim)
         # FAISS takes host float32 C-contiguous arrays (the GPU index copies them over itself).
@@ -159,6 +163,9 @@ class TorchIndex:
 
     def __len__(self) -> int:
         return int(self._vectors.shape[0])
+
+    def attach(self, vectors: torch.Tensor, labels: torch.Tensor, count: Callable[[], int]) -> bool:
+        return False  # a copy, like FaissIndex; MirrorIndex is the in-place variant
 
     def rebuild(self, vectors: torch.Tensor) -> None:
         _check_vectors(vectors, self.dim)
@@ -198,7 +205,7 @@ class MirrorIndex(TorchIndex):
     def attached(self) -> bool:
         return self._live is not None
 
-    def attach(self, vectors: torch.Tensor, labels: torch.Tensor, count: Callable[[], int]) -> None:
+    def attach(self, vectors: torch.Tensor, labels: torch.Tensor, count: Callable[[], int]) -> bool:
         """Search ``vectors`` [capacity, dim] in place, rows with ``labels < 0`` excluded.
 
         ``count`` returns how many rows are occupied (host-side, so ``len`` needs no sync).
@@ -207,6 +214,7 @@ class MirrorIndex(TorchIndex):
         if labels.shape != (vectors.shape[0],):
             raise ValueError(f"labels must be [{vectors.shape[0]}], got {tuple(labels.shape)}")
         self._live = (vectors, labels, count)
+        return True
 
     def __len__(self) -> int:
         return self._live[2]() if self._live is not None else super().__len__()
