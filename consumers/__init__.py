@@ -6,7 +6,10 @@ Knows Kafka and nothing of torch or Redis. Modules:
 - ``decode``: ``decode_batch`` (validation, reasons in ``REASONS``) and ``dead_letter_payload``;
 - ``batcher``: ``MicroBatcher`` (size or max latency, pure);
 - ``protocols``: the ``EventSource`` boundary the learner depends on;
-- ``source``: ``KafkaBatchSource`` + ``SourceConfig`` (one consumer thread, backpressure, commits);
+- ``config``: ``SourceConfig`` and ``ConsumerTuning`` (the consumer knobs and their bounds);
+- ``source``: ``KafkaBatchSource`` (one consumer thread, hand-off queue, backpressure);
+- ``group``: what that thread does as a group member (rebalance events, offset commits);
+- ``broker_watch``: ``BrokerWatch`` (reports a lost broker connection);
 - ``producer``: ``JsonProducer`` (acks=all, flush that raises, recreate on a broken client);
 - ``admin``: ``ensure_topics``;
 - ``testing``: ``InMemorySource`` and the ``EventSourceContract`` test suite;

@@ -1,8 +1,8 @@
 """An :class:`~consumers.protocols.EventSource` over several consumer processes.
 
-Why: in one process, kafka-python's per-record work and decoding share one GIL (~17-25 µs per
-event on the 2-core development machine), which caps a learner that trains faster than that,
-i.e. one on a GPU. Here each of ``processes`` child processes runs its own
+Why: in one process, kafka-python's per-record work and decoding share one GIL (their cost
+per event: docs/performance.md), which caps a learner that trains faster than that, i.e. one
+on a GPU. Here each of ``processes`` child processes runs its own
 :class:`~consumers.source.KafkaBatchSource` as a member of the same consumer group, so the
 group splits the partitions between them, and sends its decoded batches to the learner
 through one bounded ``multiprocessing`` queue. The learner's process only unpickles batches.
@@ -16,7 +16,8 @@ Batches of different children interleave; within a partition they stay in order 
 owns a partition, and its batches travel through the queue in order).
 
 Children are started with ``spawn`` (no torch or threads inherited), stopped one by one with
-a pause between them: Tansu can wedge a group when two members leave within ~0.3 s.
+a pause between them (``_STOP_STAGGER_S``): Tansu can wedge a group when two members leave
+almost at once (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ from typing import Any, Final
 
 import structlog
 
+from consumers.config import SourceConfig
 from consumers.events import EventBatch, TopicPartitionKey
 from consumers.exceptions import SourceClosedError
 from consumers.protocols import NO_OFFSETS, STAT_COUNTERS
-from consumers.source import KafkaBatchSource, SourceConfig
+from consumers.source import KafkaBatchSource
 
 log = structlog.get_logger(__name__)
 

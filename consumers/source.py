@@ -7,12 +7,9 @@ Threading: kafka-python's consumer is not thread-safe, so ONE thread owns it and
 call on it (poll, pause/resume, commit, close). The learner talks to that thread through two
 queues: batches come out of one, commit requests go into the other.
 
-Order of a commit (each step waits for the previous one):
-  1. the learner checkpoints, then calls ``commit(offsets)`` (INVARIANT: offsets are committed
-     only after the checkpoint that covers them is durable; this class cannot check that);
-  2. the consumer thread flushes the DLQ producer (INVARIANT: a dead letter is durable before
-     the offset that covers it is committed, or a crash could lose a rejected event);
-  3. the consumer thread commits synchronously, never below what it already committed.
+Commits and rebalance events are the group member's part, in :mod:`consumers.group` (its
+docstring lists the order of a commit and its INVARIANTs); lost broker connections are
+reported by :mod:`consumers.broker_watch`.
 
 Backpressure: when the hand-off queue is full, the thread waits for room for up to
 ``poll_timeout_ms``; if the queue is still full, every assigned partition is paused and the
@@ -37,22 +34,23 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
 import structlog
 from kafka import KafkaConsumer
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError, KafkaTimeoutError
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import TopicPartition
 
 from consumers.batcher import MicroBatcher
+from consumers.broker_watch import BrokerWatch
+from consumers.config import SourceConfig
 from consumers.decode import dead_letter_payload, decode_batch
 from consumers.events import EventBatch, SourceRecord, TopicPartitionKey
-from consumers.exceptions import BrokerUnavailableError, ProducerError, SourceClosedError
+from consumers.exceptions import BrokerUnavailableError, SourceClosedError
+from consumers.group import CommitRequest, OffsetCommitter, RebalanceRecorder, partition_labels
 from consumers.producer import JsonProducer
-from consumers.protocols import NO_OFFSETS, STAT_COUNTERS, labelled, partition_label
+from consumers.protocols import NO_OFFSETS, STAT_COUNTERS, labelled
 
 log = structlog.get_logger(__name__)
 
@@ -60,121 +58,9 @@ log = structlog.get_logger(__name__)
 # protocol, and the thread otherwise sleeps until the learner takes a batch.
 _PAUSED_POLL_MS: Final = 100
 _START_TIMEOUT_S: Final = 120.0
-_COMMIT_RETRY_S: Final = 1.0
-_BROKER_LOST_S: Final = 2.0  # no broker connection for this long counts as an outage
-
-
-def _broker_connected(consumer: KafkaConsumer) -> bool | None:
-    """True when the client holds a live connection to a known broker; None when unknown.
-
-    kafka-python has no public connectivity query; this reads its client (checked against
-    kafka-python 3.0.x) and says "unknown" rather than guess if that ever changes.
-    """
-    try:
-        client = consumer._client  # private: see the docstring
-        nodes = [broker.node_id for broker in client.cluster.brokers()]
-        return any(client.connected(node) for node in nodes)
-    except (AttributeError, TypeError):
-        return None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SourceConfig:
-    """Everything the Kafka source needs besides connection options (plain values)."""
-
-    topic: str
-    group_id: str
-    input_dim: int
-    dlq_topic: str
-    batch_size: int = 32
-    max_latency_ms: int = 250
-    queue_batches: int = 8
-    poll_timeout_ms: int = 1000
-    max_poll_records: int = 2000
-    fetch_max_bytes: int = 52_428_800
-    max_partition_fetch_bytes: int = 4_194_304
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    session_timeout_ms: int = 6_000
-    max_poll_interval_ms: int = 300_000
-    max_event_bytes: int = 65_536
-    commit_timeout_ms: int = 10_000
-    dlq_flush_timeout_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        minimums = {
-            "input_dim": 1,
-            "batch_size": 1,
-            "max_latency_ms": 0,
-            "queue_batches": 1,
-            "poll_timeout_ms": 1,
-            "max_poll_records": 1,
-            "fetch_max_bytes": 1,
-            "max_partition_fetch_bytes": 1,
-            "session_timeout_ms": 1000,
-            "max_poll_interval_ms": 1,
-            "max_event_bytes": 1,
-            "commit_timeout_ms": 1,
-        }
-        for name, low in minimums.items():
-            if getattr(self, name) < low:
-                raise ValueError(f"SourceConfig.{name} must be >= {low}, got {getattr(self, name)}")
-        for name in ("topic", "group_id", "dlq_topic"):
-            if not getattr(self, name):
-                raise ValueError(f"SourceConfig.{name} must not be empty")
-        if self.topic == self.dlq_topic:
-            raise ValueError("SourceConfig.dlq_topic must differ from topic")
-        if self.auto_offset_reset not in ("earliest", "latest"):
-            raise ValueError("SourceConfig.auto_offset_reset must be 'earliest' or 'latest'")
-
-    def consumer_options(self) -> dict[str, Any]:
-        """kafka-python consumer settings derived from this config (connection excluded)."""
-        return {
-            "group_id": self.group_id,
-            # Offsets are committed only by the learner, after a checkpoint covers them.
-            "enable_auto_commit": False,
-            "auto_offset_reset": self.auto_offset_reset,
-            "max_poll_records": self.max_poll_records,
-            "fetch_max_bytes": self.fetch_max_bytes,
-            "max_partition_fetch_bytes": self.max_partition_fetch_bytes,
-            "session_timeout_ms": self.session_timeout_ms,
-            "heartbeat_interval_ms": max(100, min(3000, self.session_timeout_ms // 3)),
-            "max_poll_interval_ms": self.max_poll_interval_ms,
-            # check_crcs stays on: with the crc32c package it is cheap.
-        }
-
-
-@dataclass(slots=True)
-class _CommitRequest:
-    offsets: dict[TopicPartitionKey, int]
-    done: threading.Event = field(default_factory=threading.Event)
-    ok: bool = False
-
-
-class _RebalanceRecorder(ConsumerRebalanceListener):
-    """Runs on kafka-python's network thread: only records, never blocks or commits."""
-
-    def __init__(self, events: queue.SimpleQueue[tuple[str, frozenset[TopicPartitionKey]]]):
-        self._events = events
-
-    @staticmethod
-    def _keys(partitions: Iterable[TopicPartition]) -> frozenset[TopicPartitionKey]:
-        return frozenset((tp.topic, tp.partition) for tp in partitions)
-
-    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        self._events.put(("revoked", self._keys(revoked)))
-
-    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        self._events.put(("assigned", self._keys(assigned)))
-
-    def on_partitions_lost(self, lost: Iterable[TopicPartition]) -> None:
-        self._events.put(("lost", self._keys(lost)))
 
 
 _CLOSED: Final = object()  # queue sentinel: the consumer thread has exited
-
-
-def _labels(partitions: Iterable[TopicPartitionKey]) -> list[str]:
-    return [partition_label(key) for key in sorted(partitions)]
 
 
 def _ranges(records: list[SourceRecord]) -> dict[int, str]:
@@ -204,10 +90,7 @@ class KafkaBatchSource:
         self._client_options = dict(client_options)
         self._dlq = dlq_producer
         self._queue: queue.Queue[object] = queue.Queue(maxsize=config.queue_batches)
-        self._commits: queue.SimpleQueue[_CommitRequest] = queue.SimpleQueue()
-        self._rebalances: queue.SimpleQueue[tuple[str, frozenset[TopicPartitionKey]]] = (
-            queue.SimpleQueue()
-        )
+        self._rebalances = RebalanceRecorder()
         self._wake = threading.Event()  # set by get/commit/stop: the consumer thread may act
         self._stopping = threading.Event()
         self._started = threading.Event()
@@ -216,26 +99,22 @@ class KafkaBatchSource:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._close_timeout_ms = 10_000
-        # Broker connectivity, checked about once a second by the consumer thread and told to
-        # ``on_health`` on each change (an error text while cut off, None once back).
-        self._on_health = on_health
-        self._broker_lost_at: float | None = None
-        self._broker_reported_down = False
-        self._next_probe = 0.0
+        # Broker connectivity, told to ``on_health`` on each change (owned by the thread).
+        self._broker = BrokerWatch(
+            self._client_options.get("bootstrap_servers"), self._log, on_health
+        )
         # Owned by the consumer thread.
         self._batcher = MicroBatcher(config.batch_size, config.max_latency_ms / 1000)
         self._pending: EventBatch | None = None  # decoded, waiting for room in the queue
         self._paused = False
         self._resume: dict[TopicPartitionKey, int] = {}
         self._positions: dict[TopicPartitionKey, int] = {}
-        self._retry: dict[TopicPartitionKey, int] = {}  # failed commits, tried again later
-        self._retry_at = 0.0
         # Shared with readers of stats()/assignment(), guarded by _stats_lock.
         self._stats_lock = threading.Lock()
         self._counters: Counter[str] = Counter()
-        self._committed: dict[TopicPartitionKey, int] = {}
         self._lag: dict[TopicPartitionKey, int] = {}
         self._assigned: frozenset[TopicPartitionKey] = frozenset()
+        self._offsets = OffsetCommitter(config, dlq_producer, self._log, self._count)
 
     # ---- EventSource ----------------------------------------------------------------------
 
@@ -310,7 +189,7 @@ class KafkaBatchSource:
             return {
                 **{name: self._counters[name] for name in STAT_COUNTERS},
                 "paused": self._paused,
-                "committed": labelled(self._committed),
+                "committed": labelled(self._offsets.committed()),
                 "lag": labelled(self._lag),
                 "queue_depth": self._queue.qsize(),
             }
@@ -329,10 +208,9 @@ class KafkaBatchSource:
         if self._thread is None:
             raise SourceClosedError("the source is not started")
 
-    def _submit(self, offsets: Mapping[TopicPartitionKey, int]) -> _CommitRequest:
+    def _submit(self, offsets: Mapping[TopicPartitionKey, int]) -> CommitRequest:
         self._raise_if_unusable()
-        request = _CommitRequest({(str(t), int(p)): int(o) for (t, p), o in offsets.items()})
-        self._commits.put(request)
+        request = self._offsets.submit(offsets)
         self._wake.set()
         return request
 
@@ -345,7 +223,7 @@ class KafkaBatchSource:
     def _run(self) -> None:
         try:
             consumer = KafkaConsumer(**self._client_options, **self._config.consumer_options())
-            consumer.subscribe([self._config.topic], listener=_RebalanceRecorder(self._rebalances))
+            consumer.subscribe([self._config.topic], listener=self._rebalances)
         except BaseException as exc:  # noqa: BLE001 - reported by start() in the caller
             self._error = exc
             self._done.set()
@@ -354,13 +232,13 @@ class KafkaBatchSource:
         self._started.set()
         try:
             self._loop(consumer)
-            self._serve_commits(consumer, final=True)  # honour what was asked before stop()
+            self._offsets.serve(consumer, final=True)  # honour what was asked before stop()
         except BaseException as exc:  # noqa: BLE001 - surfaced by get() as SourceClosedError
             self._error = exc
             self._log.exception("kafka consumer thread died")
         finally:
             self._done.set()
-            self._fail_waiting_commits()
+            self._offsets.fail_waiting()
             try:
                 consumer.close(autocommit=False, timeout_ms=self._close_timeout_ms)
             except Exception as exc:  # noqa: BLE001 - closing is best effort; nothing to commit
@@ -374,7 +252,7 @@ class KafkaBatchSource:
         next_paused_poll = 0.0
         hold_until: float | None = None  # end of a wait for room without pausing
         while not self._stopping.is_set():
-            self._serve_commits(consumer)
+            self._offsets.serve(consumer)
             self._emit_ready()
             if (
                 self._pending is not None
@@ -384,10 +262,8 @@ class KafkaBatchSource:
                 # The queue is full: first wait for room without pausing, for up to
                 # poll_timeout_ms. A learner that is only briefly late (often: this thread
                 # held the GIL through a whole poll's decoding) then finds kafka-python's next
-                # fetch still in flight, where pausing would have dropped it. Measured
-                # (ingest-only, 150k events, three interleaved pairs): ~50 pauses per run
-                # before, none after, ingest/raw 0.46 -> 0.50 on average. Lasting
-                # backpressure pauses below.
+                # fetch still in flight, where pausing would have dropped it (figures in
+                # docs/performance.md). Lasting backpressure pauses below.
                 if hold_until is None:
                     hold_until = time.monotonic() + cfg.poll_timeout_ms / 1000
                 self._wake.wait(max(0.0, hold_until - time.monotonic()))
@@ -417,49 +293,13 @@ class KafkaBatchSource:
                 if until_ready is not None:  # a partial batch must leave within its latency
                     timeout_ms = min(timeout_ms, max(1, int(until_ready * 1000) + 1))
             polled = consumer.poll(timeout_ms=timeout_ms, max_records=cfg.max_poll_records)
-            self._probe_broker(consumer, got_records=bool(polled))
+            self._broker.observe(consumer, got_records=bool(polled))
             # Rebalance callbacks ran during poll(); act on them before buffering what it
             # returned, which belongs to the new assignment.
             self._reconcile_assignment(consumer)
             if polled:
                 self._ingest(polled)
                 self._update_lag(consumer)
-
-    def _probe_broker(self, consumer: KafkaConsumer, got_records: bool) -> None:
-        """Track whether any broker connection is up; report a loss lasting over 2 s.
-
-        kafka-python reconnects on its own, backing off from ``reconnect_backoff_ms`` to
-        ``reconnect_backoff_max_ms``; this only makes the outage visible (logs, health).
-        """
-        now = time.monotonic()
-        if not got_records and now < self._next_probe:
-            return
-        self._next_probe = now + 1.0
-        connected = got_records or _broker_connected(consumer)
-        if connected is None:
-            return
-        if connected:
-            self._broker_lost_at = None
-            if self._broker_reported_down:
-                self._broker_reported_down = False
-                self._log.info("broker connection restored")
-                self._health(None)
-            return
-        if self._broker_lost_at is None:
-            self._broker_lost_at = now
-        elif not self._broker_reported_down and now - self._broker_lost_at >= _BROKER_LOST_S:
-            self._broker_reported_down = True
-            servers = self._client_options.get("bootstrap_servers")
-            self._log.warning(
-                "broker unreachable; reconnecting with backoff",
-                bootstrap_servers=servers,
-                since_s=round(now - self._broker_lost_at, 1),
-            )
-            self._health(f"no connection to any broker of {servers}")
-
-    def _health(self, error: str | None) -> None:
-        if self._on_health is not None:
-            self._on_health(error)
 
     def _ingest(self, polled: Mapping[TopicPartition, list[Any]]) -> None:
         polled_count = skipped = 0
@@ -518,7 +358,7 @@ class KafkaBatchSource:
         batch = decode_batch(records, cfg.input_dim, cfg.max_event_bytes)
         if batch.dead_letters:
             # Offsets are bound only when there is something to log: computing the ranges of
-            # every batch cost ~0.5 µs per event on the consumer thread's hot path.
+            # every batch is a per-event cost on the consumer thread's hot path.
             with structlog.contextvars.bound_contextvars(topic=cfg.topic, offsets=_ranges(records)):
                 for dl in batch.dead_letters:
                     # Sent now, made durable by the flush that precedes the covering commit.
@@ -564,15 +404,10 @@ class KafkaBatchSource:
 
     def _reconcile_assignment(self, consumer: KafkaConsumer) -> None:
         """Act on a rebalance that happened during poll() (see the module docstring)."""
-        events: list[tuple[str, frozenset[TopicPartitionKey]]] = []
-        while True:
-            try:
-                events.append(self._rebalances.get_nowait())
-            except queue.Empty:
-                break
+        events = self._rebalances.drain()
         for kind, partitions in events:
             if partitions:
-                self._log.info("partitions " + kind, partitions=_labels(partitions))
+                self._log.info("partitions " + kind, partitions=partition_labels(partitions))
         current = frozenset((tp.topic, tp.partition) for tp in consumer.assignment())
         if not events and current == self._assigned:
             return
@@ -583,7 +418,7 @@ class KafkaBatchSource:
         if gone:
             self._log.info(
                 "dropped buffered records of partitions no longer assigned",
-                partitions=_labels(gone),
+                partitions=partition_labels(gone),
                 dropped=dropped,
             )
         with self._stats_lock:
@@ -605,92 +440,6 @@ class KafkaBatchSource:
         with self._stats_lock:
             self._lag.update(lag)
 
-    def _serve_commits(self, consumer: KafkaConsumer, final: bool = False) -> None:
-        requests: list[_CommitRequest] = []
-        while True:
-            try:
-                requests.append(self._commits.get_nowait())
-            except queue.Empty:
-                break
-        retry_due = bool(self._retry) and (final or time.monotonic() >= self._retry_at)
-        if not requests and not retry_due:
-            return
-        # Requests are merged: the newest offsets cover the older ones, one commit serves all.
-        merged = dict(self._retry)
-        self._retry = {}
-        for request in requests:
-            for key, offset in request.offsets.items():
-                merged[key] = max(offset, merged.get(key, offset))
-        ok = self._commit(consumer, merged)
-        for request in requests:
-            request.ok = ok
-            request.done.set()
-
-    def _commit(self, consumer: KafkaConsumer, offsets: dict[TopicPartitionKey, int]) -> bool:
-        with self._stats_lock:
-            committed = dict(self._committed)
-        # Never move a committed offset backwards (a re-delivered batch after a rebalance can
-        # ask for less than what is already covered).
-        wanted = {k: o for k, o in offsets.items() if o > committed.get(k, -1)}
-        if not wanted:
-            return True
-        # INVARIANT: a dead letter is durable before the offset that covers it is committed.
-        try:
-            self._dlq.flush(self._config.dlq_flush_timeout_s)
-        except ProducerError as exc:
-            self._log.error(
-                "commit withheld: dead letters are not durable",
-                error=repr(exc),
-                offsets=labelled(wanted),
-            )
-            self._count("commit_failures")
-            return False
-        assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
-        foreign = [k for k in wanted if k not in assigned]
-        if foreign:
-            self._log.warning(
-                "not committing partitions no longer assigned", partitions=_labels(foreign)
-            )
-        to_commit = {
-            TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-            for (t, p), o in wanted.items()
-            if (t, p) in assigned
-        }
-        if not to_commit:
-            self._count("commit_failures")
-            return False
-        try:
-            consumer.commit(to_commit, timeout_ms=self._config.commit_timeout_ms)
-        except KafkaError as exc:
-            # CommitFailedError / RebalanceInProgressError (the group is rebalancing) or a
-            # coordinator that moved or timed out. Retried after the next polls, for the
-            # partitions still assigned then (a partition that moved is re-read by its new
-            # owner: at-least-once). The learner's next commit would cover it too, but an
-            # idle learner sends none.
-            self._log.warning(
-                "commit failed; will retry", error=repr(exc), offsets=labelled(wanted)
-            )
-            self._count("commit_failures")
-            for tp, meta in to_commit.items():
-                key = (tp.topic, tp.partition)
-                self._retry[key] = max(meta.offset, self._retry.get(key, meta.offset))
-            self._retry_at = time.monotonic() + _COMMIT_RETRY_S
-            return False
-        with self._stats_lock:
-            for tp, meta in to_commit.items():
-                self._committed[(tp.topic, tp.partition)] = meta.offset
-            self._counters["commits"] += 1
-        self._log.debug("offsets committed", offsets=labelled(wanted))
-        return not foreign
-
     def _count(self, name: str) -> None:
         with self._stats_lock:
             self._counters[name] += 1
-
-    def _fail_waiting_commits(self) -> None:
-        while True:
-            try:
-                request = self._commits.get_nowait()
-            except queue.Empty:
-                return
-            request.done.set()  # ok stays False

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -35,27 +34,13 @@ import structlog
 import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 
-from memory_bank.index import MirrorIndex
+from memory_bank.ids import ClassNames, RecentIds
 from memory_bank.protocols import BankSnapshot, BankStore, StoredItem, VectorIndex
+from memory_bank.replay import Replay, ReplaySampler
 from memory_bank.reservoir import POLICIES, class_balanced_subset
+from memory_bank.search import MirrorSearch
 
 log = structlog.get_logger(__name__)
-
-# Neighbours fetched per hard-negative query: the nearest items of a query are mostly of its
-# own class, so search deeper than k to find items of other classes.
-_MIN_NEGATIVE_DEPTH = 32
-_NEGATIVE_DEPTH_FACTOR = 4
-# Replay is drawn on the host when the bank holds this many times more items than one draw
-# takes; see MemoryBank._draw.
-_FAST_DRAW_FACTOR = 8
-
-
-def _first_positions(values: torch.Tensor) -> torch.Tensor:
-    """Positions of the first occurrence of each distinct value of a 1-d tensor, ascending."""
-    unique, inverse = torch.unique(values, return_inverse=True)
-    positions = torch.arange(values.shape[0], device=values.device)
-    first = torch.full_like(unique, values.shape[0]).scatter_reduce_(0, inverse, positions, "amin")
-    return first.sort().values
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,23 +55,6 @@ class AddResult:
     evicted: int
     duplicates: int
     declined: int
-
-
-@dataclass(frozen=True, slots=True)
-class Replay:
-    """Items drawn from the bank for one step, on the bank's device.
-
-    Pass ``slots`` and ``versions`` back to :meth:`MemoryBank.update_embeddings` with the
-    fresh embeddings: ``versions`` lets the bank skip slots refilled since the draw.
-    """
-
-    slots: torch.Tensor  # int64 [r]
-    features: torch.Tensor  # float32 [r, input_dim]
-    labels: torch.Tensor  # int64 [r]
-    versions: torch.Tensor  # int64 [r]
-
-    def __len__(self) -> int:
-        return int(self.slots.shape[0])
 
 
 class MemoryBank:
@@ -130,7 +98,6 @@ class MemoryBank:
             raise ValueError(f"need hard_negative_every >= 1: {hard_negative_every=}")
         self.hard_negative_every = hard_negative_every
         self._store = store
-        self._index = index
         if policy not in POLICIES:
             raise ValueError(f"unknown bank policy {policy!r}; known: {sorted(POLICIES)}")
         self.policy = policy
@@ -147,28 +114,30 @@ class MemoryBank:
         self._dirty = torch.zeros(capacity, dtype=torch.bool, device=dev)
         self._tasks: list[str | None] = [None] * capacity
 
-        self._names: dict[int, str] = {}
-        self._labels_by_name: dict[str, int] = {}
-        self._recent: OrderedDict[str, None] = OrderedDict()
-        self._recent_max = recent_ids
+        self._names = ClassNames()
+        self._recent = RecentIds(recent_ids)
 
         self._generator = torch.Generator(device=dev)
         self._generator.manual_seed(seed)
-        self._draw_rng = random.Random(seed)  # host-side replay draws (see _draw)
-        self._sample_weights: torch.Tensor | None = None  # cache, reset when membership changes
-        self._index_slots = torch.empty(0, dtype=torch.int64, device=dev)  # index row -> slot
-        if isinstance(index, MirrorIndex):
-            # Searched in place: row = slot, never stale, no rebuild copies.
-            index.attach(self._embeddings, self._labels, self.__len__)
-            self._index_slots = torch.arange(capacity, device=dev)
-        self._index_stale = False
-        self._index_due = False  # stale and refresh_steps elapsed: rebuild before next search
-        self._steps = 0
-        # Hard-negative candidates of the last search (see hard_negatives): distinct slots,
-        # best first, and the label of the query each is nearest to; reused between searches.
-        self._negative_cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._negative_calls = 0
-        self._owner_bound = 1
+        self._replay = ReplaySampler(
+            self._features,
+            self._labels,
+            self._versions,
+            self._reservoir,
+            lambda: max(1, self._names.bound()),
+            self._generator,
+            seed,
+        )
+        self._search = MirrorSearch(
+            index,
+            self._embeddings,
+            self._labels,
+            self.__len__,
+            self._generator,
+            refresh_steps=index_refresh_steps,
+            hard_negative_queries=hard_negative_queries,
+            hard_negative_every=hard_negative_every,
+        )
 
     # -- construction from the store -------------------------------------------------------
 
@@ -225,9 +194,9 @@ class MemoryBank:
         # Sorted by id so that slots, and so sampling with a fixed seed, do not depend on the
         # order the store happened to return.
         items = sorted(snapshot.items, key=lambda item: item.id)
-        labels = [self._register(label_index(item.label), item.label) for item in items]
+        labels = [self._names.register(label_index(item.label), item.label) for item in items]
         seen = {
-            self._register(label_index(name), name): int(count)
+            self._names.register(label_index(name), name): int(count)
             for name, count in snapshot.seen_per_class.items()
         }
         if len(items) > self.capacity:
@@ -260,7 +229,7 @@ class MemoryBank:
             self._labels[dst] = torch.tensor(labels, dtype=torch.int64, device=self.device)
             for slot, item in zip(slots, items, strict=True):
                 self._tasks[slot] = item.task
-        self._sample_weights = None
+        self._replay.invalidate()
         self.refresh_index()
 
     # -- writes ----------------------------------------------------------------------------
@@ -292,7 +261,7 @@ class MemoryBank:
                 continue
             in_batch.add(event_id)
             fresh.append(position)
-            self._register(labels_host[position], label_names[position])
+            self._names.register(labels_host[position], label_names[position])
         duplicates = n - len(fresh)
         if not fresh:
             return AddResult(0, 0, duplicates, 0)
@@ -320,7 +289,9 @@ class MemoryBank:
                 )
                 for row, (_, p) in enumerate(placed)
             ]
-        seen_increments = {self._names[lab]: inc for lab, inc in plan.seen_increments.items()}
+        seen_increments = {
+            self._names.by_label[lab]: inc for lab, inc in plan.seen_increments.items()
+        }
         try:
             self._store.apply(added_items, plan.evicted, seen_increments)
         except BaseException:
@@ -337,12 +308,12 @@ class MemoryBank:
                 self._tasks[slot] = tasks[p]
         for p in fresh:
             if ids[p] not in self._reservoir:
-                self._remember(ids[p])  # declined, or accepted and evicted in this call
+                self._recent.add(ids[p])  # declined, or accepted and evicted in this call
         for event_id in plan.evicted:
-            self._remember(event_id)
+            self._recent.add(event_id)
         if plan.added or plan.evictions:
-            self._sample_weights = None
-            self._index_stale = True
+            self._replay.invalidate()
+            self._search.mark_stale()
         return AddResult(plan.added, plan.evictions, duplicates, plan.declined)
 
     def update_embeddings(
@@ -369,7 +340,7 @@ class MemoryBank:
         # Masked on the device rather than by filtering the slots: filtering needs a sync.
         self._embeddings[slots] = torch.where(valid[:, None], fresh, self._embeddings[slots])
         self._dirty[slots] = self._dirty[slots] | valid
-        self._index_stale = True
+        self._search.mark_stale()
 
     def flush(self) -> int:
         """Write dirty embeddings to the store in one batched call; returns how many."""
@@ -387,35 +358,21 @@ class MemoryBank:
         log.debug("memory_bank_flushed", embeddings=len(ids))
         return len(ids)
 
-    # -- index -----------------------------------------------------------------------------
+    # -- index (memory_bank.search) -------------------------------------------------------
 
     def step(self) -> None:
         """Called once per train step: the index is due for a rebuild every
         ``index_refresh_steps`` steps when stale.
 
         The rebuild itself is lazy, done just before the next search (:meth:`hard_negatives`,
-        :meth:`knn_predict`): with a search interval, a 100k-item bank is not copied into the
-        index on steps that never search it (a rebuild of 100k x 128 costs ~35 ms here).
+        :meth:`knn_predict`): with a search interval, a large bank is not copied into the
+        index on steps that never search it (the rebuild's cost: docs/performance.md).
         """
-        self._steps += 1
-        if self._index_stale and self._steps % self.index_refresh_steps == 0:
-            self._index_due = True
+        self._search.step()
 
     def refresh_index(self) -> None:
         """Rebuild the index from the mirror's current embeddings (one host sync)."""
-        if isinstance(self._index, MirrorIndex) and self._index.attached:
-            self._index_stale = self._index_due = False
-            return
-        occupied = torch.nonzero(self._labels >= 0).squeeze(1)
-        self._index.rebuild(self._embeddings[occupied])
-        self._index_slots = occupied
-        self._index_stale = False
-        self._index_due = False
-
-    def _search_index(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Callers refresh a due index first: they size the search by the refreshed index.
-        scores, rows = self._index.search(queries, k)
-        return scores.to(self.device), rows.to(self.device)
+        self._search.refresh()
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -425,43 +382,7 @@ class MemoryBank:
         ``how="class_balanced"``: each class equally likely per draw; ``"random"``: each
         stored item equally likely (classes in the bank's proportions).
         """
-        if how not in ("class_balanced", "random"):
-            raise ValueError(f"unknown replay sampling {how!r}")
-        size = len(self)
-        take = min(n, size)
-        if take <= 0:
-            return Replay(
-                slots=torch.empty(0, dtype=torch.int64, device=self.device),
-                features=torch.empty((0, self.input_dim), device=self.device),
-                labels=torch.empty(0, dtype=torch.int64, device=self.device),
-                versions=torch.empty(0, dtype=torch.int64, device=self.device),
-            )
-        if how == "class_balanced":
-            slots = self._draw(take)
-        else:
-            weights = (self._labels >= 0).to(torch.float32)
-            slots = torch.multinomial(weights, take, replacement=False, generator=self._generator)
-        return Replay(
-            slots=slots,
-            features=self._features[slots],
-            labels=self._labels[slots],
-            versions=self._versions[slots],
-        )
-
-    def _draw(self, take: int) -> torch.Tensor:
-        """``take`` distinct slots, class-balanced.
-
-        ``torch.multinomial`` without replacement over the per-slot weights costs ~1.8 ms
-        for 100k slots on 2 CPU cores, more than the rest of the replay path. When the bank
-        is much larger than one draw, the reservoir draws on the host instead (a class
-        uniformly, then an item of it: the same class balance), in O(take + classes).
-        """
-        if len(self) >= _FAST_DRAW_FACTOR * take:
-            slots = self._reservoir.draw_balanced(take, self._draw_rng)
-            if slots is not None:
-                return torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
-        weights = self._class_balanced_weights()
-        return torch.multinomial(weights, take, replacement=False, generator=self._generator)
+        return self._replay.sample(n, how)
 
     def hard_negatives(
         self,
@@ -472,63 +393,10 @@ class MemoryBank:
     ) -> torch.Tensor:
         """Up to ``k`` distinct slots of other classes nearest to the queries, best first.
 
-        At most ``hard_negative_queries`` queries are searched (a random subset); labels are
-        checked against the mirror now, since the index may be a few steps old.
-
-        Search interval: the index is searched on every ``hard_negative_every``-th call only;
-        the calls in between reuse that search's ranked candidates, keeping those found for
-        queries of a class present in this batch and still of another class in the mirror.
-        A search over a 100k-item bank costs ~15-30 ms on 2 CPU cores (a train step ~5 ms),
-        so the interval bounds its cost per step as the bank grows.
+        At most ``hard_negative_queries`` queries are searched (a random subset), on every
+        ``hard_negative_every``-th call only; see :meth:`MirrorSearch.hard_negatives`.
         """
-        empty = torch.empty(0, dtype=torch.int64, device=self.device)
-        if k <= 0 or queries.shape[0] == 0 or (len(self._index) == 0 and not self._index_due):
-            return empty
-        query_labels = query_labels.to(self.device, torch.int64)
-        if self._negative_cache is None or self._negative_calls % self.hard_negative_every == 0:
-            self._negative_cache = self._search_negatives(queries, query_labels, k)
-        self._negative_calls += 1
-        slots, owners = self._negative_cache
-        current = self._labels[slots]
-        # Lookup masks instead of torch.isin (~3x faster at these sizes). Owners are below
-        # _owner_bound; query labels beyond it land in an overflow bucket.
-        n_labels = self._owner_bound
-        present = torch.zeros(n_labels + 1, dtype=torch.bool, device=self.device)
-        # Unlabeled queries (label -1) mark no class present and own no candidate.
-        present[query_labels[query_labels >= 0].clamp(max=n_labels)] = True
-        keep = (owners >= 0) & (current >= 0) & (current != owners) & present[owners.clamp(min=0)]
-        if exclude_slots is not None and exclude_slots.numel():
-            excluded = torch.zeros(self.capacity, dtype=torch.bool, device=self.device)
-            excluded[exclude_slots.to(self.device, torch.int64)] = True
-            keep &= ~excluded[slots]
-        return slots[keep][:k]  # the one sync: the result's length
-
-    def _search_negatives(
-        self, queries: torch.Tensor, query_labels: torch.Tensor, k: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Search the index; returns distinct candidate slots, best first, and for each the
-        label of the query it is nearest to (its "owner"), at most ``4 * k`` per query."""
-        queries = queries.detach().to(self.device, torch.float32)
-        if queries.shape[0] > self.hard_negative_queries:
-            pick = torch.randperm(queries.shape[0], generator=self._generator, device=self.device)
-            pick = pick[: self.hard_negative_queries]
-            queries, query_labels = queries[pick], query_labels[pick]
-        if self._index_due:
-            self.refresh_index()
-        depth = min(len(self._index), max(_NEGATIVE_DEPTH_FACTOR * k, _MIN_NEGATIVE_DEPTH))
-        scores, rows = self._search_index(F.normalize(queries, dim=1), depth)
-        slots = self._index_slots[rows.clamp(min=0)]
-        current = self._labels[slots]
-        owners = query_labels[:, None].expand_as(slots)
-        # One host read per search (not per call): sizes the owner mask of the cached calls.
-        self._owner_bound = int(query_labels.max()) + 1
-        valid = (rows >= 0) & (owners >= 0) & (current >= 0) & (current != owners)
-        flat_scores = scores.masked_fill(~valid, float("-inf")).flatten()
-        order = flat_scores.argsort(descending=True, stable=True)
-        ranked_slots, ranked_owners = slots.flatten()[order], owners.flatten()[order]
-        first = _first_positions(ranked_slots)  # each slot at the rank of its best score
-        found = flat_scores[order][first] > float("-inf")
-        return ranked_slots[first][found], ranked_owners[first][found]
+        return self._search.hard_negatives(queries, query_labels, k, exclude_slots)
 
     def knn_predict(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Similarity-weighted majority vote of the ``k`` nearest items.
@@ -537,30 +405,7 @@ class MemoryBank:
         label -1 and confidence 0 when the bank is empty (an empty index over a non-empty
         bank is built first).
         """
-        q = queries.shape[0]
-        if self._index_due or (len(self._index) == 0 and len(self) > 0):
-            # Items arrived before the first scheduled refresh: build the index now rather
-            # than answer "no label" until step index_refresh_steps.
-            self.refresh_index()
-        if len(self._index) == 0 or k <= 0 or not self._names:
-            return (
-                torch.full((q,), -1, dtype=torch.int64, device=queries.device),
-                torch.zeros(q, dtype=torch.float32, device=queries.device),
-            )
-        x = F.normalize(queries.detach().to(self.device, torch.float32), dim=1)
-        scores, rows = self._search_index(x, k)
-        labels = self._labels[self._index_slots[rows.clamp(min=0)]]
-        valid = (rows >= 0) & (labels >= 0)
-        # Cosine can be negative; clamp so a far neighbour never votes against its class,
-        # and add a floor so that all-negative neighbourhoods still vote (unweighted).
-        weights = torch.where(valid, scores.clamp(min=0) + 1e-6, torch.zeros_like(scores))
-        votes = torch.zeros((q, max(self._names) + 1), device=self.device)
-        votes.scatter_add_(1, labels.clamp(min=0), weights)
-        top, predicted = votes.max(dim=1)
-        total = votes.sum(dim=1)
-        predicted = torch.where(total > 0, predicted, torch.full_like(predicted, -1))
-        confidence = torch.where(total > 0, top / total.clamp(min=1e-12), torch.zeros_like(top))
-        return predicted.to(queries.device), confidence.to(queries.device)
+        return self._search.knn_predict(queries, k, n_labels=self._names.bound())
 
     def class_means(
         self, embeddings: torch.Tensor | None = None
@@ -609,7 +454,7 @@ class MemoryBank:
         return self._reservoir.seen_counts()
 
     def label_names(self) -> dict[int, str]:
-        return dict(self._names)
+        return dict(self._names.by_label)
 
     def ids(self) -> list[str]:
         return self._reservoir.ids()
@@ -619,40 +464,6 @@ class MemoryBank:
         return [self._reservoir.id_at(slot) for slot in slots.tolist()]
 
     # -- internals -------------------------------------------------------------------------
-
-    def _class_balanced_weights(self) -> torch.Tensor:
-        # weight(slot) = 1 / count(class of slot): every class carries the same total mass.
-        # Computed on the device with a host-known number of classes, so no sync.
-        if self._sample_weights is None:
-            occupied = (self._labels >= 0).to(torch.float32)
-            labels = self._labels.clamp(min=0)
-            counts = torch.zeros(max(self._names, default=0) + 1, device=self.device)
-            counts.scatter_add_(0, labels, occupied)
-            self._sample_weights = occupied / counts[labels].clamp(min=1)
-        return self._sample_weights
-
-    def _register(self, label: int, name: str) -> int:
-        if label < 0:
-            raise ValueError(f"labels must be >= 0, got {label} for class {name!r}")
-        known_name = self._names.get(label)
-        known_label = self._labels_by_name.get(name)
-        if known_name is None and known_label is None:
-            self._names[label] = name
-            self._labels_by_name[name] = label
-        elif known_name != name or known_label != label:
-            raise ValueError(
-                f"class {name!r} has label {label}, but the bank knows label {label} as "
-                f"{known_name!r} and {name!r} as label {known_label}"
-            )
-        return label
-
-    def _remember(self, event_id: str) -> None:
-        if self._recent_max == 0:
-            return
-        self._recent[event_id] = None
-        self._recent.move_to_end(event_id)
-        while len(self._recent) > self._recent_max:
-            self._recent.popitem(last=False)
 
     def _check_batch(
         self,

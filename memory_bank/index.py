@@ -6,15 +6,15 @@ Three implementations of :class:`~memory_bank.protocols.VectorIndex`:
   installed FAISS build has GPU support and sees a GPU (``faiss-gpu``), else on the CPU.
 - :class:`TorchIndex`: exact ``matmul`` + ``topk`` on the device the vectors live on. On a
   GPU learner this avoids any host round trip; on a CPU it is often faster than FAISS flat
-  for bank sizes of a few thousand (measured: 100k x 128, 256 queries, k = 16: FAISS ~200 ms,
-  torch ~90 ms on 2 cores).
+  (docs/performance.md).
 - :class:`MirrorIndex`: a :class:`TorchIndex` that a bank attaches to its own mirror, searched
   in place without any rebuild (the default on CPU and the GPU fallback).
 
-Both are rebuilt wholesale from the bank's mirror (every ``index_refresh_steps`` steps), never
-updated item by item: rows are numbered 0..n-1 in the order given to ``rebuild`` and the bank
-keeps the row -> slot map. Both answer an empty index and ``k > n`` the same way: missing
-neighbours have row ``-1`` and score ``-inf``.
+Every index is offered the bank's mirror (:meth:`~memory_bank.protocols.VectorIndex.attach`);
+only :class:`MirrorIndex` takes it. The others are rebuilt wholesale from the mirror (every
+``index_refresh_steps`` steps), never updated item by item: rows are numbered 0..n-1 in the
+order given to ``rebuild`` and the bank keeps the row -> slot map. All answer an empty index
+and ``k > n`` the same way: missing neighbours have row ``-1`` and score ``-inf``.
 """
 
 from __future__ import annotations
@@ -125,6 +125,9 @@ class FaissIndex:
     def __len__(self) -> int:
         return int(self._index.ntotal)
 
+    def attach(self, vectors: torch.Tensor, labels: torch.Tensor, count: Callable[[], int]) -> bool:
+        return False  # FAISS keeps its own copy (on the GPU, in its own memory)
+
     def rebuild(self, vectors: torch.Tensor) -> None:
         _check_vectors(vectors, self.dim)
         # FAISS takes host float32 C-contiguous arrays (the GPU index copies them over itself).
@@ -160,6 +163,9 @@ class TorchIndex:
     def __len__(self) -> int:
         return int(self._vectors.shape[0])
 
+    def attach(self, vectors: torch.Tensor, labels: torch.Tensor, count: Callable[[], int]) -> bool:
+        return False  # a copy, like FaissIndex; MirrorIndex is the in-place variant
+
     def rebuild(self, vectors: torch.Tensor) -> None:
         _check_vectors(vectors, self.dim)
         self._vectors = vectors.detach().to(torch.float32).clone()
@@ -185,9 +191,9 @@ class MirrorIndex(TorchIndex):
     Attached, it holds references to the bank's embedding and label tensors (capacity rows,
     row = slot): :meth:`rebuild` is a no-op and results are never stale, because nothing is
     copied. Empty slots (label < 0) are masked out before the top-k. That saves the rebuild,
-    which dominates at large banks: copying 100k x 128 float32 out of the mirror costs
-    ~25-45 ms on 2 CPU cores, more than the search itself (16 queries: ~15 ms). Detached, it
-    behaves exactly like :class:`TorchIndex` (same contract tests).
+    which dominates at large banks: copying the mirror's embeddings costs more than the
+    search itself (docs/performance.md). Detached, it behaves exactly like
+    :class:`TorchIndex` (same contract tests).
     """
 
     def __init__(self, dim: int, device: torch.device | str | None = None) -> None:
@@ -198,7 +204,7 @@ class MirrorIndex(TorchIndex):
     def attached(self) -> bool:
         return self._live is not None
 
-    def attach(self, vectors: torch.Tensor, labels: torch.Tensor, count: Callable[[], int]) -> None:
+    def attach(self, vectors: torch.Tensor, labels: torch.Tensor, count: Callable[[], int]) -> bool:
         """Search ``vectors`` [capacity, dim] in place, rows with ``labels < 0`` excluded.
 
         ``count`` returns how many rows are occupied (host-side, so ``len`` needs no sync).
@@ -207,6 +213,7 @@ class MirrorIndex(TorchIndex):
         if labels.shape != (vectors.shape[0],):
             raise ValueError(f"labels must be [{vectors.shape[0]}], got {tuple(labels.shape)}")
         self._live = (vectors, labels, count)
+        return True
 
     def __len__(self) -> int:
         return self._live[2]() if self._live is not None else super().__len__()
@@ -243,7 +250,7 @@ def make_index(
     """Build the index the settings ask for.
 
     ``kind="auto"``: FAISS when the learner runs on CUDA and FAISS sees a GPU, else
-    :class:`MirrorIndex` on ``device`` (the measured fallback; see the comment below).
+    :class:`MirrorIndex` on ``device`` (the fallback; see the comment below).
 
     With ``kind="faiss"`` and ``use_gpu="auto"`` the GPU index is used only when the learner
     itself runs on CUDA (a CPU learner would pay two host/device copies per search for
@@ -251,10 +258,9 @@ def make_index(
     """
     dev = torch.device(device)
     if kind == "auto":
-        # FAISS flat on the CPU is ~2x slower than torch matmul + topk here (100k x 128, 32
-        # queries: 30 ms vs 14 ms on 2 cores) and needs a copy of the bank per rebuild; on a
-        # GPU, faiss-gpu when installed, else the in-place torch search on the device, which
-        # never copies the bank to the host.
+        # FAISS flat on the CPU is slower than torch matmul + topk (docs/performance.md) and
+        # needs a copy of the bank per rebuild; on a GPU, faiss-gpu when installed, else the
+        # in-place torch search on the device, which never copies the bank to the host.
         on_gpu_faiss = dev.type == "cuda" and use_gpu == "auto" and faiss_gpu_available()
         kind = "faiss" if on_gpu_faiss else "mirror"
         log.info("vector_index_selected", kind=kind, device=str(dev))

@@ -9,7 +9,7 @@ implementation (tests/unit/test_index_contract.py, tests/integration/test_bank_s
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -62,6 +62,16 @@ class VectorIndex(Protocol):
 
     Rows are numbered 0..n-1 in the order given to :meth:`rebuild`.
     """
+
+    def attach(self, vectors: torch.Tensor, labels: torch.Tensor, count: Callable[[], int]) -> bool:
+        """Offered the bank's mirror once, before any use: ``vectors`` [capacity, dim],
+        ``labels`` [capacity] (-1 = empty slot), ``count()`` = occupied slots (host-side).
+
+        True: from now on the index searches the mirror in place (row = slot, empty slots
+        never returned), :meth:`rebuild` is a no-op and results are never stale. False: the
+        index keeps its own copy, filled by :meth:`rebuild`, and ignores the mirror.
+        """
+        ...
 
     def rebuild(self, vectors: torch.Tensor) -> None:
         """Replace the index contents with ``vectors`` [n, dim] (float32)."""

@@ -11,8 +11,8 @@ Layout, for ``P = <key_prefix>:bank:<bank_name>``::
 
 The mirror in the learner is the per-step source; Redis is touched once per ``MemoryBank.add``
 (one :meth:`RedisBankStore.apply`), at checkpoints (:meth:`write_embeddings`) and on restart
-(:meth:`load`). Never one round trip per item: pipelined HSET runs ~110k records/s here,
-unpipelined ~10k/s.
+(:meth:`load`). Never one round trip per item: a round trip costs far more than the
+record it carries (docs/performance.md).
 
 INVARIANT: an ``apply`` is applied at most once, even when it is retried. ``apply`` is one Lua
 script (atomic like MULTI/EXEC, one round trip, multi-field HSET/HDEL of 1000 fields) that
@@ -50,9 +50,9 @@ _READ_CHUNK = 5_000
 _WRITE_CHUNK = 5_000
 
 # apply and write_embeddings ship vectors as one concatenated blob per call and ids/metadata
-# as JSON arrays, which Lua splits: redis-py packs every argument in pure Python (no hiredis
-# here). Measured, 256 adds + 256 evictions per call: 2.2 ms, against 3.0 ms for the same
-# MULTI/EXEC pipeline and 3.8 ms for a script taking one argument per field.
+# as JSON arrays, which Lua splits: redis-py packs every argument on the client, so a few
+# large arguments cost less than one per field, and one script less than a MULTI/EXEC
+# pipeline of the same writes (docs/performance.md).
 # Lua's unpack() is bounded by the C stack (8000 values in Redis' Lua), hence the chunks.
 
 # KEYS: feat, emb, meta, seen, dims, applied.
@@ -124,8 +124,8 @@ return n
 
 # KEYS: meta. ARGV: cursor, count. One HSCAN step over meta, returned as {next cursor, ids as
 # a json array, metadata as a json array}: three reply elements instead of two per item.
-# (Vectors are read with plain pipelined HMGETs: measured on 100k items, concatenating them
-# in Lua cost the server more than parsing them costs redis-py, and the HMGET pipeline lets
+# (Vectors are read with plain pipelined HMGETs: concatenating them in Lua cost the server
+# more than parsing them costs redis-py (docs/performance.md), and the HMGET pipeline lets
 # the client parse while the server still sends.)
 _SCAN_META_LUA = """
 local reply = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])

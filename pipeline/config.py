@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from consumers.config import ConsumerTuning
 from pipeline.exceptions import ConfigError
 
 ENV_PREFIX = "SUPCON_STREAM__"
@@ -105,23 +106,13 @@ class KafkaSettings(_Frozen):
         return opts
 
 
-class ConsumerSettings(_Frozen):
+class ConsumerSettings(ConsumerTuning):
+    """The ``consumer`` section: the source's knobs and bounds (:class:`ConsumerTuning`), plus
+    the group and the number of consumer processes."""
+
     group_id: str | None = Field(
         None, description="Consumer group; defaults to '<prefix>.learner.<learner.name>'."
     )
-    batch_size: int = Field(32, ge=1, le=65_536)
-    max_latency_ms: int = Field(250, ge=1)
-    queue_batches: int = Field(8, ge=1)
-    poll_timeout_ms: int = Field(1000, ge=10)
-    max_poll_records: int = Field(2000, ge=1)
-    fetch_max_bytes: int = Field(52_428_800, ge=1024)
-    max_partition_fetch_bytes: int = Field(4_194_304, ge=1024)
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    # 6 s: the broker default minimum (group.min.session.timeout.ms) of Apache Kafka. A restart
-    # waits for the group join, which Tansu completes in about half of this (5 s at 10 s).
-    session_timeout_ms: int = Field(6_000, ge=1000)
-    max_poll_interval_ms: int = Field(300_000, ge=1000)
-    max_event_bytes: int = Field(65_536, ge=64)
     processes: int = Field(
         1,
         ge=1,

@@ -489,9 +489,8 @@ def _make_source(
     from consumers.process_source import ProcessBatchSource
     from consumers.source import KafkaBatchSource, SourceConfig
 
-    source_config = SourceConfig(
-        # ConsumerSettings' keys are SourceConfig's field names, by design.
-        **settings.consumer.model_dump(exclude={"group_id", "processes"}),
+    source_config = SourceConfig.from_tuning(
+        settings.consumer,
         topic=settings.kafka.events_topic,
         group_id=settings.group_id,
         input_dim=settings.model.input_dim,

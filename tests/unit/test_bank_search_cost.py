@@ -4,6 +4,7 @@ search interval, host-side replay draws, and the automatic defaults behind them.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -63,6 +64,53 @@ def test_mirror_index_searches_the_bank_in_place() -> None:
     # Only the five class-1 items: empty slots (zero vectors, score 0) are never returned.
     assert negatives.numel() == 5
     assert set(bank.gather(negatives)[1].tolist()) == {1}
+
+
+class WrappedMirror:
+    """A VectorIndex that searches in place through the protocol alone (no MirrorIndex type)."""
+
+    def __init__(self, dim: int) -> None:
+        self._inner = MirrorIndex(dim)
+        self.rebuilds = 0
+
+    def attach(self, vectors: torch.Tensor, labels: torch.Tensor, count: Callable[[], int]) -> bool:
+        return self._inner.attach(vectors, labels, count)
+
+    def rebuild(self, vectors: torch.Tensor) -> None:
+        self.rebuilds += 1
+        self._inner.rebuild(vectors)
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._inner.search(queries, k)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+
+def test_bank_searches_in_place_any_index_whose_attach_says_so() -> None:
+    centers = torch.eye(EMB_DIM)
+    index = WrappedMirror(EMB_DIM)
+    bank = MemoryBank(InMemoryBankStore(), index, 50, IN_DIM, EMB_DIM, "cpu")
+    add(bank, [0] * 5 + [1] * 5, centers, "a")
+    assert len(index) == 10  # sees the adds without a rebuild
+    labels, _ = bank.knn_predict(centers[:2], k=3)
+    assert labels.tolist() == [0, 1]
+    for _ in range(bank.index_refresh_steps):
+        bank.step()
+    bank.refresh_index()
+    assert index.rebuilds == 0
+    negatives = bank.hard_negatives(centers[0].repeat(2, 1), torch.zeros(2, dtype=torch.int64), 20)
+    assert set(bank.gather(negatives)[1].tolist()) == {1}
+
+
+def test_bank_rebuilds_an_index_that_keeps_a_copy() -> None:
+    centers = torch.eye(EMB_DIM)
+    index = CountingIndex(EMB_DIM)
+    bank = MemoryBank(InMemoryBankStore(), index, 50, IN_DIM, EMB_DIM, "cpu")
+    add(bank, [0] * 5 + [1] * 5, centers, "a")
+    assert len(index) == 0  # attach declined: nothing until a rebuild
+    bank.refresh_index()
+    assert (index.rebuilds, len(index)) == (1, 10)
 
 
 def test_mirror_index_detached_copies_like_torch_index() -> None:

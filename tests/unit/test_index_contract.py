@@ -122,6 +122,40 @@ def test_rejects_wrong_dimensions(factory: IndexFactory) -> None:
         index.search(torch.zeros(3, DIM - 1), 1)
 
 
+def test_attach_searches_the_mirror_in_place_or_ignores_it(factory: IndexFactory) -> None:
+    index = factory(DIM)
+    vectors, labels = torch.zeros(8, DIM), torch.full((8,), -1)
+    occupied = [0]
+    in_place = index.attach(vectors, labels, lambda: occupied[0])
+    assert isinstance(in_place, bool)
+    fresh = unit_vectors(3, seed=14)
+    vectors[[1, 4, 6]] = fresh  # the bank writes its mirror in place
+    labels[[1, 4, 6]] = 0
+    occupied[0] = 3
+    if in_place:
+        assert len(index) == 3
+        index.rebuild(unit_vectors(5, seed=15))  # a no-op: the mirror is the index
+        scores, rows = index.search(fresh, 5)
+        assert rows[:, 0].tolist() == [1, 4, 6]  # row = slot
+        assert set(rows[rows >= 0].tolist()) == {1, 4, 6}  # empty slots never come back
+        assert torch.all(rows[:, 3:] == -1)
+        assert torch.all(torch.isinf(scores[:, 3:]))
+    else:
+        assert len(index) == 0  # the offered mirror is ignored
+        index.rebuild(fresh)
+        vectors.zero_()
+        _, rows = index.search(fresh, 1)
+        assert rows[:, 0].tolist() == [0, 1, 2]
+
+
+def test_only_the_mirror_index_searches_in_place() -> None:
+    vectors, labels = torch.zeros(4, DIM), torch.full((4,), -1)
+    kinds = {"faiss": FaissIndex(DIM, use_gpu=False), "torch": TorchIndex(DIM)}
+    kinds["mirror"] = MirrorIndex(DIM)
+    attached = {name: index.attach(vectors, labels, lambda: 0) for name, index in kinds.items()}
+    assert attached == {"faiss": False, "torch": False, "mirror": True}
+
+
 def test_make_index() -> None:
     assert isinstance(make_index("torch", DIM, "cpu"), TorchIndex)
     faiss_index = make_index("faiss", DIM, "cpu", use_gpu="auto")

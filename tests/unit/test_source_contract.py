@@ -69,3 +69,40 @@ def test_source_config_checks_values_and_derives_client_options() -> None:
             dlq_topic="d",
             auto_offset_reset="none",  # type: ignore[arg-type]
         )
+
+
+def test_settings_and_source_config_share_one_set_of_bounds() -> None:
+    from consumers.config import ConsumerTuning, SourceConfig
+    from pipeline.config import ConsumerSettings, load_settings
+    from pipeline.exceptions import ConfigError
+
+    assert issubclass(ConsumerSettings, ConsumerTuning)
+    assert issubclass(SourceConfig, ConsumerTuning)
+    for name, tuned in ConsumerTuning.model_fields.items():
+        assert ConsumerSettings.model_fields[name].metadata == tuned.metadata, name
+        assert SourceConfig.model_fields[name].metadata == tuned.metadata, name
+    # The same bad value fails both ways: at start with its dotted key, and in SourceConfig.
+    with pytest.raises(ConfigError, match=r"consumer\.poll_timeout_ms"):
+        load_settings(None, ["consumer.poll_timeout_ms=5"], environ={})
+    with pytest.raises(ValueError, match="poll_timeout_ms"):
+        SourceConfig(topic="a", group_id="g", input_dim=8, dlq_topic="d", poll_timeout_ms=5)
+    with pytest.raises(ValueError, match="topic"):
+        SourceConfig(topic="", group_id="g", input_dim=8, dlq_topic="d")
+
+
+def test_source_config_from_settings_takes_every_knob() -> None:
+    from consumers.config import ConsumerTuning, SourceConfig
+    from pipeline.config import load_settings
+
+    settings = load_settings(
+        None, ["consumer.batch_size=64", "consumer.auto_offset_reset=latest"], environ={}
+    )
+    config = SourceConfig.from_tuning(
+        settings.consumer, topic="a.events", group_id="g", input_dim=8, dlq_topic="a.dlq"
+    )
+    for name in ConsumerTuning.model_fields:
+        assert getattr(config, name) == getattr(settings.consumer, name), name
+    assert (config.batch_size, config.auto_offset_reset) == (64, "latest")
+    assert (config.topic, config.group_id, config.dlq_topic) == ("a.events", "g", "a.dlq")
+    with pytest.raises(ValueError, match="frozen"):
+        config.batch_size = 1  # type: ignore[misc]
