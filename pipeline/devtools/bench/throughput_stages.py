@@ -116,8 +116,8 @@ def rate(count: float, seconds: float) -> float:
 def source_config(settings: Settings, group: str) -> Any:
     from consumers.source import SourceConfig
 
-    return SourceConfig(
-        **settings.consumer.model_dump(exclude={"group_id", "processes"}),
+    return SourceConfig.from_tuning(
+        settings.consumer,
         topic=settings.kafka.events_topic,
         group_id=group,
         input_dim=settings.model.input_dim,
