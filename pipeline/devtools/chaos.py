@@ -37,7 +37,7 @@ import structlog
 from consumers.testing import read_topic_json
 from pipeline.config import Settings, load_settings
 from pipeline.learner.ledger import ledger_path, read_ledger
-from pipeline.learning.inference import is_probe
+from pipeline.learner.probes import is_probe
 
 log = structlog.get_logger(__name__)
 

@@ -6,8 +6,8 @@ every stage, so the figures are comparable with each other even on a noisy machi
 1. **raw consume**: a bare kafka-python consumer with the learner's fetch settings (the ceiling
    of the client);
 2. **ingest-only**: the project's source (poll, micro-batch, decode + validate), no learning;
-3. **learner-only**: :func:`pipeline.learner.loop.process_batch` (predict, train steps with replay
-   from the real bank, write-through to Redis) plus telemetry, on batches held in memory;
+3. **learner-only**: :func:`pipeline.learner.process.process_batch` (predict, train steps with
+   replay from the real bank, write-through to Redis) plus telemetry, on batches held in memory;
 4. **end-to-end**: a full ``supcon-stream learn`` process, first batch to final commit;
 5. **memory bank** with a 100k-item bank in Redis: add rate, replay sample time, hard-negative
    search time, as shares of the train iteration;
@@ -306,18 +306,20 @@ def _learner_mean(first: dict[str, Any], second: dict[str, Any]) -> None:
 
 def measure_learner(settings: Settings, data: Synthetic, total: int) -> dict[str, Any]:
     """process_batch + step telemetry on in-memory batches (warm-up excluded)."""
-    from pipeline.learner.loop import _step_record, build_context, close_context, process_batch
+    from pipeline.learner.assembly import build_context, close_context
+    from pipeline.learner.emit import step_record
+    from pipeline.learner.process import process_batch
 
     ctx = build_context(settings)
     batches = _batches(settings, data, 0, total)
     warm = max(1, len(batches) // 20)
     try:
         for batch in batches[:warm]:
-            ctx.telemetry.emit("step", _step_record(ctx, process_batch(ctx, batch)))
+            ctx.telemetry.emit("step", step_record(ctx, process_batch(ctx, batch)))
         started = time.perf_counter()
         events = 0
         for batch in batches[warm:]:
-            ctx.telemetry.emit("step", _step_record(ctx, process_batch(ctx, batch)))
+            ctx.telemetry.emit("step", step_record(ctx, process_batch(ctx, batch)))
             events += batch.consumed
         elapsed = time.perf_counter() - started
         steps = ctx.state.step
@@ -676,7 +678,9 @@ def measure_latency(
     """
     from kafka import KafkaProducer
 
-    from pipeline.learner.loop import _step_record, build_context, close_context, process_batch
+    from pipeline.learner.assembly import build_context, close_context
+    from pipeline.learner.emit import step_record
+    from pipeline.learner.process import process_batch
 
     ctx = build_context(settings)
     producer = KafkaProducer(**settings.kafka.client_options(), linger_ms=0, acks=1)
@@ -698,7 +702,7 @@ def measure_latency(
             time.sleep(0.01)
         producer.flush(60)
 
-    ctx.source.start(ctx.offsets)
+    ctx.source.start(ctx.checkpointer.offsets)
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     while not ctx.source.assignment() and time.monotonic() < deadline:
         ctx.source.get(timeout_s=0.2)
@@ -713,7 +717,7 @@ def measure_latency(
             batch = ctx.source.get(timeout_s=0.5)
             if batch is None:
                 continue
-            ctx.telemetry.emit("step", _step_record(ctx, process_batch(ctx, batch)))
+            ctx.telemetry.emit("step", step_record(ctx, process_batch(ctx, batch)))
             ages.append(time.time() * 1000 - batch.timestamps_ms)
             consumed += batch.consumed
     finally:
