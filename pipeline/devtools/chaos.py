@@ -36,7 +36,7 @@ from consumers.reading import read_topic_json
 from pipeline.config import Settings, load_settings
 from pipeline.devtools.spawn import cli_command, run, set_args, spawn
 from pipeline.learner.ledger import ledger_path, read_ledger
-from pipeline.learning.inference import is_probe
+from pipeline.learner.probes import is_probe
 
 log = structlog.get_logger(__name__)
 

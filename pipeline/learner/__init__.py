@@ -1,1 +1,8 @@
-"""learner"""
+"""The learner runtime: one process that consumes the stream, learns from it and commits.
+
+``loop`` (run_learner: get → process → emit → checkpoint/commit when due), ``assembly``
+(builds the LearnerContext of ``context``), ``process`` (one micro-batch), ``predictions``,
+``probes`` (held-out set and evaluation), ``emit`` (telemetry, health, progress logs),
+``checkpointer`` (offsets, schedule, commit order) over ``checkpoint`` (atomic files),
+``idle`` (group join and idle exit), ``health`` and ``ledger``.
+"""

@@ -32,7 +32,7 @@ from pipeline.devtools.chaos import (
 from pipeline.devtools.devstack import free_port, start_broker, start_redis, stop_process
 from pipeline.learner.health import health_path
 from pipeline.learner.ledger import ledger_path, read_ledger
-from pipeline.learning.inference import is_probe
+from pipeline.learner.probes import is_probe
 
 pytestmark = pytest.mark.e2e
 

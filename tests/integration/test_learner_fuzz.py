@@ -25,7 +25,7 @@ from pipeline.config import load_settings
 from pipeline.devtools.chaos import read_topic_ids
 from pipeline.learner.ledger import ledger_path, read_ledger
 from pipeline.learner.loop import RunLimits, run_learner
-from pipeline.learning.inference import is_probe
+from pipeline.learner.probes import is_probe
 
 pytestmark = pytest.mark.integration
 

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from pipeline.config import ModelSettings, TrainSettings
+from pipeline.learner.probes import ProbeSet, is_probe
 from pipeline.learning.inference import (
-    ProbeSet,
     class_means,
-    is_probe,
     per_class_accuracy,
     predict_head,
     predict_ncm,

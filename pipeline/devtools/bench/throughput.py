@@ -6,8 +6,8 @@ every stage, so the figures are comparable with each other even on a noisy machi
 1. **raw consume**: a bare kafka-python consumer with the learner's fetch settings (the ceiling
    of the client);
 2. **ingest-only**: the project's source (poll, micro-batch, decode + validate), no learning;
-3. **learner-only**: :func:`pipeline.learner.loop.process_batch` (predict, train steps with replay
-   from the real bank, write-through to Redis) plus telemetry, on batches held in memory;
+3. **learner-only**: :func:`pipeline.learner.process.process_batch` (predict, train steps with
+   replay from the real bank, write-through to Redis) plus telemetry, on batches held in memory;
 4. **end-to-end**: a full ``supcon-stream learn`` process, first batch to final commit;
 5. **memory bank** with a 100k-item bank in Redis: add rate, replay sample time, hard-negative
    search time, as shares of the train iteration;

@@ -216,14 +216,15 @@ def _learner_mean(first: dict[str, Any], second: dict[str, Any]) -> None:
 
 def _learner_step(ctx: Any, batch: Any) -> None:
     """One batch as the learner loop handles it: process it, then emit its step record."""
-    from pipeline.learner.loop import _step_record, process_batch
+    from pipeline.learner.emit import step_record
+    from pipeline.learner.process import process_batch
 
-    ctx.telemetry.emit(_step_record(ctx, process_batch(ctx, batch)))
+    ctx.telemetry.emit(step_record(ctx, process_batch(ctx, batch)))
 
 
 def measure_learner(settings: Settings, data: Synthetic, total: int) -> dict[str, Any]:
     """process_batch + step telemetry on in-memory batches (warm-up excluded)."""
-    from pipeline.learner.loop import build_context, close_context
+    from pipeline.learner.assembly import build_context, close_context
 
     ctx = build_context(settings)
     batches = event_batches(settings, data, 0, total)
@@ -336,7 +337,7 @@ def measure_latency(
     """
     from kafka import KafkaProducer
 
-    from pipeline.learner.loop import build_context, close_context
+    from pipeline.learner.assembly import build_context, close_context
 
     ctx = build_context(settings)
     producer = KafkaProducer(**settings.kafka.client_options(), linger_ms=0, acks=1)
@@ -358,7 +359,7 @@ def measure_latency(
             time.sleep(0.01)
         producer.flush(60)
 
-    ctx.source.start(ctx.offsets)
+    ctx.source.start(ctx.checkpointer.offsets)
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     while not ctx.source.assignment() and time.monotonic() < deadline:
         ctx.source.get(timeout_s=0.2)

@@ -1,0 +1,278 @@
+"""The composition root: builds a :class:`LearnerContext` from settings, restores, and closes it.
+
+Nothing is connected at import time. A learner started before its broker or Redis waits for
+them (``learner.startup_wait_s``); whatever fails half-way leaves no consumer thread,
+consumer process or producer behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import structlog
+import torch
+
+from consumers.exceptions import BrokerUnavailableError
+from consumers.producer import JsonProducer
+from consumers.protocols import EventSource
+from memory_bank.bank import MemoryBank
+from memory_bank.exceptions import BankUnavailableError
+from pipeline.config import Settings
+from pipeline.learner.checkpoint import Checkpoint, load_latest
+from pipeline.learner.checkpointer import Checkpointer
+from pipeline.learner.context import Counters, LearnerContext
+from pipeline.learner.health import HealthBoard, health_path, stop_quietly
+from pipeline.learner.ledger import TrainedLedger, ledger_path
+from pipeline.learner.probes import ProbeSet
+from pipeline.learning.labels import LabelRegistry
+from pipeline.learning.model import StreamNet
+from pipeline.learning.step import make_state, match_optimizer_device
+from pipeline.learning.tuning import default_torch_threads
+from pipeline.telemetry.channel import TelemetryWriter, telemetry_client
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+def build_context(
+    settings: Settings, stop: threading.Event | None = None, start_source: bool = False
+) -> LearnerContext:
+    """Create every component. Nothing is connected at import time.
+
+    With ``start_source`` the source is started (from the checkpoint's offsets) as soon as the
+    checkpoint is loaded, so the group join overlaps the bank load.
+    """
+    from memory_bank.redis_store import make_redis_client
+
+    torch.manual_seed(settings.train.seed)
+    device = resolve_device(settings.train.device)
+    threads = settings.train.torch_threads or default_torch_threads(device)
+    if threads:
+        torch.set_num_threads(threads)
+    seen = torch.zeros(settings.model.max_classes, dtype=torch.bool, device=device)
+    r = settings.redis
+    health = HealthBoard(settings.learner_name, health_path(settings.checkpoint_dir))
+    client = make_redis_client(
+        r.url, r.username, r.password, r.socket_timeout_s, tls_options=r.tls_options()
+    )
+    client_options = settings.kafka.client_options()
+    stop = stop or threading.Event()
+    wait_s = settings.learner.startup_wait_s
+    producer = _until_reachable(
+        lambda: JsonProducer(client_options, on_health=health.reporter("kafka_producer")),
+        "kafka",
+        wait_s,
+        stop,
+        health.reporter("kafka_producer"),
+    )
+    source = _make_source(settings, client_options, producer, health)
+    try:
+        return _assemble(
+            settings, device, seen, client, health, producer, source, stop, start_source
+        )
+    except BaseException:
+        # Whatever failed after the source exists (checkpoint, model, Redis, bank, ledger):
+        # leave no consumer thread, consumer process or producer behind.
+        with contextlib.suppress(Exception):
+            source.stop(timeout_s=10.0)
+        with contextlib.suppress(Exception):
+            producer.close()
+        raise
+
+
+def _assemble(
+    settings: Settings,
+    device: torch.device,
+    seen: torch.Tensor,
+    client: Any,
+    health: HealthBoard,
+    producer: JsonProducer,
+    source: EventSource,
+    stop: threading.Event,
+    start_source: bool,
+) -> LearnerContext:
+    """The rest of :func:`build_context`, once the producer and the source exist."""
+    from memory_bank.index import make_index
+    from memory_bank.redis_store import RedisBankStore, ping_redis
+
+    r = settings.redis
+    wait_s = settings.learner.startup_wait_s
+    ckpt = load_latest(settings.checkpoint_dir, map_location=device)
+    if ckpt is None:
+        log.info("no checkpoint; starting fresh", dir=str(settings.checkpoint_dir))
+    if start_source:
+        # Join the consumer group while the bank loads: a restart then costs
+        # max(group join, bank load), not their sum (docs/performance.md, "Restart").
+        source.start(ckpt.offsets if ckpt else {})
+    # After the join has started: the first Adam import is slow (torch._dynamo).
+    model = StreamNet(settings.model).to(device)
+    state = make_state(model, settings.train)
+    registry = registry_from(ckpt, settings.model.max_classes)
+    seen[: len(registry)] = True
+
+    def label_index(name: str) -> int:
+        # Labels found in the bank but not in the checkpoint (written after it) register here.
+        idx = registry.index(name)
+        seen[idx] = True
+        return idx
+
+    b = settings.bank
+    store = RedisBankStore(
+        client,
+        r.key_prefix,
+        settings.learner_name,
+        settings.model.input_dim,
+        settings.model.embed_dim,
+        retries=r.retries,
+        backoff_s=r.retry_backoff_s,
+        max_backoff_s=r.retry_max_backoff_s,
+        on_health=health.reporter("redis"),
+    )
+    started = time.monotonic()
+    _until_reachable(lambda: ping_redis(client), "redis", wait_s, stop, health.reporter("redis"))
+    bank = MemoryBank.open(
+        store,
+        make_index(b.index, settings.model.embed_dim, device, b.use_gpu),
+        capacity=b.capacity,
+        input_dim=settings.model.input_dim,
+        embed_dim=settings.model.embed_dim,
+        device=device,
+        seed=settings.train.seed,
+        index_refresh_steps=b.index_refresh_steps,
+        hard_negative_queries=b.hard_negative_queries,
+        hard_negative_every=b.hard_negative_interval,
+        label_index=label_index,
+        policy=b.policy,
+    )
+    log.info("memory bank loaded", items=len(bank), seconds=round(time.monotonic() - started, 3))
+    ctx = LearnerContext(
+        settings=settings,
+        device=device,
+        state=state,
+        registry=registry,
+        seen_classes=seen,
+        probes=ProbeSet(settings.eval.probe_per_class, settings.model.input_dim, device),
+        bank=bank,
+        source=source,
+        producer=producer,
+        # Its own fast-failing client: a Redis outage must not stall training on telemetry.
+        telemetry=TelemetryWriter(
+            telemetry_client(r), r.key_prefix, settings.learner_name, r.telemetry_maxlen
+        ),
+        generator=torch.Generator(device=device).manual_seed(settings.train.seed),
+        checkpointer=Checkpointer.from_settings(settings),
+        health=health,
+    )
+    if settings.checkpoint.ledger:
+        ctx.ledger = TrainedLedger(ledger_path(settings.checkpoint_dir))
+    if ckpt is not None:
+        apply_checkpoint(ctx, ckpt)
+    return ctx
+
+
+def _make_source(
+    settings: Settings,
+    client_options: dict[str, Any],
+    producer: JsonProducer,
+    health: HealthBoard,
+) -> EventSource:
+    """The event source: in this process, or ``consumer.processes`` consumer processes."""
+    from consumers.process_source import ProcessBatchSource
+    from consumers.source import KafkaBatchSource, SourceConfig
+
+    source_config = SourceConfig.from_tuning(
+        settings.consumer,
+        topic=settings.kafka.events_topic,
+        group_id=settings.group_id,
+        input_dim=settings.model.input_dim,
+        dlq_topic=settings.kafka.dlq_topic,
+    )
+    if settings.consumer.processes > 1:
+        # Polling and decoding in other processes, off this one's GIL (a GPU learner
+        # outruns one kafka-python consumer); each child has its own DLQ producer.
+        return ProcessBatchSource(
+            source_config,
+            client_options,
+            settings.consumer.processes,
+            log_level=logging.getLevelName(settings.logging.level),
+        )
+    return KafkaBatchSource(
+        source_config,
+        client_options,
+        producer,
+        on_health=health.reporter("kafka_consumer"),
+    )
+
+
+def _until_reachable(
+    make: Callable[[], T],
+    what: str,
+    wait_s: float,
+    stop: threading.Event,
+    report: Callable[[str | None], None] | None = None,
+) -> T:
+    """``make()``, retried with backoff while its server is unreachable at start.
+
+    A learner started before its broker or Redis (a whole stack coming up at once) waits up
+    to ``learner.startup_wait_s`` instead of exiting and being restarted in a loop; the wait
+    shows in ``report`` (the health board) as that dependency being down.
+    """
+    deadline = time.monotonic() + wait_s
+    delay = 1.0
+    while True:
+        try:
+            made = make()
+        except (BrokerUnavailableError, BankUnavailableError) as exc:
+            if report is not None:
+                report(str(exc))
+            if time.monotonic() + delay > deadline or stop.is_set():
+                raise
+            log.warning("waiting for a dependency", dependency=what, error=str(exc), retry_s=delay)
+            if stop.wait(delay):
+                raise
+            delay = min(30.0, 2 * delay)
+        else:
+            if report is not None:
+                report(None)
+            return made
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def registry_from(ckpt: Checkpoint | None, max_classes: int) -> LabelRegistry:
+    registry = LabelRegistry(max_classes, ckpt.labels if ckpt else ())
+    if ckpt:
+        registry.class_task.update(ckpt.class_task)
+    return registry
+
+
+def apply_checkpoint(ctx: LearnerContext, ckpt: Checkpoint) -> None:
+    """Restore model, optimizer, offsets, probes and counters (the registry is already set)."""
+    ctx.state.model.load_state_dict(ckpt.model)
+    ctx.state.optimizer.load_state_dict(ckpt.optimizer)
+    match_optimizer_device(ctx.state.optimizer, ctx.device)
+    ctx.state.step = ckpt.step
+    ctx.state.skipped = int(ckpt.counters.get("skipped", 0))
+    ctx.checkpointer.restore(ckpt.offsets)
+    ctx.probes.load_state(ckpt.probe)
+    ctx.counters = Counters.from_dict(ckpt.counters)
+
+
+def close_context(ctx: LearnerContext, final_state: str = "stopped") -> None:
+    """Stop the source and close the producer; the ledger and the health board close anyway."""
+    try:
+        ctx.source.stop(timeout_s=10.0)
+        ctx.producer.close()
+    finally:
+        if ctx.ledger is not None:
+            ctx.ledger.close()
+        stop_quietly(ctx.health, final_state)

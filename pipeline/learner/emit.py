@@ -1,0 +1,116 @@
+"""What the learner reports: telemetry records for the sidecar, health progress, progress logs.
+
+INVARIANT: the learner never blocks on metrics. Telemetry is an XADD to Redis through a
+fast-failing client of its own (:class:`~pipeline.telemetry.channel.TelemetryWriter`); the
+sidecar publishes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+
+from pipeline.learner.context import LearnerContext
+from pipeline.learner.probes import evaluate
+from pipeline.telemetry.records import EndRecord, StepRecord
+
+log = structlog.get_logger(__name__)
+
+PROGRESS_EVERY_S = 5.0
+
+
+class Emitter:
+    """Reports each processed batch: health progress and the step record, an evaluation on
+    the probes every ``eval.every_steps`` steps, a progress log line every ``PROGRESS_EVERY_S``.
+    """
+
+    def __init__(self, ctx: LearnerContext, start_consumed: int, now: float) -> None:
+        self.ctx = ctx
+        self.start_consumed = start_consumed  # counters continue across restarts
+        self._last_eval_step = ctx.state.step
+        self._last_progress = now
+
+    def batch(self, record: dict[str, Any], now: float) -> None:
+        ctx = self.ctx
+        note_progress(ctx)
+        ctx.telemetry.emit(step_record(ctx, record))
+        if ctx.state.step - self._last_eval_step >= ctx.settings.eval.every_steps:
+            emit_eval(ctx)
+            self._last_eval_step = ctx.state.step
+        if now - self._last_progress >= PROGRESS_EVERY_S:
+            log_progress(ctx, self.start_consumed)
+            self._last_progress = now
+
+
+def step_record(ctx: LearnerContext, record: dict[str, Any]) -> StepRecord:
+    """``record`` is :func:`~pipeline.learner.process.process_batch`'s: counts, loss, per class."""
+    return StepRecord(
+        learner=ctx.name,
+        objective=ctx.settings.train.objective,
+        group=ctx.settings.group_id,
+        step=ctx.state.step,
+        ts=int(time.time() * 1000),
+        events_total=ctx.counters.consumed,
+        trained_total=ctx.counters.trained,
+        skipped_total=ctx.state.skipped,
+        elapsed_s=round(time.monotonic() - ctx.started, 3),
+        prequential_correct=ctx.counters.prequential_correct,
+        prequential_total=ctx.counters.prequential_total,
+        **record,
+    )
+
+
+def emit_eval(ctx: LearnerContext) -> None:
+    ctx.telemetry.emit(evaluate(ctx))
+
+
+def emit_end(ctx: LearnerContext) -> None:
+    """The ``end`` record, then one last try to write whatever telemetry is still buffered."""
+    elapsed = time.monotonic() - ctx.started
+    ctx.telemetry.emit(
+        EndRecord(
+            learner=ctx.name,
+            step=ctx.state.step,
+            events_total=ctx.counters.consumed,
+            elapsed_s=round(elapsed, 3),
+        )
+    )
+    ctx.telemetry.flush()
+
+
+def start_health(ctx: LearnerContext) -> None:
+    h = ctx.settings.health
+    if ctx.health is not None:
+        ctx.health.start(h.every_s, h.http_host, h.http_port)
+        ctx.health.set_state("running")
+
+
+def note_progress(ctx: LearnerContext) -> None:
+    if ctx.health is not None:
+        c = ctx.counters
+        ctx.health.progress(
+            step=ctx.state.step,
+            consumed=c.consumed,
+            trained=c.trained,
+            dead_lettered=c.dead_lettered,
+            last_batch_ts=round(time.time(), 3),
+        )
+
+
+def log_progress(ctx: LearnerContext, start_consumed: int) -> None:
+    elapsed = time.monotonic() - ctx.started
+    events = ctx.counters.consumed - start_consumed
+    stats = ctx.source.stats()
+    log.info(
+        "progress",
+        events=ctx.counters.consumed,
+        trained=ctx.counters.trained,
+        dead_lettered=ctx.counters.dead_lettered,
+        steps=ctx.state.step,
+        skipped=ctx.state.skipped,
+        bank=len(ctx.bank),
+        events_per_s=round(events / elapsed, 1) if elapsed > 0 else 0.0,
+        lag=stats.get("lag"),
+    )

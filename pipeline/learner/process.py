@@ -1,0 +1,171 @@
+"""One micro-batch through the learner: split, predict-then-train, publish, dead-letter, count.
+
+Every event of a batch has exactly one fate::
+
+    probe (held out, never trained)  | labeled → predict, then train  | unlabeled → predicted
+    | label past model.max_classes → dead letter
+
+INVARIANT: trained + held_out + dead_lettered + predicted == consumed, for every batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+
+from consumers.decode import dead_letter_payload
+from consumers.events import DeadLetter, EventBatch, SourceRecord
+from pipeline.learner.context import LearnerContext
+from pipeline.learner.predictions import predict, publish_predictions
+from pipeline.learner.probes import is_probe
+from pipeline.learning.batch import learn_batch, with_unlabeled
+from pipeline.learning.objectives import chosen_classifier
+
+
+def _register_labels(ctx: LearnerContext, batch: EventBatch) -> list[int | None]:
+    """Class index per event (None for unlabeled, -1 when the class registry is full)."""
+    out: list[int | None] = []
+    for label, task in zip(batch.labels, batch.tasks, strict=True):
+        if label is None:
+            out.append(None)
+        elif ctx.registry.has_room_for(label):
+            idx = ctx.registry.index(label, task)
+            ctx.registry.note_task(label, task)
+            out.append(idx)
+        else:
+            out.append(-1)
+    fresh = {idx for idx in out if idx is not None and idx >= 0}
+    if fresh:
+        # One indexed write per batch, not a tensor write per event (docs/performance.md).
+        ctx.seen_classes[sorted(fresh)] = True
+    return out
+
+
+def _route(
+    batch: EventBatch, class_idx: list[int | None], probe_fraction: float
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Rows by fate: (train, probe, predict, over the class limit); each row in exactly one."""
+    train_rows: list[int] = []
+    probe_rows: list[int] = []
+    predict_rows: list[int] = []
+    overflow: list[int] = []
+    for i, idx in enumerate(class_idx):
+        if idx is None:
+            predict_rows.append(i)
+        elif idx < 0:
+            overflow.append(i)
+        elif is_probe(batch.ids[i], probe_fraction):
+            probe_rows.append(i)
+        else:
+            train_rows.append(i)
+    return train_rows, probe_rows, predict_rows, overflow
+
+
+def _dead_letter_class_limit(ctx: LearnerContext, batch: EventBatch, rows: list[int]) -> None:
+    """Events whose label would exceed model.max_classes go to the DLQ, not into training."""
+    for i in rows:
+        src = batch.sources[i]
+        # The consumer dropped the raw bytes to save memory; re-serialise the validated event.
+        raw = _event_json(batch, i)
+        letter = DeadLetter(
+            reason="class_limit",
+            detail=f"label {batch.labels[i]!r} would exceed model.max_classes="
+            f"{ctx.settings.model.max_classes}",
+            source=SourceRecord(src.topic, src.partition, src.offset, raw, src.timestamp_ms),
+        )
+        ctx.producer.send(ctx.settings.kafka.dlq_topic, dead_letter_payload(letter))
+
+
+def _event_json(batch: EventBatch, i: int) -> bytes:
+    return orjson.dumps(
+        {
+            "id": batch.ids[i],
+            "features": batch.features[i].tolist(),
+            "label": batch.labels[i],
+            "task": batch.tasks[i],
+        }
+    )
+
+
+def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
+    """Handle one micro-batch; returns the step telemetry record (see ``emit.step_record``).
+
+    Labels are registered, each event is routed by its fate, the labeled part is predicted
+    and then trained on, the counters and the offsets covered (``ctx.checkpointer``) advance.
+    """
+    s = ctx.settings
+    class_idx = _register_labels(ctx, batch)
+    train_rows, probe_rows, predict_rows, overflow = _route(batch, class_idx, s.eval.probe_fraction)
+    if overflow:
+        _dead_letter_class_limit(ctx, batch, overflow)
+
+    feats_all = torch.from_numpy(batch.features)
+    if ctx.device.type == "cuda":
+        feats_all = feats_all.pin_memory().to(ctx.device, non_blocking=True)
+
+    for i in probe_rows:
+        ctx.probes.add(batch.ids[i], feats_all[i], int(class_idx[i]))  # type: ignore[arg-type]
+    if predict_rows:
+        publish_predictions(ctx, batch, predict_rows, feats_all[predict_rows])
+
+    record: dict[str, Any] = {"loss": None, "per_class_loss": {}, "skipped": False}
+    if train_rows:
+        x = feats_all[train_rows]
+        y = torch.tensor([class_idx[i] for i in train_rows], dtype=torch.long, device=ctx.device)
+        # Predict, then train: the prequential accuracy costs one forward pass.
+        if len(ctx.bank) > 0 or chosen_classifier(s.train, s.eval.classifier) == "head":
+            predicted, _ = predict(ctx, x)
+            ctx.counters.prequential_correct += int((predicted == y).sum())
+            ctx.counters.prequential_total += len(train_rows)
+        unlabeled = feats_all[predict_rows] if s.train.train_unlabeled and predict_rows else None
+        x, y = with_unlabeled(x, y, unlabeled)  # trained with NT-Xent, never banked
+        record = _train_on(ctx, batch, train_rows, x, y)
+        tasks = [batch.tasks[i] for i in train_rows]
+        ctx.current_task = tasks[-1] if tasks[-1] is not None else ctx.current_task
+
+    c = ctx.counters
+    c.batches += 1
+    c.consumed += batch.consumed
+    c.trained += len(train_rows)
+    c.held_out += len(probe_rows)
+    c.predicted += len(predict_rows)
+    c.dead_lettered += len(batch.dead_letters) + len(overflow)
+    ctx.checkpointer.cover(batch.offsets)
+    return {
+        **record,
+        "batch_events": batch.consumed,
+        "trained": len(train_rows),
+        "held_out": len(probe_rows),
+        "predicted": len(predict_rows),
+        "dead_lettered": len(batch.dead_letters) + len(overflow),
+    }
+
+
+def _train_on(
+    ctx: LearnerContext, batch: EventBatch, rows: list[int], x: torch.Tensor, y: torch.Tensor
+) -> dict[str, Any]:
+    ids = [batch.ids[i] for i in rows]
+    bank_items = (
+        ids,
+        [batch.labels[i] or "" for i in rows],
+        [batch.tasks[i] for i in rows],
+    )
+    outcome = learn_batch(
+        ctx.state, ctx.bank, ctx.settings.train, x, y, ctx.seen_classes, ctx.generator, bank_items
+    )
+    if ctx.ledger is not None:
+        ctx.ledger.record(ctx.state.step, ids)
+    losses, per_sample = outcome.losses, outcome.per_sample_loss
+    per_class: dict[str, float] = {}
+    if per_sample is not None:
+        ys = y.cpu()
+        for cls in torch.unique(ys[ys >= 0]).tolist():
+            per_class[ctx.registry.name(cls)] = round(float(per_sample[ys == cls].mean()), 6)
+    return {
+        "loss": round(float(np.mean(losses)), 6) if losses else None,
+        "per_class_loss": per_class,
+        "skipped": outcome.skipped_any,
+    }
