@@ -40,10 +40,12 @@ test-integration: setup
 test-e2e: setup
 	$(BIN)/pytest -q -m e2e
 
+# lint-imports checks the layer contracts in pyproject.toml ([tool.importlinter]).
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff format .
@@ -65,4 +67,4 @@ bench-kill9: setup
 	$(PY) bench/kill9.py --events 20000 --kills 10 --rate 150
 
 clean:
-	rm -rf runs .devstack .pytest_cache .mypy_cache .ruff_cache
+	rm -rf runs .devstack .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
