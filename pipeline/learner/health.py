@@ -213,11 +213,11 @@ def read_status(
         except (OSError, orjson.JSONDecodeError):
             report[name] = {"learner": name, "status": "unknown", "file": str(path)}
             continue
-        snap["age_s"] = round(now - float(snap.get("updated", 0)), 1)
-        if (
-            snap.get("status") in ("running", "degraded", "starting")
-            and snap["age_s"] > stale_after_s
-        ):
+        age_s = now - float(snap.get("updated", 0))
+        # Compare the exact age: rounded first, an age just past a small stale_after_s
+        # would read as 0.0 and a hung learner as running. The rounding is for display.
+        snap["age_s"] = round(age_s, 1)
+        if snap.get("status") in ("running", "degraded", "starting") and age_s > stale_after_s:
             snap["status"] = "unresponsive"
         report[name] = snap
     return report

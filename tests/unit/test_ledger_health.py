@@ -74,14 +74,32 @@ def test_health_board_reports_outage_and_recovery(tmp_path: Path) -> None:
     assert read_status(tmp_path, 30.0)["l1"]["status"] == "stopped"
 
 
+def _backdate(path: Path, seconds: float) -> None:
+    """Make a health file look last written ``seconds`` ago (no sleep, so no race with load)."""
+    snap = json.loads(path.read_text())
+    snap["updated"] = time.time() - seconds
+    path.write_text(json.dumps(snap))
+
+
 def test_stale_or_missing_health_is_not_healthy(tmp_path: Path) -> None:
     board = HealthBoard("old", health_path(tmp_path / "old"))
     board.set_state("running")
-    time.sleep(0.05)
-    report = read_status(tmp_path, stale_after_s=0.01)
+    _backdate(health_path(tmp_path / "old"), 60.0)
+    report = read_status(tmp_path, stale_after_s=30.0)
     assert report["old"]["status"] == "unresponsive"
     assert read_status(tmp_path, 30.0, ["ghost"])["ghost"]["status"] == "unknown"
     assert not healthy(read_status(tmp_path / "empty", 30.0))
+
+
+def test_staleness_compares_the_unrounded_age(tmp_path: Path) -> None:
+    # The age is shown rounded to 0.1 s; 0.04 s would round to 0.0 and hide a stale file.
+    board = HealthBoard("hung", health_path(tmp_path / "hung"))
+    board.set_state("running")
+    _backdate(health_path(tmp_path / "hung"), 0.04)
+    report = read_status(tmp_path, stale_after_s=0.01)
+    assert report["hung"]["status"] == "unresponsive"
+    assert report["hung"]["age_s"] == round(report["hung"]["age_s"], 1)  # shown rounded
+    assert read_status(tmp_path, stale_after_s=3600.0)["hung"]["status"] == "running"
 
 
 def test_healthz_endpoint(tmp_path: Path) -> None:
