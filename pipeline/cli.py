@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from pipeline.config import OBJECTIVES, Settings, load_settings
+from pipeline.config import OBJECTIVES, Settings, load_settings, redact_url
 from pipeline.exceptions import ConfigError, SupconStreamError
 from pipeline.logs import configure_logging
 
@@ -326,12 +326,12 @@ def _bench_throughput(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _redacted_argv(argv: Sequence[str]) -> list[str]:
-    """The command line as a report may record it: values of secret ``--set`` keys hidden."""
+    """The command line as a report may record it: secret values and URL passwords hidden."""
     shown = []
     for arg in argv:
         key, sep, _value = arg.partition("=")
         secret = any(word in key.lower() for word in ("password", "secret", "token"))
-        shown.append(f"{key}=**********" if sep and secret else arg)
+        shown.append(f"{key}=**********" if sep and secret else redact_url(arg))
     return shown
 
 

@@ -4,12 +4,17 @@ The environment is read in exactly one place (:func:`load_settings`). Overrides 
 ``SUPCON_STREAM__<SECTION>__<KEY>=value`` (double underscores separate levels) or
 ``--set section.key=value`` on the command line; values are parsed as YAML scalars.
 An unknown key or a bad value raises :class:`ConfigError` naming the dotted key.
+
+Secrets never reach a log, the ``config`` command or an error message: ``SecretStr`` fields
+print as ``**********``, and a password written into a URL (``redis://user:pw@host/0``, in any
+setting) is masked the same way, keeping the user name (:func:`redact_url`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -21,6 +26,37 @@ from consumers.config import ConsumerTuning
 from pipeline.exceptions import ConfigError
 
 ENV_PREFIX = "SUPCON_STREAM__"
+MASK = "**********"  # what pydantic prints for a SecretStr
+
+# A URL's scheme, then its userinfo up to the last "@" before the next URL (comma-separated
+# lists such as bootstrap servers) or whitespace: an unencoded "@" or "/" in a password
+# must not cut the match short and leak the rest.
+_SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*://"
+_URL_USERINFO = re.compile(rf"(?P<scheme>{_SCHEME})(?P<userinfo>(?:(?!{_SCHEME})\S)*)@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of every URL in it masked: ``redis://u:**********@h/0``.
+
+    The user name stays (it is no secret, and it tells which ACL user is configured); a
+    userinfo without ``:`` is masked whole, since a lone userinfo is often a token.
+    """
+
+    def mask(match: re.Match[str]) -> str:
+        user, colon, _password = match["userinfo"].partition(":")
+        return f"{match['scheme']}{user}:{MASK}@" if colon else f"{match['scheme']}{MASK}@"
+
+    return _URL_USERINFO.sub(mask, text)
+
+
+def _redact_tree(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_url(value)
+    if isinstance(value, dict):
+        return {key: _redact_tree(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_tree(item) for item in value]
+    return value
 
 
 class _Frozen(BaseModel):
@@ -364,8 +400,23 @@ class Settings(_Frozen):
         return self.checkpoint.dir / self.learner_name
 
     def redacted(self) -> dict[str, Any]:
-        """A dump safe for logs: SecretStr fields print as '**********'."""
-        return self.model_dump(mode="json")
+        """A dump safe for logs: SecretStr fields and passwords inside URLs print as MASK."""
+        return dict(_redact_tree(self.model_dump(mode="json")))
+
+
+def _secret_keys(model: type[BaseModel], prefix: str = "") -> frozenset[str]:
+    """Dotted names of every ``SecretStr`` field under ``model``."""
+    keys: set[str] = set()
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys |= _secret_keys(annotation, f"{prefix}{name}.")
+        elif "SecretStr" in str(annotation):
+            keys.add(f"{prefix}{name}")
+    return frozenset(keys)
+
+
+_SECRET_KEYS = _secret_keys(Settings)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -395,7 +446,12 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"{source}: unknown key '{key}'")
         else:
             got = item.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            if isinstance(got, dict):
+                shown = ""
+            elif key in _SECRET_KEYS:  # a bad password is still a password
+                shown = " (value hidden)"
+            else:
+                shown = f" (got {_redact_tree(got)!r})"
             lines.append(f"{source}: {key}: {item['msg']}{shown}")
     return "; ".join(lines)
 
