@@ -430,9 +430,44 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _parse_scalar(raw: str) -> Any:
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    Plain YAML keeps the last value silently, so ``loss_terms: {ce: 1, ce: 0.1}`` would
+    train with a weight its author did not mean.
+    """
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _value in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # keys merged from an anchor (<<) may be overridden
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, list | dict):
+            continue  # unhashable: construct_mapping below reports it
+        if key in seen:
+            raise _DuplicateKeyError(
+                None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def _parse_scalar(dotted: str, raw: str) -> Any:
     try:
-        return yaml.safe_load(raw)
+        return yaml.load(raw, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKeyError as exc:
+        raise ConfigError(f"{dotted}: {exc.problem}") from None
     except yaml.YAMLError:
         return raw
 
@@ -471,7 +506,10 @@ def load_settings(
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         try:
-            loaded = yaml.safe_load(text)
+            loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        except _DuplicateKeyError as exc:
+            line = exc.problem_mark.line + 1 if exc.problem_mark else "?"
+            raise ConfigError(f"{path}: line {line}: {exc.problem}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if loaded is None:
@@ -483,7 +521,7 @@ def load_settings(
     for name, raw in sorted(env.items()):
         if name.startswith(ENV_PREFIX):
             dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
-            _set_dotted(tree, dotted, _parse_scalar(raw))
+            _set_dotted(tree, dotted, _parse_scalar(dotted, raw))
             source = f"{source} + environment"
     if overrides:
         source = f"{source} + --set"
@@ -491,7 +529,7 @@ def load_settings(
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected section.key=value")
-        _set_dotted(tree, key.strip(), _parse_scalar(raw))
+        _set_dotted(tree, key.strip(), _parse_scalar(key.strip(), raw))
     try:
         return Settings.model_validate(tree)
     except ValidationError as exc:

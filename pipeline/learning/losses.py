@@ -18,9 +18,7 @@ and small temperatures can neither overflow nor underflow the softmax denominato
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -329,30 +327,6 @@ def batch_hard_triplet_loss(
     hinge = F.relu(hardest_pos - hardest_neg + margin)
     per_anchor = torch.where(valid, hinge, torch.zeros_like(hinge))
     return _reduce(per_anchor, reduction)
-
-
-@dataclass(frozen=True)
-class LossTerm:
-    """One named, weighted term of an objective (e.g. ``LossTerm("supcon", 1.0)``)."""
-
-    name: str
-    weight: float
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            raise ValueError("a loss term needs a name")
-        if not math.isfinite(self.weight):
-            raise ValueError(f"loss term {self.name!r} has a non-finite weight {self.weight}")
-
-
-def term_weights(terms: Iterable[LossTerm]) -> dict[str, float]:
-    """The ``weights`` mapping for ``combine``; a name given twice is an error."""
-    weights: dict[str, float] = {}
-    for term in terms:
-        if term.name in weights:
-            raise ValueError(f"loss term {term.name!r} is given twice")
-        weights[term.name] = term.weight
-    return weights
 
 
 def combine(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:

@@ -133,3 +133,14 @@ def test_sasl_scram_over_tls_and_redis_tls_from_config():
     assert "env-secret" not in dump
     assert settings.redis.password is not None
     assert settings.redis.password.get_secret_value() == "env-secret"
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    # Plain YAML keeps the last value silently; a weight typed twice is a mistake to report.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  loss_terms:\n    supcon: 1.0\n    supcon: 0.1\n")
+    with pytest.raises(ConfigError, match=r"line 4: key 'supcon' is given twice"):
+        load_settings(cfg, environ={})
+    cfg.write_text("train:\n  lr: 0.1\ntrain:\n  seed: 3\n")
+    with pytest.raises(ConfigError, match=r"line 3: key 'train' is given twice"):
+        load_settings(cfg, environ={})

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import TrainSettings, load_settings
+from pipeline.exceptions import ConfigError
 from pipeline.learning.losses import (
-    LossTerm,
     asymmetric_supcon_loss,
     batch_hard_triplet_loss,
     combine,
@@ -18,8 +19,8 @@ from pipeline.learning.losses import (
     masked_cross_entropy,
     nt_xent_loss,
     supcon_loss,
-    term_weights,
 )
+from pipeline.learning.objectives import loss_weights
 
 E = math.e
 
@@ -375,8 +376,10 @@ def test_triplet_rejects_bad_shapes():
 
 
 def test_combine_is_the_weighted_sum():
+    # The weights as the product builds them: train.loss_terms through loss_weights. A term
+    # weighted but absent from this step (triplet) adds nothing.
     terms = {"supcon": torch.tensor(2.0), "ce": torch.tensor(3.0)}
-    weights = term_weights([LossTerm("supcon", 1.0), LossTerm("ce", 0.5), LossTerm("x", 9.0)])
+    weights = loss_weights(TrainSettings(loss_terms={"supcon": 1.0, "ce": 0.5, "triplet": 9.0}))
     assert combine(terms, weights).item() == pytest.approx(3.5)
 
 
@@ -394,13 +397,15 @@ def test_combine_rejects_terms_without_a_weight_and_empty_input():
         combine({}, {"supcon": 1.0})
 
 
-def test_loss_term_is_frozen_and_validated():
-    term = LossTerm("ce", 0.5)
-    with pytest.raises(AttributeError):
-        term.weight = 1.0  # type: ignore[misc]
-    with pytest.raises(ValueError, match="name"):
-        LossTerm("", 1.0)
-    with pytest.raises(ValueError, match="non-finite"):
-        LossTerm("ce", float("nan"))
-    with pytest.raises(ValueError, match="twice"):
-        term_weights([LossTerm("ce", 1.0), LossTerm("ce", 2.0)])
+def test_configured_loss_terms_are_frozen_and_validated():
+    cfg = TrainSettings(loss_terms={"ce": 0.5})
+    with pytest.raises(ValueError, match="frozen"):
+        cfg.loss_terms = {"ce": 1.0}  # type: ignore[misc]
+    loss_weights(cfg)["ce"] = 9.0  # a copy: the configured weights do not change
+    assert loss_weights(cfg) == {"ce": 0.5}
+    with pytest.raises(ConfigError, match=r"train\.loss_terms.*got ''"):  # a term needs a name
+        load_settings(None, ["train.loss_terms={'': 1.0}"], environ={})
+    with pytest.raises(ConfigError, match="finite"):
+        load_settings(None, ["train.loss_terms={ce: .nan}"], environ={})
+    with pytest.raises(ConfigError, match=r"train\.loss_terms: key 'ce' is given twice"):
+        load_settings(None, ["train.loss_terms={ce: 1.0, ce: 2.0}"], environ={})
