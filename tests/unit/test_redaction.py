@@ -17,6 +17,17 @@ SECRET = "s3cr3t-in-url"
 URL = f"redis://u:{SECRET}@127.0.0.1:1/0"
 
 
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """main() configures logging for the process, bound to this test's captured stderr;
+    put the session's setup back so later tests do not write to a closed stream."""
+    saved = structlog.get_config()
+    handlers = logging.root.handlers[:]
+    yield
+    structlog.configure(**saved)
+    logging.root.handlers[:] = handlers
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
@@ -66,14 +77,6 @@ def test_config_command_prints_no_url_password(capsys: pytest.CaptureFixture[str
     assert json.loads(out)["redis"]["url"] == f"redis://u:{MASK}@127.0.0.1:1/0"
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """main() configures structlog for the process; put the test session's setup back."""
-    saved = structlog.get_config()
-    yield
-    structlog.configure(**saved)
-
-
 @pytest.mark.parametrize(
     ("command", "runner"),
     [
@@ -81,7 +84,6 @@ def restore_logging() -> Iterator[None]:
         ("sidecar", "pipeline.sidecar.service.run_sidecar"),
     ],
 )
-@pytest.mark.usefixtures("restore_logging")
 def test_startup_configuration_log_shows_no_url_password(
     command: str,
     runner: str,
