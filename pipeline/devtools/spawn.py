@@ -14,7 +14,6 @@ and virtual environment as its parent. Each start is logged with the values of s
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -23,11 +22,12 @@ from typing import IO, Literal
 
 import structlog
 
+from pipeline.config import MASK, redact_url
+
 log = structlog.get_logger(__name__)
 
-HIDDEN = "**********"
+HIDDEN = MASK
 _SECRET_KEY_WORDS = ("password", "secret", "token")
-_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/@:\s]*:)[^/@\s]*(?P<tail>@)", re.I)
 
 Stdout = Literal["log", "discard"]
 
@@ -50,7 +50,7 @@ def redacted(cmd: Sequence[str]) -> list[str]:
         if sep and any(word in key.lower() for word in _SECRET_KEY_WORDS):
             shown.append(f"{key}={HIDDEN}")
         else:
-            shown.append(_URL_PASSWORD.sub(rf"\g<head>{HIDDEN}\g<tail>", arg))
+            shown.append(redact_url(arg))
     return shown
 
 
