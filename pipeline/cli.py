@@ -17,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from pipeline.config import OBJECTIVES, Settings, load_settings, redact_url
+from pipeline.config import OBJECTIVES, Settings, load_settings, redact_argv
 from pipeline.exceptions import ConfigError, SupconStreamError
 from pipeline.logs import configure_logging
 
@@ -320,19 +320,9 @@ def _bench_throughput(args: argparse.Namespace, settings: Settings) -> int:
         config=args.config,
         overrides=tuple(args.overrides),
     )
-    report = run_bench(opts, "supcon-stream " + " ".join(_redacted_argv(sys.argv[1:])))
+    report = run_bench(opts, "supcon-stream " + " ".join(redact_argv(sys.argv[1:])))
     print(json.dumps(report["ratios"]))
     return EXIT_OK
-
-
-def _redacted_argv(argv: Sequence[str]) -> list[str]:
-    """The command line as a report may record it: secret values and URL passwords hidden."""
-    shown = []
-    for arg in argv:
-        key, sep, _value = arg.partition("=")
-        secret = any(word in key.lower() for word in ("password", "secret", "token"))
-        shown.append(f"{key}=**********" if sep and secret else redact_url(arg))
-    return shown
 
 
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:

@@ -49,6 +49,22 @@ def redact_url(text: str) -> str:
     return _URL_USERINFO.sub(mask, text)
 
 
+_SECRET_KEY_WORDS = ("password", "secret", "token")
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """A command line as a log or report may show it: secret ``key=value`` values and URL
+    passwords masked (``redis.password=**********``, ``redis://u:**********@h/0``)."""
+    shown = []
+    for arg in argv:
+        key, sep, _value = arg.partition("=")
+        if sep and any(word in key.lower() for word in _SECRET_KEY_WORDS):
+            shown.append(f"{key}={MASK}")
+        else:
+            shown.append(redact_url(arg))
+    return shown
+
+
 def _redact_tree(value: Any) -> Any:
     if isinstance(value, str):
         return redact_url(value)

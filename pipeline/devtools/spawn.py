@@ -22,12 +22,11 @@ from typing import IO, Literal
 
 import structlog
 
-from pipeline.config import MASK, redact_url
+from pipeline.config import MASK, redact_argv
 
 log = structlog.get_logger(__name__)
 
 HIDDEN = MASK
-_SECRET_KEY_WORDS = ("password", "secret", "token")
 
 Stdout = Literal["log", "discard"]
 
@@ -40,18 +39,6 @@ def cli_command(command: str, *args: str) -> list[str]:
 def set_args(pairs: Sequence[str]) -> list[str]:
     """``--set`` options for ``key=value`` pairs."""
     return [arg for pair in pairs for arg in ("--set", pair)]
-
-
-def redacted(cmd: Sequence[str]) -> list[str]:
-    """``cmd`` as a log may show it: secret ``--set`` values and URL passwords hidden."""
-    shown = []
-    for arg in cmd:
-        key, sep, _value = arg.partition("=")
-        if sep and any(word in key.lower() for word in _SECRET_KEY_WORDS):
-            shown.append(f"{key}={HIDDEN}")
-        else:
-            shown.append(redact_url(arg))
-    return shown
 
 
 def child_env(threads: int | None) -> dict[str, str]:
@@ -90,7 +77,7 @@ def spawn(
             stdin=subprocess.DEVNULL,
             env=child_env(threads),
         )
-    log.info("process started", command=redacted(cmd), pid=proc.pid, log=str(log_path))
+    log.info("process started", command=redact_argv(cmd), pid=proc.pid, log=str(log_path))
     return proc
 
 
@@ -106,7 +93,7 @@ def run(
 
     A run past ``timeout_s`` is killed and raises :class:`subprocess.TimeoutExpired`.
     """
-    log.info("process run", command=redacted(cmd), log=str(log_path))
+    log.info("process run", command=redact_argv(cmd), log=str(log_path))
     with _open_log(log_path, append) as err:
         return subprocess.run(
             list(cmd),

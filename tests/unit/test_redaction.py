@@ -110,8 +110,8 @@ def test_startup_configuration_log_shows_no_url_password(
 
 
 def test_bench_report_command_line_masks_url_passwords() -> None:
-    from pipeline.cli import _redacted_argv  # what the throughput report records
+    from pipeline.config import redact_argv  # what the throughput report records
 
-    shown = " ".join(_redacted_argv(["bench", "throughput", "--set", f"redis.url={URL}"]))
+    shown = " ".join(redact_argv(["bench", "throughput", "--set", f"redis.url={URL}"]))
     assert SECRET not in shown
     assert f"redis.url=redis://u:{MASK}@127.0.0.1:1/0" in shown

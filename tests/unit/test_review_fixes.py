@@ -12,7 +12,7 @@ import torch
 from memory_bank.bank import MemoryBank
 from memory_bank.index import make_index
 from memory_bank.testing import InMemoryBankStore
-from pipeline.cli import _redacted_argv
+from pipeline.config import redact_argv
 from pipeline.exceptions import SupconStreamError
 from pipeline.learner.health import HealthBoard
 from pipeline.learning.step import match_optimizer_device
@@ -58,7 +58,7 @@ def test_bench_command_line_hides_secret_values() -> None:
         "--set",
         "consumer.batch_size=64",
     ]
-    shown = " ".join(_redacted_argv(argv))
+    shown = " ".join(redact_argv(argv))
     assert "hunter2" not in shown
     assert "s3cret" not in shown
     assert "redis.password=**********" in shown

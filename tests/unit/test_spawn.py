@@ -8,7 +8,8 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from pipeline.devtools.spawn import HIDDEN, cli_command, redacted, run, set_args, spawn
+from pipeline.config import redact_argv
+from pipeline.devtools.spawn import HIDDEN, cli_command, run, set_args, spawn
 
 
 def test_cli_command_runs_this_interpreter_on_the_cli_module() -> None:
@@ -16,7 +17,7 @@ def test_cli_command_runs_this_interpreter_on_the_cli_module() -> None:
     assert cmd == [sys.executable, "-m", "pipeline.cli", "learn", "--set", "a=1", "--set", "b=2"]
 
 
-def test_redacted_hides_secret_values_and_url_passwords() -> None:
+def test_logged_command_hides_secret_values_and_url_passwords() -> None:
     cmd = [
         "--set",
         "redis.password=hunter2",
@@ -29,7 +30,7 @@ def test_redacted_hides_secret_values_and_url_passwords() -> None:
         "--set",
         "model.input_dim=8",
     ]
-    shown = redacted(cmd)
+    shown = redact_argv(cmd)
     assert shown == [
         "--set",
         f"redis.password={HIDDEN}",
