@@ -11,8 +11,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.config import Settings
-from pipeline.exceptions import ConfigError
-from pipeline.streams.playback import ReplayReport, TokenBucket, run_replay
+from pipeline.streams.playback import ReplayReport, run_replay
 
 
 def make_settings(bootstrap: str, unique: str, partitions: int = 4) -> Settings:
@@ -96,30 +95,3 @@ def test_rate_paces_the_replay(bootstrap: str, unique: str) -> None:
     assert report.sent == 40
     # 40 events at 100/s: the first is free, the other 39 wait ~10 ms each.
     assert 0.3 <= report.elapsed_s < 3.0
-
-
-def test_unknown_source_is_a_config_error(tmp_path: Path) -> None:
-    settings = make_settings("127.0.0.1:1", "x")
-    with pytest.raises(ConfigError, match="neither a built-in scenario"):
-        run_replay(settings, "no-such-scenario")
-    with pytest.raises(ConfigError, match="neither a built-in scenario"):
-        run_replay(settings, str(tmp_path / "missing.jsonl"))
-
-
-def test_token_bucket_closed_form() -> None:
-    now = [0.0]
-    slept: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        slept.append(seconds)
-        now[0] += seconds
-
-    bucket = TokenBucket(rate=10.0, burst=1.0, clock=lambda: now[0], sleep=sleep)
-    for _ in range(5):
-        bucket.acquire()
-    # One token at start, then one every 0.1 s.
-    assert slept == pytest.approx([0.1, 0.1, 0.1, 0.1])
-    now[0] += 10.0  # idle: the bucket refills only up to the burst
-    bucket.acquire()
-    bucket.acquire()
-    assert len(slept) == 5

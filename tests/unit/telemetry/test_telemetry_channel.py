@@ -161,7 +161,7 @@ def test_sidecar_imports_neither_torch_nor_numpy() -> None:
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
-        cwd=Path(__file__).resolve().parents[2],  # this checkout first on sys.path
+        cwd=Path(__file__).resolve().parents[3],  # this checkout first on sys.path
         capture_output=True,
         text=True,
         check=True,

@@ -13,7 +13,7 @@ from pipeline.learning.inference import (
 )
 from pipeline.learning.labels import LabelRegistry
 from pipeline.learning.model import StreamNet
-from pipeline.learning.step import StepInputs, make_state, train_step
+from pipeline.learning.step import StepInputs, make_state, match_optimizer_device, train_step
 
 MODEL = ModelSettings(input_dim=8, hidden_dim=32, embed_dim=16, proj_dim=16, max_classes=5)
 
@@ -131,3 +131,21 @@ def test_label_registry_caps_classes():
         reg.index("z")
     reg.note_task("y", "1")
     assert reg.class_task == {"x": "0", "y": "1"}
+
+
+def test_optimizer_saved_as_capturable_steps_on_cpu_after_matching() -> None:
+    param = torch.nn.Parameter(torch.ones(3))
+    saved = torch.optim.Adam([param], lr=0.1)
+    param.grad = torch.ones(3)
+    saved.step()
+    state = saved.state_dict()
+    state["param_groups"][0]["capturable"] = True  # as a CUDA learner writes it
+
+    restored = torch.optim.Adam([param], lr=0.1)
+    restored.load_state_dict(state)
+    match_optimizer_device(restored, torch.device("cpu"))
+    param.grad = torch.ones(3)
+    restored.step()  # raised "If capturable=True, params and state_steps must be on ..."
+
+    assert restored.param_groups[0]["capturable"] is False
+    assert torch.all(param < 1.0)

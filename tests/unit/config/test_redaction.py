@@ -10,7 +10,7 @@ import pytest
 import structlog
 
 from pipeline.cli import main
-from pipeline.config import MASK, load_settings, redact_url
+from pipeline.config import MASK, load_settings, redact_argv, redact_url
 from pipeline.exceptions import ConfigError, SupconStreamError
 
 SECRET = "s3cr3t-in-url"
@@ -115,3 +115,21 @@ def test_bench_report_command_line_masks_url_passwords() -> None:
     shown = " ".join(redact_argv(["bench", "throughput", "--set", f"redis.url={URL}"]))
     assert SECRET not in shown
     assert f"redis.url=redis://u:{MASK}@127.0.0.1:1/0" in shown
+
+
+def test_bench_command_line_hides_secret_values() -> None:
+    argv = [
+        "bench",
+        "throughput",
+        "--set",
+        "redis.password=hunter2",
+        "--set",
+        "kafka.sasl_password=s3cret",
+        "--set",
+        "consumer.batch_size=64",
+    ]
+    shown = " ".join(redact_argv(argv))
+    assert "hunter2" not in shown
+    assert "s3cret" not in shown
+    assert "redis.password=**********" in shown
+    assert "consumer.batch_size=64" in shown

@@ -1,8 +1,9 @@
-"""The trained-id ledger and the health board, without any broker or Redis."""
+"""The health board, health.json staleness and /healthz, without any broker or Redis."""
 
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -10,46 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.exceptions import SupconStreamError
 from pipeline.learner.health import HealthBoard, health_path, healthy, read_status
-from pipeline.learner.ledger import TrainedLedger, iter_ledger, ledger_path, read_ledger
-
-
-def test_ledger_counts_duplicates_and_survives_reopen(tmp_path: Path) -> None:
-    path = ledger_path(tmp_path)
-    ledger = TrainedLedger(path)
-    ledger.record(1, ["a", "b"])
-    ledger.record(2, ["c\nwith newline"])
-    ledger.record(3, [])  # nothing trained: no line
-    ledger.sync()
-    ledger.close()
-    again = TrainedLedger(path)  # a restarted learner appends
-    again.record(4, ["b", "d"])
-    again.close()
-    report = read_ledger(path)
-    assert report.distinct == 4
-    assert report.trainings == 5
-    assert report.duplicate_trainings == 1
-    assert report.counts["c\nwith newline"] == 1
-    assert report.never_trained({"a", "b", "x"}) == {"x"}
-    assert [step for step, _ in iter_ledger(path)] == [1, 2, 4]
-
-
-def test_torn_last_line_is_ignored_and_appends_continue(tmp_path: Path) -> None:
-    path = ledger_path(tmp_path)
-    ledger = TrainedLedger(path)
-    ledger.record(1, ["a"])
-    ledger.close()
-    with path.open("ab") as fh:
-        fh.write(b'{"step": 2, "ids": ["tor')  # a write cut by a machine crash
-    assert read_ledger(path).distinct == 1
-    ledger = TrainedLedger(path)
-    ledger.record(3, ["z"])
-    ledger.close()
-    assert set(read_ledger(path).counts) == {"a", "z"}
-
-
-def test_missing_ledger_reads_empty(tmp_path: Path) -> None:
-    assert read_ledger(tmp_path / "none.jsonl").trainings == 0
 
 
 def test_health_board_reports_outage_and_recovery(tmp_path: Path) -> None:
@@ -118,4 +81,15 @@ def test_healthz_endpoint(tmp_path: Path) -> None:
         assert err.value.code == 503
         assert json.loads(err.value.read())["components"]["kafka_consumer"]["up"] is False
     finally:
+        board.close()
+
+
+def test_busy_healthz_port_is_one_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        board = HealthBoard("l", tmp_path / "health.json")
+        with pytest.raises(SupconStreamError, match=rf"health.http_port: .*:{port}"):
+            board.start(60.0, "127.0.0.1", port)
         board.close()

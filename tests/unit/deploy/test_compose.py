@@ -11,7 +11,7 @@ import yaml
 from pipeline.cli import build_parser
 from pipeline.config import ENV_PREFIX, load_settings
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")

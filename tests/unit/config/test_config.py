@@ -7,7 +7,7 @@ import pytest
 from pipeline.config import Settings, load_settings
 from pipeline.exceptions import ConfigError
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 @pytest.mark.parametrize("name", ["local.yaml", "compose.yaml"])

@@ -217,3 +217,35 @@ def test_cached_candidates_of_a_class_new_to_the_bank() -> None:
     assert first.numel() == 4
     assert torch.equal(bank.hard_negatives(q7, y7, 4), first)
     assert bank.hard_negatives(q7, torch.full((3,), 9), 4).numel() == 0
+
+
+def test_unlabeled_queries_get_no_hard_negatives_and_mark_no_class() -> None:
+    bank = MemoryBank(
+        InMemoryBankStore(),
+        make_index("mirror", 4, torch.device("cpu"), "never"),
+        capacity=40,
+        input_dim=4,
+        embed_dim=4,
+        device=torch.device("cpu"),
+        hard_negative_queries=8,
+        hard_negative_every=3,
+    )
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 4
+    emb = torch.nn.functional.normalize(torch.randn(40, 4, generator=gen), dim=1)
+    bank.add(
+        [f"e{i}" for i in range(40)],
+        torch.randn(40, 4, generator=gen),
+        labels,
+        [str(int(c)) for c in labels],
+        emb,
+        [None] * 40,
+    )
+    queries = emb[:4]
+    unlabeled = torch.full((4,), -1, dtype=torch.long)
+    for _ in range(3):  # one search, then two calls served from its cached candidates
+        assert bank.hard_negatives(queries, unlabeled, 8).numel() == 0
+    labeled = torch.zeros(4, dtype=torch.long)
+    found = bank.hard_negatives(queries, labeled, 8)
+    assert found.numel() > 0
+    assert bool((bank.gather(found)[1] != 0).all())
