@@ -17,9 +17,10 @@ from pathlib import Path
 
 import structlog
 
-from pipeline.config import OBJECTIVES, Settings, load_settings, redact_argv
+from pipeline.config import OBJECTIVES, Settings, load_settings
 from pipeline.exceptions import ConfigError, SupconStreamError
 from pipeline.logs import configure_logging
+from pipeline.redaction import redact_argv
 
 log = structlog.get_logger(__name__)
 

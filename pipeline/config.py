@@ -7,14 +7,13 @@ An unknown key or a bad value raises :class:`ConfigError` naming the dotted key.
 
 Secrets never reach a log, the ``config`` command or an error message: ``SecretStr`` fields
 print as ``**********``, and a password written into a URL (``redis://user:pw@host/0``, in any
-setting) is masked the same way, keeping the user name (:func:`redact_url`).
+setting) is masked the same way, keeping the user name (:mod:`pipeline.redaction`).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -24,55 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 from consumers.config import ConsumerTuning
 from pipeline.exceptions import ConfigError
+from pipeline.redaction import redact_tree
+from pipeline.strict_yaml import DuplicateKeyError, load_yaml
 
 ENV_PREFIX = "SUPCON_STREAM__"
-MASK = "**********"  # what pydantic prints for a SecretStr
-
-# A URL's scheme, then its userinfo up to the last "@" before the next URL (comma-separated
-# lists such as bootstrap servers) or whitespace: an unencoded "@" or "/" in a password
-# must not cut the match short and leak the rest.
-_SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*://"
-_URL_USERINFO = re.compile(rf"(?P<scheme>{_SCHEME})(?P<userinfo>(?:(?!{_SCHEME})\S)*)@")
-
-
-def redact_url(text: str) -> str:
-    """``text`` with the password of every URL in it masked: ``redis://u:**********@h/0``.
-
-    The user name stays (it is no secret, and it tells which ACL user is configured); a
-    userinfo without ``:`` is masked whole, since a lone userinfo is often a token.
-    """
-
-    def mask(match: re.Match[str]) -> str:
-        user, colon, _password = match["userinfo"].partition(":")
-        return f"{match['scheme']}{user}:{MASK}@" if colon else f"{match['scheme']}{MASK}@"
-
-    return _URL_USERINFO.sub(mask, text)
-
-
-_SECRET_KEY_WORDS = ("password", "secret", "token")
-
-
-def redact_argv(argv: Sequence[str]) -> list[str]:
-    """A command line as a log or report may show it: secret ``key=value`` values and URL
-    passwords masked (``redis.password=**********``, ``redis://u:**********@h/0``)."""
-    shown = []
-    for arg in argv:
-        key, sep, _value = arg.partition("=")
-        if sep and any(word in key.lower() for word in _SECRET_KEY_WORDS):
-            shown.append(f"{key}={MASK}")
-        else:
-            shown.append(redact_url(arg))
-    return shown
-
-
-def _redact_tree(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact_url(value)
-    if isinstance(value, dict):
-        return {key: _redact_tree(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_redact_tree(item) for item in value]
-    return value
 
 
 class _Frozen(BaseModel):
@@ -417,7 +371,7 @@ class Settings(_Frozen):
 
     def redacted(self) -> dict[str, Any]:
         """A dump safe for logs: SecretStr fields and passwords inside URLs print as MASK."""
-        return dict(_redact_tree(self.model_dump(mode="json")))
+        return dict(redact_tree(self.model_dump(mode="json")))
 
 
 def _secret_keys(model: type[BaseModel], prefix: str = "") -> frozenset[str]:
@@ -446,43 +400,10 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-class _DuplicateKeyError(yaml.constructor.ConstructorError):
-    pass
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
-
-    Plain YAML keeps the last value silently, so ``loss_terms: {ce: 1, ce: 0.1}`` would
-    train with a weight its author did not mean.
-    """
-
-
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _value in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue  # keys merged from an anchor (<<) may be overridden
-        key = loader.construct_object(key_node, deep=True)
-        if isinstance(key, list | dict):
-            continue  # unhashable: construct_mapping below reports it
-        if key in seen:
-            raise _DuplicateKeyError(
-                None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=True)
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
-)
-
-
 def _parse_scalar(dotted: str, raw: str) -> Any:
     try:
-        return yaml.load(raw, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except _DuplicateKeyError as exc:
+        return load_yaml(raw)
+    except DuplicateKeyError as exc:
         raise ConfigError(f"{dotted}: {exc.problem}") from None
     except yaml.YAMLError:
         return raw
@@ -502,7 +423,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             elif key in _SECRET_KEYS:  # a bad password is still a password
                 shown = " (value hidden)"
             else:
-                shown = f" (got {_redact_tree(got)!r})"
+                shown = f" (got {redact_tree(got)!r})"
             lines.append(f"{source}: {key}: {item['msg']}{shown}")
     return "; ".join(lines)
 
@@ -522,8 +443,8 @@ def load_settings(
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         try:
-            loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-        except _DuplicateKeyError as exc:
+            loaded = load_yaml(text)
+        except DuplicateKeyError as exc:
             line = exc.problem_mark.line + 1 if exc.problem_mark else "?"
             raise ConfigError(f"{path}: line {line}: {exc.problem}") from None
         except yaml.YAMLError as exc:

@@ -22,7 +22,7 @@ from typing import IO, Literal
 
 import structlog
 
-from pipeline.config import MASK, redact_argv
+from pipeline.redaction import MASK, redact_argv
 
 log = structlog.get_logger(__name__)
 

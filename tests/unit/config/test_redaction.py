@@ -10,8 +10,9 @@ import pytest
 import structlog
 
 from pipeline.cli import main
-from pipeline.config import MASK, load_settings, redact_argv, redact_url
+from pipeline.config import load_settings
 from pipeline.exceptions import ConfigError, SupconStreamError
+from pipeline.redaction import MASK, redact_argv, redact_url
 
 SECRET = "s3cr3t-in-url"
 URL = f"redis://u:{SECRET}@127.0.0.1:1/0"
@@ -110,7 +111,7 @@ def test_startup_configuration_log_shows_no_url_password(
 
 
 def test_bench_report_command_line_masks_url_passwords() -> None:
-    from pipeline.config import redact_argv  # what the throughput report records
+    from pipeline.redaction import redact_argv  # what the throughput report records
 
     shown = " ".join(redact_argv(["bench", "throughput", "--set", f"redis.url={URL}"]))
     assert SECRET not in shown

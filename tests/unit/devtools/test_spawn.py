@@ -8,8 +8,8 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from pipeline.config import redact_argv
 from pipeline.devtools.spawn import HIDDEN, cli_command, run, set_args, spawn
+from pipeline.redaction import redact_argv
 
 
 def test_cli_command_runs_this_interpreter_on_the_cli_module() -> None:
