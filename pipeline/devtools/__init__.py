@@ -1,1 +1,3 @@
-"""devtools"""
+"""Dev tooling: ``devstack`` (embedded broker + redis-server), ``demo``, ``chaos`` drills,
+``spawn`` (the one CLI-subprocess helper) and ``bench``. The product never imports it.
+"""
