@@ -242,11 +242,9 @@ def measure_restart(
     overrides: Sequence[str], settings: Settings, bank_items: int, workdir: Path
 ) -> dict[str, Any]:
     """Process start to the first trained batch of a learner whose bank holds ``bank_items``."""
-    import redis
+    from pipeline.telemetry.channel import stream_key, telemetry_client
 
-    from pipeline.telemetry.channel import stream_key
-
-    client = redis.Redis.from_url(settings.redis.url)
+    client = telemetry_client(settings.redis)
     key = stream_key(settings.redis.key_prefix, settings.learner_name)
     client.delete(key)
     log_path = workdir / "restart-learner.log"
