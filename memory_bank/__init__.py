@@ -1,66 +1,20 @@
 """Memory bank of past examples: durable in Redis, mirrored in-process, indexed by FAISS.
 
-``memory_bank`` knows Redis, FAISS and torch, and nothing of Kafka or the pipeline. FAISS is
-imported only when a :class:`~memory_bank.index.FaissIndex` is built, so the package imports
-without it (``TorchIndex`` needs nothing extra).
+Knows Redis, FAISS and torch, and nothing of Kafka or the pipeline. FAISS is imported only
+when a :class:`~memory_bank.index.FaissIndex` is built. Modules:
 
-The names below are imported on first use (PEP 562), not with the package: importing
-:mod:`memory_bank.redis_client` alone, as the sidecar does, must not load torch.
+- ``bank``: ``MemoryBank``, the facade the learner uses (add, sample, search, flush);
+- ``reservoir``: which items stay (class-balanced or reservoir policy, pure);
+- ``replay``: ``ReplaySampler``, the replay draw from the mirror;
+- ``search``: index refresh schedule, hard negatives, kNN over the mirror;
+- ``ids``: class names and recent ids kept beside the mirror;
+- ``index``: ``VectorIndex`` implementations (FAISS, torch, mirror) and ``make_index``;
+- ``redis_store``: ``RedisBankStore``, the durable copy;
+- ``redis_client``: ``make_redis_client``, the project's one Redis client factory (torch-free);
+- ``protocols``: the ``BankStore`` and ``VectorIndex`` boundaries;
+- ``testing``: ``InMemoryBankStore`` for tests;
+- ``exceptions``: ``BankError`` and its subclasses.
+
+This file imports nothing, so that ``memory_bank.redis_client`` alone (as the sidecar uses
+it) loads no torch.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from memory_bank.bank import AddResult, MemoryBank, Replay
-    from memory_bank.exceptions import BankCorruptError, BankError, BankUnavailableError
-    from memory_bank.index import FaissIndex, TorchIndex, make_index
-    from memory_bank.protocols import BankSnapshot, BankStore, StoredItem, VectorIndex
-    from memory_bank.redis_client import make_redis_client
-    from memory_bank.redis_store import RedisBankStore
-
-_MODULE_OF = {
-    "AddResult": "bank",
-    "MemoryBank": "bank",
-    "Replay": "bank",
-    "BankCorruptError": "exceptions",
-    "BankError": "exceptions",
-    "BankUnavailableError": "exceptions",
-    "FaissIndex": "index",
-    "TorchIndex": "index",
-    "make_index": "index",
-    "BankSnapshot": "protocols",
-    "BankStore": "protocols",
-    "StoredItem": "protocols",
-    "VectorIndex": "protocols",
-    "make_redis_client": "redis_client",
-    "RedisBankStore": "redis_store",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module 'memory_bank' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"memory_bank.{module}"), name)
-
-
-__all__ = [
-    "AddResult",
-    "BankCorruptError",
-    "BankError",
-    "BankSnapshot",
-    "BankStore",
-    "BankUnavailableError",
-    "FaissIndex",
-    "MemoryBank",
-    "RedisBankStore",
-    "Replay",
-    "StoredItem",
-    "TorchIndex",
-    "VectorIndex",
-    "make_index",
-    "make_redis_client",
-]
