@@ -9,21 +9,12 @@ import sys
 import time
 
 import pytest
+from cli_tools import run_cli
 from confluent_kafka import Consumer as ConfluentConsumer
 
 from pipeline.devtools.devstack import stop_process
 
 pytestmark = pytest.mark.e2e
-
-
-def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def _stack_args(bootstrap: str, redis_url: str, prefix: str, tmp_path, *settings: str) -> list[str]:
@@ -43,7 +34,7 @@ def _stack_args(bootstrap: str, redis_url: str, prefix: str, tmp_path, *settings
 def test_bad_config_gives_one_line_and_exit_2(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("train:\n  objective: sgd\n")
-    result = _cli("config", "--config", str(cfg))
+    result = run_cli("config", "--config", str(cfg))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -51,7 +42,7 @@ def test_bad_config_gives_one_line_and_exit_2(tmp_path):
 
 
 def test_bad_cli_value_gives_one_line_and_exit_2():
-    result = _cli("learn", "--max-events", "-3")
+    result = run_cli("learn", "--max-events", "-3")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "--max-events" in result.stderr
@@ -71,10 +62,10 @@ def test_replay_learn_sidecar_metrics(bootstrap, redis_url, unique, tmp_path):
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
     try:
-        replay = _cli("replay", "split-digits", "--limit", "600", *common)
+        replay = run_cli("replay", "split-digits", "--limit", "600", *common)
         assert replay.returncode == 0, replay.stderr
         assert json.loads(replay.stdout)["sent"] == 600
-        learn = _cli(
+        learn = run_cli(
             "learn", "--objective", "supcon", "--exit-when-idle", "4", *common, timeout=240
         )
         assert learn.returncode == 0, learn.stderr[-2000:]
@@ -131,7 +122,7 @@ def test_sigterm_checkpoints_commits_and_exits_zero(bootstrap, redis_url, unique
     common = _stack_args(
         bootstrap, redis_url, prefix, tmp_path, "kafka.partitions=1", "checkpoint.every_steps=3"
     )
-    replay = _cli("replay", "split-digits", "--limit", "300", *common)
+    replay = run_cli("replay", "split-digits", "--limit", "300", *common)
     assert replay.returncode == 0, replay.stderr
     learner = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "learn", *common],

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_tools import run_cli
 
 from pipeline.devtools.devstack import free_port, start_redis, stop_process
 
 pytestmark = pytest.mark.e2e
 
 
-def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def test_config_command_prints_no_url_password() -> None:
-    done = _cli("config", "--set", "redis.url=redis://u:secret@127.0.0.1:1/0")
+    done = run_cli("config", "--set", "redis.url=redis://u:secret@127.0.0.1:1/0", timeout=180)
     assert done.returncode == 0, done.stderr
     assert "secret" not in done.stdout + done.stderr
     assert "redis://u:**********@127.0.0.1:1/0" in done.stdout
@@ -48,9 +37,9 @@ def test_learner_startup_log_shows_no_url_password(
     ]
     sets = [arg for pair in pairs for arg in ("--set", pair)]
     try:
-        topics = _cli("topics", *sets, timeout=60)
+        topics = run_cli("topics", *sets, timeout=60)
         assert topics.returncode == 0, topics.stderr[-1000:]
-        learn = _cli("learn", "--exit-when-idle", "1", *sets)
+        learn = run_cli("learn", "--exit-when-idle", "1", *sets, timeout=180)
     finally:
         stop_process(redis_proc.pid)
     # Exit 0: the learner reached Redis with the credentials from the URL.

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 from pipeline.learner.ledger import TrainedLedger, iter_ledger, ledger_path, read_ledger
@@ -45,10 +43,3 @@ def test_torn_last_line_is_ignored_and_appends_continue(tmp_path: Path) -> None:
 
 def test_missing_ledger_reads_empty(tmp_path: Path) -> None:
     assert read_ledger(tmp_path / "none.jsonl").trainings == 0
-
-
-def _backdate(path: Path, seconds: float) -> None:
-    """Make a health file look last written ``seconds`` ago (no sleep, so no race with load)."""
-    snap = json.loads(path.read_text())
-    snap["updated"] = time.time() - seconds
-    path.write_text(json.dumps(snap))

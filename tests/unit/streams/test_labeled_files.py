@@ -14,31 +14,6 @@ import pytest
 from pipeline.exceptions import ConfigError
 from pipeline.streams.files import load_labeled_file
 from pipeline.streams.playback import open_source
-from pipeline.streams.scenarios import (
-    Scenario,
-    get_scenario,
-)
-
-# domain-digits
-
-
-@pytest.fixture(scope="module")
-def domain() -> Scenario:
-    return get_scenario("domain-digits", seed=0)
-
-
-@pytest.fixture(scope="module")
-def domain_events(domain: Scenario) -> list[dict[str, Any]]:
-    return list(domain)
-
-
-# blurry-digits
-
-
-# gaussian-drift
-
-
-# labeled files
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

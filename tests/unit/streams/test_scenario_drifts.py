@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 import itertools
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -195,13 +193,3 @@ def test_gaussian_drift_generates_lazily() -> None:
 def test_gaussian_drift_rejects_bad_parameters(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         gaussian_drift(0, **kwargs)
-
-
-# labeled files
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
