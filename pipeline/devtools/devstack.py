@@ -65,17 +65,20 @@ def _resp(*parts: str) -> bytes:
     return b"".join(out)
 
 
-def redis_answers(port: int, password: str | None = None, host: str = LOOPBACK) -> bool:
+def redis_answers(
+    port: int, password: str | None = None, host: str = LOOPBACK, *, timeout_s: float = 1.0
+) -> bool:
     """True once redis-server on ``port`` answers commands, i.e. has loaded its AOF/RDB.
 
     An open port is not enough: while it loads a dataset, Redis accepts connections and
     replies ``-LOADING`` to commands. A reply of ``-NOAUTH`` (an ACL setup whose default user
-    is off) also means the server is answering.
+    is off) also means the server is answering. ``timeout_s`` bounds the connect and each
+    read; a server slower than that counts as not answering yet.
     """
     request = (_resp("AUTH", password) if password else b"") + _resp("PING")
     expected = 2 if password else 1
     try:
-        with socket.create_connection((host, port), timeout=1.0) as sock:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
             sock.sendall(request)
             reply = b""
             while reply.count(b"\r\n") < expected:

@@ -84,6 +84,7 @@ def run_learner(
                 emitter.batch(record, now)
                 if ctx.checkpointer.due(ctx.state.step, now):
                     ctx.checkpointer.commit(ctx, now=now)
+            idle.batch_processed(time.monotonic())
         emit_eval(ctx)
         ctx.checkpointer.commit(ctx, wait=True)
         committed_at = time.monotonic()

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 from kafka import KafkaProducer
+from waiting import wait_until
 
 from pipeline.devtools.chaos import (
     TcpProxy,
@@ -90,6 +91,20 @@ def _wait_health(ckpt_dir: Path, component: str, up: bool, timeout_s: float) -> 
             return snap
         time.sleep(0.2)
     raise AssertionError(f"{component} never became up={up}: {snap}")
+
+
+def _settled_bank_items(settings: Any, ids: list[str], timeout_s: float = 30.0) -> int:
+    """The bank's size once it has stopped growing: the last adds of a batch reach Redis a
+    moment after its ledger line, and later on a loaded machine."""
+    deadline = time.monotonic() + timeout_s
+    last = check_delivery(settings, ids).bank_items
+    while True:
+        time.sleep(0.5)
+        now = check_delivery(settings, ids).bank_items
+        if now == last and now > 0:
+            return now
+        assert time.monotonic() < deadline, f"the bank never settled: {last} then {now} items"
+        last = now
 
 
 def _topics(pairs: list[str]) -> None:
@@ -173,8 +188,7 @@ def test_redis_restart_mid_replay_loses_nothing(bootstrap, unique, tmp_path):
         learner = spawn(cli_command("learn", *set_args(pairs)), log)
         ledger = ledger_path(settings.checkpoint_dir)
         assert wait_for_ledger(ledger, _trainable(ids), 90) == _trainable(ids), log.read_text()
-        time.sleep(1.0)  # let the last add of the first half reach Redis
-        before = check_delivery(settings, ids).bank_items
+        before = _settled_bank_items(settings, ids)
         stop_process(redis_proc.pid)  # SIGTERM: redis-server syncs its AOF and exits
         ids += _produce(bootstrap, settings.kafka.events_topic, _events("b", 200))
         _wait_health(settings.checkpoint_dir, "redis", up=False, timeout_s=30)
@@ -309,20 +323,32 @@ def test_learner_started_before_its_broker_or_redis_waits(
     log = tmp_path / "learner.log"
     if late == "redis":
         _topics(pairs)
-    learner = spawn(cli_command("learn", "--exit-when-idle", "3", *set_args(pairs)), log)
+    # The run ends when all 100 events are consumed, however long producing them takes after
+    # the join; the idle exit is only a fallback that ends a run which missed events.
+    learn = cli_command("learn", "--max-events", "100", "--exit-when-idle", "30", *set_args(pairs))
+    learner = spawn(learn, log)
     started = None
     try:
-        time.sleep(4)
+        # Three failed attempts (1 s, then 2 s of back-off between them) and still running:
+        # the learner waits for its dependency instead of exiting.
+        wait_until(
+            lambda: (
+                learner.poll() is not None or log.read_text().count("waiting for a dependency") >= 3
+            ),
+            120.0,
+            "three attempts to reach the dependency",
+        )
         assert learner.poll() is None, log.read_text()[-2000:]
         if late == "redis":  # the wait is visible in the health file
             snap = _wait_health(settings.checkpoint_dir, "redis", up=False, timeout_s=30)
             assert snap["status"] == "starting"
-        if late == "broker":
+            # Produced before Redis is up, so the events are there when the learner starts.
+            ids = _produce(address, settings.kafka.events_topic, _events("a", 100))
+            started = start_redis(port, tmp_path / "redis")
+        else:
             started = start_broker(port, tmp_path / "stack")
             _topics(pairs)
-        else:
-            started = start_redis(port, tmp_path / "redis")
-        ids = _produce(address, settings.kafka.events_topic, _events("a", 100))
+            ids = _produce(address, settings.kafka.events_topic, _events("a", 100))
         assert learner.wait(timeout=180) == 0, log.read_text()[-3000:]
     finally:
         if learner.poll() is None:

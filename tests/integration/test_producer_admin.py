@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -16,6 +17,7 @@ import pytest
 from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
+from consumers import admin
 from consumers.admin import ensure_topics
 from consumers.exceptions import BrokerUnavailableError, ProducerError
 from consumers.producer import JsonProducer
@@ -137,9 +139,29 @@ def test_ensure_topics_waits_for_a_starting_broker(tmp_path: Path) -> None:
             stop_process(proc.pid, timeout_s=0.5)
 
 
-def test_ensure_topics_gives_up_with_a_clear_error() -> None:
+def test_ensure_topics_gives_up_with_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     port = free_port()  # nothing listens there
-    t0 = time.monotonic()
+    sleeps: list[float] = []
+    bootstrap_waits_ms: list[int] = []
+    kafka_admin_client = admin.KafkaAdminClient
+
+    def recording_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        time.sleep(seconds)
+
+    def recording_admin(**kwargs: Any) -> Any:
+        bootstrap_waits_ms.append(kwargs["bootstrap_timeout_ms"])
+        return kafka_admin_client(**kwargs)
+
+    monkeypatch.setattr(
+        admin, "time", SimpleNamespace(monotonic=time.monotonic, sleep=recording_sleep)
+    )
+    monkeypatch.setattr(admin, "KafkaAdminClient", recording_admin)
     with pytest.raises(BrokerUnavailableError, match=f"127.0.0.1:{port}"):
         ensure_topics(options(f"127.0.0.1:{port}"), ["never"], 1, 1, 1.5)
-    assert time.monotonic() - t0 < 6.0
+    # It gives up at its deadline, however slow the machine: the back-off sleeps fit in the
+    # 1.5 s, and each connection attempt may wait for the broker only for the time left.
+    assert sum(sleeps) < 1.5
+    assert bootstrap_waits_ms
+    assert bootstrap_waits_ms[0] <= 1500
+    assert bootstrap_waits_ms == sorted(bootstrap_waits_ms, reverse=True)

@@ -93,5 +93,7 @@ def test_rate_paces_the_replay(bootstrap: str, unique: str) -> None:
     settings = make_settings(bootstrap, unique, partitions=1)
     report = run_replay(settings, "split-digits", rate=100.0, limit=40)
     assert report.sent == 40
-    # 40 events at 100/s: the first is free, the other 39 wait ~10 ms each.
-    assert 0.3 <= report.elapsed_s < 3.0
+    # 40 events at 100/s: the first is free, the other 39 wait ~10 ms each. No upper bound
+    # (a loaded machine is slower): tests/unit/streams/test_playback.py checks the exact
+    # waits against a fake clock.
+    assert report.elapsed_s >= 0.3

@@ -12,6 +12,7 @@ import orjson
 import pytest
 import redis
 from kafka import KafkaConsumer, TopicPartition
+from structlog.testing import capture_logs
 
 from pipeline.config import Settings
 from pipeline.devtools.devstack import free_port
@@ -275,6 +276,11 @@ def test_restart_rebuilds_state_without_republishing(
     assert redis_client.get(cursor_key) == redis_client.xrevrange(writer.key, count=1)[0][0]
 
 
+def _kafka_failures(logs: list[dict[str, Any]]) -> int:
+    retries = [e for e in logs if e["event"] == "sidecar error; retrying"]
+    return sum(1 for e in retries if e["source"] == "kafka")
+
+
 def test_kafka_down_keeps_running_and_holds_the_cursor(
     redis_url: str, redis_client: redis.Redis, unique: str
 ) -> None:
@@ -286,16 +292,19 @@ def test_kafka_down_keeps_running_and_holds_the_cursor(
     runner = SidecarRunner(settings, client, sink)
     stop = threading.Event()
     thread = threading.Thread(target=runner.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: runner.records_read >= 1)
-        time.sleep(1.0)  # a few failed publish attempts with back-off
-        assert thread.is_alive()
-        assert runner.published == {"loss": 0, "forgetting": 0}
-        assert redis_client.get(f"{settings.redis.key_prefix}:sidecar:cursor:{LEARNER}") is None
-    finally:
-        stop.set()
-        thread.join(timeout=10.0)
-        sink.close()
-        client.close()
+    with capture_logs() as logs:
+        thread.start()
+        try:
+            wait_for(lambda: runner.records_read >= 1)
+            # A few failed publish attempts with back-off, counted rather than slept for.
+            wait_for(lambda: _kafka_failures(logs) >= 2, timeout_s=30.0)
+            assert thread.is_alive()
+            assert runner.published == {"loss": 0, "forgetting": 0}
+            cursor = redis_client.get(f"{settings.redis.key_prefix}:sidecar:cursor:{LEARNER}")
+            assert cursor is None
+        finally:
+            stop.set()
+            thread.join(timeout=10.0)
+            sink.close()
+            client.close()
     assert not thread.is_alive()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -60,11 +61,24 @@ def test_write_discover_read(redis_client: redis.Redis, unique: str) -> None:
     assert [r.kind for r in reader.read_range("ce", first.id, records[2].id)] == ["eval", "end"]
 
 
-def test_read_blocks_at_most_block_ms(redis_client: redis.Redis, unique: str) -> None:
+def test_read_blocks_at_most_block_ms(
+    redis_client: redis.Redis, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocks: list[int | None] = []
+    xread = redis_client.xread
+
+    def recording_xread(*args: Any, **kwargs: Any) -> Any:
+        blocks.append(kwargs.get("block"))
+        return xread(*args, **kwargs)
+
+    monkeypatch.setattr(redis_client, "xread", recording_xread)
     reader = TelemetryReader(redis_client, f"t{unique}")
     started = time.monotonic()
     assert reader.read({"nobody": "0-0"}, block_ms=200) == []
-    assert 0.15 <= time.monotonic() - started < 2.0
+    # It did wait (Redis held the reply), and only as long as asked: the server was told
+    # BLOCK 200, which it honours; BLOCK 0 would have meant "forever".
+    assert time.monotonic() - started >= 0.15
+    assert blocks == [200]
 
 
 def test_malformed_entry_still_moves_the_cursor(redis_client: redis.Redis, unique: str) -> None:
@@ -98,24 +112,45 @@ def test_maxlen_trims_approximately(redis_client: redis.Redis, unique: str) -> N
     assert 100 <= length < 1000
 
 
-def test_writer_survives_a_redis_outage(tmp_path: Path) -> None:
+class _ManualClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_writer_survives_a_redis_outage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     port = free_port()
     server = start_redis(port, tmp_path)
     client = telemetry_client(RedisSettings(url=f"redis://127.0.0.1:{port}/0"), timeout_s=0.5)
-    writer = TelemetryWriter(client, "t", "ce", maxlen=1000, retry_backoff_s=(0.05, 0.1))
+    clock = _ManualClock()
+    attempts: list[float] = []  # the writer's clock at each round trip to Redis
+    pipeline = client.pipeline
+
+    def recording_pipeline(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(clock.now)
+        return pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(client, "pipeline", recording_pipeline)
+    writer = TelemetryWriter(
+        client, "t", "ce", maxlen=1000, retry_backoff_s=(0.05, 0.1), clock=clock
+    )
     try:
         writer.emit(_step(1))
         stop_process(server.pid)
 
-        started = time.monotonic()
-        writer.emit(_step(2))  # Redis is down: buffered, neither raised nor stalled
+        # Redis is down: buffered, neither raised nor stalled. One failed round trip (the
+        # client's short timeout bounds it), then the back-off keeps the next emit off Redis.
+        writer.emit(_step(2))
         writer.emit(_step(3))
-        assert time.monotonic() - started < 1.0
+        assert attempts == [0.0, 0.0]
         assert writer.stats.buffered == 2
 
         server = start_redis(port, tmp_path)  # same data dir: its AOF brings record 1 back
-        time.sleep(0.15)  # past the back-off
+        clock.now = 0.06  # past the back-off
         writer.emit(_step(4))
+        assert attempts == [0.0, 0.0, 0.06]
         assert writer.stats.buffered == 0
         assert writer.stats.emitted == 4
         records = TelemetryReader(client, "t").read({"ce": "0-0"})

@@ -38,7 +38,8 @@ def _one_reply_server(reply: bytes) -> tuple[int, threading.Thread]:
 )
 def test_redis_answers_reads_the_reply_not_just_the_port(reply: bytes, ready: bool) -> None:
     port, thread = _one_reply_server(reply)
-    assert redis_answers(port) is ready
+    # A generous timeout: the reply comes from a thread, which a loaded machine may run late.
+    assert redis_answers(port, timeout_s=10.0) is ready
     thread.join(5)
 
 

@@ -36,6 +36,33 @@ def test_idle_time_counts_from_the_last_batch():
     assert watch.active_s == 10.0
 
 
+def test_processing_time_is_not_idle_time():
+    # A batch that arrives at 10 and takes 8 s to train on (a slow machine): the learner has
+    # been idle only from 18, not from 10.
+    watch = IdleWatch(_Assignment(), "events", exit_when_idle_s=5.0, now=0.0)
+    watch.batch_arrived(10.0)
+    watch.batch_processed(18.0)
+    assert not watch.should_finish(18.1)
+    assert not watch.should_finish(22.9)
+    assert watch.should_finish(23.0)
+    # The active span still runs from the first arrival to the last arrival.
+    assert watch.first_batch_at == 10.0
+    assert watch.last_batch_at == 10.0
+    assert watch.active_s == 0.0
+
+
+def test_a_new_batch_restarts_the_idle_clock_after_its_processing():
+    watch = IdleWatch(_Assignment(), "events", exit_when_idle_s=5.0, now=0.0)
+    watch.batch_arrived(10.0)
+    watch.batch_processed(11.0)
+    watch.batch_arrived(15.0)
+    assert not watch.should_finish(15.5)  # processing the second batch is not idle either
+    watch.batch_processed(30.0)
+    assert not watch.should_finish(34.9)
+    assert watch.should_finish(35.0)
+    assert watch.active_s == 5.0
+
+
 def test_without_exit_when_idle_it_waits_for_ever():
     watch = IdleWatch(_Assignment(), "events", exit_when_idle_s=None, now=0.0)
     assert not watch.should_finish(10_000.0)  # no partitions, no error
