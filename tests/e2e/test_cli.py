@@ -11,6 +11,7 @@ import time
 import pytest
 from cli_tools import run_cli
 from confluent_kafka import Consumer as ConfluentConsumer
+from waiting import wait_until
 
 from pipeline.devtools.devstack import stop_process
 
@@ -65,8 +66,17 @@ def test_replay_learn_sidecar_metrics(bootstrap, redis_url, unique, tmp_path):
         replay = run_cli("replay", "split-digits", "--limit", "600", *common)
         assert replay.returncode == 0, replay.stderr
         assert json.loads(replay.stdout)["sent"] == 600
+        # Stops at the 600th event; the idle limit only ends a run that lost some.
         learn = run_cli(
-            "learn", "--objective", "supcon", "--exit-when-idle", "4", *common, timeout=240
+            "learn",
+            "--objective",
+            "supcon",
+            "--max-events",
+            "600",
+            "--exit-when-idle",
+            "30",
+            *common,
+            timeout=240,
         )
         assert learn.returncode == 0, learn.stderr[-2000:]
         summary = json.loads(learn.stdout.strip().splitlines()[-1])
@@ -82,7 +92,16 @@ def test_replay_learn_sidecar_metrics(bootstrap, redis_url, unique, tmp_path):
                 "enable.auto.commit": False,
             }
         )
-        consumer.subscribe([f"{prefix}.metrics.loss", f"{prefix}.metrics.forgetting"])
+        topics = [f"{prefix}.metrics.loss", f"{prefix}.metrics.forgetting"]
+        # The sidecar creates its topics on first publish, possibly after the learner is
+        # done: subscribe once they exist (a subscription to a missing topic is not
+        # re-checked for minutes by librdkafka's default metadata refresh).
+        wait_until(
+            lambda: set(topics) <= set(consumer.list_topics(timeout=5).topics),
+            60,
+            "the sidecar's metrics topics",
+        )
+        consumer.subscribe(topics)
         seen: dict[str, list[dict]] = {"loss": [], "forgetting": []}
         deadline = time.monotonic() + 40
         # Until both topics were read: the final forgetting record can arrive in an earlier

@@ -20,6 +20,12 @@ pytestmark = pytest.mark.integration
 DIM = 8
 
 
+def _until(events: int) -> RunLimits:
+    """Stop once ``events`` more are consumed; the idle limit only ends a run that lost some
+    (a short idle limit could end a run on a loaded machine before the last fetch)."""
+    return RunLimits(max_events=events, exit_when_idle_s=30.0)
+
+
 def _settings(bootstrap: str, redis_url: str, unique: str, tmp_path, **extra: str) -> Settings:
     overrides = {
         "kafka.bootstrap_servers": bootstrap,
@@ -98,7 +104,7 @@ def test_malformed_events_are_dead_lettered_and_valid_ones_trained(
     values.extend(unlabeled)
     _produce(bootstrap, k.events_topic, values)
 
-    summary = run_learner(settings, threading.Event(), RunLimits(exit_when_idle_s=4.0))
+    summary = run_learner(settings, threading.Event(), _until(len(values)))
     c = summary.counters
     assert c["consumed"] == len(values)
     assert c["dead_lettered"] == len(MALFORMED)
@@ -129,12 +135,12 @@ def test_restart_resumes_from_checkpoint_without_retraining(bootstrap, redis_url
     k = settings.kafka
     ensure_topics(k.client_options(), k.all_topics(), k.partitions, 1, timeout_s=30)
     _produce(bootstrap, k.events_topic, [orjson.dumps(_event(i)) for i in range(120)])
-    first = run_learner(settings, threading.Event(), RunLimits(exit_when_idle_s=3.0))
+    first = run_learner(settings, threading.Event(), _until(120))
     assert first.counters["consumed"] == 120
 
     time.sleep(0.5)  # stagger group membership changes (broker quirk, see DESIGN.md)
     _produce(bootstrap, k.events_topic, [orjson.dumps(_event(i)) for i in range(120, 180)])
-    second = run_learner(settings, threading.Event(), RunLimits(exit_when_idle_s=3.0))
+    second = run_learner(settings, threading.Event(), _until(60))
     # Counters continue from the checkpoint; only the 60 new events were consumed.
     assert second.counters["consumed"] == 180
     assert second.steps > first.steps
@@ -170,7 +176,7 @@ def test_configured_objective_policy_and_unlabeled_training(
     events = [_event(i, label=None if i % 4 == 3 else "auto") for i in range(160)]
     _produce(bootstrap, k.events_topic, [orjson.dumps(e) for e in events])
 
-    summary = run_learner(settings, threading.Event(), RunLimits(exit_when_idle_s=4.0))
+    summary = run_learner(settings, threading.Event(), _until(160))
     c = summary.counters
     assert c["consumed"] == 160
     assert c["predicted"] == 40

@@ -77,7 +77,8 @@ def test_running_learner_survives_hostile_input(bootstrap, redis_url, tmp_path, 
     producer.flush(30)
     producer.close()
 
-    summary = run_learner(s, threading.Event(), RunLimits(exit_when_idle_s=3.0))
+    # Stops once every record is consumed; the idle limit only ends a run that lost some.
+    summary = run_learner(s, threading.Event(), RunLimits(len(values), exit_when_idle_s=30.0))
 
     c = summary.counters
     assert c["consumed"] == len(values)

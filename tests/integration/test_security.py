@@ -154,7 +154,8 @@ def test_learner_over_kafka_tls_and_redis_tls_with_acl(tmp_path: Path) -> None:
             producer.send(k.events_topic, orjson.dumps(event))
         producer.flush(30)
         producer.close()
-        summary = run_learner(s, threading.Event(), RunLimits(exit_when_idle_s=3.0))
+        # Stops once all 40 are consumed; the idle limit only ends a run that lost some.
+        summary = run_learner(s, threading.Event(), RunLimits(40, exit_when_idle_s=30.0))
         assert summary.counters["consumed"] == 40
         assert summary.bank_size > 0
         assert read_ledger(ledger_path(s.checkpoint_dir)).trainings == summary.counters["trained"]
