@@ -75,12 +75,14 @@ class ModelSlot:
     def version(self) -> int:
         return self.predictor.version
 
-    def offer(self, ann: Announcement) -> None:
+    def offer(self, ann: Announcement) -> bool:
         """Remember an announced version newer than the served and any pending one."""
         if ann.version <= self.version or ann.version in self.rejected:
-            return
+            return False
         if self._pending is None or ann.version > self._pending.version:
             self._pending = ann
+            return True
+        return False
 
     def switch_if_announced(self) -> bool:
         """Load the pending version; True when it now serves. Called between two batches."""
@@ -273,8 +275,11 @@ def _loop(
     while not stop.is_set():
         if limits.max_events is not None and c.consumed >= limits.max_events:
             break
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(batch=c.batches)  # the next batch to answer
         for ann in reader.poll():
-            slot.offer(ann)
+            if slot.offer(ann):
+                log.info("model announced", version=ann.version, serving=slot.version)
         slot.switch_if_announced()  # between two batches: a batch has one model version
         batch = source.get(timeout_s=0.5)
         now = time.monotonic()
