@@ -36,7 +36,9 @@ class ServeSettings(_Frozen):
         "learner.name, then the objective.",
     )
     model_dir: Path | None = Field(
-        None, description="Registry folder to serve from, instead of <export.dir>/<learner>."
+        None,
+        description="Registry folder to serve from, instead of <export.dir>/<learner>; a "
+        "bundle folder (v000004) pins that version and announcements are ignored.",
     )
     group_id: str | None = Field(
         None, description="Consumer group; defaults to '<prefix>.serve.<learner>'."

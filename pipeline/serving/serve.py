@@ -39,6 +39,7 @@ from consumers.producer import JsonProducer
 from pipeline.config import Settings
 from pipeline.exceptions import SupconStreamError
 from pipeline.serving.announce import Announcement, parse_announcement
+from pipeline.serving.bundle import MANIFEST
 from pipeline.serving.exceptions import BundleError
 from pipeline.serving.predictor import Predictor
 from pipeline.serving.registry import newest_loadable, version_dir
@@ -178,8 +179,15 @@ def serve_learner(settings: Settings) -> str:
     return settings.serve.learner or settings.learner_name
 
 
+def pinned(model_dir: Path) -> bool:
+    """``serve.model_dir`` names one bundle (not a registry): serve it, ignore announcements."""
+    return (model_dir / MANIFEST).is_file()
+
+
 def wait_for_model(registry: Path, wait_s: float, stop: threading.Event) -> Predictor:
     """The newest loadable bundle of ``registry``, waiting up to ``wait_s`` for a first one."""
+    if pinned(registry):
+        return Predictor.load(registry)
     deadline = time.monotonic() + wait_s
     logged = False
     while True:
@@ -231,12 +239,18 @@ def run_serve(settings: Settings, stop: threading.Event, limits: ServeLimits) ->
     slot = ModelSlot(registry, wait_for_model(registry, s.wait_for_model_s, stop))
     group = s.group_id or f"{k.topic_prefix}.serve.{learner}"
     log.info(
-        "serve starting", learner=learner, group=group, version=slot.version, topic=input_topic
+        "serve starting",
+        learner=learner,
+        group=group,
+        version=slot.version,
+        topic=input_topic,
+        pinned=pinned(registry),
     )
     producer = JsonProducer(opts)
     reader = source = None
     try:
-        reader = AnnouncementReader(opts, k.models_topic, learner)
+        if not pinned(registry):
+            reader = AnnouncementReader(opts, k.models_topic, learner)
         config = SourceConfig.from_tuning(
             settings.consumer,
             topic=input_topic,
@@ -264,7 +278,7 @@ def _loop(
     stop: threading.Event,
     limits: ServeLimits,
     slot: ModelSlot,
-    reader: AnnouncementReader,
+    reader: AnnouncementReader | None,
     source: Any,
     producer: JsonProducer,
 ) -> ServeCounters:
@@ -277,7 +291,7 @@ def _loop(
             break
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(batch=c.batches)  # the next batch to answer
-        for ann in reader.poll():
+        for ann in reader.poll() if reader is not None else ():
             if slot.offer(ann):
                 log.info("model announced", version=ann.version, serving=slot.version)
         slot.switch_if_announced()  # between two batches: a batch has one model version

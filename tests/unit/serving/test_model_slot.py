@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from serving_helpers import CONFIG, publish_model
 
+from pipeline.exceptions import SupconStreamError
 from pipeline.serving.announce import Announcement, parse_announcement
 from pipeline.serving.bundle import WEIGHTS
 from pipeline.serving.predictor import Predictor
@@ -82,3 +83,21 @@ def test_parse_announcement_accepts_only_well_formed_payloads() -> None:
     assert parse_announcement({**good, "version": "3"}) is None
     assert parse_announcement({**good, "version": True}) is None
     assert parse_announcement([good]) is None
+
+
+def test_a_bundle_folder_pins_its_version_and_a_registry_serves_the_newest(
+    registry: Path,
+) -> None:
+    import threading
+
+    from pipeline.serving.serve import pinned, wait_for_model
+
+    first, *_ = publish_model(registry, seed=0)
+    publish_model(registry, seed=1)
+    stop = threading.Event()
+    assert wait_for_model(registry, 0.0, stop).version == 2
+    assert not pinned(registry)
+    assert wait_for_model(first.path, 0.0, stop).version == 1
+    assert pinned(first.path)
+    with pytest.raises(SupconStreamError, match="no loadable model bundle"):
+        wait_for_model(registry.parent / "empty", 0.0, stop)
