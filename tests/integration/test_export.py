@@ -144,3 +144,27 @@ def test_exported_bundle_predicts_what_the_learner_publishes(
     assert bundle["labels"] == [published[q["id"]]["label"] for q in queries]
     assert bundle["confidence"] == [published[q["id"]]["confidence"] for q in queries]
     assert len(set(bundle["labels"])) == 3  # a real model, not a constant answer
+
+    # Batch scoring of a labeled file the learner never saw: accuracy and ECE, both ways.
+    held_out = tmp_path / "held-out.jsonl"
+    held_out.write_bytes(b"".join(orjson.dumps(_event(20_000 + i)) + b"\n" for i in range(90)))
+    scored = subprocess.run(
+        cli_command(
+            "predict", str(held_out), "--model", exported["path"], "--out", str(tmp_path / "p.csv")
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(1),
+        check=False,
+    )
+    assert scored.returncode == 0, scored.stderr
+    report = json.loads(scored.stdout)
+    assert report["rows"] == 90
+    assert report["model_version"] == exported["version"]
+    assert report["accuracy"] > 0.8
+    assert set(report["per_class_accuracy"]) == {"c0", "c1", "c2"}
+    assert 0 <= report["ece"] <= 1
+    assert 0 <= report["ece_uncalibrated"] <= 1
+    shipped = json.loads((Path(exported["path"]) / "manifest.json").read_text())
+    assert report["temperature"] == shipped["calibration"]["temperature"]
