@@ -48,6 +48,7 @@ log = structlog.get_logger(__name__)
 
 FINAL_COMMIT_TIMEOUT_S = 30.0
 MODEL_WAIT_POLL_S = 1.0
+PROGRESS_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,7 @@ def _loop(
     c = ServeCounters()
     topic = settings.kafka.predictions_topic
     owed: dict[TopicPartitionKey, int] = {}  # offsets whose predictions are not yet flushed
-    last_batch = time.monotonic()
+    last_batch = last_progress = time.monotonic()
     while not stop.is_set():
         if limits.max_events is not None and c.consumed >= limits.max_events:
             break
@@ -318,6 +319,9 @@ def _loop(
         for tp, offset in batch.offsets.items():
             owed[tp] = max(offset, owed.get(tp, 0))
         _flush_then_commit(producer, source, owed)
+        if now - last_progress >= PROGRESS_EVERY_S:
+            log.info("progress", **c.__dict__, version=slot.version, lag=source.stats().get("lag"))
+            last_progress = now
     structlog.contextvars.clear_contextvars()
     if owed and _flush_then_commit(producer, source, owed, final=True) is False:
         log.warning("final commit did not complete; unflushed events will be answered again")
