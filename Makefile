@@ -66,5 +66,9 @@ devstack-down: setup
 bench-kill9: setup
 	$(PY) bench/kill9.py --events 20000 --kills 10 --rate 150
 
+.PHONY: bench-calibration
+bench-calibration: setup
+	$(PY) bench/calibration.py --config configs/local.yaml
+
 clean:
 	rm -rf runs .devstack .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -90,6 +90,9 @@ class JsonProducer:
         self._seq = itertools.count()
         self._unacked: dict[int, _Item] = {}
         self._failed: dict[int, tuple[_Item, BaseException]] = {}
+        # Records whose send() has not returned (with callbacks attached) yet: a flush from
+        # another thread (the consumer thread flushes before a commit) does not wait for them.
+        self._sending: set[int] = set()
         self._generation = 0
         self._recreated = 0
         self._closed = False
@@ -224,8 +227,11 @@ class JsonProducer:
         seq = next(self._seq)
         with self._lock:
             self._unacked[seq] = item
+            self._sending.add(seq)
         try:
             future = producer.send(topic, value=payload, key=key)
+            future.add_callback(self._on_ack, seq)
+            future.add_errback(self._on_error, seq)
         except MessageSizeTooLargeError:
             self._forget(seq)
             raise
@@ -248,8 +254,9 @@ class JsonProducer:
         except BaseException:
             self._forget(seq)
             raise
-        future.add_callback(self._on_ack, seq)
-        future.add_errback(self._on_error, seq)
+        finally:
+            with self._lock:
+                self._sending.discard(seq)
 
     def _forget(self, seq: int) -> None:
         with self._lock:
@@ -282,7 +289,9 @@ class JsonProducer:
         with self._lock:
             if self._failed:
                 return next(iter(self._failed.values()))[1]
-            stuck = sum(1 for seq in self._unacked if seq < upto)
+            # A send still in progress on another thread was not "sent before" this flush;
+            # counting it made a concurrent flush recreate the client and send it twice.
+            stuck = sum(1 for seq in self._unacked if seq < upto and seq not in self._sending)
         return f"{stuck} record(s) unacknowledged after flush" if stuck else None
 
     def _recreate(self, reason: object) -> None:

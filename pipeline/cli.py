@@ -140,7 +140,39 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--learner", action="append", dest="learners", help="only this learner (repeatable)"
     )
+    _add_serving_commands(sub)
     return parser
+
+
+def _add_serving_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    export = sub.add_parser("export", help="export a learner's newest checkpoint as a bundle")
+    _common(export)
+    export.add_argument("--learner", dest="name", help="learner name (default: learner.name)")
+    export.add_argument(
+        "--out", type=Path, help="registry folder (default: <export.dir>/<learner>)"
+    )
+    export.add_argument(
+        "--no-announce", action="store_true", help="do not announce it on <prefix>.models"
+    )
+    predict = sub.add_parser("predict", help="score a JSONL, CSV, NPZ or Parquet file")
+    _common(predict)
+    predict.add_argument("input", type=Path, help="file of events (features, optional labels)")
+    predict.add_argument(
+        "--model", type=Path, required=True, help="bundle folder or registry folder (newest)"
+    )
+    predict.add_argument("--out", type=Path, required=True, help=".jsonl, .csv, .npz, .parquet")
+    predict.add_argument("--label-column", default="label")
+    predict.add_argument("--id-column", default="id")
+    serve = sub.add_parser("serve", help="answer events with the newest model bundle")
+    _common(serve)
+    serve.add_argument("--learner", dest="name", help="whose bundles (default: learner.name)")
+    serve.add_argument("--max-events", type=_positive_int, help="exit after consuming N events")
+    serve.add_argument(
+        "--exit-when-idle",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="exit after this long without new events",
+    )
 
 
 def _add_bench_forgetting(bench_sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -334,6 +366,46 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if healthy(report) else EXIT_FAILURE
 
 
+def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.learner.exporting import announce_once, export_checkpoint, registry_dir
+
+    published = export_checkpoint(settings, args.out or registry_dir(settings))
+    announced = False if args.no_announce else announce_once(settings, published)
+    print(
+        json.dumps(
+            {
+                "learner": settings.learner_name,
+                "version": published.version,
+                "path": str(published.path),
+                "digest": published.digest,
+                "announced": announced,
+            }
+        )
+    )
+    return EXIT_OK
+
+
+def _cmd_predict(args: argparse.Namespace, _settings: Settings) -> int:
+    from pipeline.serving.scoring import score_file
+
+    report = score_file(args.model, args.input, args.out, args.label_column, args.id_column)
+    print(json.dumps(report.as_dict()))
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Answer events with the newest bundle of ``serve.learner`` (default: learner.name)."""
+    from pipeline.serving.serve import ServeLimits, run_serve
+    from pipeline.signals import install_stop_signals
+
+    log.info("configuration", settings=settings.redacted())
+    stop = threading.Event()
+    install_stop_signals(stop)
+    summary = run_serve(settings, stop, ServeLimits(args.max_events, args.exit_when_idle))
+    print(json.dumps(summary))
+    return EXIT_OK
+
+
 COMMANDS = {
     "learn": _cmd_learn,
     "sidecar": _cmd_sidecar,
@@ -344,6 +416,9 @@ COMMANDS = {
     "config": _cmd_config,
     "bench": _cmd_bench,
     "status": _cmd_status,
+    "export": _cmd_export,
+    "predict": _cmd_predict,
+    "serve": _cmd_serve,
 }
 
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from consumers.config import ConsumerTuning
 from pipeline.exceptions import ConfigError
 from pipeline.redaction import redact_tree
+from pipeline.serving_settings import ExportSettings, ServeSettings
 from pipeline.strict_yaml import DuplicateKeyError, load_yaml
 
 ENV_PREFIX = "SUPCON_STREAM__"
@@ -59,6 +60,11 @@ class KafkaSettings(_Frozen):
         return f"{self.topic_prefix}.events"
 
     @property
+    def models_topic(self) -> str:
+        """Announcements of exported model bundles (pipeline/serving/)."""
+        return f"{self.topic_prefix}.models"
+
+    @property
     def dlq_topic(self) -> str:
         return f"{self.topic_prefix}.dlq"
 
@@ -81,6 +87,7 @@ class KafkaSettings(_Frozen):
             self.predictions_topic,
             self.loss_topic,
             self.forgetting_topic,
+            self.models_topic,
         ]
 
     def client_options(self) -> dict[str, Any]:
@@ -350,6 +357,8 @@ class Settings(_Frozen):
     sidecar: SidecarSettings = SidecarSettings()
     devstack: DevstackSettings = DevstackSettings()
     logging: LoggingSettings = LoggingSettings()
+    export: ExportSettings = ExportSettings()
+    serve: ServeSettings = ServeSettings()
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Settings:

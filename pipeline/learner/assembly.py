@@ -26,6 +26,7 @@ from pipeline.config import Settings
 from pipeline.learner.checkpoint import Checkpoint, load_latest
 from pipeline.learner.checkpointer import Checkpointer
 from pipeline.learner.context import Counters, LearnerContext
+from pipeline.learner.exporting import AutoExport
 from pipeline.learner.health import HealthBoard, health_path, stop_quietly
 from pipeline.learner.ledger import TrainedLedger, ledger_path
 from pipeline.learner.probes import ProbeSet
@@ -170,6 +171,7 @@ def _assemble(
     )
     if settings.checkpoint.ledger:
         ctx.ledger = TrainedLedger(ledger_path(settings.checkpoint_dir))
+    ctx.exporter = AutoExport.from_settings(settings)
     if ckpt is not None:
         apply_checkpoint(ctx, ckpt)
     return ctx
@@ -265,6 +267,9 @@ def apply_checkpoint(ctx: LearnerContext, ckpt: Checkpoint) -> None:
     ctx.checkpointer.restore(ckpt.offsets)
     ctx.probes.load_state(ckpt.probe)
     ctx.counters = Counters.from_dict(ckpt.counters)
+    if ckpt.temperature is not None:
+        ctx.temperature = float(ckpt.temperature)
+    ctx.last_metrics = dict(ckpt.metrics)
 
 
 def close_context(ctx: LearnerContext, final_state: str = "stopped") -> None:

@@ -40,6 +40,8 @@ class Checkpoint:
     offsets: dict[tuple[str, int], int]
     probe: dict[str, Any]
     counters: dict[str, float] = field(default_factory=dict)
+    temperature: float | None = None  # NCM's fitted temperature (absent in older files)
+    metrics: dict[str, Any] = field(default_factory=dict)  # of the last evaluation
 
     def to_payload(self) -> dict[str, Any]:
         return {
@@ -52,6 +54,8 @@ class Checkpoint:
             "offsets": [[t, p, o] for (t, p), o in sorted(self.offsets.items())],
             "probe": self.probe,
             "counters": dict(self.counters),
+            "temperature": self.temperature,
+            "metrics": dict(self.metrics),
         }
 
     @classmethod
@@ -67,6 +71,8 @@ class Checkpoint:
             offsets={(str(t), int(p)): int(o) for t, p, o in raw["offsets"]},
             probe=raw["probe"],
             counters=dict(raw.get("counters", {})),
+            temperature=raw.get("temperature"),
+            metrics=dict(raw.get("metrics") or {}),
         )
 
 

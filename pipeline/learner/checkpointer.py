@@ -124,10 +124,15 @@ class Checkpointer:
             offsets=dict(self.offsets),
             probe=ctx.probes.state(),
             counters={**ctx.counters.as_dict(), "skipped": float(ctx.state.skipped)},
+            temperature=ctx.temperature,
+            metrics=dict(ctx.last_metrics),
         )
         path = save_checkpoint(self.directory, ckpt, self.keep)
         if ctx.health is not None:
             ctx.health.progress(checkpoint_step=ctx.state.step, checkpoint_ts=round(time.time(), 3))
+        if ctx.exporter is not None:
+            # After the checkpoint is durable: a bundle never covers more than a checkpoint.
+            ctx.exporter.after_checkpoint(ctx, dict(self.offsets))
         if not self.offsets:
             return path
         if wait:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,10 +20,13 @@ from pipeline.learner.checkpointer import Checkpointer
 from pipeline.learner.health import HealthBoard
 from pipeline.learner.ledger import TrainedLedger
 from pipeline.learner.probes import ProbeSet
-from pipeline.learning.inference import ClassMeans
+from pipeline.learning.inference import NCM_TEMPERATURE, ClassMeans
 from pipeline.learning.labels import LabelRegistry
 from pipeline.learning.step import TrainState
 from pipeline.telemetry.channel import TelemetryWriter
+
+if TYPE_CHECKING:
+    from pipeline.learner.exporting import AutoExport
 
 
 @dataclass
@@ -37,6 +41,8 @@ class Counters:
     batches: int = 0
     prequential_correct: int = 0
     prequential_total: int = 0
+    first_event_ms: int = 0  # event time of the earliest / latest trained event (0: none yet)
+    last_event_ms: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.__dict__.items()}
@@ -69,6 +75,10 @@ class LearnerContext:
     started: float = field(default_factory=time.monotonic)
     ledger: TrainedLedger | None = None  # checkpoint.ledger: ids of every trained event
     health: HealthBoard | None = None
+    # NCM's softmax temperature: fitted on the probes at each evaluation (probes.evaluate).
+    temperature: float = NCM_TEMPERATURE
+    last_metrics: dict[str, Any] = field(default_factory=dict)  # of the last evaluation
+    exporter: AutoExport | None = None  # export.every_checkpoints > 0
 
     @property
     def name(self) -> str:

@@ -45,7 +45,7 @@ def predict(ctx: LearnerContext, feats: torch.Tensor) -> tuple[torch.Tensor, tor
         return predict_head(ctx.state.model, feats, ctx.seen_classes)
     if choice == "knn" and len(ctx.bank):
         return predict_knn(ctx, feats)
-    return predict_ncm(ctx.state.model, feats, refresh_means(ctx))
+    return predict_ncm(ctx.state.model, feats, refresh_means(ctx), ctx.temperature)
 
 
 def predict_knn(ctx: LearnerContext, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

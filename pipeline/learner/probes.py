@@ -7,6 +7,7 @@ or re-delivery and cannot leak into training. The probe set is saved in every ch
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections import defaultdict
@@ -15,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipeline.learner.predictions import predict_knn, refresh_means
-from pipeline.learning.inference import per_class_accuracy, predict_head, predict_ncm
+from pipeline.learning.calibration import fit_temperature, targets_in
+from pipeline.learning.inference import (
+    ClassMeans,
+    ncm_from_logits,
+    ncm_logits,
+    per_class_accuracy,
+    predict_head,
+    predict_ncm,
+)
 from pipeline.learning.objectives import HEAD_TERMS, chosen_classifier, loss_weights
 from pipeline.quality import expected_calibration_error
 from pipeline.telemetry.records import ClassifierScores, EvalRecord
@@ -89,7 +98,8 @@ def evaluate(ctx: LearnerContext) -> EvalRecord:
     feats, truth = ctx.probes.tensors()
     cfg = ctx.settings.train
     means = refresh_means(ctx, force=True)
-    predictions = {"ncm": predict_ncm(ctx.state.model, feats, means)}
+    predictions = {"ncm": predict_ncm(ctx.state.model, feats, means)}  # at the fixed 0.1
+    calibrated = calibrate_ncm(ctx, feats, truth, means)
     if len(ctx.bank) and feats.shape[0]:
         predictions["knn"] = predict_knn(ctx, feats)
     primary = chosen_classifier(cfg, ctx.settings.eval.classifier)
@@ -102,6 +112,11 @@ def evaluate(ctx: LearnerContext) -> EvalRecord:
         )
         for name, (pred, conf) in predictions.items()
     }
+    if calibrated is not None:
+        classifiers["ncm"] = dataclasses.replace(
+            classifiers["ncm"], ece_calibrated=calibrated, temperature=ctx.temperature
+        )
+    ctx.last_metrics = eval_metrics(primary, classifiers, len(truth))
     return EvalRecord(
         learner=ctx.name,
         step=ctx.state.step,
@@ -115,3 +130,42 @@ def evaluate(ctx: LearnerContext) -> EvalRecord:
         current_task=ctx.current_task,
         probe_sizes={ctx.registry.name(k): v for k, v in ctx.probes.sizes().items()},
     )
+
+
+def calibrate_ncm(
+    ctx: LearnerContext, feats: torch.Tensor, truth: torch.Tensor, means: ClassMeans
+) -> float | None:
+    """Fit NCM's temperature on the probes (temperature scaling); the ECE after it, or None.
+
+    The fitted temperature becomes ``ctx.temperature``: the learner's own predictions and
+    the exported bundles use it. With too few probes the previous temperature is kept and
+    None is returned. The ECE is measured on the probes the temperature was fitted on (one
+    parameter, so the optimism is small); ``supcon-stream predict`` on a held-out file gives
+    the out-of-sample figure.
+    """
+    if len(means) < 2 or feats.shape[0] == 0:
+        return None
+    cosines = ncm_logits(ctx.state.model, feats, means)
+    keep, columns = targets_in(means.labels, truth)
+    fit = fit_temperature(cosines[keep], columns, ctx.temperature)
+    if fit is None:
+        return None
+    ctx.temperature = fit.temperature
+    pred, conf = ncm_from_logits(cosines, means, fit.temperature)
+    return expected_calibration_error(conf.tolist(), (pred == truth).tolist())
+
+
+def eval_metrics(
+    primary: str, classifiers: dict[str, ClassifierScores], probes: int
+) -> dict[str, Any]:
+    """The summary of an evaluation a model bundle carries ("metrics at export")."""
+    chosen = classifiers.get(primary) or next(iter(classifiers.values()), None)
+    accuracy = chosen.per_class_accuracy if chosen else {}
+    return {
+        "classifier": primary,
+        "probes": probes,
+        "avg_accuracy": round(sum(accuracy.values()) / len(accuracy), 6) if accuracy else None,
+        "per_class_accuracy": dict(accuracy),
+        "ece": chosen.ece if chosen else None,
+        "ece_calibrated": chosen.ece_calibrated if chosen else None,
+    }

@@ -133,6 +133,11 @@ def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
     c.held_out += len(probe_rows)
     c.predicted += len(predict_rows)
     c.dead_lettered += len(batch.dead_letters) + len(overflow)
+    if train_rows:
+        times = batch.timestamps_ms[train_rows]  # the event time a model export covers
+        earliest = int(times.min())
+        c.first_event_ms = min(c.first_event_ms, earliest) if c.first_event_ms else earliest
+        c.last_event_ms = max(c.last_event_ms, int(times.max()))
     ctx.checkpointer.cover(batch.offsets)
     return {
         **record,

@@ -38,21 +38,40 @@ def class_means(model: StreamNet, features: torch.Tensor, labels: torch.Tensor) 
 
 
 @torch.no_grad()
-def predict_ncm(
-    model: StreamNet, features: torch.Tensor, means: ClassMeans
+def ncm_logits(model: StreamNet, features: torch.Tensor, means: ClassMeans) -> torch.Tensor:
+    """Cosines ``[n, k]`` between the embeddings and the ``k`` class means (NCM's logits)."""
+    model.eval()
+    h = F.normalize(model.embed(features).float(), dim=-1)
+    return h @ means.means.T
+
+
+def ncm_from_logits(
+    cosines: torch.Tensor, means: ClassMeans, temperature: float = NCM_TEMPERATURE
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted class index [n], confidence [n]) by cosine to the nearest class mean."""
+    """(class index [n], confidence [n]): the nearest mean, ``max softmax(cosine / T)``."""
+    conf, idx = torch.softmax(cosines / temperature, dim=1).max(dim=1)
+    return means.labels[idx], conf
+
+
+@torch.no_grad()
+def predict_ncm(
+    model: StreamNet,
+    features: torch.Tensor,
+    means: ClassMeans,
+    temperature: float = NCM_TEMPERATURE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class index [n], confidence [n]) by cosine to the nearest class mean.
+
+    ``temperature`` turns cosines into a confidence; the learner passes the one fitted on
+    its probes (:mod:`pipeline.learning.calibration`) once there is one.
+    """
     if len(means) == 0 or features.shape[0] == 0:
         n = features.shape[0]
         return (
             torch.full((n,), -1, dtype=torch.long, device=features.device),
             torch.zeros(n, device=features.device),
         )
-    model.eval()
-    h = F.normalize(model.embed(features).float(), dim=-1)
-    probs = torch.softmax(h @ means.means.T / NCM_TEMPERATURE, dim=1)
-    conf, idx = probs.max(dim=1)
-    return means.labels[idx], conf
+    return ncm_from_logits(ncm_logits(model, features, means), means, temperature)
 
 
 @torch.no_grad()

@@ -48,6 +48,7 @@ class LearnerState:
         self.prequential_total = 0
         self.classifier: str | None = None
         self.ece: float | None = None
+        self.ece_calibrated: float | None = None
         self.steps_seen = 0
         self.evals_seen = 0
         self.ended = False
@@ -105,6 +106,7 @@ class LearnerState:
             primary, chosen = next(iter(record.classifiers.items()))
         self.classifier = primary
         self.ece = chosen.ece if chosen else None
+        self.ece_calibrated = chosen.ece_calibrated if chosen else None
         self.forgetting.update(
             chosen.per_class_accuracy if chosen else {},
             class_task=record.class_task,
@@ -167,7 +169,8 @@ class LearnerState:
         ``per_task_forgetting``; ``anytime_avg_accuracy``, ``backward_transfer`` (float |
         null); ``min_task_accuracy``, {ended task: lowest accuracy since it ended} (the
         stability gap) and ``avg_min_accuracy``, its mean (null before a task ends); ``ece``
-        of the primary classifier; ``accuracy_matrix``, [{"task": ended task, "accuracy":
+        of the primary classifier and ``ece_calibrated``, its ECE after temperature scaling
+        (NCM only, else null); ``accuracy_matrix``, [{"task": ended task, "accuracy":
         {task: float}}, ...]; ``current_task``; ``evaluations``; ``final``, the learner's
         ``end`` was seen (and no step since).
         """
@@ -192,6 +195,7 @@ class LearnerState:
             "min_task_accuracy": r.min_task_accuracy,
             "avg_min_accuracy": r.avg_min_accuracy,
             "ece": self.ece,
+            "ece_calibrated": self.ece_calibrated,
             "accuracy_matrix": [
                 {"task": row.task, "accuracy": row.accuracy} for row in r.accuracy_matrix
             ],

@@ -56,10 +56,20 @@ class _Table:
 
 
 @dataclass(frozen=True)
+class FeatureTable:
+    """Rows of a file to score (``supcon-stream predict``): labels only when it has them."""
+
+    features: np.ndarray  # float64 [n, dim], finite
+    labels: list[Label] | None
+    ids: list[str]
+
+
+@dataclass(frozen=True)
 class _Columns:
     label: str
     task: str
     id: str
+    label_required: bool = True
 
 
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
@@ -87,21 +97,35 @@ def load_labeled_file(
     unreadable file, a missing column or a bad value raises :class:`ConfigError`.
     """
     path = Path(path)
-    readers: dict[str, Callable[[Path, _Columns], _Table]] = {
-        ".csv": _read_csv,
-        ".jsonl": _read_jsonl,
-        ".ndjson": _read_jsonl,
-        ".npz": _read_npz,
-        ".parquet": _read_parquet,
-    }
-    reader = readers.get(path.suffix.lower())
+    reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise ConfigError(
             f"cannot load {path}: unsupported file type {path.suffix or '(no suffix)'!r}; "
-            f"expected one of {', '.join(readers)}"
+            f"expected one of {', '.join(_READERS)}"
         )
     table = reader(path, _Columns(label_column, task_column, id_column))
     return _labeled_scenario(path, table)
+
+
+def load_feature_file(
+    path: str | Path, label_column: str = "label", id_column: str = "id"
+) -> FeatureTable:
+    """The rows of a JSONL, CSV, NPZ or Parquet file to score, labeled or not.
+
+    The same readers and checks as :func:`load_labeled_file`, except that the label column
+    (``y``/``labels`` in an NPZ) may be absent; ids default to ``<file stem>-<row>``.
+    """
+    path = Path(path)
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ConfigError(
+            f"cannot load {path}: unsupported file type {path.suffix or '(no suffix)'!r}; "
+            f"expected one of {', '.join(_READERS)}"
+        )
+    table = reader(path, _Columns(label_column, "task", id_column, label_required=False))
+    n = len(table.features)
+    ids = table.ids if table.ids is not None else [f"{path.stem}-{i}" for i in range(n)]
+    return FeatureTable(table.features, table.labels or None, ids)
 
 
 def _labeled_scenario(path: Path, table: _Table) -> Scenario:
@@ -196,7 +220,7 @@ def _read_npz(path: Path, names: _Columns) -> _Table:
         return next((key for key in keys if key in arrays), None)
 
     feature_key, label_key = pick("X", "features"), pick("y", "labels", names.label)
-    if feature_key is None or label_key is None:
+    if feature_key is None or (label_key is None and names.label_required):
         raise ConfigError(
             f"{path}: an .npz needs a feature array (X or features) and a label array "
             f"(y, labels or {names.label}); it holds {', '.join(sorted(arrays)) or 'nothing'}"
@@ -207,7 +231,9 @@ def _read_npz(path: Path, names: _Columns) -> _Table:
             f"{path}: {feature_key} must be a 2-D numeric array, got shape {features.shape} "
             f"of {features.dtype}"
         )
-    columns: dict[str, list[Any]] = {names.label: arrays[label_key].tolist()}
+    columns: dict[str, list[Any]] = {}
+    if label_key is not None:
+        columns[names.label] = arrays[label_key].tolist()
     for name in (names.task, names.id):
         if name in arrays:
             columns[name] = arrays[name].tolist()
@@ -253,14 +279,15 @@ def _table(
     features: np.ndarray | None = None,
 ) -> _Table:
     """Validate the label, task and id columns and find the features (unless given)."""
-    if names.label not in columns:
+    if names.label not in columns and names.label_required:
         raise ConfigError(
             f"{path}: no label column {names.label!r}; columns: {', '.join(columns) or 'none'}"
         )
-    n = len(columns[names.label])
+    n = len(features) if features is not None else len(next(iter(columns.values()), []))
     if n == 0:
-        raise ConfigError(f"{path} holds no labeled rows")
-    labels = [_class_value(v, path, i, names.label) for i, v in enumerate(columns[names.label])]
+        raise ConfigError(f"{path} holds no {'labeled ' if names.label_required else ''}rows")
+    raw_labels = columns.get(names.label, [])
+    labels = [_class_value(v, path, i, names.label) for i, v in enumerate(raw_labels)]
     tasks = None
     if names.task in columns:
         tasks = [_class_value(v, path, i, names.task) for i, v in enumerate(columns[names.task])]
@@ -343,3 +370,12 @@ def _class_value(value: Any, path: Path, row: int, column: str) -> Label:
     raise ConfigError(
         f"{path}: row {row + 1}: {column!r} is {value!r}, not an integer or a non-empty string"
     )
+
+
+_READERS: dict[str, Callable[[Path, _Columns], _Table]] = {
+    ".csv": _read_csv,
+    ".jsonl": _read_jsonl,
+    ".ndjson": _read_jsonl,
+    ".npz": _read_npz,
+    ".parquet": _read_parquet,
+}

@@ -138,11 +138,23 @@ class ClassifierScores:
     per_class_accuracy: Mapping[str, float]
     """Accuracy of each probed class, in [0, 1]."""
     ece: float | None = None
-    """Expected calibration error of its confidences; None without probes."""
+    """Expected calibration error of its confidences; None without probes. For NCM, of the
+    confidences at the fixed temperature 0.1, i.e. before calibration."""
+    ece_calibrated: float | None = None
+    """NCM only: the ECE after temperature scaling with ``temperature``, fitted on the same
+    probes; None when no temperature was fitted (too few probes) or for other classifiers.
+    Optional on the wire: absent in records of older learners."""
+    temperature: float | None = None
+    """NCM only: the softmax temperature fitted on the probes (the bundle ships it)."""
 
     @classmethod
     def from_payload(cls, p: _Payload) -> ClassifierScores:
-        return cls(per_class_accuracy=p.scores("per_class_accuracy"), ece=p.number("ece"))
+        return cls(
+            per_class_accuracy=p.scores("per_class_accuracy"),
+            ece=p.number("ece"),
+            ece_calibrated=p.number("ece_calibrated"),
+            temperature=p.number("temperature"),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -191,6 +191,7 @@ def test_publishes_loss_and_forgetting(
         "min_task_accuracy": {"0": approx(0.6)},  # task 0 since it ended: 0.6
         "avg_min_accuracy": approx(0.6),
         "ece": 0.05,
+        "ece_calibrated": None,
         "accuracy_matrix": [{"task": "0", "accuracy": {"0": approx(0.9)}}],
         "current_task": "1",
         "evaluations": 2,

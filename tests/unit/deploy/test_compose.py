@@ -37,7 +37,18 @@ def test_expected_services(compose):
         "learner-supcon",
         "learner-ce",
         "replay",
+        "serve",
     } <= services
+
+
+def test_serve_reads_the_bundles_the_supcon_learner_exports(compose):
+    services = compose["services"]
+    settings = load_settings(ROOT / "configs" / "compose.yaml", environ={})
+    models = str(settings.export.dir)
+    assert settings.export.every_checkpoints > 0
+    assert f"models:{models}" in services["learner-supcon"]["volumes"]
+    assert f"models:{models}:ro" in services["serve"]["volumes"]
+    assert services["serve"]["environment"]["SUPCON_STREAM__SERVE__LEARNER"] == "supcon"
 
 
 def test_redis_persists_with_aof(compose):

@@ -103,3 +103,19 @@ def test_unfinished_write_left_by_a_crash_is_removed_and_ignored(tmp_path):
     assert restored is not None
     assert restored.step == 1
     assert not torn.exists()
+
+
+def test_calibration_and_metrics_round_trip_and_older_files_load(tmp_path):
+    ckpt = _ckpt(1)
+    ckpt.temperature = 0.042
+    ckpt.metrics = {"ece": 0.1, "per_class_accuracy": {"a": 0.5}}
+    save_checkpoint(tmp_path, ckpt, keep=2)
+    restored = load_latest(tmp_path)
+    assert restored is not None
+    assert restored.temperature == 0.042
+    assert restored.metrics == ckpt.metrics
+    payload = _ckpt(2).to_payload()
+    del payload["temperature"], payload["metrics"]  # written before calibration existed
+    older = Checkpoint.from_payload(payload)
+    assert older.temperature is None
+    assert older.metrics == {}

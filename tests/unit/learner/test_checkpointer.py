@@ -77,6 +77,11 @@ class _Recorder:
     def health_progress(self, **fields: Any) -> None:
         self.calls.append("health progress")
 
+    def export(self, ctx: Any, offsets: dict[tuple[str, int], int]) -> None:
+        # A bundle never covers more than a durable checkpoint.
+        assert list_checkpoints(self.directory)
+        self.calls.append(f"export {dict(offsets)}")
+
     def commit(self, offsets: dict[tuple[str, int], int]) -> None:
         # The checkpoint covering these offsets must already be on disk.
         assert list_checkpoints(self.directory)
@@ -109,6 +114,9 @@ def _context(rec: _Recorder, step: int = 7) -> SimpleNamespace:
         registry=registry,
         probes=ProbeSet(per_class=2, input_dim=3, device=torch.device("cpu")),
         counters=Counters(consumed=40, trained=30),
+        temperature=0.042,
+        last_metrics={"ece": 0.1},
+        exporter=SimpleNamespace(after_checkpoint=rec.export),
     )
 
 
@@ -138,6 +146,7 @@ def test_commit_runs_its_steps_in_order(tmp_path, calls):
         "ledger sync",
         "save checkpoint 7",
         "health progress",
+        "export {('t', 0): 12, ('t', 1): 4}",
         "commit offsets",
     ]
     assert path == list_checkpoints(tmp_path)[0]
@@ -150,6 +159,8 @@ def test_commit_runs_its_steps_in_order(tmp_path, calls):
     assert restored.class_task == {"a": "t0", "b": None}
     assert restored.counters["consumed"] == 40.0
     assert restored.counters["skipped"] == 2.0
+    assert restored.temperature == 0.042
+    assert restored.metrics == {"ece": 0.1}
 
 
 def test_commit_restarts_the_schedule(tmp_path, calls):
@@ -177,7 +188,7 @@ def test_nothing_to_commit_still_saves(tmp_path, calls):
     rec = _Recorder(tmp_path, calls)
     c = _checkpointer(tmp_path)
     assert c.commit(_context(rec)) is not None
-    assert calls[-2:] == ["save checkpoint 7", "health progress"]
+    assert calls[-3:] == ["save checkpoint 7", "health progress", "export {}"]
     assert rec.committed == []
 
 

@@ -166,6 +166,7 @@ def test_forgetting_payloads_use_the_primary_classifier() -> None:
         "min_task_accuracy": {"0": approx(0.6)},
         "avg_min_accuracy": approx(0.6),
         "ece": 0.125,  # the primary classifier's
+        "ece_calibrated": None,  # NCM after temperature scaling; the head has none
         "accuracy_matrix": [{"task": "0", "accuracy": {"0": approx(0.9)}}],
         "current_task": "1",
         "evaluations": 2,

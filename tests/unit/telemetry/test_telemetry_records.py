@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import orjson
@@ -9,7 +10,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from pipeline.config import SidecarSettings
-from pipeline.sidecar.state import SidecarState
+from pipeline.sidecar.state import LearnerState, SidecarState
 from pipeline.telemetry.channel import MALFORMED, decode_entry
 from pipeline.telemetry.records import (
     ClassifierScores,
@@ -88,7 +89,25 @@ def test_classifier_scores_are_nested_objects_on_the_wire() -> None:
     assert payload["classifiers"]["ncm"] == {
         "per_class_accuracy": {"0": 1.0, "cat": 0.5},
         "ece": 0.125,
+        "ece_calibrated": None,
+        "temperature": None,
     }
+
+
+def test_calibrated_ece_is_optional_both_ways() -> None:
+    # An older learner's scores (no calibration fields) decode with None ...
+    old = orjson.loads(EVAL.to_json())
+    for scores in old["classifiers"].values():
+        del scores["ece_calibrated"], scores["temperature"]
+    assert EvalRecord.from_json(orjson.dumps(old)) == EVAL
+    # ... and a newer learner's calibration travels through to the sidecar's payload.
+    calibrated = ClassifierScores({"0": 1.0}, 0.2, ece_calibrated=0.03, temperature=0.04)
+    record = dataclasses.replace(EVAL, primary="ncm", classifiers={"ncm": calibrated})
+    assert EvalRecord.from_json(record.to_json()) == record
+    state = LearnerState("ce", SidecarSettings())
+    state.apply(record)
+    payload = state.forgetting_payload()
+    assert (payload["ece"], payload["ece_calibrated"]) == (0.2, 0.03)
 
 
 def test_optional_fields_default_and_unknown_fields_are_ignored() -> None:
