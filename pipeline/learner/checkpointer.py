@@ -128,6 +128,8 @@ class Checkpointer:
         path = save_checkpoint(self.directory, ckpt, self.keep)
         if ctx.health is not None:
             ctx.health.progress(checkpoint_step=ctx.state.step, checkpoint_ts=round(time.time(), 3))
+        if ctx.exposition is not None:
+            ctx.exposition.checkpointed()
         if not self.offsets:
             return path
         if wait:
@@ -140,5 +142,7 @@ class Checkpointer:
                 )
         else:
             ctx.source.commit(dict(self.offsets))
+        if ctx.exposition is not None:
+            ctx.exposition.commit_requested()
         log.debug("checkpoint written", path=str(path), offsets=len(self.offsets))
         return path

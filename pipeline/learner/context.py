@@ -16,6 +16,7 @@ from consumers.protocols import EventSource
 from memory_bank.bank import MemoryBank
 from pipeline.config import Settings
 from pipeline.learner.checkpointer import Checkpointer
+from pipeline.learner.exposition import LearnerExposition
 from pipeline.learner.health import HealthBoard
 from pipeline.learner.ledger import TrainedLedger
 from pipeline.learner.probes import ProbeSet
@@ -69,6 +70,7 @@ class LearnerContext:
     started: float = field(default_factory=time.monotonic)
     ledger: TrainedLedger | None = None  # checkpoint.ledger: ids of every trained event
     health: HealthBoard | None = None
+    exposition: LearnerExposition | None = None  # Prometheus series, served with /healthz
 
     @property
     def name(self) -> str:

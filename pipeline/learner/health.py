@@ -8,11 +8,19 @@ the Redis bank store). :class:`HealthBoard` keeps that state and the loop's prog
 * a daemon thread rewrites ``<checkpoint.dir>/<name>/health.json`` every ``health.every_s``
   (atomically: write a temp file, then rename), also while the training thread is blocked in a
   retry, which is exactly when the file matters;
-* optionally serves the same JSON on ``GET /healthz`` (HTTP 200 when ``ok``, 503 otherwise),
-  for an orchestrator's probe.
+* optionally serves, on ``health.http_port``:
+
+  - ``GET /healthz``, liveness: the same JSON, HTTP 200 while ``running``, 503 otherwise;
+    a loop that has made no progress (no batch handled, no idle tick: :meth:`tick`) for
+    ``health.stale_after_s`` turns the status to ``unresponsive``, so a hung training step
+    fails the probe even though this thread still answers;
+  - ``GET /readyz``, readiness: 200 only once partitions are assigned, the checkpoint is
+    restored and the bank is loaded (:meth:`mark_ready`), and the loop is live;
+  - ``GET /metrics``, the Prometheus exposition (:mod:`pipeline.learner.exposition`).
 
 ``supcon-stream status`` reads the files (:func:`read_status`); a file older than
-``health.stale_after_s`` means the learner is gone or hung.
+``health.stale_after_s`` means the learner is gone, a status ``unresponsive`` that its loop
+is hung.
 """
 
 from __future__ import annotations
@@ -34,15 +42,30 @@ from pipeline.exceptions import SupconStreamError
 log = structlog.get_logger(__name__)
 
 HEALTH_FILE = "health.json"
+# What /readyz waits for; each is set by the component that does it (mark_ready).
+READINESS = ("partitions_assigned", "checkpoint_restored", "bank_loaded")
+# The Prometheus text format, version 0.0.4 (prometheus_client's CONTENT_TYPE_LATEST).
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 Reporter = Callable[[str | None], None]
 
 
 class HealthBoard:
     """Thread-safe state: components up/down with the error and since when, plus progress."""
 
-    def __init__(self, learner: str, path: Path | None = None) -> None:
+    def __init__(
+        self,
+        learner: str,
+        path: Path | None = None,
+        stale_after_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.learner = learner
         self.path = path
+        self.stale_after_s = stale_after_s
+        self._clock = clock
+        self._last_tick = clock()
+        self._ready = dict.fromkeys(READINESS, False)
+        self._render_metrics: Callable[[], bytes] | None = None
         self._lock = threading.Lock()
         self._components: dict[str, dict[str, Any]] = {}
         self._progress: dict[str, Any] = {}
@@ -92,7 +115,36 @@ class HealthBoard:
     def set_state(self, state: str) -> None:
         with self._lock:
             self._state = state
+            self._last_tick = self._clock()  # staleness counts from the loop's start
         self.write()
+
+    def tick(self) -> None:
+        """The loop made progress (a batch handled or an idle wait ended)."""
+        self._last_tick = self._clock()  # one float store: no lock on the hot path
+
+    def mark_ready(self, part: str, value: bool = True) -> None:
+        """One of :data:`READINESS` is (or is no longer) done."""
+        with self._lock:
+            self._ready[part] = value
+
+    def serve_metrics(self, render: Callable[[], bytes]) -> None:
+        """Serve ``render()`` (the Prometheus text format) on ``GET /metrics``."""
+        self._render_metrics = render
+
+    def loop_age_s(self) -> float:
+        return self._clock() - self._last_tick
+
+    def live(self) -> bool:
+        """False once the running loop has been stuck for more than ``stale_after_s``."""
+        with self._lock:
+            state = self._state
+        return state != "running" or self.loop_age_s() <= self.stale_after_s
+
+    def ready(self) -> bool:
+        with self._lock:
+            parts_done = all(self._ready.values())
+            state = self._state
+        return parts_done and state == "running" and self.live()
 
     # ---- reading --------------------------------------------------------------------------
 
@@ -101,7 +153,11 @@ class HealthBoard:
             components = {k: dict(v) for k, v in self._components.items()}
             progress = dict(self._progress)
             state = self._state
-        if state == "running" and not all(c["up"] for c in components.values()):
+            readiness = dict(self._ready)
+        loop_age = self.loop_age_s()
+        if state == "running" and loop_age > self.stale_after_s:
+            state = "unresponsive"
+        elif state == "running" and not all(c["up"] for c in components.values()):
             state = "degraded"
         return {
             "learner": self.learner,
@@ -111,6 +167,8 @@ class HealthBoard:
             "started": round(self._started, 3),
             "components": components,
             "progress": progress,
+            "loop_age_s": round(loop_age, 3),
+            "readiness": readiness,
         }
 
     def write(self) -> None:
@@ -144,7 +202,10 @@ class HealthBoard:
                 ) from None
             self._server.daemon_threads = True
             threading.Thread(target=self._server.serve_forever, name="healthz", daemon=True).start()
-            log.info("serving /healthz", address=f"http://{http_host}:{self.http_port}/healthz")
+            log.info(
+                "serving /healthz, /readyz and /metrics",
+                address=f"http://{http_host}:{self.http_port}",
+            )
 
     @property
     def http_port(self) -> int | None:
@@ -171,13 +232,22 @@ def _up() -> dict[str, Any]:
 def _handler_for(board: HealthBoard) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # http.server's naming
-            if self.path.split("?")[0] != "/healthz":
+            path = self.path.split("?")[0]
+            if path == "/healthz":
+                snap = board.snapshot()
+                self._send(200 if snap["status"] == "running" else 503, orjson.dumps(snap))
+            elif path == "/readyz":
+                ready = board.ready()
+                body = {"ready": ready, "live": board.live(), **board.snapshot()["readiness"]}
+                self._send(200 if ready else 503, orjson.dumps(body))
+            elif path == "/metrics" and board._render_metrics is not None:
+                self._send(200, board._render_metrics(), METRICS_CONTENT_TYPE)
+            else:
                 self.send_error(404)
-                return
-            snap = board.snapshot()
-            body = orjson.dumps(snap)
-            self.send_response(200 if snap["status"] == "running" else 503)
-            self.send_header("Content-Type", "application/json")
+
+        def _send(self, code: int, body: bytes, content_type: str = "application/json") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
