@@ -30,22 +30,19 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import orjson
 import structlog
 
-from pipeline.exceptions import SupconStreamError
+from pipeline.http_endpoints import METRICS_CONTENT_TYPE, Answer, EndpointServer, json_answer
 
 log = structlog.get_logger(__name__)
 
 HEALTH_FILE = "health.json"
 # What /readyz waits for; each is set by the component that does it (mark_ready).
 READINESS = ("partitions_assigned", "checkpoint_restored", "bank_loaded")
-# The Prometheus text format, version 0.0.4 (prometheus_client's CONTENT_TYPE_LATEST).
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 Reporter = Callable[[str | None], None]
 
 
@@ -73,7 +70,7 @@ class HealthBoard:
         self._started = time.time()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._server: ThreadingHTTPServer | None = None
+        self._server: EndpointServer | None = None
 
     # ---- reporting ------------------------------------------------------------------------
 
@@ -140,6 +137,10 @@ class HealthBoard:
             state = self._state
         return state != "running" or self.loop_age_s() <= self.stale_after_s
 
+    def readiness(self) -> dict[str, bool]:
+        with self._lock:
+            return dict(self._ready)
+
     def ready(self) -> bool:
         with self._lock:
             parts_done = all(self._ready.values())
@@ -193,15 +194,9 @@ class HealthBoard:
         )
         self._thread.start()
         if http_port is not None:
-            try:
-                self._server = ThreadingHTTPServer((http_host, http_port), _handler_for(self))
-            except OSError as exc:
-                raise SupconStreamError(
-                    f"health.http_port: cannot serve /healthz on {http_host}:{http_port}: "
-                    f"{exc.strerror or exc}"
-                ) from None
-            self._server.daemon_threads = True
-            threading.Thread(target=self._server.serve_forever, name="healthz", daemon=True).start()
+            routes = {"/healthz": self._healthz, "/readyz": self._readyz, "/metrics": self._metrics}
+            self._server = EndpointServer(routes, "health.http_port")
+            self._server.start(http_host, http_port)
             log.info(
                 "serving /healthz, /readyz and /metrics",
                 address=f"http://{http_host}:{self.http_port}",
@@ -209,15 +204,27 @@ class HealthBoard:
 
     @property
     def http_port(self) -> int | None:
-        return int(self._server.server_address[1]) if self._server is not None else None
+        return self._server.port if self._server is not None else None
+
+    def _healthz(self) -> Answer:
+        snap = self.snapshot()
+        return json_answer(snap["status"] == "running", snap)
+
+    def _readyz(self) -> Answer:
+        ready = self.ready()
+        return json_answer(ready, {"ready": ready, "live": self.live(), **self.readiness()})
+
+    def _metrics(self) -> Answer:
+        if self._render_metrics is None:
+            return 404, b"no metrics\n", "text/plain"
+        return 200, self._render_metrics(), METRICS_CONTENT_TYPE
 
     def close(self, final_state: str = "stopped") -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5.0)
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
         self.set_state(final_state)
 
     def _write_loop(self, every_s: float) -> None:
@@ -227,35 +234,6 @@ class HealthBoard:
 
 def _up() -> dict[str, Any]:
     return {"up": True, "since": time.time(), "error": None, "outages": 0}
-
-
-def _handler_for(board: HealthBoard) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # http.server's naming
-            path = self.path.split("?")[0]
-            if path == "/healthz":
-                snap = board.snapshot()
-                self._send(200 if snap["status"] == "running" else 503, orjson.dumps(snap))
-            elif path == "/readyz":
-                ready = board.ready()
-                body = {"ready": ready, "live": board.live(), **board.snapshot()["readiness"]}
-                self._send(200 if ready else 503, orjson.dumps(body))
-            elif path == "/metrics" and board._render_metrics is not None:
-                self._send(200, board._render_metrics(), METRICS_CONTENT_TYPE)
-            else:
-                self.send_error(404)
-
-        def _send(self, code: int, body: bytes, content_type: str = "application/json") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:  # base class signature
-            return  # probes every few seconds would flood the log
-
-    return Handler
 
 
 def health_path(checkpoint_dir: Path) -> Path:

@@ -291,7 +291,7 @@ def test_kafka_down_keeps_running_and_holds_the_cursor(
         wait_for(lambda: runner.records_read >= 1)
         time.sleep(1.0)  # a few failed publish attempts with back-off
         assert thread.is_alive()
-        assert runner.published == {"loss": 0, "forgetting": 0}
+        assert runner.published == {"loss": 0, "forgetting": 0, "alerts": 0}
         assert redis_client.get(f"{settings.redis.key_prefix}:sidecar:cursor:{LEARNER}") is None
     finally:
         stop.set()
