@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
+from consumers.decode import REASONS
 from consumers.events import EventBatch
 
 _LABELS = ("learner", "objective")
@@ -63,6 +64,10 @@ class LearnerExposition:
             (*_LABELS, "reason"),
             registry=r,
         )
+        for reason in (*REASONS, "class_limit"):
+            # Every reason exported from the start, at 0: a series born at its first dead
+            # letter would hide that first burst from rate().
+            self._dead.labels(*ids, reason)
         self._steps = counter("supcon_train_steps", "Optimizer steps taken.").labels(*ids)
         self._skipped = counter(
             "supcon_train_steps_skipped", "Steps skipped for a non-finite loss or gradient."
