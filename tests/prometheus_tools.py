@@ -23,6 +23,7 @@ from pipeline.devtools.devstack import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "supcon-stream.json"
 PROMETHEUS = shutil.which("prometheus")
 T = TypeVar("T")
 
@@ -50,6 +51,12 @@ class Prometheus:
         """{scrape URL: health} of the active targets."""
         data = self.api("targets")
         return {t["scrapeUrl"]: t["health"] for t in data["activeTargets"]}
+
+
+def dashboard_queries() -> list[str]:
+    """Every panel query (``expr``) of the Grafana dashboard, as written there."""
+    doc = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for panel in doc["panels"] for t in panel["targets"]]
 
 
 def alert_expr(name: str) -> str:

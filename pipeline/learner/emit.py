@@ -86,14 +86,7 @@ def start_health(ctx: LearnerContext) -> None:
     if board is None:
         return
     if expo is not None:
-        expo.gauge_function(
-            "supcon_learner_live",
-            "1 while /healthz answers 200 (loop not stuck).",
-            lambda: float(board.snapshot()["status"] == "running"),
-        )
-        expo.gauge_function(
-            "supcon_learner_ready", "1 while /readyz answers 200.", lambda: float(board.ready())
-        )
+        expo.watch_health(lambda: board.snapshot()["status"] == "running", board.ready)
         board.serve_metrics(expo.render)
     board.start(h.every_s, h.http_host, h.http_port)
     board.set_state("running")

@@ -118,16 +118,25 @@ class LearnerExposition:
             "Seconds since offsets were last handed for commit.",
             lambda: time.time() - self._last_commit,
         )
+        self._live: Callable[[], bool] = lambda: False
+        self._ready: Callable[[], bool] = lambda: False
+        self._age(
+            "supcon_learner_live",
+            "1 while /healthz answers 200 (running, loop not stuck).",
+            lambda: float(self._live()),
+        )
+        self._age(
+            "supcon_learner_ready", "1 while /readyz answers 200.", lambda: float(self._ready())
+        )
         self._next_lag = 0.0
-        self._classes: set[str] = set()
 
     def _age(self, name: str, doc: str, fn: Callable[[], float]) -> None:
         Gauge(name, doc, _LABELS, registry=self.registry).labels(*self._ids).set_function(fn)
 
-    def gauge_function(self, name: str, doc: str, fn: Callable[[], float]) -> None:
-        """A gauge computed when scraped (liveness, readiness): ``fn`` must be cheap and safe
-        to call from the HTTP thread."""
-        self._age(name, doc, fn)
+    def watch_health(self, live: Callable[[], bool], ready: Callable[[], bool]) -> None:
+        """Where ``supcon_learner_live`` and ``_ready`` read from when scraped (cheap calls,
+        safe from the HTTP thread)."""
+        self._live, self._ready = live, ready
 
     # ---- updates from the training thread --------------------------------------------------
 

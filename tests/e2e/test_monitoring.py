@@ -24,7 +24,14 @@ import numpy as np
 import orjson
 import pytest
 from kafka import KafkaProducer
-from prometheus_tools import PROMETHEUS, alert_expr, poll, running_prometheus
+from prometheus_tools import (
+    PROMETHEUS,
+    Prometheus,
+    alert_expr,
+    dashboard_queries,
+    poll,
+    running_prometheus,
+)
 
 from consumers.admin import ensure_topics
 from pipeline.config import load_settings
@@ -85,6 +92,19 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _every_dashboard_query_runs(prom: Prometheus) -> None:
+    """Each panel query of the Grafana dashboard, with its variables filled in as Grafana
+    would, is valid PromQL for this Prometheus (an invalid one answers HTTP 400)."""
+    answered = {}
+    for expr in dashboard_queries():
+        promql = expr.replace("$learner", ".*").replace("$__rate_interval", "1m")
+        answered[expr] = prom.query(promql)
+    with_data = [e for e, result in answered.items() if result]
+    throughput = next(e for e in answered if "supcon_events_consumed_total" in e)
+    assert throughput in with_data
+    assert len(with_data) >= len(answered) // 2, sorted(set(answered) - set(with_data))
 
 
 def test_prometheus_scrapes_learners_and_sidecar_readiness_dlq_and_a_stuck_loop(
@@ -178,6 +198,7 @@ def test_prometheus_scrapes_learners_and_sidecar_readiness_dlq_and_a_stuck_loop(
                 60,
             )
             assert len(targets) == 3
+            _every_dashboard_query_runs(prom)
 
             # a leaves: b gets the partition and becomes ready.
             _stop(proc_a)
