@@ -173,9 +173,12 @@ def _assemble(
         generator=torch.Generator(device=device).manual_seed(settings.train.seed),
         checkpointer=Checkpointer.from_settings(settings),
         health=health,
+        # Only when served: without health.http_port nothing could scrape it.
         exposition=LearnerExposition(
             settings.learner_name, settings.train.objective, settings.model.max_classes
-        ),
+        )
+        if settings.health.http_port is not None
+        else None,
     )
     if settings.checkpoint.ledger:
         ctx.ledger = TrainedLedger(ledger_path(settings.checkpoint_dir))
