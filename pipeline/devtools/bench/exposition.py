@@ -1,10 +1,12 @@
 """``supcon-stream bench exposition``: what the Prometheus exposition costs, in one run.
 
-1. **render**: the learner's and the sidecar's ``/metrics`` bodies with ``classes`` classes
+1. **update**: the training thread's share, ``LearnerExposition.batch_done`` for a 32-event
+   batch, timed over ``renders`` × 4 calls (microseconds per batch).
+2. **render**: the learner's and the sidecar's ``/metrics`` bodies with ``classes`` classes
    (100 by default: per-class bank items, accuracy and forgetting, a task × task accuracy
    matrix, every dead-letter reason, histograms filled), rendered ``renders`` times each;
    median, p99 and max milliseconds and the body size.
-2. **end-to-end, metrics off vs on**: a full ``supcon-stream learn`` process over the same
+3. **end-to-end, metrics off vs on**: a full ``supcon-stream learn`` process over the same
    topic (a fresh consumer group each run), without ``health.http_port`` (no exposition at
    all) and with it, scraped every second as Prometheus would; off, on, off, on, so drift of
    a shared machine shows up as the spread between runs of one kind.
@@ -38,11 +40,9 @@ from pipeline.sidecar.exposition import SidecarExposition
 from pipeline.sidecar.state import Publication
 
 
-def _filled_learner(classes: int) -> LearnerExposition:
-    expo = LearnerExposition("bench", "supcon", max_classes=classes)
-    n = 256
+def _batch(n: int) -> EventBatch:
     now_ms = int(time.time() * 1000)
-    batch = EventBatch(
+    return EventBatch(
         ids=tuple(f"e{i}" for i in range(n)),
         features=np.zeros((n, 1), dtype=np.float32),
         labels=("0",) * n,
@@ -51,6 +51,12 @@ def _filled_learner(classes: int) -> LearnerExposition:
         sources=tuple(SourceRecord("t", i % 4, i, None, now_ms - 10 * i) for i in range(n)),
         consumed=n,
     )
+
+
+def _filled_learner(classes: int) -> LearnerExposition:
+    expo = LearnerExposition("bench", "supcon", max_classes=classes)
+    n = 256
+    batch = _batch(n)
     fates = {"consumed": n, "trained": n - 20, "held_out": 20, "predicted": 0}
     for step in range(50):
         expo.batch_done(batch, fates, {"not_json": 1}, list(range(n - 20)), (3, 0), (0.01, 0.008))
@@ -78,6 +84,19 @@ def _filled_sidecar(classes: int) -> SidecarExposition:
         [Publication("forgetting", "bench", forgetting), Publication("loss", "bench", loss)], {}
     )
     return expo
+
+
+def measure_update(calls: int, n: int = 32) -> dict[str, Any]:
+    """Microseconds of the training thread's per-batch update (``batch_done``)."""
+    expo = LearnerExposition("bench", "supcon", max_classes=100)
+    batch = _batch(n)
+    fates = {"consumed": n, "trained": n - 3, "held_out": 3, "predicted": 0}
+    rows = list(range(n - 3))
+    started = time.perf_counter()
+    for _ in range(calls):
+        expo.batch_done(batch, fates, {}, rows, (3, 0), (0.01, 0.008))
+    seconds = time.perf_counter() - started
+    return {"batch_events": n, "calls": calls, "us_per_batch": round(seconds / calls * 1e6, 1)}
 
 
 def measure_render(classes: int, renders: int) -> dict[str, Any]:
@@ -180,6 +199,8 @@ def run_bench_exposition(
 ) -> dict[str, Any]:
     begun = time.perf_counter()
     report: dict[str, Any] = {"command": command, "machine": machine_info()}
+    report["update"] = measure_update(renders * 4)
+    _progress(f"per-batch update: {report['update']['us_per_batch']} us")
     report["render"] = measure_render(classes, renders)
     r = report["render"]
     _progress(
@@ -201,6 +222,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "# Exposition cost",
         "",
         f"Command: `{report['command']}`; {m['cpu_count']} CPUs, torch {m['torch']}.",
+        "",
+        f"Training thread, per {report['update']['batch_events']}-event batch: "
+        f"{report['update']['us_per_batch']} µs (`batch_done`, {report['update']['calls']} calls).",
         "",
         f"`/metrics` render, {r['classes']} classes, {r['renders']} renders each:",
         "",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.devtools.bench.exposition import measure_render, render_markdown
+from pipeline.devtools.bench.exposition import measure_render, measure_update, render_markdown
 
 
 def test_render_stage_measures_bodies_with_every_class() -> None:
@@ -15,6 +15,7 @@ def test_render_stage_measures_bodies_with_every_class() -> None:
         "command": "supcon-stream bench exposition",
         "machine": {"cpu_count": 2, "torch": "x"},
         "render": result,
+        "update": measure_update(calls=10),
         "end_to_end": {
             "runs": [
                 {"metrics": False, "events": 10, "seconds": 1.0, "events_per_s": 10.0},
@@ -28,4 +29,5 @@ def test_render_stage_measures_bodies_with_every_class() -> None:
     }
     text = render_markdown(report)
     assert "| learner |" in text
+    assert "µs (`batch_done`, 10 calls)" in text
     assert "on/off = 0.9" in text
