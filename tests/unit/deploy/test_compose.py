@@ -161,3 +161,16 @@ def test_compose_prometheus_config_is_valid():
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(shutil.which("amtool") is None, reason="amtool not installed")
+def test_compose_alertmanager_config_is_valid():
+    done = subprocess.run(
+        ["amtool", "check-config", "alertmanager.yml"],
+        cwd=ROOT / "deploy" / "alertmanager",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
