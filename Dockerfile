@@ -2,14 +2,17 @@
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /app
-# CPU build of torch from the PyTorch index; a GPU image would use a CUDA base and the gpu extra.
-RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# CPU build of torch from the PyTorch index by default; docker-compose.gpu.yml passes a CUDA
+# index and the gpu extra (faiss-gpu).
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG EXTRAS=cpu
+RUN pip install --no-cache-dir torch==2.13.0 --index-url ${TORCH_INDEX}
 COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY consumers ./consumers
 COPY memory_bank ./memory_bank
 COPY configs ./configs
-RUN pip install --no-cache-dir ".[cpu]"
+RUN pip install --no-cache-dir ".[${EXTRAS}]"
 RUN useradd --create-home --uid 10001 supcon && mkdir -p /var/lib/supcon-stream \
     && chown supcon /var/lib/supcon-stream
 USER supcon

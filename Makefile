@@ -15,6 +15,22 @@ BENCH_ARGS ?=
 
 setup: $(STAMP)
 
+# Debian packages the tests use: redis-server, prometheus (prometheus + promtool: the rule
+# tests and the monitoring e2e tests), prometheus-alertmanager (amtool checks the compose
+# stack's alertmanager.yml) and docker-compose (validates docker-compose.yml).
+# Installs only what is missing (apt-get, as root or through sudo); .ci/run calls it.
+SYSTEM_PACKAGES := redis-server:redis-server prometheus:promtool \
+	prometheus-alertmanager:amtool docker-compose:docker-compose
+.PHONY: system-deps
+system-deps:
+	@missing=""; for pair in $(SYSTEM_PACKAGES); do \
+	  command -v "$${pair##*:}" >/dev/null 2>&1 || missing="$$missing $${pair%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  echo "installing Debian packages:$$missing"; \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	else echo "Debian packages present: $(foreach p,$(SYSTEM_PACKAGES),$(firstword $(subst :, ,$(p))))"; fi
+
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy

@@ -44,6 +44,8 @@ class SourceConfig(ConsumerTuning):
     dlq_topic: str = Field(min_length=1)
     commit_timeout_ms: int = Field(10_000, ge=1)
     dlq_flush_timeout_s: float = 30.0
+    learner: str | None = None
+    """Named in every dead letter this source writes, beside the group (``rejected_by``)."""
 
     @model_validator(mode="after")
     def _check_topics(self) -> SourceConfig:
@@ -53,13 +55,29 @@ class SourceConfig(ConsumerTuning):
 
     @classmethod
     def from_tuning(
-        cls, tuning: ConsumerTuning, *, topic: str, group_id: str, input_dim: int, dlq_topic: str
+        cls,
+        tuning: ConsumerTuning,
+        *,
+        topic: str,
+        group_id: str,
+        input_dim: int,
+        dlq_topic: str,
+        learner: str | None = None,
     ) -> SourceConfig:
         """The source of ``topic`` with the knobs of ``tuning`` (e.g. the ``consumer`` settings)."""
         knobs = {name: getattr(tuning, name) for name in ConsumerTuning.model_fields}
         return cls(
-            **knobs, topic=topic, group_id=group_id, input_dim=input_dim, dlq_topic=dlq_topic
+            **knobs,
+            topic=topic,
+            group_id=group_id,
+            input_dim=input_dim,
+            dlq_topic=dlq_topic,
+            learner=learner,
         )
+
+    def rejected_by(self) -> dict[str, str | None]:
+        """Who rejects this source's dead letters: ``{"learner", "group"}``."""
+        return {"learner": self.learner, "group": self.group_id}
 
     def consumer_options(self) -> dict[str, Any]:
         """kafka-python consumer settings derived from this config (connection excluded)."""

@@ -208,13 +208,19 @@ def _batch_checks(
     return keep
 
 
-def dead_letter_payload(dl: DeadLetter, max_raw_bytes: int = DEFAULT_MAX_RAW_BYTES) -> bytes:
+def dead_letter_payload(
+    dl: DeadLetter,
+    max_raw_bytes: int = DEFAULT_MAX_RAW_BYTES,
+    rejected_by: Mapping[str, str | None] | None = None,
+) -> bytes:
     """The JSON body of a DLQ message.
 
     ``{"reason", "detail", "source": {"topic", "partition", "offset"}, "raw": base64 | null,
-    "raw_bytes": original length, "raw_truncated": bool}``. ``raw`` keeps at most
-    ``max_raw_bytes`` of the original value so that an oversized event still fits in one
-    producer request; ``raw_truncated`` says when it was cut.
+    "raw_bytes": original length, "raw_truncated": bool, "rejected_by": {"learner", "group"}
+    | null}``. ``raw`` keeps at most ``max_raw_bytes`` of the original value so that an
+    oversized event still fits in one producer request; ``raw_truncated`` says when it was
+    cut. ``rejected_by`` names the learner and consumer group that rejected the record, so
+    two learners' dead letters on one DLQ can be told apart.
     """
     value = dl.source.value
     raw: str | None = None
@@ -236,5 +242,6 @@ def dead_letter_payload(dl: DeadLetter, max_raw_bytes: int = DEFAULT_MAX_RAW_BYT
             "raw": raw,
             "raw_bytes": size,
             "raw_truncated": truncated,
+            "rejected_by": dict(rejected_by) if rejected_by is not None else None,
         }
     )

@@ -362,7 +362,9 @@ class KafkaBatchSource:
             with structlog.contextvars.bound_contextvars(topic=cfg.topic, offsets=_ranges(records)):
                 for dl in batch.dead_letters:
                     # Sent now, made durable by the flush that precedes the covering commit.
-                    self._dlq.send(cfg.dlq_topic, dead_letter_payload(dl))
+                    self._dlq.send(
+                        cfg.dlq_topic, dead_letter_payload(dl, rejected_by=cfg.rejected_by())
+                    )
                 self._log.warning(
                     "dead-lettered events",
                     count=len(batch.dead_letters),

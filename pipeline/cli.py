@@ -129,10 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the effective settings (secrets redacted)")
     _common(show)
 
-    bench = sub.add_parser("bench", help="benchmarks: forgetting (in-process), throughput")
+    bench = sub.add_parser(
+        "bench", help="benchmarks: forgetting (in-process), throughput, exposition"
+    )
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     _add_bench_forgetting(bench_sub)
     _add_bench_throughput(bench_sub)
+    _add_bench_exposition(bench_sub)
     status = sub.add_parser(
         "status", help="health of the learners under checkpoint.dir (exit 1 unless all healthy)"
     )
@@ -189,6 +192,18 @@ def _add_bench_forgetting(bench_sub: argparse._SubParsersAction[_Parser]) -> Non
     forgetting.add_argument(
         "--threads", type=_positive_int, default=1, help="torch threads (tiny MLP: 1 is fastest)"
     )
+
+
+def _add_bench_exposition(bench_sub: argparse._SubParsersAction[_Parser]) -> None:
+    ex = bench_sub.add_parser(
+        "exposition", help="/metrics render time; end-to-end rate with metrics off vs on"
+    )
+    _common(ex)
+    ex.add_argument("--events", type=_positive_int, default=20_000, help="events per run")
+    ex.add_argument("--classes", type=_positive_int, default=100, help="classes in /metrics")
+    ex.add_argument("--renders", type=_positive_int, default=500, help="renders timed")
+    ex.add_argument("--rounds", type=_positive_int, default=2, help="off/on pairs of runs")
+    ex.add_argument("--out", type=Path, default=Path("runs/bench"), help="report folder")
 
 
 def _add_bench_throughput(bench_sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -335,6 +350,19 @@ def _cmd_bench(args: argparse.Namespace, _settings: Settings) -> int:
         return run_bench_forgetting(args)
     if args.bench == "throughput":
         return _bench_throughput(args, _settings)
+    if args.bench == "exposition":
+        from pipeline.devtools.bench.exposition import run_bench_exposition
+
+        command = "supcon-stream " + " ".join(redact_argv(sys.argv[1:]))
+        report = run_bench_exposition(
+            args.events, args.classes, args.renders, args.rounds, args.out, command
+        )
+        print(
+            json.dumps(
+                {"render": report["render"], "on_over_off": report["end_to_end"]["on_over_off"]}
+            )
+        )
+        return 0
     raise ConfigError(f"unknown benchmark {args.bench!r}")
 
 

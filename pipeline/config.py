@@ -80,14 +80,18 @@ class KafkaSettings(_Frozen):
     def forgetting_topic(self) -> str:
         return f"{self.topic_prefix}.metrics.forgetting"
 
+    @property
+    def alerts_topic(self) -> str:
+        return f"{self.topic_prefix}.alerts"
+
     def all_topics(self) -> list[str]:
+        metrics = [self.loss_topic, self.forgetting_topic, self.alerts_topic]
         return [
             self.events_topic,
             self.dlq_topic,
             self.predictions_topic,
-            self.loss_topic,
-            self.forgetting_topic,
             self.models_topic,
+            *metrics,
         ]
 
     def client_options(self) -> dict[str, Any]:
@@ -330,6 +334,20 @@ class SidecarSettings(_Frozen):
     read_count: int = Field(
         1000, ge=1, description="Telemetry records read per learner per Redis round trip."
     )
+    http_port: int | None = Field(None, ge=0, le=65535, description="Serve /metrics, /healthz.")
+    http_host: str = "127.0.0.1"
+
+
+class SloSettings(_Frozen):
+    """Quality SLOs: the sidecar's alert events and its supcon_slo_* series (alerts.yml)."""
+
+    loss_target: float = Field(0.99, gt=0, lt=1, description="Good steps / steps (loss SLI).")
+    loss_max: float | None = Field(None, gt=0, description="A bad step's loss; null: relative.")
+    loss_vs_mean: float = Field(2.0, gt=1, description="Bad: loss > this × the rolling mean.")
+    forgetting_max: float = Field(0.3, gt=0, le=1, description="Bound on average forgetting.")
+    stability_gap_max: float = Field(0.3, gt=0, le=1, description="Best − newest avg accuracy.")
+    ece_max: float = Field(0.25, gt=0, le=1, description="Bound on the calibration error.")
+    min_evaluations: int = Field(3, ge=1, description="Evaluations before the eval SLOs count.")
 
 
 class DevstackSettings(_Frozen):
@@ -355,6 +373,7 @@ class Settings(_Frozen):
     health: HealthSettings = HealthSettings()
     learner: LearnerSettings = LearnerSettings()
     sidecar: SidecarSettings = SidecarSettings()
+    slo: SloSettings = SloSettings()
     devstack: DevstackSettings = DevstackSettings()
     logging: LoggingSettings = LoggingSettings()
     export: ExportSettings = ExportSettings()

@@ -25,7 +25,7 @@ import orjson
 import structlog
 
 from pipeline.config import Settings, load_settings
-from pipeline.devtools.devstack import Devstack, stop_process
+from pipeline.devtools.devstack import Devstack, free_port, stop_process
 from pipeline.devtools.spawn import cli_command, set_args, spawn
 from pipeline.exceptions import SupconStreamError
 
@@ -49,6 +49,16 @@ def _start_child(name: str, command: str, args: list[str], out_dir: Path) -> Chi
     log_path = out_dir / f"{name}.log"
     proc = spawn(cli_command(command, *args), log_path, append=False, threads=1)
     return Child(name, proc, log_path)
+
+
+def _endpoints(ports: dict[str, int]) -> str:
+    """Where the demo's processes serve their Prometheus metrics and health probes."""
+    lines = ["metrics and health (while the demo runs):"]
+    for name, port in ports.items():
+        url = f"http://127.0.0.1:{port}"
+        paths = "/metrics /healthz" if name == "sidecar" else "/metrics /healthz /readyz"
+        lines.append(f"  {name:8} {url}  {paths}")
+    return "\n".join(lines)
 
 
 def _clear_namespace(settings: Settings) -> None:
@@ -248,7 +258,9 @@ def run_demo(
             k.client_options(), k.all_topics(), k.partitions, k.replication_factor, timeout_s=30.0
         )
         base = [*(["--config", str(config_path)] if config_path else []), *set_args(overrides)]
-        children.append(_start_child("sidecar", "sidecar", base, out_dir))
+        ports = {name: free_port() for name in ("sidecar", *OBJECTIVES)}
+        sidecar_port = ["--set", f"sidecar.http_port={ports['sidecar']}"]
+        children.append(_start_child("sidecar", "sidecar", [*base, *sidecar_port], out_dir))
         learners = {
             name: _start_child(
                 name,
@@ -261,6 +273,8 @@ def run_demo(
                     name,
                     "--set",
                     "train.torch_threads=1",
+                    "--set",
+                    f"health.http_port={ports[name]}",
                     "--exit-when-idle",
                     str(LEARNER_IDLE_EXIT_S),
                 ],
@@ -270,6 +284,7 @@ def run_demo(
         }
         children.extend(learners.values())
         log.info("demo running", prefix=prefix, logs=str(out_dir))
+        print(_endpoints(ports), flush=True)
         replayed = run_replay(run_settings, SCENARIO, rate=None, limit=None, seed=0, progress=None)
         log.info("scenario replayed", scenario=SCENARIO, events=replayed.as_dict())
         deadline = time.monotonic() + LEARNER_TIMEOUT_S

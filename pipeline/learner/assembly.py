@@ -27,6 +27,7 @@ from pipeline.learner.checkpoint import Checkpoint, load_latest
 from pipeline.learner.checkpointer import Checkpointer
 from pipeline.learner.context import Counters, LearnerContext
 from pipeline.learner.exporting import AutoExport
+from pipeline.learner.exposition import LearnerExposition
 from pipeline.learner.health import HealthBoard, health_path, stop_quietly
 from pipeline.learner.ledger import TrainedLedger, ledger_path
 from pipeline.learner.probes import ProbeSet
@@ -57,7 +58,11 @@ def build_context(
         torch.set_num_threads(threads)
     seen = torch.zeros(settings.model.max_classes, dtype=torch.bool, device=device)
     r = settings.redis
-    health = HealthBoard(settings.learner_name, health_path(settings.checkpoint_dir))
+    health = HealthBoard(
+        settings.learner_name,
+        health_path(settings.checkpoint_dir),
+        stale_after_s=settings.health.stale_after_s,
+    )
     client = make_redis_client(
         r.url, r.username, r.password, r.socket_timeout_s, tls_options=r.tls_options()
     )
@@ -151,6 +156,7 @@ def _assemble(
         policy=b.policy,
     )
     log.info("memory bank loaded", items=len(bank), seconds=round(time.monotonic() - started, 3))
+    health.mark_ready("bank_loaded")
     ctx = LearnerContext(
         settings=settings,
         device=device,
@@ -168,12 +174,19 @@ def _assemble(
         generator=torch.Generator(device=device).manual_seed(settings.train.seed),
         checkpointer=Checkpointer.from_settings(settings),
         health=health,
+        # Only when served: without health.http_port nothing could scrape it.
+        exposition=LearnerExposition(
+            settings.learner_name, settings.train.objective, settings.model.max_classes
+        )
+        if settings.health.http_port is not None
+        else None,
     )
     if settings.checkpoint.ledger:
         ctx.ledger = TrainedLedger(ledger_path(settings.checkpoint_dir))
     ctx.exporter = AutoExport.from_settings(settings)
     if ckpt is not None:
         apply_checkpoint(ctx, ckpt)
+    health.mark_ready("checkpoint_restored")
     return ctx
 
 
@@ -193,6 +206,7 @@ def _make_source(
         group_id=settings.group_id,
         input_dim=settings.model.input_dim,
         dlq_topic=settings.kafka.dlq_topic,
+        learner=settings.learner_name,
     )
     if settings.consumer.processes > 1:
         # Polling and decoding in other processes, off this one's GIL (a GPU learner

@@ -98,7 +98,9 @@ class Checkpointer:
         3. **ledger sync**: the ids of trained events are on disk (``checkpoint.ledger``);
         4. **save checkpoint**: model, optimizer, labels, offsets, probes and counters, written
            atomically (:func:`~pipeline.learner.checkpoint.save_checkpoint`), then the health
-           board notes its step;
+           board and the Prometheus series note its step, and every
+           ``export.every_checkpoints``-th checkpoint is exported as a model bundle (it
+           never covers more than the checkpoint);
         5. **commit offsets**: asynchronously, or with ``wait`` synchronously (the final
            commit), warning when it did not complete.
 
@@ -130,6 +132,8 @@ class Checkpointer:
         path = save_checkpoint(self.directory, ckpt, self.keep)
         if ctx.health is not None:
             ctx.health.progress(checkpoint_step=ctx.state.step, checkpoint_ts=round(time.time(), 3))
+        if ctx.exposition is not None:
+            ctx.exposition.checkpointed()
         if ctx.exporter is not None:
             # After the checkpoint is durable: a bundle never covers more than a checkpoint.
             ctx.exporter.after_checkpoint(ctx, dict(self.offsets))
@@ -145,5 +149,7 @@ class Checkpointer:
                 )
         else:
             ctx.source.commit(dict(self.offsets))
+        if ctx.exposition is not None:
+            ctx.exposition.commit_requested()
         log.debug("checkpoint written", path=str(path), offsets=len(self.offsets))
         return path

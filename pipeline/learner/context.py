@@ -17,6 +17,7 @@ from consumers.protocols import EventSource
 from memory_bank.bank import MemoryBank
 from pipeline.config import Settings
 from pipeline.learner.checkpointer import Checkpointer
+from pipeline.learner.exposition import LearnerExposition
 from pipeline.learner.health import HealthBoard
 from pipeline.learner.ledger import TrainedLedger
 from pipeline.learner.probes import ProbeSet
@@ -79,6 +80,7 @@ class LearnerContext:
     temperature: float = NCM_TEMPERATURE
     last_metrics: dict[str, Any] = field(default_factory=dict)  # of the last evaluation
     exporter: AutoExport | None = None  # export.every_checkpoints > 0
+    exposition: LearnerExposition | None = None  # Prometheus series, served with /healthz
 
     @property
     def name(self) -> str:

@@ -81,10 +81,33 @@ def emit_end(ctx: LearnerContext) -> None:
 
 
 def start_health(ctx: LearnerContext) -> None:
-    h = ctx.settings.health
-    if ctx.health is not None:
-        ctx.health.start(h.every_s, h.http_host, h.http_port)
-        ctx.health.set_state("running")
+    """health.json, and on ``health.http_port`` /healthz, /readyz and /metrics."""
+    h, board, expo = ctx.settings.health, ctx.health, ctx.exposition
+    if board is None:
+        return
+    if expo is not None:
+        expo.watch_health(lambda: board.snapshot()["status"] == "running", board.ready)
+        board.serve_metrics(expo.render)
+    board.start(h.every_s, h.http_host, h.http_port)
+    board.set_state("running")
+
+
+def loop_tick(ctx: LearnerContext, now: float) -> None:
+    """After every ``source.get``: the loop is alive; once a second, the slower readings
+    (partition assignment for /readyz, consumer lag, bank occupancy)."""
+    board, expo = ctx.health, ctx.exposition
+    if board is not None:
+        board.tick()
+    if expo is None or not expo.lag_due(now):
+        return
+    if board is not None:
+        board.mark_ready("partitions_assigned", bool(ctx.source.assignment()))
+    expo.lag(ctx.source.stats().get("lag") or {})
+    names = ctx.registry.names
+    per_class = ctx.bank.class_counts()
+    expo.bank(
+        len(ctx.bank), {names[c] if c < len(names) else str(c): n for c, n in per_class.items()}
+    )
 
 
 def note_progress(ctx: LearnerContext) -> None:

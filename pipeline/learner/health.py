@@ -8,11 +8,19 @@ the Redis bank store). :class:`HealthBoard` keeps that state and the loop's prog
 * a daemon thread rewrites ``<checkpoint.dir>/<name>/health.json`` every ``health.every_s``
   (atomically: write a temp file, then rename), also while the training thread is blocked in a
   retry, which is exactly when the file matters;
-* optionally serves the same JSON on ``GET /healthz`` (HTTP 200 when ``ok``, 503 otherwise),
-  for an orchestrator's probe.
+* optionally serves, on ``health.http_port``:
+
+  - ``GET /healthz``, liveness: the same JSON, HTTP 200 while ``running``, 503 otherwise;
+    a loop that has made no progress (no batch handled, no idle tick: :meth:`tick`) for
+    ``health.stale_after_s`` turns the status to ``unresponsive``, so a hung training step
+    fails the probe even though this thread still answers;
+  - ``GET /readyz``, readiness: 200 only once partitions are assigned, the checkpoint is
+    restored and the bank is loaded (:meth:`mark_ready`), and the loop is live;
+  - ``GET /metrics``, the Prometheus exposition (:mod:`pipeline.learner.exposition`).
 
 ``supcon-stream status`` reads the files (:func:`read_status`); a file older than
-``health.stale_after_s`` means the learner is gone or hung.
+``health.stale_after_s`` means the learner is gone, a status ``unresponsive`` that its loop
+is hung.
 """
 
 from __future__ import annotations
@@ -22,27 +30,39 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import orjson
 import structlog
 
-from pipeline.exceptions import SupconStreamError
+from pipeline.http_endpoints import METRICS_CONTENT_TYPE, Answer, EndpointServer, json_answer
 
 log = structlog.get_logger(__name__)
 
 HEALTH_FILE = "health.json"
+# What /readyz waits for; each is set by the component that does it (mark_ready).
+READINESS = ("partitions_assigned", "checkpoint_restored", "bank_loaded")
 Reporter = Callable[[str | None], None]
 
 
 class HealthBoard:
     """Thread-safe state: components up/down with the error and since when, plus progress."""
 
-    def __init__(self, learner: str, path: Path | None = None) -> None:
+    def __init__(
+        self,
+        learner: str,
+        path: Path | None = None,
+        stale_after_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.learner = learner
         self.path = path
+        self.stale_after_s = stale_after_s
+        self._clock = clock
+        self._last_tick = clock()
+        self._ready = dict.fromkeys(READINESS, False)
+        self._render_metrics: Callable[[], bytes] | None = None
         self._lock = threading.Lock()
         self._components: dict[str, dict[str, Any]] = {}
         self._progress: dict[str, Any] = {}
@@ -50,7 +70,7 @@ class HealthBoard:
         self._started = time.time()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._server: ThreadingHTTPServer | None = None
+        self._server: EndpointServer | None = None
 
     # ---- reporting ------------------------------------------------------------------------
 
@@ -92,7 +112,40 @@ class HealthBoard:
     def set_state(self, state: str) -> None:
         with self._lock:
             self._state = state
+            self._last_tick = self._clock()  # staleness counts from the loop's start
         self.write()
+
+    def tick(self) -> None:
+        """The loop made progress (a batch handled or an idle wait ended)."""
+        self._last_tick = self._clock()  # one float store: no lock on the hot path
+
+    def mark_ready(self, part: str, value: bool = True) -> None:
+        """One of :data:`READINESS` is (or is no longer) done."""
+        with self._lock:
+            self._ready[part] = value
+
+    def serve_metrics(self, render: Callable[[], bytes]) -> None:
+        """Serve ``render()`` (the Prometheus text format) on ``GET /metrics``."""
+        self._render_metrics = render
+
+    def loop_age_s(self) -> float:
+        return self._clock() - self._last_tick
+
+    def live(self) -> bool:
+        """False once the running loop has been stuck for more than ``stale_after_s``."""
+        with self._lock:
+            state = self._state
+        return state != "running" or self.loop_age_s() <= self.stale_after_s
+
+    def readiness(self) -> dict[str, bool]:
+        with self._lock:
+            return dict(self._ready)
+
+    def ready(self) -> bool:
+        with self._lock:
+            parts_done = all(self._ready.values())
+            state = self._state
+        return parts_done and state == "running" and self.live()
 
     # ---- reading --------------------------------------------------------------------------
 
@@ -101,7 +154,11 @@ class HealthBoard:
             components = {k: dict(v) for k, v in self._components.items()}
             progress = dict(self._progress)
             state = self._state
-        if state == "running" and not all(c["up"] for c in components.values()):
+            readiness = dict(self._ready)
+        loop_age = self.loop_age_s()
+        if state == "running" and loop_age > self.stale_after_s:
+            state = "unresponsive"
+        elif state == "running" and not all(c["up"] for c in components.values()):
             state = "degraded"
         return {
             "learner": self.learner,
@@ -111,6 +168,8 @@ class HealthBoard:
             "started": round(self._started, 3),
             "components": components,
             "progress": progress,
+            "loop_age_s": round(loop_age, 3),
+            "readiness": readiness,
         }
 
     def write(self) -> None:
@@ -135,28 +194,37 @@ class HealthBoard:
         )
         self._thread.start()
         if http_port is not None:
-            try:
-                self._server = ThreadingHTTPServer((http_host, http_port), _handler_for(self))
-            except OSError as exc:
-                raise SupconStreamError(
-                    f"health.http_port: cannot serve /healthz on {http_host}:{http_port}: "
-                    f"{exc.strerror or exc}"
-                ) from None
-            self._server.daemon_threads = True
-            threading.Thread(target=self._server.serve_forever, name="healthz", daemon=True).start()
-            log.info("serving /healthz", address=f"http://{http_host}:{self.http_port}/healthz")
+            routes = {"/healthz": self._healthz, "/readyz": self._readyz, "/metrics": self._metrics}
+            self._server = EndpointServer(routes, "health.http_port")
+            self._server.start(http_host, http_port)
+            log.info(
+                "serving /healthz, /readyz and /metrics",
+                address=f"http://{http_host}:{self.http_port}",
+            )
 
     @property
     def http_port(self) -> int | None:
-        return int(self._server.server_address[1]) if self._server is not None else None
+        return self._server.port if self._server is not None else None
+
+    def _healthz(self) -> Answer:
+        snap = self.snapshot()
+        return json_answer(snap["status"] == "running", snap)
+
+    def _readyz(self) -> Answer:
+        ready = self.ready()
+        return json_answer(ready, {"ready": ready, "live": self.live(), **self.readiness()})
+
+    def _metrics(self) -> Answer:
+        if self._render_metrics is None:
+            return 404, b"no metrics\n", "text/plain"
+        return 200, self._render_metrics(), METRICS_CONTENT_TYPE
 
     def close(self, final_state: str = "stopped") -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5.0)
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
         self.set_state(final_state)
 
     def _write_loop(self, every_s: float) -> None:
@@ -166,26 +234,6 @@ class HealthBoard:
 
 def _up() -> dict[str, Any]:
     return {"up": True, "since": time.time(), "error": None, "outages": 0}
-
-
-def _handler_for(board: HealthBoard) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # http.server's naming
-            if self.path.split("?")[0] != "/healthz":
-                self.send_error(404)
-                return
-            snap = board.snapshot()
-            body = orjson.dumps(snap)
-            self.send_response(200 if snap["status"] == "running" else 503)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:  # base class signature
-            return  # probes every few seconds would flood the log
-
-    return Handler
 
 
 def health_path(checkpoint_dir: Path) -> Path:

@@ -40,7 +40,7 @@ from consumers.events import EventBatch
 from pipeline.config import Settings
 from pipeline.learner.assembly import build_context, close_context
 from pipeline.learner.context import LearnerContext, LearnerSummary
-from pipeline.learner.emit import Emitter, emit_end, emit_eval, start_health
+from pipeline.learner.emit import Emitter, emit_end, emit_eval, loop_tick, start_health
 from pipeline.learner.idle import IdleWatch
 from pipeline.learner.process import process_batch
 
@@ -74,6 +74,7 @@ def run_learner(
         while not stop.is_set() and not _reached_max_events(ctx, limits, start_consumed):
             batch = ctx.source.get(timeout_s=0.5)
             now = time.monotonic()
+            loop_tick(ctx, now)
             if batch is None:
                 if idle.should_finish(now):
                     break

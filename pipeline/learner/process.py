@@ -10,6 +10,8 @@ INVARIANT: trained + held_out + dead_lettered + predicted == consumed, for every
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -76,7 +78,10 @@ def _dead_letter_class_limit(ctx: LearnerContext, batch: EventBatch, rows: list[
             f"{ctx.settings.model.max_classes}",
             source=SourceRecord(src.topic, src.partition, src.offset, raw, src.timestamp_ms),
         )
-        ctx.producer.send(ctx.settings.kafka.dlq_topic, dead_letter_payload(letter))
+        rejected_by = {"learner": ctx.name, "group": ctx.settings.group_id}
+        ctx.producer.send(
+            ctx.settings.kafka.dlq_topic, dead_letter_payload(letter, rejected_by=rejected_by)
+        )
 
 
 def _event_json(batch: EventBatch, i: int) -> bytes:
@@ -97,6 +102,9 @@ def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
     and then trained on, the counters and the offsets covered (``ctx.checkpointer``) advance.
     """
     s = ctx.settings
+    started = time.perf_counter()
+    steps_before, skipped_before = ctx.state.step, ctx.state.skipped
+    train_s: float | None = None
     class_idx = _register_labels(ctx, batch)
     train_rows, probe_rows, predict_rows, overflow = _route(batch, class_idx, s.eval.probe_fraction)
     if overflow:
@@ -122,7 +130,9 @@ def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
             ctx.counters.prequential_total += len(train_rows)
         unlabeled = feats_all[predict_rows] if s.train.train_unlabeled and predict_rows else None
         x, y = with_unlabeled(x, y, unlabeled)  # trained with NT-Xent, never banked
+        train_started = time.perf_counter()
         record = _train_on(ctx, batch, train_rows, x, y)
+        train_s = time.perf_counter() - train_started
         tasks = [batch.tasks[i] for i in train_rows]
         ctx.current_task = tasks[-1] if tasks[-1] is not None else ctx.current_task
 
@@ -139,6 +149,23 @@ def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
         c.first_event_ms = min(c.first_event_ms, earliest) if c.first_event_ms else earliest
         c.last_event_ms = max(c.last_event_ms, int(times.max()))
     ctx.checkpointer.cover(batch.offsets)
+    if ctx.exposition is not None:
+        reasons = Counter(dl.reason for dl in batch.dead_letters)
+        if overflow:
+            reasons["class_limit"] += len(overflow)
+        ctx.exposition.batch_done(
+            batch,
+            {
+                "consumed": batch.consumed,
+                "trained": len(train_rows),
+                "held_out": len(probe_rows),
+                "predicted": len(predict_rows),
+            },
+            reasons,
+            train_rows,
+            (ctx.state.step - steps_before, ctx.state.skipped - skipped_before),
+            (time.perf_counter() - started, train_s),
+        )
     return {
         **record,
         "batch_events": batch.consumed,

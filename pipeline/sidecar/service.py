@@ -31,6 +31,8 @@ from kafka.errors import KafkaError, MessageSizeTooLargeError
 from consumers.exceptions import ConsumerError
 from memory_bank.redis_client import make_redis_client
 from pipeline.config import Settings
+from pipeline.http_endpoints import METRICS_CONTENT_TYPE, Answer, EndpointServer, json_answer
+from pipeline.sidecar.exposition import SidecarExposition
 from pipeline.sidecar.sink import KafkaMetricsSink, MetricsSink
 from pipeline.sidecar.state import Publication, SidecarState, Stream
 from pipeline.telemetry.channel import TelemetryReader
@@ -52,14 +54,16 @@ class SidecarRunner:
         client: redis.Redis,
         sink: MetricsSink,
         clock: Callable[[], float] = time.monotonic,
+        exposition: SidecarExposition | None = None,
     ) -> None:
         self.settings = settings
+        self.exposition = exposition
         self.cfg = settings.sidecar
         self._client = client
         self._reader = TelemetryReader(client, settings.redis.key_prefix)
         self._sink = sink
         self._clock = clock
-        self.state = SidecarState(self.cfg)
+        self.state = SidecarState(self.cfg, settings.slo)
         self._cursors: dict[str, str] = {}  # read position, per learner
         self._saved: dict[str, str] = {}  # position last persisted to Redis
         self._pending: deque[Publication] = deque()  # not yet handed to the sink
@@ -69,8 +73,9 @@ class SidecarRunner:
         self._backoff = _BACKOFF_MIN_S
         self._stop = threading.Event()
         self.records_read = 0
-        self.published = {"loss": 0, "forgetting": 0}
+        self.published = {"loss": 0, "forgetting": 0, "alerts": 0}
         self.dropped = 0  # publications Kafka can never accept (see _flush_pending)
+        self.last_pass = clock()  # liveness: a pass of the loop ended (or failed) then
 
     def cursor_key(self, learner: str) -> str:
         return f"{self.settings.redis.key_prefix}:sidecar:cursor:{learner}"
@@ -108,12 +113,19 @@ class SidecarRunner:
             # No learner yet: XREAD with no stream returns at once; do not spin.
             self._stop.wait(_BLOCK_MS / 1000)
         entries = self._reader.read(self._cursors, block_ms=_BLOCK_MS, count=self.cfg.read_count)
+        made: list[Publication] = []
         for entry in entries:
-            self._pending.extend(self.state.apply(entry))
+            made.extend(self.state.apply(entry))
             self._cursors[entry.learner] = entry.id
         self.records_read += len(entries)
-        self._pending.extend(self.state.due_loss(self._clock()))
+        made.extend(self.state.due_loss(self._clock()))
+        self._pending.extend(made)
+        if self.exposition is not None:
+            # Prometheus sees the state even while Kafka is unreachable.
+            self.exposition.observe(made, self.state.learners)
+            self.exposition.sync(self.state.learners)
         self._flush_pending()
+        self.last_pass = self._clock()
         self._maybe_log_progress()
 
     def discover(self) -> None:
@@ -128,7 +140,7 @@ class SidecarRunner:
         saved = raw.decode() if isinstance(raw, bytes) else (raw or _START_CURSOR)
         # Built aside and installed only when complete, so a Redis error half-way leaves
         # nothing applied twice when the next discovery retries.
-        scratch = SidecarState(self.cfg)
+        scratch = SidecarState(self.cfg, self.settings.slo)
         replayed = 0
         if saved != _START_CURSOR:
             after = _START_CURSOR
@@ -144,6 +156,8 @@ class SidecarRunner:
         # Steps folded in before the restart but not yet published wait for the next step.
         state.dirty = False
         self.state.learners[learner] = state
+        if self.exposition is not None:
+            self.exposition.rebuilt(learner, state)
         self._cursors[learner] = saved
         self._saved[learner] = saved
         log.info(
@@ -203,6 +217,7 @@ class SidecarRunner:
         )
         self._stop.wait(self._backoff)
         self._backoff = min(self._backoff * 2, _BACKOFF_MAX_S)
+        self.last_pass = self._clock()  # retrying is progress; a hung call is not
 
     def _maybe_log_progress(self) -> None:
         now = self._clock()
@@ -215,6 +230,7 @@ class SidecarRunner:
             records=self.records_read,
             published_loss=self.published["loss"],
             published_forgetting=self.published["forgetting"],
+            published_alerts=self.published["alerts"],
             pending=len(self._pending) + len(self._unflushed),
             dropped=self.dropped,
             malformed=self.state.malformed,
@@ -236,6 +252,7 @@ class SidecarRunner:
             records=self.records_read,
             published_loss=self.published["loss"],
             published_forgetting=self.published["forgetting"],
+            published_alerts=self.published["alerts"],
         )
 
 
@@ -255,12 +272,38 @@ def sidecar_client(settings: Settings) -> redis.Redis:
 
 
 def run_sidecar(settings: Settings, stop: threading.Event) -> None:
-    """Follow every learner's telemetry and publish metrics until ``stop`` is set."""
+    """Follow every learner's telemetry and publish metrics until ``stop`` is set; with
+    ``sidecar.http_port``, serve ``/metrics`` and ``/healthz`` meanwhile."""
     client = sidecar_client(settings)
     sink = KafkaMetricsSink(settings)
-    runner = SidecarRunner(settings, client, sink)
+    exposition = SidecarExposition(settings.model.max_classes, settings.slo)
+    runner = SidecarRunner(settings, client, sink, exposition=exposition)
+    server = serve_sidecar(runner, exposition) if settings.sidecar.http_port is not None else None
     try:
         runner.run(stop)
     finally:
+        if server is not None:
+            server.close()
         sink.close()
         client.close()
+
+
+def serve_sidecar(runner: SidecarRunner, exposition: SidecarExposition) -> EndpointServer:
+    """``/metrics`` and ``/healthz`` (503 once no pass of the loop ended for
+    ``health.stale_after_s``) on ``sidecar.http_host:sidecar.http_port``."""
+    settings = runner.settings
+    stale_after_s = settings.health.stale_after_s
+
+    def healthz() -> Answer:
+        age = time.monotonic() - runner.last_pass
+        body = {"live": age <= stale_after_s, "loop_age_s": round(age, 3)}
+        return json_answer(age <= stale_after_s, {**body, "learners": len(runner.state.learners)})
+
+    def metrics() -> Answer:
+        return 200, exposition.render(), METRICS_CONTENT_TYPE
+
+    server = EndpointServer({"/healthz": healthz, "/metrics": metrics}, "sidecar.http_port")
+    host, port = settings.sidecar.http_host, settings.sidecar.http_port
+    server.start(host, port or 0)
+    log.info("serving /metrics and /healthz", address=f"http://{host}:{server.port}")
+    return server

@@ -33,7 +33,7 @@ class MetricsSink(Protocol):
 
 
 class KafkaMetricsSink:
-    """Publishes to the loss and forgetting topics through a lazily created JsonProducer.
+    """Publishes to the loss, forgetting and alerts topics through a lazily created JsonProducer.
 
     Lazily, because the broker may be down when the sidecar starts: creating the topics
     and the producer is retried by the runner's back-off like any other publish failure.
@@ -48,7 +48,11 @@ class KafkaMetricsSink:
     ) -> None:
         kafka = settings.kafka
         self._kafka = kafka
-        self._topics = {"loss": kafka.loss_topic, "forgetting": kafka.forgetting_topic}
+        self._topics = {
+            "loss": kafka.loss_topic,
+            "forgetting": kafka.forgetting_topic,
+            "alerts": kafka.alerts_topic,
+        }
         self._flush_timeout_s = flush_timeout_s
         self._topics_timeout_s = topics_timeout_s
         self._producer: JsonProducer | None = None

@@ -10,12 +10,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.config import SidecarSettings
+from pipeline.config import SidecarSettings, SloSettings
 from pipeline.quality import Ema, ForgettingTracker, PerKeyRollingMean, Rate, RollingMean
+from pipeline.sidecar.slo import AlertChange, SloEvaluator
 from pipeline.telemetry.channel import MALFORMED, TelemetryEntry
 from pipeline.telemetry.records import EndRecord, EvalRecord, StepRecord, TelemetryRecord
 
-Stream = Literal["loss", "forgetting"]
+Stream = Literal["loss", "forgetting", "alerts"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,8 +31,9 @@ class Publication:
 class LearnerState:
     """Rolling state of one learner, fed record by record; builds the payloads."""
 
-    def __init__(self, name: str, cfg: SidecarSettings) -> None:
+    def __init__(self, name: str, cfg: SidecarSettings, slo: SloSettings | None = None) -> None:
         self.name = name
+        self.slo = SloEvaluator(slo or SloSettings())
         self.window = cfg.window
         self.loss_mean = RollingMean(cfg.window)
         self.loss_ema = Ema(cfg.ema_alpha)
@@ -56,16 +58,53 @@ class LearnerState:
         self.last_loss_publish = -math.inf  # sidecar monotonic clock
 
     def apply(self, record: TelemetryRecord) -> list[Publication]:
-        """Fold one record in; returns what it makes due (eval → forgetting, end → both)."""
+        """Fold one record in; returns what it makes due (eval → forgetting, end → both,
+        any record → an alert for each SLO whose state it changed)."""
         match record:
             case StepRecord():
-                self._apply_step(record)
-                return []
+                return self._alerts(self._apply_step(record))
             case EvalRecord():
                 self._apply_eval(record)
-                return [Publication("forgetting", self.name, self.forgetting_payload())]
+                payload = self.forgetting_payload()
+                changes = self.slo.evaluation(
+                    self.evals_seen,
+                    payload["avg_forgetting"],
+                    payload["avg_accuracy"],
+                    self.ece,
+                    record.ts,
+                )
+                return [Publication("forgetting", self.name, payload), *self._alerts(changes)]
             case EndRecord():
                 return self._apply_end(record)
+
+    def _alerts(self, changes: list[AlertChange]) -> list[Publication]:
+        """The ``<prefix>.alerts`` records (JSON, keyed by learner name): one per SLO state
+        change. Besides the learner's identity (learner, objective, group, step): ``slo``
+        (``loss_burn_page``, ``loss_burn_ticket``, ``forgetting``, ``stability_gap``,
+        ``calibration``), ``state`` (``firing`` | ``resolved``), ``severity`` (``page`` |
+        ``ticket``), ``threshold``, ``evidence`` (the values compared), ``ts`` (the learner's
+        clock, ms) and ``since`` (when it started firing, ms). See :mod:`pipeline.sidecar.slo`.
+        """
+        return [
+            Publication(
+                "alerts",
+                self.name,
+                {
+                    "learner": self.name,
+                    "objective": self.objective,
+                    "group": self.group,
+                    "step": self.step,
+                    "slo": c.slo,
+                    "state": c.state,
+                    "severity": c.severity,
+                    "threshold": c.threshold,
+                    "evidence": c.evidence,
+                    "ts": c.ts,
+                    "since": c.since,
+                },
+            )
+            for c in changes
+        ]
 
     def _apply_common(self, record: TelemetryRecord) -> None:
         if not isinstance(record, EndRecord):
@@ -76,10 +115,11 @@ class LearnerState:
         if record.events_total is not None:
             self.events_total = record.events_total
 
-    def _apply_step(self, record: StepRecord) -> None:
+    def _apply_step(self, record: StepRecord) -> list[AlertChange]:
         self._apply_common(record)
         self.steps_seen += 1
         self.ended = False  # steps after an `end`: a new run of the same learner
+        changes = self.slo.step(record.loss, record.skipped, self.loss_mean.result(), record.ts)
         if not record.skipped and record.loss is not None:
             self.loss_mean.update(record.loss)
             self.loss_ema.update(record.loss)
@@ -96,6 +136,7 @@ class LearnerState:
             self.prequential_total = record.prequential_total
             self.prequential_correct = record.prequential_correct or 0
         self.dirty = True
+        return changes
 
     def _apply_eval(self, record: EvalRecord) -> None:
         self._apply_common(record)
@@ -208,15 +249,16 @@ class LearnerState:
 class SidecarState:
     """All learners' rolling state. Pure: no I/O, time is passed in."""
 
-    def __init__(self, cfg: SidecarSettings) -> None:
+    def __init__(self, cfg: SidecarSettings, slo: SloSettings | None = None) -> None:
         self.cfg = cfg
+        self.slo = slo or SloSettings()
         self.learners: dict[str, LearnerState] = {}
         self.malformed = 0  # entries skipped because they could not be decoded
 
     def learner(self, name: str) -> LearnerState:
         state = self.learners.get(name)
         if state is None:
-            state = self.learners[name] = LearnerState(name, self.cfg)
+            state = self.learners[name] = LearnerState(name, self.cfg, self.slo)
         return state
 
     def apply(self, entry: TelemetryEntry) -> list[Publication]:

@@ -124,6 +124,10 @@ def test_malformed_events_are_dead_lettered_and_valid_ones_trained(
         src = by_raw[raw]["source"]
         assert src["topic"] == k.events_topic
         assert src["offset"] >= 0
+    # Two learners sharing a DLQ can tell their letters apart.
+    assert {(d["rejected_by"]["learner"], d["rejected_by"]["group"]) for d in letters} == {
+        (settings.learner_name, settings.group_id)
+    }
 
     predictions = _read_all(bootstrap, k.predictions_topic, len(unlabeled))
     assert sorted(p["id"] for p in predictions) == sorted(f"e{1000 + i}" for i in range(10))

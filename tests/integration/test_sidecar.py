@@ -300,7 +300,7 @@ def test_kafka_down_keeps_running_and_holds_the_cursor(
             # A few failed publish attempts with back-off, counted rather than slept for.
             wait_for(lambda: _kafka_failures(logs) >= 2, timeout_s=30.0)
             assert thread.is_alive()
-            assert runner.published == {"loss": 0, "forgetting": 0}
+            assert runner.published == {"loss": 0, "forgetting": 0, "alerts": 0}
             cursor = redis_client.get(f"{settings.redis.key_prefix}:sidecar:cursor:{LEARNER}")
             assert cursor is None
         finally:

@@ -252,3 +252,10 @@ def test_arbitrary_bytes_never_raise_and_are_accounted_for(
     assert seen == list(range(len(records)))
     for payload in map(dead_letter_payload, batch.dead_letters):
         assert isinstance(orjson.loads(payload), dict)
+
+
+def test_dead_letter_payload_names_who_rejected_it() -> None:
+    dl = DeadLetter("not_json", "boom", rec(b"x"))
+    assert orjson.loads(dead_letter_payload(dl))["rejected_by"] is None
+    doc = orjson.loads(dead_letter_payload(dl, rejected_by={"learner": "ce", "group": "g.ce"}))
+    assert doc["rejected_by"] == {"learner": "ce", "group": "g.ce"}

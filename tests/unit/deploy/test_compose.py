@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,96 @@ def test_learners_keep_checkpoints_on_a_volume(compose):
         mounts = compose["services"][name]["volumes"]
         targets = [m.split(":")[1] for m in mounts]
         assert any(str(settings.checkpoint.dir).startswith(t) for t in targets), name
+
+
+# ---- monitoring stack (issue: Prometheus, Alertmanager, Grafana, healthchecks, GPU) --------
+
+DOCKER_COMPOSE = shutil.which("docker-compose")
+needs_compose = pytest.mark.skipif(
+    DOCKER_COMPOSE is None, reason="docker-compose not installed (make system-deps)"
+)
+
+
+@needs_compose
+@pytest.mark.parametrize(
+    "files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]]
+)
+def test_docker_compose_config_validates(files: list[str]) -> None:
+    """Debian's docker-compose 1.29 validates the file (and the GPU override) without an engine."""
+    assert DOCKER_COMPOSE is not None
+    args = [a for f in files for a in ("-f", f)]
+    done = subprocess.run(
+        [DOCKER_COMPOSE, *args, "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_monitoring_services_and_their_files(compose):
+    services = compose["services"]
+    assert {"prometheus", "alertmanager", "grafana"} <= set(services)
+    for name in ("prometheus", "alertmanager", "grafana"):
+        for mount in services[name].get("volumes", []):
+            source = mount.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), (name, source)
+
+
+def test_prometheus_scrapes_the_ports_the_services_serve(compose):
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j["static_configs"][0]["targets"] for j in scrape["scrape_configs"]}
+    settings = load_settings(ROOT / "configs" / "compose.yaml", environ={})
+    learners = [n for n in compose["services"] if n.startswith("learner-")]
+    assert sorted(jobs["supcon-learner"]) == sorted(
+        f"{n}:{settings.health.http_port}" for n in learners
+    )
+    assert jobs["supcon-sidecar"] == [f"sidecar:{settings.sidecar.http_port}"]
+    assert scrape["rule_files"] == ["alerts.yml"]
+
+
+def test_learners_and_sidecar_have_healthchecks_on_their_ports(compose):
+    settings = load_settings(ROOT / "configs" / "compose.yaml", environ={})
+    ports = {"sidecar": settings.sidecar.http_port}
+    ports.update({n: settings.health.http_port for n in compose["services"] if "learner-" in n})
+    for name, port in ports.items():
+        test = " ".join(compose["services"][name]["healthcheck"]["test"])
+        assert f"127.0.0.1:{port}/healthz" in test, name
+
+
+def test_gpu_override_reserves_a_gpu_for_each_learner():
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())
+    for name, svc in gpu["services"].items():
+        assert name.startswith("learner-")
+        devices = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"]
+        assert svc["environment"]["SUPCON_STREAM__TRAIN__DEVICE"] == "cuda"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_compose_prometheus_config_is_valid():
+    done = subprocess.run(
+        ["promtool", "check", "config", "prometheus.yml"],
+        cwd=ROOT / "deploy" / "prometheus",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(shutil.which("amtool") is None, reason="amtool not installed")
+def test_compose_alertmanager_config_is_valid():
+    done = subprocess.run(
+        ["amtool", "check-config", "alertmanager.yml"],
+        cwd=ROOT / "deploy" / "alertmanager",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

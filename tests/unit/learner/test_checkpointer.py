@@ -104,6 +104,7 @@ def _context(rec: _Recorder, step: int = 7) -> SimpleNamespace:
         producer=SimpleNamespace(flush=rec.flush_producer),
         ledger=SimpleNamespace(sync=rec.sync_ledger),
         health=SimpleNamespace(progress=rec.health_progress),
+        exposition=None,
         source=SimpleNamespace(commit=rec.commit, commit_sync=rec.commit_sync),
         state=SimpleNamespace(
             step=step,

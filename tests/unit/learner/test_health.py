@@ -93,3 +93,72 @@ def test_busy_healthz_port_is_one_clear_error(tmp_path: Path) -> None:
         with pytest.raises(SupconStreamError, match=rf"health.http_port: .*:{port}"):
             board.start(60.0, "127.0.0.1", port)
         board.close()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_healthz_turns_503_when_the_loop_stops_ticking() -> None:
+    clock = _Clock()
+    board = HealthBoard("stuck", None, stale_after_s=10.0, clock=clock)
+    board.start(every_s=60.0, http_port=0)
+    try:
+        board.set_state("running")
+        url = f"http://127.0.0.1:{board.http_port}/healthz"
+        clock.now += 9.0
+        assert _get(url)[0] == 200
+        assert board.live()
+        clock.now += 2.0  # 11 s without a tick: the loop is stuck
+        code, body = _get(url)
+        assert code == 503
+        assert json.loads(body)["status"] == "unresponsive"
+        assert not board.live()
+        board.tick()
+        assert _get(url)[0] == 200
+    finally:
+        board.close()
+
+
+def test_readyz_waits_for_every_readiness_part() -> None:
+    clock = _Clock()
+    board = HealthBoard("r", None, stale_after_s=10.0, clock=clock)
+    board.start(every_s=60.0, http_port=0)
+    url = f"http://127.0.0.1:{board.http_port}/readyz"
+    try:
+        board.set_state("running")
+        board.mark_ready("checkpoint_restored")
+        board.mark_ready("bank_loaded")
+        code, body = _get(url)
+        assert code == 503
+        assert json.loads(body)["partitions_assigned"] is False
+        board.mark_ready("partitions_assigned")
+        assert _get(url)[0] == 200
+        clock.now += 11.0  # a stuck loop is not ready either
+        assert _get(url)[0] == 503
+    finally:
+        board.close()
+
+
+def test_metrics_path_serves_the_renderer_and_404_without_one() -> None:
+    board = HealthBoard("m", None)
+    board.start(every_s=60.0, http_port=0)
+    url = f"http://127.0.0.1:{board.http_port}/metrics"
+    try:
+        assert _get(url)[0] == 404
+        board.serve_metrics(lambda: b"supcon_x 1.0\n")
+        assert _get(url) == (200, b"supcon_x 1.0\n")
+    finally:
+        board.close()
