@@ -55,7 +55,12 @@ class EventSource(Protocol):
     """
 
     def start(self, resume_offsets: Mapping[TopicPartitionKey, int] = NO_OFFSETS) -> None:
-        """Begin consuming; records below ``resume_offsets[(topic, partition)]`` are skipped."""
+        """Begin consuming; records below ``resume_offsets[(topic, partition)]`` are skipped.
+
+        A Kafka source also starts each partition there on its first assignment, whatever
+        the group committed: the restored checkpoint (or ``--from``) says where training
+        resumes, not the group.
+        """
         ...
 
     def get(self, timeout_s: float) -> EventBatch | None:

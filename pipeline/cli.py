@@ -92,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="exit after this long without new events",
     )
+    learn.add_argument(
+        "--from",
+        dest="start_from",
+        metavar="POSITION",
+        help="where a learner without a checkpoint starts: earliest, latest, an ISO-8601 time "
+        "or epoch ms (a time past the end means the end)",
+    )
+    learn.add_argument(
+        "--reset",
+        action="store_true",
+        help="start a fresh lineage: old checkpoints and bank set aside (default --from earliest)",
+    )
 
     side = sub.add_parser("sidecar", help="publish rolling loss and forgetting metrics to Kafka")
     _common(side)
@@ -203,12 +215,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.learner.loop import RunLimits, run_learner
+    from pipeline.learner.start import StartRequest, check_request
     from pipeline.signals import install_stop_signals
 
+    request = StartRequest.from_args(args.start_from, args.reset)
+    check_request(settings, request)
     log.info("configuration", settings=settings.redacted())
     stop = threading.Event()
     install_stop_signals(stop)
-    summary = run_learner(settings, stop, RunLimits(args.max_events, args.exit_when_idle))
+    summary = run_learner(settings, stop, RunLimits(args.max_events, args.exit_when_idle), request)
     print(
         json.dumps(
             {

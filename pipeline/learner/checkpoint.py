@@ -40,6 +40,8 @@ class Checkpoint:
     offsets: dict[tuple[str, int], int]
     probe: dict[str, Any]
     counters: dict[str, float] = field(default_factory=dict)
+    # Where this lineage started: {"from", "offsets", "at"} (pipeline/learner/start.py)
+    start: dict[str, Any] = field(default_factory=dict)
 
     def to_payload(self) -> dict[str, Any]:
         return {
@@ -52,6 +54,7 @@ class Checkpoint:
             "offsets": [[t, p, o] for (t, p), o in sorted(self.offsets.items())],
             "probe": self.probe,
             "counters": dict(self.counters),
+            "start": dict(self.start),
         }
 
     @classmethod
@@ -67,6 +70,7 @@ class Checkpoint:
             offsets={(str(t), int(p)): int(o) for t, p, o in raw["offsets"]},
             probe=raw["probe"],
             counters=dict(raw.get("counters", {})),
+            start=dict(raw.get("start", {})),  # absent in checkpoints written before --from
         )
 
 
