@@ -109,18 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
     _common(side)
 
     replay = sub.add_parser(
-        "replay", help="produce a built-in scenario or a labeled file (JSONL, CSV, NPZ, Parquet)"
+        "replay",
+        help="produce a built-in scenario, a labeled file (JSONL, CSV, NPZ, Parquet) "
+        "or a slice of a topic (topic:NAME)",
     )
     _common(replay)
     replay.add_argument(
         "source",
-        help="scenario (split-digits, domain-digits, blurry-digits, gaussian-drift) or a file",
+        help="scenario (split-digits, domain-digits, blurry-digits, gaussian-drift), a file, "
+        "or topic:NAME",
     )
-    replay.add_argument(
+    pace = replay.add_mutually_exclusive_group()
+    pace.add_argument(
         "--rate", type=_positive_float, help="events/s (default: as fast as possible)"
+    )
+    pace.add_argument(
+        "--speed",
+        type=_positive_float,
+        metavar="X",
+        help="topic:NAME only: X times the original pace (by record timestamps, see --pace-by)",
     )
     replay.add_argument("--limit", type=_positive_int, help="produce at most N events")
     replay.add_argument("--seed", type=int, default=0, help="scenario shuffle seed")
+    _add_topic_slice_options(replay)
 
     dev = sub.add_parser("devstack", help="embedded broker + redis-server on loopback")
     _common(dev)
@@ -153,6 +164,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--learner", action="append", dest="learners", help="only this learner (repeatable)"
     )
     return parser
+
+
+def _add_topic_slice_options(replay: argparse.ArgumentParser) -> None:
+    replay.add_argument(
+        "--from",
+        dest="start_from",
+        metavar="POSITION",
+        help="topic:NAME only: first record (earliest, latest, ISO-8601 time, epoch ms or "
+        "partition:offset,...; default earliest)",
+    )
+    replay.add_argument(
+        "--until",
+        metavar="POSITION",
+        help="topic:NAME only: first record NOT copied (time or partition:offset,...; "
+        "default: the end when the replay starts)",
+    )
+    replay.add_argument(
+        "--pace-by",
+        choices=["record", "event"],
+        default="record",
+        help="--speed follows the record timestamps or the events' ts field",
+    )
+    replay.add_argument(
+        "--to-prefix",
+        metavar="P",
+        help="produce into P.events instead of kafka.topic_prefix's (backfill a new learner)",
+    )
 
 
 def _add_bench_forgetting(bench_sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -255,11 +293,42 @@ def _cmd_sidecar(_args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.streams.playback import run_replay
+    from pipeline.streams.topic_playback import TOPIC_SOURCE
 
+    if args.to_prefix:
+        settings = settings.model_copy(
+            update={"kafka": settings.kafka.model_copy(update={"topic_prefix": args.to_prefix})}
+        )
+    if args.source.startswith(TOPIC_SOURCE):
+        return _replay_topic(args, settings)
+    for flag, value in (
+        ("--from", args.start_from),
+        ("--until", args.until),
+        ("--speed", args.speed),
+    ):
+        if value is not None:
+            raise ConfigError(f"replay: {flag} applies to a {TOPIC_SOURCE}NAME source only")
     report = run_replay(
         settings, args.source, rate=args.rate, limit=args.limit, seed=args.seed, progress=None
     )
     print(json.dumps(report.as_dict()))
+    return EXIT_OK
+
+
+def _replay_topic(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.positions import parse_position
+    from pipeline.streams.topic_playback import TOPIC_SOURCE, TopicPlayback, run_topic_playback
+
+    name = args.source[len(TOPIC_SOURCE) :]
+    if not name:
+        raise ConfigError(f"replay: {TOPIC_SOURCE} needs a topic name, e.g. {TOPIC_SOURCE}archive")
+    try:
+        start = parse_position(args.start_from or "earliest")
+        until = parse_position(args.until) if args.until else None
+    except ValueError as exc:
+        raise ConfigError(f"replay: {exc}") from None
+    plan = TopicPlayback(name, start, until, args.rate, args.speed, args.pace_by, args.limit)
+    print(json.dumps(run_topic_playback(settings, plan).as_dict()))
     return EXIT_OK
 
 
