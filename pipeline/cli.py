@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the effective settings (secrets redacted)")
     _common(show)
 
+    _add_compare(sub)
     bench = sub.add_parser("bench", help="benchmarks: forgetting (in-process), throughput")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     _add_bench_forgetting(bench_sub)
@@ -191,6 +192,23 @@ def _add_topic_slice_options(replay: argparse.ArgumentParser) -> None:
         metavar="P",
         help="produce into P.events instead of kafka.topic_prefix's (backfill a new learner)",
     )
+
+
+def _add_compare(sub: argparse._SubParsersAction[_Parser]) -> None:
+    compare = sub.add_parser(
+        "compare", help="CE vs CE + replay vs SupCon + bank on split-digits, a file or topic:NAME"
+    )
+    _common(compare)
+    compare.add_argument("source", help="split-digits, a labeled file, or topic:NAME")
+    compare.add_argument("--memories", help="comma-separated bank sizes (default: per source)")
+    compare.add_argument("--seeds", type=_positive_int, help="seeds 0..N-1 (default: per source)")
+    compare.add_argument("--methods", help="comma-separated subset (default: per source)")
+    compare.add_argument("--out", type=Path, default=Path("runs/compare"), help="report folder")
+    compare.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+    compare.add_argument(
+        "--from", dest="start_from", metavar="POSITION", help="topic:NAME slice start"
+    )
+    compare.add_argument("--until", metavar="POSITION", help="topic:NAME slice end (exclusive)")
 
 
 def _add_bench_forgetting(bench_sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -380,6 +398,12 @@ def _cmd_config(_args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _cmd_compare(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.devtools.bench.cli import run_compare
+
+    return run_compare(args, settings)
+
+
 def _cmd_bench(args: argparse.Namespace, _settings: Settings) -> int:
     if args.bench == "forgetting":
         from pipeline.devtools.bench.cli import run_bench_forgetting
@@ -426,6 +450,7 @@ COMMANDS = {
     "topics": _cmd_topics,
     "demo": _cmd_demo,
     "config": _cmd_config,
+    "compare": _cmd_compare,
     "bench": _cmd_bench,
     "status": _cmd_status,
 }
