@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("devstack", help="embedded broker + redis-server on loopback")
     _common(dev)
     dev.add_argument("action", choices=["up", "down", "status"])
+    dev.add_argument(
+        "--durable", action="store_true", help="up: broker log in a local S3 server (moto)"
+    )
 
     topics = sub.add_parser("topics", help="create the pipeline's topics if missing")
     _common(topics)
@@ -354,14 +357,15 @@ def _cmd_devstack(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.devtools.devstack import Devstack
 
     d = settings.devstack
-    stack = Devstack(d.dir, d.broker_port, d.redis_port)
+    stack = Devstack(d.dir, d.broker_port, d.redis_port, d.s3_port)
     if args.action == "up":
-        state = stack.up()
+        state = stack.up(durable=args.durable)
         print(
             json.dumps(
                 {
                     "bootstrap_servers": state.bootstrap_servers,
                     "redis_url": state.redis_url,
+                    "storage": f"s3 at http://{state.s3.address}" if state.s3 else "memory",
                     "dir": str(d.dir),
                 }
             )

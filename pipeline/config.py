@@ -329,6 +329,9 @@ class DevstackSettings(_Frozen):
     dir: Path = Path(".devstack")
     broker_port: int = Field(19092, ge=1, le=65535)
     redis_port: int = Field(16379, ge=1, le=65535)
+    s3_port: int = Field(
+        19000, ge=1, le=65535, description="S3 server (moto) of `devstack up --durable`."
+    )
 
 
 class LoggingSettings(_Frozen):
