@@ -144,6 +144,6 @@ def load_latest(directory: Path, map_location: torch.device | str = "cpu") -> Ch
     if candidates:
         raise CheckpointError(
             f"none of the {len(candidates)} checkpoints in {directory} could be loaded; "
-            "move them away to start from scratch"
+            "start a fresh lineage with `learn --reset` (they are kept aside)"
         )
     return None
