@@ -220,3 +220,34 @@ def test_checkpoint_beyond_the_end_of_a_lost_log_stops_the_learner(redis_url, un
         assert again.counters["consumed"] == 20
     finally:
         stop_process(broker.pid)
+
+
+@pytest.mark.parametrize("position", ["latest", "future"])
+def test_from_latest_or_a_time_past_the_end_trains_only_what_comes_next(
+    bootstrap, redis_url, unique, tmp_path, position
+):
+    pairs = _pairs(bootstrap, redis_url, unique, tmp_path)
+    settings = _settings(pairs)
+    k = settings.kafka
+    ensure_topics(k.client_options(), k.all_topics(), k.partitions, 1, timeout_s=30)
+    _produce(bootstrap, k.events_topic, "old", 300)
+    text = "latest" if position == "latest" else str(int(time.time() * 1000) + 3_600_000)
+    request = StartRequest.from_args(text, reset=False)
+    result: list = []
+    learner = threading.Thread(
+        target=lambda: result.append(
+            run_learner(settings, threading.Event(), RunLimits(exit_when_idle_s=4.0), request)
+        )
+    )
+    learner.start()
+    # The start offsets are durable (a step-0 checkpoint) before anything is read.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list_checkpoints(settings.checkpoint_dir):
+        time.sleep(0.1)
+    assert list_checkpoints(settings.checkpoint_dir)
+    new = _produce(bootstrap, k.events_topic, "new", 50)
+    learner.join(120)
+    assert result, "the learner did not finish"
+    assert result[0].counters["consumed"] == 50
+    trained = read_ledger(ledger_path(settings.checkpoint_dir)).counts.keys()
+    assert trained == {i for i in new if not is_probe(i, 0.1)}
