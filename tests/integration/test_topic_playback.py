@@ -18,7 +18,7 @@ from pipeline import cli
 pytestmark = pytest.mark.integration
 
 
-def _produce(bootstrap: str, topic: str, tag: str, n: int, ts0: int | None = None) -> dict:
+def _produce(bootstrap: str, topic: str, tag: str, n: int, ts0: int | None = None) -> list[str]:
     """n keyed events; with ``ts0`` their record timestamps are ts0 + 100 ms * i."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     for i in range(n):
@@ -27,7 +27,7 @@ def _produce(bootstrap: str, topic: str, tag: str, n: int, ts0: int | None = Non
         producer.send(topic, orjson.dumps(event), key=event["id"].encode(), timestamp_ms=stamp)
     producer.flush(30)
     producer.close()
-    return {f"{tag}-{i}": None for i in range(n)}
+    return [f"{tag}-{i}" for i in range(n)]
 
 
 def _read(bootstrap: str, topic: str, expect: int, timeout_s: float = 30.0) -> list:
