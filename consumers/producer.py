@@ -29,7 +29,7 @@ from consumers.exceptions import BrokerUnavailableError, ProducerError
 
 log = structlog.get_logger(__name__)
 
-_Item = tuple[str, bytes, bytes | None]  # topic, value, key
+_Item = tuple[str, bytes, bytes | None, int | None]  # topic, value, key, timestamp ms
 
 
 def _discard(producer: KafkaProducer) -> None:
@@ -124,15 +124,24 @@ class JsonProducer:
         with self._lock:
             return len(self._unacked) + len(self._failed)
 
-    def send(self, topic: str, value: bytes | Mapping[str, Any], key: bytes | None = None) -> None:
+    def send(
+        self,
+        topic: str,
+        value: bytes | Mapping[str, Any],
+        key: bytes | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
         """Queue one record; a mapping is serialised with orjson. Returns without waiting.
+
+        ``timestamp_ms`` sets the record's timestamp (playback keeps the original's); None
+        lets the client stamp it with the current time.
 
         Raises ``MessageSizeTooLargeError``/``TypeError``/``ValueError`` for a record that can
         never be sent. While the broker is unreachable (even a recreated client fails) the
         record is kept and re-sent by the next :meth:`flush`, which reports the outage.
         """
         payload = bytes(value) if isinstance(value, bytes | bytearray) else orjson.dumps(value)
-        self._send_item((topic, payload, key), retry=True)
+        self._send_item((topic, payload, key, timestamp_ms), retry=True)
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Block until every record sent before this call is acknowledged, or raise.
@@ -212,7 +221,7 @@ class JsonProducer:
             self._failed[next(self._seq)] = (item, exc)
 
     def _send_item(self, item: _Item, retry: bool) -> None:
-        topic, payload, key = item
+        topic, payload, key, timestamp_ms = item
         if self._closed:
             raise ProducerError("the producer is closed")
         try:
@@ -229,7 +238,7 @@ class JsonProducer:
             self._unacked[seq] = item
             self._sending.add(seq)
         try:
-            future = producer.send(topic, value=payload, key=key)
+            future = producer.send(topic, value=payload, key=key, timestamp_ms=timestamp_ms)
             future.add_callback(self._on_ack, seq)
             future.add_errback(self._on_error, seq)
         except MessageSizeTooLargeError:

@@ -48,14 +48,20 @@ class EventSource(Protocol):
     last commit come again; ``resume_offsets`` from the restored checkpoint skip those the
     checkpoint already covers.
 
-    ``stats()`` returns at least: ``polled`` (records read), ``skipped`` (below a resume
-    offset), ``batches``, ``events`` (valid), ``dead_lettered``, ``paused_events`` (times
-    backpressure paused the source), ``committed`` and ``lag`` (both
+    ``stats()`` returns at least: ``polled`` (records read), ``skipped`` (read but below a
+    resume offset; a source that seeks there reads none), ``batches``, ``events`` (valid),
+    ``dead_lettered``, ``paused_events`` (times backpressure paused the source),
+    ``committed`` and ``lag`` (both
     ``{"topic:partition": int}``, see :func:`partition_label`; JSON-safe), ``queue_depth``.
     """
 
     def start(self, resume_offsets: Mapping[TopicPartitionKey, int] = NO_OFFSETS) -> None:
-        """Begin consuming; records below ``resume_offsets[(topic, partition)]`` are skipped."""
+        """Begin consuming; records below ``resume_offsets[(topic, partition)]`` are skipped.
+
+        A Kafka source also starts each partition there on its first assignment, whatever
+        the group committed: the restored checkpoint (or ``--from``) says where training
+        resumes, not the group.
+        """
         ...
 
     def get(self, timeout_s: float) -> EventBatch | None:

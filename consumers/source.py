@@ -25,6 +25,12 @@ its fetch position across the rebalance, so dropping its buffered records would 
 until the next restart (seen in tests). If a client instead restarts such a partition from the
 committed offset, ``_ingest`` sees the position go back and drops the copies it would
 otherwise deliver twice.
+
+Start position: the first time a partition is assigned, the consumer seeks it to its
+``resume_offsets`` entry (the restored checkpoint's offsets, or a ``--from`` position). The
+group's committed offset may be ahead of the checkpoint (the newest checkpoint was corrupt and
+an older one was restored): without the seek, the events between the two would never be
+trained. Records the same poll fetched from the old position are dropped, not delivered.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from consumers.events import EventBatch, SourceRecord, TopicPartitionKey
 from consumers.exceptions import BrokerUnavailableError, SourceClosedError
 from consumers.group import CommitRequest, OffsetCommitter, RebalanceRecorder, partition_labels
 from consumers.producer import JsonProducer
-from consumers.protocols import NO_OFFSETS, STAT_COUNTERS, labelled
+from consumers.protocols import NO_OFFSETS, STAT_COUNTERS, labelled, partition_label
 
 log = structlog.get_logger(__name__)
 
@@ -108,6 +114,7 @@ class KafkaBatchSource:
         self._pending: EventBatch | None = None  # decoded, waiting for room in the queue
         self._paused = False
         self._resume: dict[TopicPartitionKey, int] = {}
+        self._to_seek: dict[TopicPartitionKey, int] = {}  # resume offsets not yet sought
         self._positions: dict[TopicPartitionKey, int] = {}
         # Shared with readers of stats()/assignment(), guarded by _stats_lock.
         self._stats_lock = threading.Lock()
@@ -126,6 +133,7 @@ class KafkaBatchSource:
         if self._thread is not None:
             raise RuntimeError("KafkaBatchSource.start() called twice")
         self._resume = {(str(t), int(p)): int(o) for (t, p), o in resume_offsets.items()}
+        self._to_seek = dict(self._resume)
         self._thread = threading.Thread(
             target=self._run, name=f"kafka-source-{self._config.topic}", daemon=True
         )
@@ -296,7 +304,11 @@ class KafkaBatchSource:
             self._broker.observe(consumer, got_records=bool(polled))
             # Rebalance callbacks ran during poll(); act on them before buffering what it
             # returned, which belongs to the new assignment.
-            self._reconcile_assignment(consumer)
+            sought = self._reconcile_assignment(consumer)
+            if sought and polled:
+                polled = {
+                    tp: m for tp, m in polled.items() if (tp.topic, tp.partition) not in sought
+                }
             if polled:
                 self._ingest(polled)
                 self._update_lag(consumer)
@@ -404,15 +416,20 @@ class KafkaBatchSource:
         self._paused = False
         self._log.info("backpressure released: partitions resumed")
 
-    def _reconcile_assignment(self, consumer: KafkaConsumer) -> None:
-        """Act on a rebalance that happened during poll() (see the module docstring)."""
+    def _reconcile_assignment(self, consumer: KafkaConsumer) -> set[TopicPartitionKey]:
+        """Act on a rebalance that happened during poll() (see the module docstring).
+
+        Returns the partitions just sought to their start position: what the same poll
+        returned for them came from the old position and must be dropped.
+        """
         events = self._rebalances.drain()
         for kind, partitions in events:
             if partitions:
                 self._log.info("partitions " + kind, partitions=partition_labels(partitions))
         current = frozenset((tp.topic, tp.partition) for tp in consumer.assignment())
         if not events and current == self._assigned:
-            return
+            return set()
+        sought = self._seek_start(consumer, current)
         gone = [key for key in self._positions if key not in current]
         dropped = self._batcher.drop_partitions(gone)
         for key in gone:
@@ -428,6 +445,25 @@ class KafkaBatchSource:
             self._counters["revoked_dropped"] += dropped
             for key in gone:
                 self._lag.pop(key, None)
+        return sought
+
+    def _seek_start(
+        self, consumer: KafkaConsumer, assigned: frozenset[TopicPartitionKey]
+    ) -> set[TopicPartitionKey]:
+        """Seek partitions assigned for the first time to their resume offset (module doc)."""
+        sought = {key for key in assigned if key in self._to_seek}
+        for key in sorted(sought):
+            offset = self._to_seek.pop(key)
+            consumer.seek(TopicPartition(*key), offset)
+            self._positions.pop(key, None)
+            dropped = self._batcher.drop_partitions([key])
+            self._log.info(
+                "partition positioned at its start offset",
+                partition=partition_label(key),
+                offset=offset,
+                dropped=dropped,
+            )
+        return sought
 
     def _update_lag(self, consumer: KafkaConsumer) -> None:
         # Highwater comes with each fetch response; Tansu's end_offsets() is wrong by design.

@@ -250,7 +250,10 @@ class EventSourceContract:
         assert sorted(offsets0) == list(range(10, CONTRACT_PER_PARTITION))
         assert sum(b.consumed for b in batches) == len(payloads) - 10
         assert source.get(0.5) is None
-        assert source.stats()["skipped"] == 10
+        # A source either reads the covered records and skips them, or (Kafka) seeks past
+        # them and never reads them: what it read minus what it skipped is what it delivered.
+        stats = source.stats()
+        assert stats["polled"] - stats["skipped"] == len(payloads) - 10
         source.stop(10.0)
 
     def test_get_after_stop_raises(self, source_factory: SourceFactory) -> None:

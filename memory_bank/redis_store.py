@@ -198,6 +198,7 @@ class RedisBankStore:
         self._on_health = on_health
         self._failing = False
         base = f"{key_prefix}:bank:{bank_name}"
+        self._key_prefix = key_prefix
         self.bank_key = base
         self._feat = f"{base}:feat"
         self._emb = f"{base}:emb"
@@ -301,6 +302,22 @@ class RedisBankStore:
         keys = [self._feat, self._emb, self._meta, self._seen, self._dims, self._applied]
         self._retrying("clear", lambda: self._client.delete(*keys))
         self._log.info("bank_store_cleared")
+
+    def set_aside(self, new_bank_name: str) -> list[str]:
+        """Rename this bank's keys to those of ``new_bank_name`` (a fresh lineage keeps the
+        old bank readable under that name). Returns the new keys; a missing key is skipped.
+        """
+        target = f"{self._key_prefix}:bank:{new_bank_name}"
+        moved: list[str] = []
+        for key in (self._feat, self._emb, self._meta, self._seen, self._dims, self._applied):
+            new_key = target + key[len(self.bank_key) :]
+            # RENAMENX: never overwrite a bank already set aside under that name.
+            if self._client.exists(key):
+                if not self._client.renamenx(key, new_key):
+                    raise BankError(f"cannot set the bank aside: {new_key} exists already")
+                moved.append(new_key)
+        self._log.info("bank_store_set_aside", to=target, keys=len(moved))
+        return moved
 
     # -- internals -------------------------------------------------------------------------
 

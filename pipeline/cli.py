@@ -13,227 +13,16 @@ import json
 import sys
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 
 import structlog
 
-from pipeline.config import OBJECTIVES, Settings, load_settings
+from pipeline.cli_parser import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, build_parser
+from pipeline.config import Settings, load_settings
 from pipeline.exceptions import ConfigError, SupconStreamError
 from pipeline.logs import configure_logging
 from pipeline.redaction import redact_argv
 
 log = structlog.get_logger(__name__)
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # argparse prints usage plus the message; one clear line is what we promise.
-        self.exit(EXIT_USAGE, f"supcon-stream: error: {message} (see --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "-c",
-        "--config",
-        type=Path,
-        help="YAML settings file (default: the built-in "
-        "defaults of pipeline/config.py, whose addresses match the devstack)",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one setting, e.g. --set train.lr=0.01 (repeatable)",
-    )
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--json-logs", action="store_true", help="structured JSON log lines")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="supcon-stream", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    learn = sub.add_parser("learn", help="run a learner (consumer group member) until stopped")
-    _common(learn)
-    learn.add_argument(
-        "--objective",
-        choices=OBJECTIVES,
-        help="shortcut for --set train.objective=...",
-    )
-    learn.add_argument("--name", help="learner name (group, bank, checkpoints, telemetry)")
-    learn.add_argument("--max-events", type=_positive_int, help="exit after consuming N events")
-    learn.add_argument(
-        "--exit-when-idle",
-        type=_positive_float,
-        metavar="SECONDS",
-        help="exit after this long without new events",
-    )
-
-    side = sub.add_parser("sidecar", help="publish rolling loss and forgetting metrics to Kafka")
-    _common(side)
-
-    replay = sub.add_parser(
-        "replay", help="produce a built-in scenario or a labeled file (JSONL, CSV, NPZ, Parquet)"
-    )
-    _common(replay)
-    replay.add_argument(
-        "source",
-        help="scenario (split-digits, domain-digits, blurry-digits, gaussian-drift) or a file",
-    )
-    replay.add_argument(
-        "--rate", type=_positive_float, help="events/s (default: as fast as possible)"
-    )
-    replay.add_argument("--limit", type=_positive_int, help="produce at most N events")
-    replay.add_argument("--seed", type=int, default=0, help="scenario shuffle seed")
-
-    dev = sub.add_parser("devstack", help="embedded broker + redis-server on loopback")
-    _common(dev)
-    dev.add_argument("action", choices=["up", "down", "status"])
-
-    topics = sub.add_parser("topics", help="create the pipeline's topics if missing")
-    _common(topics)
-
-    demo = sub.add_parser("demo", help="devstack + split-digits through supcon and ce learners")
-    _common(demo)
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="report folder")
-    demo.add_argument(
-        "--keep-stack",
-        action="store_true",
-        help="leave the devstack running afterwards (to inspect the topics)",
-    )
-
-    show = sub.add_parser("config", help="print the effective settings (secrets redacted)")
-    _common(show)
-
-    bench = sub.add_parser(
-        "bench", help="benchmarks: forgetting (in-process), throughput, exposition"
-    )
-    bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
-    _add_bench_forgetting(bench_sub)
-    _add_bench_throughput(bench_sub)
-    _add_bench_exposition(bench_sub)
-    status = sub.add_parser(
-        "status", help="health of the learners under checkpoint.dir (exit 1 unless all healthy)"
-    )
-    _common(status)
-    status.add_argument(
-        "--learner", action="append", dest="learners", help="only this learner (repeatable)"
-    )
-    _add_serving_commands(sub)
-    return parser
-
-
-def _add_serving_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
-    export = sub.add_parser("export", help="export a learner's newest checkpoint as a bundle")
-    _common(export)
-    export.add_argument("--learner", dest="name", help="learner name (default: learner.name)")
-    export.add_argument(
-        "--out", type=Path, help="registry folder (default: <export.dir>/<learner>)"
-    )
-    export.add_argument(
-        "--no-announce", action="store_true", help="do not announce it on <prefix>.models"
-    )
-    predict = sub.add_parser("predict", help="score a JSONL, CSV, NPZ or Parquet file")
-    _common(predict)
-    predict.add_argument("input", type=Path, help="file of events (features, optional labels)")
-    predict.add_argument(
-        "--model", type=Path, required=True, help="bundle folder or registry folder (newest)"
-    )
-    predict.add_argument("--out", type=Path, required=True, help=".jsonl, .csv, .npz, .parquet")
-    predict.add_argument("--label-column", default="label")
-    predict.add_argument("--id-column", default="id")
-    serve = sub.add_parser("serve", help="answer events with the newest model bundle")
-    _common(serve)
-    serve.add_argument("--learner", dest="name", help="whose bundles (default: learner.name)")
-    serve.add_argument("--max-events", type=_positive_int, help="exit after consuming N events")
-    serve.add_argument(
-        "--exit-when-idle",
-        type=_positive_float,
-        metavar="SECONDS",
-        help="exit after this long without new events",
-    )
-
-
-def _add_bench_forgetting(bench_sub: argparse._SubParsersAction[_Parser]) -> None:
-    forgetting = bench_sub.add_parser(
-        "forgetting", help="split-digits online: CE vs SupCon + bank, forgetting table and plot"
-    )
-    _common(forgetting)
-    forgetting.add_argument(
-        "--memories", default="20,50,100,200", help="comma-separated bank sizes"
-    )
-    forgetting.add_argument("--seeds", type=_positive_int, default=5, help="seeds 0..N-1")
-    forgetting.add_argument("--methods", help="comma-separated subset (default: all)")
-    forgetting.add_argument("--out", type=Path, default=Path("runs/bench"), help="report folder")
-    forgetting.add_argument(
-        "--threads", type=_positive_int, default=1, help="torch threads (tiny MLP: 1 is fastest)"
-    )
-
-
-def _add_bench_exposition(bench_sub: argparse._SubParsersAction[_Parser]) -> None:
-    ex = bench_sub.add_parser(
-        "exposition", help="/metrics render time; end-to-end rate with metrics off vs on"
-    )
-    _common(ex)
-    ex.add_argument("--events", type=_positive_int, default=20_000, help="events per run")
-    ex.add_argument("--classes", type=_positive_int, default=100, help="classes in /metrics")
-    ex.add_argument("--renders", type=_positive_int, default=500, help="renders timed")
-    ex.add_argument("--rounds", type=_positive_int, default=2, help="off/on pairs of runs")
-    ex.add_argument("--out", type=Path, default=Path("runs/bench"), help="report folder")
-
-
-def _add_bench_throughput(bench_sub: argparse._SubParsersAction[_Parser]) -> None:
-    tp = bench_sub.add_parser(
-        "throughput", help="raw/ingest/learner/end-to-end rates, bank costs, restart, latency"
-    )
-    _common(tp)
-    tp.add_argument("--events", type=_positive_int, default=200_000, help="stream length")
-    tp.add_argument("--bank-items", type=_positive_int, default=100_000, help="bank size")
-    tp.add_argument(
-        "--learner-events",
-        type=_positive_int,
-        default=60_000,
-        help="events through the learner-only stage (at most --events)",
-    )
-    tp.add_argument(
-        "--latency-rate",
-        type=_positive_float,
-        help="offered load of the latency stage, events/s (default: half the end-to-end rate)",
-    )
-    tp.add_argument(
-        "--latency-seconds", type=_positive_float, default=10.0, help="latency stage length"
-    )
-    tp.add_argument(
-        "--consumer-processes",
-        type=_positive_int,
-        default=2,
-        help="also measure ingest-only with this many consumer processes (1 = skip)",
-    )
-    tp.add_argument("--out", type=Path, default=Path("runs/bench"), help="report folder")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -250,12 +39,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.learner.loop import RunLimits, run_learner
+    from pipeline.learner.start import StartRequest, check_request
     from pipeline.signals import install_stop_signals
 
+    request = StartRequest.from_args(args.start_from, args.reset)
+    check_request(settings, request)
     log.info("configuration", settings=settings.redacted())
     stop = threading.Event()
     install_stop_signals(stop)
-    summary = run_learner(settings, stop, RunLimits(args.max_events, args.exit_when_idle))
+    summary = run_learner(settings, stop, RunLimits(args.max_events, args.exit_when_idle), request)
     print(
         json.dumps(
             {
@@ -287,7 +79,21 @@ def _cmd_sidecar(_args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.streams.playback import run_replay
+    from pipeline.streams.topic_playback import TOPIC_SOURCE
 
+    if args.to_prefix:
+        settings = settings.model_copy(
+            update={"kafka": settings.kafka.model_copy(update={"topic_prefix": args.to_prefix})}
+        )
+    if args.source.startswith(TOPIC_SOURCE):
+        return _replay_topic(args, settings)
+    for flag, value in (
+        ("--from", args.start_from),
+        ("--until", args.until),
+        ("--speed", args.speed),
+    ):
+        if value is not None:
+            raise ConfigError(f"replay: {flag} applies to a {TOPIC_SOURCE}NAME source only")
     report = run_replay(
         settings, args.source, rate=args.rate, limit=args.limit, seed=args.seed, progress=None
     )
@@ -295,18 +101,36 @@ def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def _replay_topic(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.positions import parse_position
+    from pipeline.streams.topic_playback import TOPIC_SOURCE, TopicPlayback, run_topic_playback
+
+    name = args.source[len(TOPIC_SOURCE) :]
+    if not name:
+        raise ConfigError(f"replay: {TOPIC_SOURCE} needs a topic name, e.g. {TOPIC_SOURCE}archive")
+    try:
+        start = parse_position(args.start_from or "earliest")
+        until = parse_position(args.until) if args.until else None
+    except ValueError as exc:
+        raise ConfigError(f"replay: {exc}") from None
+    plan = TopicPlayback(name, start, until, args.rate, args.speed, args.pace_by, args.limit)
+    print(json.dumps(run_topic_playback(settings, plan).as_dict()))
+    return EXIT_OK
+
+
 def _cmd_devstack(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.devtools.devstack import Devstack
 
     d = settings.devstack
-    stack = Devstack(d.dir, d.broker_port, d.redis_port)
+    stack = Devstack(d.dir, d.broker_port, d.redis_port, d.s3_port)
     if args.action == "up":
-        state = stack.up()
+        state = stack.up(durable=args.durable)
         print(
             json.dumps(
                 {
                     "bootstrap_servers": state.bootstrap_servers,
                     "redis_url": state.redis_url,
+                    "storage": f"s3 at http://{state.s3.address}" if state.s3 else "memory",
                     "dir": str(d.dir),
                 }
             )
@@ -341,6 +165,12 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_config(_args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps(settings.redacted(), indent=2))
     return EXIT_OK
+
+
+def _cmd_compare(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.devtools.bench.cli import run_compare
+
+    return run_compare(args, settings)
 
 
 def _cmd_bench(args: argparse.Namespace, _settings: Settings) -> int:
@@ -442,6 +272,7 @@ COMMANDS = {
     "topics": _cmd_topics,
     "demo": _cmd_demo,
     "config": _cmd_config,
+    "compare": _cmd_compare,
     "bench": _cmd_bench,
     "status": _cmd_status,
     "export": _cmd_export,

@@ -20,6 +20,7 @@ from pipeline.devtools.devstack import (
     start_redis,
     stop_process,
 )
+from pipeline.devtools.s3store import DurableBroker
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +59,14 @@ def redis_client(redis_url: str):  # type: ignore[no-untyped-def]
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
+
+
+@pytest.fixture
+def durable_broker(tmp_path: Path) -> Iterator[DurableBroker]:
+    """A broker of its own whose log survives its restarts (Tansu on a local S3 server)."""
+    stack = DurableBroker(tmp_path / "durable")
+    yield stack
+    stack.stop()
 
 
 @pytest.fixture

@@ -147,12 +147,23 @@ def _wait_until(check: object, timeout_s: float, what: str, proc: subprocess.Pop
 
 
 def start_broker(
-    port: int, workdir: Path, timeout_s: float = 30.0, advertised_port: int | None = None
+    port: int,
+    workdir: Path,
+    timeout_s: float = 30.0,
+    advertised_port: int | None = None,
+    s3_port: int | None = None,
 ) -> ManagedProcess:
-    """Start Tansu on ``127.0.0.1:port`` with in-memory storage; returns once it accepts.
+    """Start Tansu on ``127.0.0.1:port``; returns once it accepts.
 
-    ``advertised_port`` makes clients connect elsewhere (a proxy in front of the broker).
+    Storage is in memory, or with ``s3_port`` in the S3 server there (durable across broker
+    restarts, see :mod:`pipeline.devtools.s3store`). ``advertised_port`` makes clients
+    connect elsewhere (a proxy in front of the broker).
     """
+    storage, env = "memory://tansu/", dict(os.environ)
+    if s3_port is not None:
+        from pipeline.devtools.s3store import STORAGE_URL, s3_environment
+
+        storage, env = STORAGE_URL, {**env, **s3_environment(s3_port)}
     binary = find_tansu()
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"broker-{port}.log"
@@ -168,14 +179,14 @@ def start_broker(
                 "--advertised-listener-url",
                 advertised,
                 "--storage-engine",
-                "memory://tansu/",
+                storage,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             cwd=workdir,
-            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+            env={**env, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
         )
     _wait_until(lambda: port_open(port), timeout_s, f"broker on port {port}", proc)
     return ManagedProcess("broker", proc.pid, port, str(log_path))
@@ -259,6 +270,7 @@ def stop_process(pid: int, timeout_s: float = 10.0) -> None:
 class StackState:
     broker: ManagedProcess
     redis: ManagedProcess
+    s3: ManagedProcess | None = None  # the broker's storage with ``up(durable=True)``
 
     @property
     def bootstrap_servers(self) -> str:
@@ -272,10 +284,13 @@ class StackState:
 class Devstack:
     """The embedded stack under one folder; ``up`` is idempotent, ``down`` stops by PID."""
 
-    def __init__(self, directory: Path, broker_port: int, redis_port: int) -> None:
+    def __init__(
+        self, directory: Path, broker_port: int, redis_port: int, s3_port: int = 19000
+    ) -> None:
         self.directory = directory
         self.broker_port = broker_port
         self.redis_port = redis_port
+        self.s3_port = s3_port
 
     @property
     def state_file(self) -> Path:
@@ -284,14 +299,16 @@ class Devstack:
     def read_state(self) -> StackState | None:
         try:
             raw = json.loads(self.state_file.read_text())
-            return StackState(ManagedProcess(**raw["broker"]), ManagedProcess(**raw["redis"]))
+            s3 = ManagedProcess(**raw["s3"]) if raw.get("s3") else None
+            return StackState(ManagedProcess(**raw["broker"]), ManagedProcess(**raw["redis"]), s3)
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def status(self) -> dict[str, dict[str, object]]:
         state = self.read_state()
         report: dict[str, dict[str, object]] = {}
-        for name in ("broker", "redis"):
+        names = ("broker", "redis", "s3") if state and state.s3 else ("broker", "redis")
+        for name in names:
             proc = getattr(state, name) if state else None
             report[name] = {
                 "pid": proc.pid if proc else None,
@@ -300,8 +317,16 @@ class Devstack:
             }
         return report
 
-    def up(self) -> StackState:
+    def up(self, durable: bool = False) -> StackState:
+        """Start what is not running. ``durable``: the broker keeps its log in a local S3
+        server, so it survives broker restarts (not ``down``: the S3 server keeps it in memory).
+        """
         state = self.read_state()
+        if state and durable != (state.s3 is not None):
+            raise DevstackError(
+                f"the devstack is running {'with' if state.s3 else 'without'} --durable; "
+                "run `devstack down` first"
+            )
         if state and all(v["running"] for v in self.status().values()):
             log.info(
                 "devstack already running", broker=state.broker.address, redis=state.redis.address
@@ -309,34 +334,53 @@ class Devstack:
             return state
         if state:
             self.down()
-        for port, what in ((self.broker_port, "broker"), (self.redis_port, "redis")):
+        ports = [(self.broker_port, "broker"), (self.redis_port, "redis")]
+        if durable:
+            ports.append((self.s3_port, "s3"))
+        for port, what in ports:
             if port_open(port):
                 raise DevstackError(
                     f"port {port} for the {what} is already in use by another process; "
                     f"set devstack.{what}_port to a free port"
                 )
         self.directory.mkdir(parents=True, exist_ok=True)
-        broker = start_broker(self.broker_port, self.directory)
-        try:
-            redis_proc = start_redis(self.redis_port, self.directory)
-        except DevstackError:
-            stop_process(broker.pid)
-            raise
-        state = StackState(broker, redis_proc)
+        state = self._start(durable)
         self.state_file.write_text(
-            json.dumps({"broker": asdict(broker), "redis": asdict(redis_proc)}, indent=2)
+            json.dumps({k: asdict(v) if v else None for k, v in vars(state).items()}, indent=2)
         )
         log.info(
-            "devstack up", broker=broker.address, redis=redis_proc.address, dir=str(self.directory)
+            "devstack up",
+            broker=state.broker.address,
+            redis=state.redis.address,
+            storage=f"s3 on {state.s3.address}" if state.s3 else "memory",
+            dir=str(self.directory),
         )
         return state
+
+    def _start(self, durable: bool) -> StackState:
+        started: list[ManagedProcess] = []
+        try:
+            s3 = None
+            if durable:
+                from pipeline.devtools.s3store import start_s3
+
+                s3 = start_s3(self.s3_port, self.directory)
+                started.append(s3)
+            broker = start_broker(self.broker_port, self.directory, s3_port=s3.port if s3 else None)
+            started.append(broker)
+            return StackState(broker, start_redis(self.redis_port, self.directory), s3)
+        except DevstackError:
+            for proc in reversed(started):
+                stop_process(proc.pid)
+            raise
 
     def down(self) -> None:
         state = self.read_state()
         if state is None:
             log.info("devstack not running", dir=str(self.directory))
             return
-        for proc in (state.redis, state.broker):
-            stop_process(proc.pid)
+        for proc in (state.redis, state.broker, state.s3):
+            if proc is not None:
+                stop_process(proc.pid)
         self.state_file.unlink(missing_ok=True)
         log.info("devstack down", dir=str(self.directory))

@@ -18,6 +18,7 @@ import structlog
 import torch
 
 from consumers.exceptions import BrokerUnavailableError
+from consumers.positions import OffsetProbe
 from consumers.producer import JsonProducer
 from consumers.protocols import EventSource
 from memory_bank.bank import MemoryBank
@@ -31,6 +32,7 @@ from pipeline.learner.exposition import LearnerExposition
 from pipeline.learner.health import HealthBoard, health_path, stop_quietly
 from pipeline.learner.ledger import TrainedLedger, ledger_path
 from pipeline.learner.probes import ProbeSet
+from pipeline.learner.start import NO_REQUEST, StartRequest, plan_start, prepare_lineage
 from pipeline.learning.labels import LabelRegistry
 from pipeline.learning.model import StreamNet
 from pipeline.learning.step import make_state, match_optimizer_device
@@ -42,12 +44,16 @@ T = TypeVar("T")
 
 
 def build_context(
-    settings: Settings, stop: threading.Event | None = None, start_source: bool = False
+    settings: Settings,
+    stop: threading.Event | None = None,
+    start_source: bool = False,
+    request: StartRequest = NO_REQUEST,
 ) -> LearnerContext:
     """Create every component. Nothing is connected at import time.
 
-    With ``start_source`` the source is started (from the checkpoint's offsets) as soon as the
-    checkpoint is loaded, so the group join overlaps the bank load.
+    With ``start_source`` the source is started (at the checkpoint's offsets, or where
+    ``request`` says; see :mod:`pipeline.learner.start`) as soon as the checkpoint is loaded,
+    so the group join overlaps the bank load.
     """
     from memory_bank.redis_store import make_redis_client
 
@@ -69,6 +75,9 @@ def build_context(
     client_options = settings.kafka.client_options()
     stop = stop or threading.Event()
     wait_s = settings.learner.startup_wait_s
+    if request.reset or request.position is not None:
+        # Before anything connects: a refused --from must leave nothing behind.
+        prepare_lineage(settings, request, lambda name: _set_bank_aside(settings, client, name))
     producer = _until_reachable(
         lambda: JsonProducer(client_options, on_health=health.reporter("kafka_producer")),
         "kafka",
@@ -79,7 +88,7 @@ def build_context(
     source = _make_source(settings, client_options, producer, health)
     try:
         return _assemble(
-            settings, device, seen, client, health, producer, source, stop, start_source
+            settings, device, seen, client, health, producer, source, stop, start_source, request
         )
     except BaseException:
         # Whatever failed after the source exists (checkpoint, model, Redis, bank, ledger):
@@ -101,6 +110,7 @@ def _assemble(
     source: EventSource,
     stop: threading.Event,
     start_source: bool,
+    request: StartRequest,
 ) -> LearnerContext:
     """The rest of :func:`build_context`, once the producer and the source exist."""
     from memory_bank.index import make_index
@@ -111,10 +121,14 @@ def _assemble(
     ckpt = load_latest(settings.checkpoint_dir, map_location=device)
     if ckpt is None:
         log.info("no checkpoint; starting fresh", dir=str(settings.checkpoint_dir))
+    topic = settings.kafka.events_topic
+    plan = plan_start(
+        settings, ckpt, request, lambda: OffsetProbe(settings.kafka.client_options(), topic)
+    )
     if start_source:
         # Join the consumer group while the bank loads: a restart then costs
         # max(group join, bank load), not their sum (docs/performance.md, "Restart").
-        source.start(ckpt.offsets if ckpt else {})
+        source.start(plan.offsets)
     # After the join has started: the first Adam import is slow (torch._dynamo).
     model = StreamNet(settings.model).to(device)
     state = make_state(model, settings.train)
@@ -184,10 +198,35 @@ def _assemble(
     if settings.checkpoint.ledger:
         ctx.ledger = TrainedLedger(ledger_path(settings.checkpoint_dir))
     ctx.exporter = AutoExport.from_settings(settings)
+    ctx.checkpointer.start = plan.start
+    health.progress(start=plan.start)
     if ckpt is not None:
         apply_checkpoint(ctx, ckpt)
+    elif plan.offsets:
+        # A new lineage at --from: its start is durable before any event is trained, so a
+        # crash before the first checkpoint resumes there, not at the group's offsets.
+        ctx.checkpointer.restore(plan.offsets)
+        ctx.checkpointer.save(ctx)
     health.mark_ready("checkpoint_restored")
     return ctx
+
+
+def _set_bank_aside(settings: Settings, client: Any, new_name: str) -> list[str]:
+    from memory_bank.redis_store import RedisBankStore, ping_redis
+
+    r = settings.redis
+    wait_s = settings.learner.startup_wait_s
+    _until_reachable(lambda: ping_redis(client), "redis", wait_s, threading.Event())
+    store = RedisBankStore(
+        client,
+        r.key_prefix,
+        settings.learner_name,
+        settings.model.input_dim,
+        settings.model.embed_dim,
+        retries=r.retries,
+        backoff_s=r.retry_backoff_s,
+    )
+    return store.set_aside(new_name)
 
 
 def _make_source(

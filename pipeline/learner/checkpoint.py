@@ -42,6 +42,8 @@ class Checkpoint:
     counters: dict[str, float] = field(default_factory=dict)
     temperature: float | None = None  # NCM's fitted temperature (absent in older files)
     metrics: dict[str, Any] = field(default_factory=dict)  # of the last evaluation
+    # Where this lineage started: {"from", "offsets", "at"} (pipeline/learner/start.py)
+    start: dict[str, Any] = field(default_factory=dict)
 
     def to_payload(self) -> dict[str, Any]:
         return {
@@ -56,6 +58,7 @@ class Checkpoint:
             "counters": dict(self.counters),
             "temperature": self.temperature,
             "metrics": dict(self.metrics),
+            "start": dict(self.start),
         }
 
     @classmethod
@@ -73,6 +76,7 @@ class Checkpoint:
             counters=dict(raw.get("counters", {})),
             temperature=raw.get("temperature"),
             metrics=dict(raw.get("metrics") or {}),
+            start=dict(raw.get("start", {})),  # absent in checkpoints written before --from
         )
 
 
@@ -146,6 +150,6 @@ def load_latest(directory: Path, map_location: torch.device | str = "cpu") -> Ch
     if candidates:
         raise CheckpointError(
             f"none of the {len(candidates)} checkpoints in {directory} could be loaded; "
-            "move them away to start from scratch"
+            "start a fresh lineage with `learn --reset` (they are kept aside)"
         )
     return None

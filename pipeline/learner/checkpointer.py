@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -51,6 +51,7 @@ class Checkpointer:
         self.every_steps = every_steps
         self.every_seconds = every_seconds
         self.offsets: dict[TopicPartitionKey, int] = {}
+        self.start: dict[str, Any] = {}  # the lineage's start point, kept in every checkpoint
         self._last_step = step
         self._last_time = now
 
@@ -115,25 +116,7 @@ class Checkpointer:
         except ProducerError as exc:
             log.warning("checkpoint deferred: predictions/dead letters not durable", error=str(exc))
             return None
-        if ctx.ledger is not None:
-            ctx.ledger.sync()
-        ckpt = Checkpoint(
-            step=ctx.state.step,
-            model=ctx.state.model.state_dict(),
-            optimizer=ctx.state.optimizer.state_dict(),
-            labels=ctx.registry.names,
-            class_task=dict(ctx.registry.class_task),
-            offsets=dict(self.offsets),
-            probe=ctx.probes.state(),
-            counters={**ctx.counters.as_dict(), "skipped": float(ctx.state.skipped)},
-            temperature=ctx.temperature,
-            metrics=dict(ctx.last_metrics),
-        )
-        path = save_checkpoint(self.directory, ckpt, self.keep)
-        if ctx.health is not None:
-            ctx.health.progress(checkpoint_step=ctx.state.step, checkpoint_ts=round(time.time(), 3))
-        if ctx.exposition is not None:
-            ctx.exposition.checkpointed()
+        path = self.save(ctx)
         if ctx.exporter is not None:
             # After the checkpoint is durable: a bundle never covers more than a checkpoint.
             ctx.exporter.after_checkpoint(ctx, dict(self.offsets))
@@ -152,4 +135,28 @@ class Checkpointer:
         if ctx.exposition is not None:
             ctx.exposition.commit_requested()
         log.debug("checkpoint written", path=str(path), offsets=len(self.offsets))
+        return path
+
+    def save(self, ctx: LearnerContext) -> Path:
+        """Steps 3 and 4 of :meth:`commit`: sync the ledger, write the checkpoint atomically."""
+        if ctx.ledger is not None:
+            ctx.ledger.sync()
+        ckpt = Checkpoint(
+            step=ctx.state.step,
+            model=ctx.state.model.state_dict(),
+            optimizer=ctx.state.optimizer.state_dict(),
+            labels=ctx.registry.names,
+            class_task=dict(ctx.registry.class_task),
+            offsets=dict(self.offsets),
+            probe=ctx.probes.state(),
+            counters={**ctx.counters.as_dict(), "skipped": float(ctx.state.skipped)},
+            temperature=ctx.temperature,
+            metrics=dict(ctx.last_metrics),
+            start=dict(self.start),
+        )
+        path = save_checkpoint(self.directory, ckpt, self.keep)
+        if ctx.health is not None:
+            ctx.health.progress(checkpoint_step=ctx.state.step, checkpoint_ts=round(time.time(), 3))
+        if ctx.exposition is not None:
+            ctx.exposition.checkpointed()
         return path

@@ -43,6 +43,7 @@ from pipeline.learner.context import LearnerContext, LearnerSummary
 from pipeline.learner.emit import Emitter, emit_end, emit_eval, loop_tick, start_health
 from pipeline.learner.idle import IdleWatch
 from pipeline.learner.process import process_batch
+from pipeline.learner.start import NO_REQUEST, StartRequest
 
 log = structlog.get_logger(__name__)
 
@@ -56,10 +57,16 @@ class RunLimits:
 
 
 def run_learner(
-    settings: Settings, stop: threading.Event, limits: RunLimits = RunLimits()
+    settings: Settings,
+    stop: threading.Event,
+    limits: RunLimits = RunLimits(),
+    start: StartRequest = NO_REQUEST,
 ) -> LearnerSummary:
-    """Get → process → emit → checkpoint/commit when due; until stopped, idle or at max_events."""
-    ctx = build_context(settings, stop, start_source=True)
+    """Get → process → emit → checkpoint/commit when due; until stopped, idle or at max_events.
+
+    ``start`` carries ``--from`` / ``--reset`` (:mod:`pipeline.learner.start`).
+    """
+    ctx = build_context(settings, stop, start_source=True, request=start)
     _log_start(ctx)
     ctx.started = now = time.monotonic()
     start_consumed = ctx.counters.consumed

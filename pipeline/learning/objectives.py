@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.config import LOSS_TERMS, REPRESENTATION_TERMS, TrainSettings
+from pipeline.config import TrainSettings
 from pipeline.learning.losses import (
     asymmetric_supcon_loss,
     batch_hard_triplet_loss,
@@ -39,6 +39,7 @@ from pipeline.learning.losses import (
     supcon_loss,
 )
 from pipeline.learning.model import StreamNet, augment
+from pipeline.settings.learning import LOSS_TERMS, REPRESENTATION_TERMS
 
 HEAD_TERMS = frozenset(LOSS_TERMS) - REPRESENTATION_TERMS
 UNLABELED = -1

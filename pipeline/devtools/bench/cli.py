@@ -1,16 +1,32 @@
-"""``supcon-stream bench forgetting``: argument handling around the benchmark and its report."""
+"""``supcon-stream compare`` and ``bench forgetting`` (= ``compare split-digits``): argument
+handling around the runs and their report."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
 import yaml
 
+from pipeline.devtools.bench.compare import (
+    COMPARE_MEMORIES,
+    COMPARE_METHODS,
+    COMPARE_SEEDS,
+    TOPIC_SOURCE,
+    ProgressBar,
+    check_stream,
+    count_runs,
+    eval_every,
+    load_file_stream,
+    load_topic_stream,
+    loss_terms_method,
+    make_split,
+)
 from pipeline.devtools.bench.forgetting import (
     DEFAULT_MEMORIES,
     METHOD_NAMES,
@@ -21,6 +37,9 @@ from pipeline.devtools.bench.forgetting import (
 )
 from pipeline.devtools.bench.forgetting_report import summarise, write_report
 from pipeline.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.config import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -35,15 +54,14 @@ def _memories(text: str) -> tuple[int, ...]:
     return values
 
 
-def _methods(text: str | None) -> tuple[str, ...]:
+def _methods(text: str | None, default: tuple[str, ...] = METHOD_NAMES) -> tuple[str, ...]:
     if text is None:
-        return METHOD_NAMES
+        return default
+    known = (*METHOD_NAMES, "loss_terms")
     chosen = tuple(v.strip() for v in text.split(",") if v.strip())
-    unknown = [m for m in chosen if m not in METHOD_NAMES]
+    unknown = [m for m in chosen if m not in known]
     if unknown or not chosen:
-        raise ConfigError(
-            f"--methods: unknown {unknown or text!r}; known: {', '.join(METHOD_NAMES)}"
-        )
+        raise ConfigError(f"--methods: unknown {unknown or text!r}; known: {', '.join(known)}")
     return chosen
 
 
@@ -70,12 +88,19 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
     )
 
 
-def run_bench_forgetting(args: argparse.Namespace) -> int:
-    cfg = bench_config(args)
+def run_bench_forgetting(
+    args: argparse.Namespace,
+    cfg: BenchConfig | None = None,
+    stem: str = "forgetting",
+    class_names: tuple[str, ...] | None = None,
+) -> int:
+    cfg = cfg or bench_config(args)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    bar = ProgressBar(count_runs(cfg))
 
     def progress(r: RunResult) -> None:
+        bar.update(r)
         log.info(
             "bench run",
             method=r.method,
@@ -88,7 +113,7 @@ def run_bench_forgetting(args: argparse.Namespace) -> int:
 
     results = run_grid(cfg, progress)
     wall = time.perf_counter() - started
-    paths = write_report(results, cfg, args.out, wall)
+    paths = write_report(results, cfg, args.out, wall, stem, class_names)
     summary = {
         f"{row.method}@{row.memory}": round(stat.mean, 4)
         for row in summarise(results)
@@ -104,3 +129,56 @@ def run_bench_forgetting(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def run_compare(args: argparse.Namespace, settings: Settings) -> int:
+    """``compare SOURCE``: split-digits is the forgetting benchmark (its defaults and data);
+    a file or a topic slice brings its own dimension, classes and order (compare.py)."""
+    overrides = _train_overrides(args.overrides)
+    loss_terms = overrides.pop("loss_terms", None) or dict(settings.train.loss_terms)
+    if args.source == "split-digits":
+        args.memories = args.memories or ",".join(map(str, DEFAULT_MEMORIES))
+        args.seeds = args.seeds or 5
+        return run_bench_forgetting(args, stem="compare")
+    if args.source.startswith(TOPIC_SOURCE):
+        topic = args.source[len(TOPIC_SOURCE) :]
+        options = settings.kafka.client_options()
+        stream = load_topic_stream(options, topic, args.start_from, args.until)
+    elif Path(args.source).is_file():
+        stream = load_file_stream(Path(args.source))
+    else:
+        raise ConfigError(
+            f"compare: {args.source!r} is not split-digits, a readable file or {TOPIC_SOURCE}NAME"
+        )
+    check_stream(stream)
+    if stream.skipped:
+        log.warning("compare: events left out", source=stream.name, **stream.skipped)
+    extra = (loss_terms_method(loss_terms),) if loss_terms else ()
+    default_methods = COMPARE_METHODS + tuple(m.name for m in extra)
+    try:
+        train = bench_train_settings(**overrides)
+    except ValueError as exc:
+        raise ConfigError(f"--set train.*: {exc}") from None
+    first = make_split(stream, 0)
+    cfg = BenchConfig(
+        memories=_memories(args.memories) if args.memories else COMPARE_MEMORIES,
+        seeds=args.seeds or COMPARE_SEEDS,
+        methods=_methods(args.methods, default_methods),
+        train=train,
+        eval_every=eval_every(first, 10),
+        data=lambda seed: first if seed == 0 else make_split(stream, seed),
+        data_name=stream.name,
+        extra_methods=extra,
+    )
+    if "loss_terms" in cfg.methods and not extra:
+        raise ConfigError("--methods loss_terms needs train.loss_terms (-c or --set)")
+    log.info(
+        "compare starting",
+        source=stream.name,
+        events=len(stream.labels),
+        input_dim=first.input_dim,
+        classes=first.n_classes,
+        tasks=len(set(first.task_names)),
+        runs=count_runs(cfg),
+    )
+    return run_bench_forgetting(args, cfg, "compare", first.class_names)

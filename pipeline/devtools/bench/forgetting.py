@@ -36,13 +36,14 @@ import torch
 from memory_bank.bank import MemoryBank
 from memory_bank.index import make_index
 from memory_bank.testing import InMemoryBankStore
-from pipeline.config import BankSettings, ModelSettings, Objective, TrainSettings
+from pipeline.config import BankSettings, ModelSettings, TrainSettings
 from pipeline.learning.batch import learn_batch
 from pipeline.learning.inference import class_means, predict_head, predict_ncm
 from pipeline.learning.model import StreamNet
 from pipeline.learning.objectives import natural_classifier
 from pipeline.learning.step import StepInputs, make_state, train_step
 from pipeline.quality import ForgettingTracker, expected_calibration_error
+from pipeline.settings.learning import Objective
 from pipeline.streams.scenarios import SPLIT_DIGITS_TASKS
 
 log = structlog.get_logger(__name__)
@@ -142,6 +143,32 @@ def bench_train_settings(**overrides: Any) -> TrainSettings:
 
 
 @dataclass(frozen=True)
+class Split:
+    """A labeled stream cut into a training stream and a stratified test set.
+
+    ``train_y``/``test_y`` are class indices; ``class_names[i]`` is class i's label and
+    ``class_task`` maps a class index (as text) to its task. ``segments`` is the training
+    stream's order, one array of row indices per task segment; None means split-digits'
+    seeded shuffle within each task (:func:`stream_order`).
+    """
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    input_dim: int = 64
+    class_names: tuple[str, ...] = tuple(str(c) for c in range(10))
+    # The lambdas defer the look-up of functions defined further down.
+    class_task: dict[str, str] = field(default_factory=lambda: _task_of())  # noqa: PLW0108
+    task_names: tuple[str, ...] = tuple(str(t) for t in range(len(SPLIT_DIGITS_TASKS)))
+    segments: tuple[np.ndarray, ...] | None = None
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     memories: tuple[int, ...] = DEFAULT_MEMORIES
     seeds: int = DEFAULT_SEEDS
@@ -152,14 +179,10 @@ class BenchConfig:
     joint_batch: int = 32
     train: TrainSettings = field(default_factory=bench_train_settings)
     bank: BankSettings = field(default_factory=BankSettings)
-
-
-@dataclass(frozen=True)
-class Split:
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: torch.Tensor
-    test_y: torch.Tensor
+    # The stream: the split of each seed (split-digits by default) and its name in reports.
+    data: Callable[[int], Split] = field(default=lambda seed: digits_split(seed))  # noqa: PLW0108
+    data_name: str = "split-digits"
+    extra_methods: tuple[Method, ...] = ()  # compare's loss_terms presets
 
 
 def digits_split(seed: int) -> Split:
@@ -178,7 +201,10 @@ def digits_split(seed: int) -> Split:
 
 
 def stream_order(split: Split, seed: int) -> list[np.ndarray]:
-    """Row indices of the training stream, one array per task, shuffled within each task."""
+    """Row indices of the training stream, one array per task (split-digits: shuffled within
+    each task with ``seed``; a split with ``segments``: those, in stream order)."""
+    if split.segments is not None:
+        return list(split.segments)
     rng = np.random.default_rng(seed + 1)
     return [
         rng.permutation(np.flatnonzero(np.isin(split.train_y, classes)))
@@ -199,10 +225,11 @@ class RunResult:
     ece: float | None  # final ECE of the natural classifier on the test set
     curve: list[tuple[int, float]]  # (events seen, average accuracy over seen classes)
     seconds: float
+    per_class: dict[str, float] = field(default_factory=dict)  # final accuracy per class index
 
 
-def _model_settings() -> ModelSettings:
-    return ModelSettings(input_dim=64, max_classes=10)
+def _model_settings(split: Split) -> ModelSettings:
+    return ModelSettings(input_dim=split.input_dim, max_classes=split.n_classes)
 
 
 Predictor = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -238,10 +265,16 @@ def _task_of() -> dict[str, str]:
     return {str(c): str(t) for t, classes in enumerate(SPLIT_DIGITS_TASKS) for c in classes}
 
 
-def _task_forgetting(tracker: ForgettingTracker) -> float:
-    """Chaudhry et al. 2018: mean over all tasks but the last of (best − final) accuracy."""
+def _task_forgetting(tracker: ForgettingTracker, split: Split) -> float:
+    """Chaudhry et al. 2018: mean over all tasks but the last of (best − final) accuracy.
+
+    A stream with one task has nothing to forget task-wise: the mean over classes of
+    (best − final) accuracy is reported instead.
+    """
     r = tracker.result()
-    last = str(len(SPLIT_DIGITS_TASKS) - 1)
+    if len(split.task_names) < 2:
+        return float(np.mean(list(r.forgetting.values()))) if r.forgetting else 0.0
+    last = split.task_names[-1]
     values = [f for task, f in r.per_task_forgetting.items() if task != last]
     return float(np.mean(values)) if values else 0.0
 
@@ -251,7 +284,7 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
     started = time.perf_counter()
     torch.manual_seed(seed)
     train_cfg = cfg.train.model_copy(update={**method.train, "seed": seed})
-    model_cfg = _model_settings()
+    model_cfg = _model_settings(split)
     model = StreamNet(model_cfg)
     state = make_state(model, train_cfg)
     generator = torch.Generator().manual_seed(seed)
@@ -270,13 +303,14 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
     seen = torch.zeros(model_cfg.max_classes, dtype=torch.bool)
     natural = natural_classifier(train_cfg)
     tracker, ncm_tracker = ForgettingTracker(), ForgettingTracker()
-    class_task = _task_of()
+    class_task = split.class_task
     curve: list[tuple[int, float]] = []
     events = 0
     final_ece: float | None = None  # the natural classifier's, at the latest evaluation
+    final_per_class: dict[str, float] = {}
 
-    def evaluate(task: int) -> None:
-        nonlocal final_ece
+    def evaluate(task: str) -> None:
+        nonlocal final_ece, final_per_class
         _, bank_x, bank_y = bank.occupied()
         for classifier, trk in ((natural, tracker), ("ncm", ncm_tracker)):
             if classifier == "ncm" and trk is ncm_tracker and natural == "ncm":
@@ -284,17 +318,17 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
             score = _score(_predictor(classifier, model, bank_x, bank_y), split, seen)
             trk.update(score.per_class_accuracy, class_task=class_task, current_task=str(task))
             if trk is tracker:
-                final_ece = score.ece
+                final_ece, final_per_class = score.ece, score.per_class_accuracy
         avg = tracker.result().avg_accuracy
         curve.append((events, float(avg) if avg is not None else 0.0))
 
-    for task, rows in enumerate(stream_order(split, seed)):
+    for task, rows in zip(split.task_names, stream_order(split, seed), strict=True):
         for start in range(0, len(rows), cfg.stream_batch):
             idx = rows[start : start + cfg.stream_batch]
             x = torch.from_numpy(split.train_x[idx])
             y = torch.from_numpy(split.train_y[idx])
             seen[y] = True
-            items = ([f"digits-{i}" for i in idx], [str(int(c)) for c in y], [str(task)] * len(idx))
+            items = ([f"digits-{i}" for i in idx], [str(int(c)) for c in y], [task] * len(idx))
             learn_batch(state, bank, train_cfg, x, y, seen, generator, items)
             events += len(idx)
             batch_no = start // cfg.stream_batch + 1
@@ -309,13 +343,14 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
         memory=memory if method.uses_memory else 0,
         seed=seed,
         final_accuracy=float(result.avg_accuracy or 0.0),
-        forgetting=_task_forgetting(tracker),
+        forgetting=_task_forgetting(tracker, split),
         anytime_accuracy=float(result.anytime_avg_accuracy or 0.0),
         min_accuracy=result.avg_min_accuracy,
         ncm_final_accuracy=float(ncm.avg_accuracy or 0.0),
         ece=final_ece,
         curve=curve,
         seconds=time.perf_counter() - started,
+        per_class=final_per_class,
     )
 
 
@@ -330,7 +365,7 @@ def run_joint(name: str, seed: int, cfg: BenchConfig, split: Split) -> RunResult
     _, objective, lr = JOINT_METHODS[name]
     update = {"objective": objective, "replay": False, "seed": seed, "lr": lr, "iters_per_batch": 1}
     train_cfg = cfg.train.model_copy(update=update)
-    model = StreamNet(_model_settings())
+    model = StreamNet(_model_settings(split))
     state = make_state(model, train_cfg)
     generator = torch.Generator().manual_seed(seed)
     seen = torch.ones(model.head.out_features, dtype=torch.bool)
@@ -359,11 +394,12 @@ def run_joint(name: str, seed: int, cfg: BenchConfig, split: Split) -> RunResult
         ece=score.ece,
         curve=[],
         seconds=time.perf_counter() - started,
+        per_class=score.per_class_accuracy,
     )
 
 
-def method_by_name(name: str) -> Method:
-    for method in METHODS:
+def method_by_name(name: str, extra: tuple[Method, ...] = ()) -> Method:
+    for method in (*METHODS, *extra):
         if method.name == name:
             return method
     known = ", ".join(METHOD_NAMES)
@@ -371,12 +407,12 @@ def method_by_name(name: str) -> Method:
 
 
 def _seed_runs(cfg: BenchConfig, seed: int) -> Iterator[RunResult]:
-    split = digits_split(seed)
+    split = cfg.data(seed)
     for name in cfg.methods:
         if name in JOINT_METHODS:
             yield run_joint(name, seed, cfg, split)
             continue
-        method = method_by_name(name)
+        method = method_by_name(name, cfg.extra_methods)
         for memory in cfg.memories if method.uses_memory else (max(cfg.memories),):
             yield run_online(method, memory, seed, cfg, split)
 
@@ -387,7 +423,7 @@ def run_grid(
     """Every (method, memory, seed) run; memory-free methods run once per seed."""
     for name in cfg.methods:
         if name not in JOINT_METHODS:
-            method_by_name(name)  # fail before any run on a misspelt method
+            method_by_name(name, cfg.extra_methods)  # fail before any run on a misspelt method
     results: list[RunResult] = []
     for seed in range(cfg.seeds):
         for result in _seed_runs(cfg, seed):

@@ -22,6 +22,7 @@ from pipeline.devtools.bench.forgetting import (
     METHOD_NAMES,
     METHODS,
     BenchConfig,
+    Method,
     RunResult,
 )
 from pipeline.exceptions import ConfigError
@@ -54,8 +55,8 @@ def interval(values: Sequence[float]) -> Stat | None:
     return Stat(mean, float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n), n)
 
 
-def label_of(method: str) -> str:
-    for m in METHODS:
+def label_of(method: str, extra: Sequence[Method] = ()) -> str:
+    for m in (*METHODS, *extra):
         if m.name == method:
             return m.label
     return JOINT_METHODS[method][0] if method in JOINT_METHODS else method
@@ -96,22 +97,28 @@ def _cell(stat: Stat | None) -> str:
     return stat.text() if stat is not None else "–"
 
 
-def markdown(rows: Sequence[Row], cfg: BenchConfig, wall_s: float, png_name: str) -> str:
+def markdown(
+    rows: Sequence[Row],
+    cfg: BenchConfig,
+    wall_s: float,
+    png_name: str,
+    per_class_png: str | None = None,
+) -> str:
     head = (
         "| memory | method | final avg accuracy | forgetting ↓ | anytime accuracy | "
         "min accuracy (stability gap) | final accuracy, NCM | ECE ↓ |\n"
         "|---:|---|---|---|---|---|---|---|\n"
     )
     body = "".join(
-        f"| {row.memory or '–'} | {label_of(row.method)} | "
+        f"| {row.memory or '–'} | {label_of(row.method, cfg.extra_methods)} | "
         + " | ".join(_cell(row.stats[k]) for k in COLUMNS)
         + " |\n"
         for row in rows
     )
     t = cfg.train
     return (
-        "# Forgetting benchmark: split-digits, online class-incremental\n\n"
-        f"{cfg.seeds} seeds, memories {', '.join(map(str, cfg.memories))}, stream batch "
+        _title(cfg)
+        + f"{cfg.seeds} seeds, memories {', '.join(map(str, cfg.memories))}, stream batch "
         f"{cfg.stream_batch}, replay batch ≤ {t.replay_size}, {t.iters_per_batch} optimizer "
         f"steps per incoming batch, evaluation every {cfg.eval_every} batches and at each "
         f"task end. Mean ± 95% t-interval over seeds. Wall time {wall_s:.0f} s "
@@ -123,7 +130,14 @@ def markdown(rows: Sequence[Row], cfg: BenchConfig, wall_s: float, png_name: str
         + head
         + body
         + f"\n![accuracy over the stream]({png_name})\n"
+        + (f"\n![final accuracy per class]({per_class_png})\n" if per_class_png else "")
     )
+
+
+def _title(cfg: BenchConfig) -> str:
+    if cfg.data_name == "split-digits":
+        return "# Forgetting benchmark: split-digits, online class-incremental\n\n"
+    return f"# Objectives compared on {cfg.data_name}: online, one pass in recorded order\n\n"
 
 
 def _threads() -> int:
@@ -137,6 +151,7 @@ def to_json(
 ) -> dict[str, Any]:
     return {
         "config": {
+            "data": cfg.data_name,
             "memories": list(cfg.memories),
             "seeds": cfg.seeds,
             "methods": list(cfg.methods),
@@ -149,7 +164,7 @@ def to_json(
         "summary": [
             {
                 "method": row.method,
-                "label": label_of(row.method),
+                "label": label_of(row.method, cfg.extra_methods),
                 "memory": row.memory,
                 **{
                     k: (None if s is None else {"mean": s.mean, "ci95": s.half_width, "n": s.n})
@@ -178,7 +193,7 @@ def plot(results: Sequence[RunResult], cfg: BenchConfig, path: Path) -> None:
     axes = np.atleast_1d(axes)
     joint = [r.final_accuracy for r in results if r.method in JOINT_METHODS]
     for ax, memory in zip(axes, memories, strict=True):
-        for method in [m.name for m in METHODS if m.name in cfg.methods]:
+        for method in [m.name for m in (*METHODS, *cfg.extra_methods) if m.name in cfg.methods]:
             mine = [r for r in results if r.method == method]
             # CE fine-tune has no memory: its one run per seed is drawn in every panel.
             runs = [r for r in mine if r.memory == memory] or mine
@@ -187,7 +202,7 @@ def plot(results: Sequence[RunResult], cfg: BenchConfig, path: Path) -> None:
             length = min(len(r.curve) for r in runs)
             x = [p[0] for p in runs[0].curve[:length]]
             y = np.mean([[p[1] for p in r.curve[:length]] for r in runs], axis=0)
-            ax.plot(x, y, label=label_of(method), linewidth=1.4)
+            ax.plot(x, y, label=label_of(method, cfg.extra_methods), linewidth=1.4)
         if joint:
             ax.axhline(max(joint), color="grey", linestyle=":", label="joint (best offline)")
         ax.set_title(f"memory {memory}")
@@ -204,17 +219,28 @@ def plot(results: Sequence[RunResult], cfg: BenchConfig, path: Path) -> None:
 
 
 def write_report(
-    results: Sequence[RunResult], cfg: BenchConfig, out_dir: Path, wall_s: float
+    results: Sequence[RunResult],
+    cfg: BenchConfig,
+    out_dir: Path,
+    wall_s: float,
+    stem: str = "forgetting",
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, Path]:
-    """runs/bench/forgetting.{md,json,png} (or under ``out_dir``)."""
+    """``<out_dir>/<stem>.{md,json,png}``; with ``class_names`` also ``<stem>-per-class.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = summarise(results)
     paths = {
-        "markdown": out_dir / "forgetting.md",
-        "json": out_dir / "forgetting.json",
-        "png": out_dir / "forgetting.png",
+        "markdown": out_dir / f"{stem}.md",
+        "json": out_dir / f"{stem}.json",
+        "png": out_dir / f"{stem}.png",
     }
     plot(results, cfg, paths["png"])
-    paths["markdown"].write_text(markdown(rows, cfg, wall_s, paths["png"].name))
+    if class_names is not None:
+        from pipeline.devtools.bench.compare_plots import plot_per_class
+
+        paths["per_class_png"] = out_dir / f"{stem}-per-class.png"
+        plot_per_class(results, cfg, class_names, paths["per_class_png"])
+    per_class_name = paths["per_class_png"].name if "per_class_png" in paths else None
+    paths["markdown"].write_text(markdown(rows, cfg, wall_s, paths["png"].name, per_class_name))
     paths["json"].write_text(json.dumps(to_json(rows, results, cfg, wall_s), indent=1))
     return paths

@@ -31,7 +31,9 @@ class _SlowSendClient:
         self.sent: list[bytes] = []
         self.pending: list[_Future] = []
 
-    def send(self, topic: str, value: bytes, key: bytes | None = None) -> _Future:
+    def send(
+        self, topic: str, value: bytes, key: bytes | None = None, timestamp_ms: int | None = None
+    ) -> _Future:
         self.entered.set()
         self.release.wait(10)
         self.sent.append(value)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import build_parser
+from pipeline.cli_parser import build_parser
 from pipeline.config import ENV_PREFIX, load_settings
 
 ROOT = Path(__file__).resolve().parents[3]

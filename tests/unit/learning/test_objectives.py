@@ -168,9 +168,9 @@ def test_learn_batch_trains_on_unlabeled_rows_but_banks_only_labeled_ones() -> N
 
 def test_objective_names_come_from_one_place() -> None:
     """config.LOSS_TERMS is the one list; the registry, the term kinds and the CLI follow it."""
-    from pipeline.cli import build_parser
-    from pipeline.config import LOSS_TERMS, OBJECTIVES, REPRESENTATION_TERMS
+    from pipeline.cli_parser import build_parser
     from pipeline.learning.objectives import HEAD_TERMS, TERMS
+    from pipeline.settings.learning import LOSS_TERMS, OBJECTIVES, REPRESENTATION_TERMS
 
     assert set(TERMS) == set(LOSS_TERMS)
     assert set(OBJECTIVES) < set(LOSS_TERMS)

@@ -1,4 +1,4 @@
-"""The ``export`` and ``serve`` sections of the settings (kept apart to keep config.py small).
+"""The ``export`` and ``serve`` sections of the settings .
 
 Both are part of :class:`pipeline.config.Settings`; see docs/serving.md for how they are used.
 """
@@ -7,11 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+from pipeline.settings.frozen import Frozen as _Frozen
 
 
 class ExportSettings(_Frozen):

@@ -1,0 +1,135 @@
+"""The learning sections: ``model``, ``train``, ``bank``, ``eval``, and the objective names.
+
+Part of :class:`pipeline.config.Settings`; README "Configuration" documents every key.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
+
+from pydantic import Field, model_validator
+
+from pipeline.settings.frozen import Frozen as _Frozen
+
+
+class ModelSettings(_Frozen):
+    input_dim: int = Field(64, ge=1)
+    hidden_dim: int = Field(256, ge=1)
+    embed_dim: int = Field(128, ge=2)
+    proj_dim: int = Field(128, ge=2)
+    max_classes: int = Field(100, ge=2)
+
+
+# Objective names are written here once: settings validate against them, the CLI's --objective
+# offers them, and the loss-term registry (pipeline/learning/objectives.py) implements them.
+# Kept in this torch-free module so that every process can read them.
+Objective = Literal["supcon", "ce", "asym_supcon", "focal", "triplet"]
+# A loss term is an objective, or the CE head trained on a detached encoder output.
+LossTermName = Literal[Objective, "ce_detached"]
+OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
+LOSS_TERMS: tuple[LossTermName, ...] = get_args(LossTermName)
+# The terms that train the representation itself: replay is on by default for them.
+REPRESENTATION_TERMS: frozenset[LossTermName] = frozenset({"supcon", "asym_supcon", "triplet"})
+
+
+class TrainSettings(_Frozen):
+    objective: Objective = "supcon"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    temperature: float = Field(0.07, gt=0)
+    base_temperature: float = Field(0.07, gt=0)
+    contrast_mode: Literal["all", "one"] = "all"
+    replay: bool | None = Field(
+        None, description="Replay from the bank; None means on for supcon, off for ce."
+    )
+    replay_size: int = Field(64, ge=0)
+    hard_negatives: int = Field(16, ge=0)
+    iters_per_batch: int = Field(1, ge=1, le=100)
+    grad_clip: float | None = Field(5.0, gt=0)
+    noise_std: float = Field(0.05, ge=0)
+    mask_prob: float = Field(0.1, ge=0, lt=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    seed: int = 0
+    torch_threads: int | None = Field(
+        None, ge=1, description="Intra-op threads for torch; None keeps torch's default."
+    )
+    # The loss family (pipeline/learning/objectives.py). ``loss_terms`` empty: the objective alone.
+    loss_terms: dict[LossTermName, float] = Field(
+        default_factory=dict,
+        description="Weighted loss terms, e.g. {supcon: 1.0, ce_detached: 0.1}; "
+        "empty means {<objective>: 1.0}.",
+    )
+    replay_sampling: Literal["class_balanced", "random"] = "class_balanced"
+    train_unlabeled: bool = Field(
+        False,
+        description="Also train on events without a label (NT-Xent), alongside the labeled "
+        "events of the same micro-batch; they are still predicted.",
+    )
+    label_smoothing: float = Field(0.0, ge=0, le=1)
+    focal_gamma: float = Field(2.0, ge=0)
+    focal_alpha: float | None = Field(None, gt=0)
+    triplet_margin: float = Field(0.2, ge=0)
+
+    @property
+    def replay_enabled(self) -> bool:
+        if self.replay is None:
+            return self.objective in REPRESENTATION_TERMS
+        return self.replay
+
+    @model_validator(mode="after")
+    def _check_loss_terms(self) -> TrainSettings:
+        for name, weight in self.loss_terms.items():
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"loss_terms.{name}: weight must be finite and >= 0")
+        if self.loss_terms and not any(self.loss_terms.values()):
+            raise ValueError("loss_terms: at least one weight must be > 0")
+        return self
+
+
+class BankSettings(_Frozen):
+    capacity: int = Field(2000, ge=1)
+    policy: Literal["class_balanced", "reservoir"] = Field(
+        "class_balanced", description="Admission/eviction: class-balanced or plain reservoir."
+    )
+    index_refresh_steps: int = Field(10, ge=1)
+    hard_negative_queries: int = Field(32, ge=1)
+    use_gpu: Literal["auto", "never"] = "auto"
+    index: Literal["auto", "faiss", "torch", "mirror"] = Field(
+        "auto",
+        description="Vector index: auto = FAISS on a GPU when faiss-gpu sees one, else the "
+        "in-place torch search of the bank mirror (mirror) on the learner's device.",
+    )
+    hard_negative_every: int | None = Field(
+        None,
+        ge=1,
+        description="Search the index for hard negatives every N train iterations; None = "
+        "ceil(capacity * hard_negative_queries / 16384), see hard_negative_interval.",
+    )
+
+    @property
+    def hard_negative_interval(self) -> int:
+        """Iterations between hard-negative searches.
+
+        Automatic: a search scans ``capacity x hard_negative_queries`` (row, query) pairs; one
+        every ``ceil(that / 16384)`` iterations keeps the average near 16k pairs per iteration
+        (~0.2 ms on 2 CPU cores, a few % of a train step), whatever the bank size: 1 up to
+        512 items, 4 at the default 2000, 196 at 100k.
+        """
+        if self.hard_negative_every is not None:
+            return self.hard_negative_every
+        return max(1, math.ceil(self.capacity * self.hard_negative_queries / 16_384))
+
+
+class EvalSettings(_Frozen):
+    probe_fraction: float = Field(0.1, ge=0, lt=1)
+    probe_per_class: int = Field(50, ge=1)
+    every_steps: int = Field(20, ge=1)
+    prediction_refresh_steps: int = Field(20, ge=1)
+    classifier: Literal["natural", "ncm", "knn", "head"] = Field(
+        "natural",
+        description="Classifier for predictions and the primary evaluation; natural: the "
+        "head for ce/focal, NCM otherwise.",
+    )
+    knn_k: int = Field(10, ge=1, description="Neighbours of the kNN classifier.")
