@@ -23,6 +23,7 @@ from consumers.producer import JsonProducer
 from consumers.protocols import EventSource
 from memory_bank.bank import MemoryBank
 from memory_bank.exceptions import BankUnavailableError
+from memory_bank.redis_store import RedisBankStore, ping_redis
 from pipeline.config import Settings
 from pipeline.learner.checkpoint import Checkpoint, load_latest
 from pipeline.learner.checkpointer import Checkpointer
@@ -55,7 +56,7 @@ def build_context(
     ``request`` says; see :mod:`pipeline.learner.start`) as soon as the checkpoint is loaded,
     so the group join overlaps the bank load.
     """
-    from memory_bank.redis_store import make_redis_client
+    from memory_bank.redis_client import make_redis_client
 
     torch.manual_seed(settings.train.seed)
     device = resolve_device(settings.train.device)
@@ -114,7 +115,6 @@ def _assemble(
 ) -> LearnerContext:
     """The rest of :func:`build_context`, once the producer and the source exist."""
     from memory_bank.index import make_index
-    from memory_bank.redis_store import RedisBankStore, ping_redis
 
     r = settings.redis
     wait_s = settings.learner.startup_wait_s
@@ -142,14 +142,9 @@ def _assemble(
         return idx
 
     b = settings.bank
-    store = RedisBankStore(
+    store = _bank_store(
+        settings,
         client,
-        r.key_prefix,
-        settings.learner_name,
-        settings.model.input_dim,
-        settings.model.embed_dim,
-        retries=r.retries,
-        backoff_s=r.retry_backoff_s,
         max_backoff_s=r.retry_max_backoff_s,
         on_health=health.reporter("redis"),
     )
@@ -212,21 +207,26 @@ def _assemble(
 
 
 def _set_bank_aside(settings: Settings, client: Any, new_name: str) -> list[str]:
-    from memory_bank.redis_store import RedisBankStore, ping_redis
 
-    r = settings.redis
     wait_s = settings.learner.startup_wait_s
     _until_reachable(lambda: ping_redis(client), "redis", wait_s, threading.Event())
-    store = RedisBankStore(
+    return _bank_store(settings, client).set_aside(new_name)
+
+
+def _bank_store(settings: Settings, client: Any, **options: Any) -> RedisBankStore:
+    """This learner's bank in Redis, retried with the ``redis`` section's back-off."""
+
+    r, m = settings.redis, settings.model
+    return RedisBankStore(
         client,
         r.key_prefix,
         settings.learner_name,
-        settings.model.input_dim,
-        settings.model.embed_dim,
+        m.input_dim,
+        m.embed_dim,
         retries=r.retries,
         backoff_s=r.retry_backoff_s,
+        **options,
     )
-    return store.set_aside(new_name)
 
 
 def _make_source(

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -26,6 +26,9 @@ from pipeline.config import Settings
 from pipeline.exceptions import ConfigError
 from pipeline.streams.files import load_jsonl, load_labeled_file
 from pipeline.streams.scenarios import SCENARIOS, Scenario, get_scenario
+
+if TYPE_CHECKING:
+    from consumers.producer import JsonProducer
 
 log = structlog.get_logger(__name__)
 
@@ -132,6 +135,22 @@ def open_source(source: str, seed: int) -> tuple[Iterator[tuple[bytes, str | Non
     )
 
 
+@contextlib.contextmanager
+def acknowledged(producer: JsonProducer) -> Iterator[JsonProducer]:
+    """``producer``, closed on leaving; on a normal exit every record sent inside is first
+    acknowledged by the broker (or this raises), so a report may say "done"."""
+    try:
+        yield producer
+        # The budget scales with what the producer may still buffer (32 MiB).
+        producer.flush(timeout_s=FLUSH_TIMEOUT_S)
+        producer.close()
+    except BaseException:
+        # Already failing (or interrupted): release the client without a second long flush.
+        with contextlib.suppress(Exception):
+            producer.close(timeout_s=1.0)
+        raise
+
+
 def run_replay(
     settings: Settings,
     source: str,
@@ -167,8 +186,7 @@ def run_replay(
         elapsed = time.monotonic() - started
         return ReplayReport(source, topic, sent, total, unkeyed, round(elapsed, 3), done)
 
-    producer = JsonProducer(options)
-    try:
+    with acknowledged(JsonProducer(options)) as producer:
         for value, key in messages:
             if limit is not None and sent >= limit:
                 break
@@ -189,15 +207,6 @@ def run_replay(
                 )
                 if progress is not None:
                     progress(snapshot)
-        # Every event is acknowledged by the broker before the report says "done", or this
-        # raises. The budget scales with what the producer may still buffer (32 MiB).
-        producer.flush(timeout_s=FLUSH_TIMEOUT_S)
-        producer.close()
-    except BaseException:
-        # Already failing (or interrupted): release the client without a second long flush.
-        with contextlib.suppress(Exception):
-            producer.close(timeout_s=1.0)
-        raise
     final = report(done=True)
     log.info("replay done", **final.as_dict())
     if progress is not None:

@@ -32,7 +32,7 @@ from consumers.producer import JsonProducer
 from consumers.slice import SliceBounds, SliceRecord, read_slice, resolve_slice
 from pipeline.config import Settings
 from pipeline.exceptions import ConfigError
-from pipeline.streams.playback import BURST_S, FLUSH_TIMEOUT_S, PROGRESS_EVERY_S, TokenBucket
+from pipeline.streams.playback import BURST_S, PROGRESS_EVERY_S, TokenBucket, acknowledged
 
 log = structlog.get_logger(__name__)
 
@@ -172,7 +172,6 @@ def _copy(
     """Read, pace, produce; flush before reporting done (every record acknowledged)."""
     pacer = SpeedPacer(plan.speed) if plan.speed else None
     bucket = TokenBucket(plan.rate, plan.rate * BURST_S) if plan.rate else None
-    producer = JsonProducer(options)
     started = time.monotonic()
     next_progress = started + PROGRESS_EVERY_S
     sent = 0
@@ -186,7 +185,7 @@ def _copy(
             source, topic, sent, bounds.total, elapsed, first_ms, last_ms, bounds.as_dict(), done
         )
 
-    try:
+    with acknowledged(JsonProducer(options)) as producer:
         for record in read_slice(options, bounds):
             if plan.limit is not None and sent >= plan.limit:
                 break
@@ -212,12 +211,6 @@ def _copy(
                 )
                 if progress is not None:
                     progress(snap)
-        producer.flush(timeout_s=FLUSH_TIMEOUT_S)
-        producer.close()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            producer.close(timeout_s=1.0)
-        raise
     final = report(done=True)
     log.info("topic playback done", **final.as_dict())
     if progress is not None:
