@@ -28,10 +28,9 @@ from prometheus_client.exposition import generate_latest
 
 from consumers.decode import REASONS
 from consumers.events import EventBatch
+from pipeline.http_endpoints import DURATION_BUCKETS
 
 _LABELS = ("learner", "objective")
-# Batches take milliseconds on a GPU and up to seconds on a loaded CPU.
-_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Event-to-trained spans the micro-batch latency up to a backlog of minutes.
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 _LAG_EVERY_S = 1.0  # source.stats() copies under the consumer thread's lock: once a second
@@ -90,14 +89,14 @@ class LearnerExposition:
             "One micro-batch through the learner.",
             _LABELS,
             registry=r,
-            buckets=_DURATION_BUCKETS,
+            buckets=DURATION_BUCKETS,
         ).labels(*ids)
         self._train_s = Histogram(
             "supcon_train_duration_seconds",
             "The train steps of one micro-batch (train.iters_per_batch of them).",
             _LABELS,
             registry=r,
-            buckets=_DURATION_BUCKETS,
+            buckets=DURATION_BUCKETS,
         ).labels(*ids)
         self._latency_s = Histogram(
             "supcon_event_to_trained_seconds",

@@ -8,6 +8,7 @@ Path of a message::
       → flush          the producer: every prediction of the batch acknowledged by the broker
       → commit         the batch's offsets
     between batches:  announcements on <prefix>.models → load, verify, switch
+    meanwhile:        /metrics and /healthz on serve.http_port (``exposition.py``)
 
 INVARIANTS
   * Offsets are committed only after the predictions of every event below them are flushed:
@@ -18,6 +19,7 @@ INVARIANTS
   * A missing, corrupt or incompatible bundle is rejected with one log line and the served
     version stays (``ModelSlot``).
   * consumed == answered + labeled_skipped + dead_lettered, for every batch.
+  * The loop never waits on a scrape: it updates in-process series, HTTP threads render them.
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ from consumers.exceptions import BrokerUnavailableError, ProducerError
 from consumers.producer import JsonProducer
 from pipeline.config import Settings
 from pipeline.exceptions import SupconStreamError
+from pipeline.http_endpoints import EndpointServer, serve_metrics_and_healthz
 from pipeline.serving.announce import Announcement, parse_announcement
 from pipeline.serving.bundle import MANIFEST
 from pipeline.serving.exceptions import BundleError
+from pipeline.serving.exposition import ServeExposition
 from pipeline.serving.predictor import Predictor
 from pipeline.serving.registry import newest_loadable, version_dir
 
@@ -185,8 +189,11 @@ def pinned(model_dir: Path) -> bool:
     return (model_dir / MANIFEST).is_file()
 
 
-def wait_for_model(registry: Path, wait_s: float, stop: threading.Event) -> Predictor:
-    """The newest loadable bundle of ``registry``, waiting up to ``wait_s`` for a first one."""
+def wait_for_model(
+    registry: Path, wait_s: float, stop: threading.Event, tick: Callable[[], None] = lambda: None
+) -> Predictor:
+    """The newest loadable bundle of ``registry``, waiting up to ``wait_s`` for a first one
+    (``tick()`` after each look: waiting for a model is progress, not a stuck loop)."""
     if pinned(registry):
         return Predictor.load(registry)
     deadline = time.monotonic() + wait_s
@@ -201,6 +208,7 @@ def wait_for_model(registry: Path, wait_s: float, stop: threading.Event) -> Pred
             log.info("waiting for a model bundle", registry=str(registry), wait_s=wait_s)
             logged = True
         stop.wait(MODEL_WAIT_POLL_S)
+        tick()
 
 
 def answer_batch(
@@ -226,8 +234,25 @@ def answer_batch(
 
 
 def run_serve(settings: Settings, stop: threading.Event, limits: ServeLimits) -> dict[str, Any]:
-    """Serve until stopped, idle for ``exit_when_idle_s`` or past ``max_events``."""
+    """Serve until stopped, idle for ``exit_when_idle_s`` or past ``max_events``; with
+    ``serve.http_port``, ``/metrics`` and ``/healthz`` meanwhile (from the wait for a model)."""
     from consumers.admin import ensure_topics
+
+    k, s = settings.kafka, settings.serve
+    topics = [s.input_topic or k.events_topic, k.predictions_topic, k.models_topic, k.dlq_topic]
+    ensure_topics(k.client_options(), topics, k.partitions, k.replication_factor)
+    expo = ServeExposition(serve_learner(settings), settings.health.stale_after_s)
+    server = _serve_endpoints(settings, expo)
+    try:
+        return _serve(settings, stop, limits, expo)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _serve(
+    settings: Settings, stop: threading.Event, limits: ServeLimits, expo: ServeExposition
+) -> dict[str, Any]:
     from consumers.source import KafkaBatchSource, SourceConfig
 
     k, s = settings.kafka, settings.serve
@@ -235,9 +260,8 @@ def run_serve(settings: Settings, stop: threading.Event, limits: ServeLimits) ->
     registry = registry_of(settings)
     input_topic = s.input_topic or k.events_topic
     opts = k.client_options()
-    topics = [input_topic, k.predictions_topic, k.models_topic, k.dlq_topic]
-    ensure_topics(opts, topics, k.partitions, k.replication_factor)
-    slot = ModelSlot(registry, wait_for_model(registry, s.wait_for_model_s, stop))
+    slot = ModelSlot(registry, wait_for_model(registry, s.wait_for_model_s, stop, expo.tick))
+    expo.model(slot.version, 0, 0)
     group = s.group_id or f"{k.topic_prefix}.serve.{learner}"
     log.info(
         "serve starting",
@@ -261,7 +285,7 @@ def run_serve(settings: Settings, stop: threading.Event, limits: ServeLimits) ->
         )
         source = KafkaBatchSource(config, opts, producer)
         source.start()
-        counters = _loop(settings, stop, limits, slot, reader, source, producer)
+        counters = _loop(settings, stop, limits, slot, reader, source, producer, expo)
     finally:
         structlog.contextvars.clear_contextvars()
         if source is not None:
@@ -274,6 +298,16 @@ def run_serve(settings: Settings, stop: threading.Event, limits: ServeLimits) ->
     return {**summary, "rejected": slot.rejected}
 
 
+def _serve_endpoints(settings: Settings, expo: ServeExposition) -> EndpointServer | None:
+    """``/metrics`` and ``/healthz`` on ``serve.http_host:serve.http_port`` (when set)."""
+    s = settings.serve
+    if s.http_port is None:
+        return None
+    return serve_metrics_and_healthz(
+        expo.render, expo.healthz(), "serve.http_port", s.http_host, s.http_port
+    )
+
+
 def _loop(
     settings: Settings,
     stop: threading.Event,
@@ -282,6 +316,7 @@ def _loop(
     reader: AnnouncementReader | None,
     source: Any,
     producer: JsonProducer,
+    expo: ServeExposition,
 ) -> ServeCounters:
     c = ServeCounters()
     topic = settings.kafka.predictions_topic
@@ -296,9 +331,11 @@ def _loop(
             if slot.offer(ann):
                 log.info("model announced", version=ann.version, serving=slot.version)
         slot.switch_if_announced()  # between two batches: a batch has one model version
+        expo.model(slot.version, slot.switches, len(slot.rejected))
         batch = source.get(timeout_s=0.5)
         now = time.monotonic()
         if batch is None:
+            expo.tick()
             if limits.exit_when_idle_s is not None and now - last_batch >= limits.exit_when_idle_s:
                 break
             continue
@@ -318,7 +355,10 @@ def _loop(
         c.dead_lettered += len(batch.dead_letters)
         for tp, offset in batch.offsets.items():
             owed[tp] = max(offset, owed.get(tp, 0))
-        _flush_then_commit(producer, source, owed)
+        if _flush_then_commit(producer, source, owed):
+            expo.committed()
+        dead = (d.reason for d in batch.dead_letters)
+        expo.batch_done(batch.consumed, len(answers), skipped, dead, time.monotonic() - now)
         if now - last_progress >= PROGRESS_EVERY_S:
             log.info("progress", **c.__dict__, version=slot.version, lag=source.stats().get("lag"))
             last_progress = now

@@ -52,3 +52,10 @@ class ServeSettings(_Frozen):
     wait_for_model_s: float = Field(
         300.0, ge=0, description="How long to wait at start for a first loadable bundle."
     )
+    http_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve GET /metrics and /healthz on <http_host>:<port>; 0 = any port.",
+    )
+    http_host: str = "127.0.0.1"

@@ -31,7 +31,7 @@ from kafka.errors import KafkaError, MessageSizeTooLargeError
 from consumers.exceptions import ConsumerError
 from memory_bank.redis_client import make_redis_client
 from pipeline.config import Settings
-from pipeline.http_endpoints import METRICS_CONTENT_TYPE, Answer, EndpointServer, json_answer
+from pipeline.http_endpoints import EndpointServer, liveness_route, serve_metrics_and_healthz
 from pipeline.sidecar.exposition import SidecarExposition
 from pipeline.sidecar.sink import KafkaMetricsSink, MetricsSink
 from pipeline.sidecar.state import Publication, SidecarState, Stream
@@ -292,18 +292,12 @@ def serve_sidecar(runner: SidecarRunner, exposition: SidecarExposition) -> Endpo
     """``/metrics`` and ``/healthz`` (503 once no pass of the loop ended for
     ``health.stale_after_s``) on ``sidecar.http_host:sidecar.http_port``."""
     settings = runner.settings
-    stale_after_s = settings.health.stale_after_s
-
-    def healthz() -> Answer:
-        age = time.monotonic() - runner.last_pass
-        body = {"live": age <= stale_after_s, "loop_age_s": round(age, 3)}
-        return json_answer(age <= stale_after_s, {**body, "learners": len(runner.state.learners)})
-
-    def metrics() -> Answer:
-        return 200, exposition.render(), METRICS_CONTENT_TYPE
-
-    server = EndpointServer({"/healthz": healthz, "/metrics": metrics}, "sidecar.http_port")
+    healthz = liveness_route(
+        lambda: runner.last_pass,
+        settings.health.stale_after_s,
+        lambda: {"learners": len(runner.state.learners)},
+    )
     host, port = settings.sidecar.http_host, settings.sidecar.http_port
-    server.start(host, port or 0)
-    log.info("serving /metrics and /healthz", address=f"http://{host}:{server.port}")
-    return server
+    return serve_metrics_and_healthz(
+        exposition.render, healthz, "sidecar.http_port", host, port or 0
+    )

@@ -1,5 +1,5 @@
 """``supcon-stream serve`` as a real process: hot reload mid-stream, a corrupt bundle rejected,
-every event answered exactly once."""
+every event answered exactly once, and its ``/metrics`` and ``/healthz`` saying so."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,12 @@ import numpy as np
 import orjson
 import pytest
 from kafka import KafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
 
 from consumers.admin import ensure_topics
 from consumers.testing import read_topic_json
 from pipeline.config import load_settings
-from pipeline.devtools.devstack import stop_process
+from pipeline.devtools.devstack import free_port, stop_process
 from pipeline.devtools.spawn import child_env, cli_command, set_args, spawn
 from pipeline.learner.loop import RunLimits, run_learner
 from pipeline.serving.bundle import MANIFEST, WEIGHTS
@@ -105,6 +108,34 @@ def _wait_for_answers(bootstrap: str, topic: str, count: int) -> None:
     raise AssertionError(f"{len(answers)} of {count} answers")
 
 
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _wait_for_series(base: str, want: dict[str, float]) -> dict[str, float]:
+    """Scrape ``base/metrics`` until every named sample (label ``learner`` only) has its value."""
+    deadline = time.monotonic() + DEADLINE_S
+    got: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        try:
+            status, body = _get(f"{base}/metrics")
+        except OSError:  # not listening yet
+            status, body = 0, b""
+        if status == 200:
+            families = text_string_to_metric_families(body.decode())
+            got = {
+                s.name: s.value for f in families for s in f.samples if set(s.labels) == {"learner"}
+            }
+            if all(got.get(name) == value for name, value in want.items()):
+                return got
+        time.sleep(0.3)
+    raise AssertionError(f"wanted {want}, last scrape {got}")
+
+
 def _export(pairs: list[str]) -> dict[str, Any]:
     done = subprocess.run(
         cli_command("export", *set_args(pairs)),
@@ -148,12 +179,24 @@ def test_serve_switches_versions_mid_stream_and_answers_each_event_once(
     assert _export(pairs)["version"] == 1
 
     log_path = tmp_path / "serve.log"
-    serve = spawn(cli_command("serve", "--json-logs", *set_args(pairs)), log_path, stdout="log")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    serve_args = set_args([*pairs, f"serve.http_port={port}"])
+    serve = spawn(cli_command("serve", "--json-logs", *serve_args), log_path, stdout="log")
     try:
         # Phase A: version 1 answers the unlabeled events; the labeled ones are only counted.
         phase_a = [_event(1000 + i, labeled=False) for i in range(150)]
         events.send(phase_a)
         _wait_for_answers(bootstrap, k.predictions_topic, len(phase_a))
+        # Its endpoints, once it answers: the 150 answers counted, version 1, live.
+        first = _wait_for_series(
+            base, {"supcon_serve_events_answered_total": 150, "supcon_serve_model_version": 1}
+        )
+        assert first["supcon_serve_model_switches_total"] == 0
+        assert first["supcon_serve_live"] == 1
+        status, body = _get(f"{base}/healthz")
+        assert status == 200
+        assert json.loads(body)["model_version"] == 1
 
         # Phase B: events keep flowing while version 2 is exported (more training first).
         events.send([_event(300 + i, labeled=True) for i in range(60)])
@@ -190,6 +233,20 @@ def test_serve_switches_versions_mid_stream_and_answers_each_event_once(
 
         unlabeled = phase_a + phase_b + phase_c + phase_d
         _wait_for_answers(bootstrap, k.predictions_topic, len(unlabeled))
+        # The same story in the series: one switch, one rejection, counts that add up.
+        last = _wait_for_series(
+            base,
+            {
+                "supcon_serve_events_answered_total": len(unlabeled),
+                "supcon_serve_events_consumed_total": len(unlabeled) + 300,
+                "supcon_serve_model_version": 2,
+                "supcon_serve_model_switches_total": 1,
+                "supcon_serve_bundles_rejected_total": 1,
+            },
+        )
+        assert last["supcon_serve_batch_duration_seconds_count"] >= 1
+        assert last["supcon_serve_commit_age_seconds"] < DEADLINE_S
+        assert _get(f"{base}/healthz")[0] == 200
     finally:
         serve.send_signal(signal.SIGTERM)
         try:

@@ -133,19 +133,26 @@ def test_monitoring_services_and_their_files(compose):
 
 def test_prometheus_scrapes_the_ports_the_services_serve(compose):
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
-    jobs = {j["job_name"]: j["static_configs"][0]["targets"] for j in scrape["scrape_configs"]}
+    by_name = {j["job_name"]: j for j in scrape["scrape_configs"]}
+    jobs = {
+        n: j["static_configs"][0]["targets"] for n, j in by_name.items() if "static_configs" in j
+    }
     settings = load_settings(ROOT / "configs" / "compose.yaml", environ={})
     learners = [n for n in compose["services"] if n.startswith("learner-")]
     assert sorted(jobs["supcon-learner"]) == sorted(
         f"{n}:{settings.health.http_port}" for n in learners
     )
     assert jobs["supcon-sidecar"] == [f"sidecar:{settings.sidecar.http_port}"]
+    # serve scales (--scale serve=N): every replica the service name resolves to.
+    (serve,) = by_name["supcon-serve"]["dns_sd_configs"]
+    assert serve["names"] == ["serve"]
+    assert serve["port"] == settings.serve.http_port
     assert scrape["rule_files"] == ["alerts.yml"]
 
 
 def test_learners_and_sidecar_have_healthchecks_on_their_ports(compose):
     settings = load_settings(ROOT / "configs" / "compose.yaml", environ={})
-    ports = {"sidecar": settings.sidecar.http_port}
+    ports = {"sidecar": settings.sidecar.http_port, "serve": settings.serve.http_port}
     ports.update({n: settings.health.http_port for n in compose["services"] if "learner-" in n})
     for name, port in ports.items():
         test = " ".join(compose["services"][name]["healthcheck"]["test"])

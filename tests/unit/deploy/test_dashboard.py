@@ -14,6 +14,7 @@ from prometheus_tools import dashboard_queries
 
 from pipeline.config import SloSettings
 from pipeline.learner.exposition import LearnerExposition
+from pipeline.serving.exposition import ServeExposition
 from pipeline.sidecar.exposition import SidecarExposition
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -32,7 +33,8 @@ def _known_series() -> set[str]:
     recorded = {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
     learner = LearnerExposition("l", "supcon", max_classes=4).registry
     sidecar = SidecarExposition(max_labels=4, slo=SloSettings()).registry
-    return _exported(learner) | _exported(sidecar) | recorded
+    serve = ServeExposition("l", stale_after_s=30.0).registry
+    return _exported(learner) | _exported(sidecar) | _exported(serve) | recorded
 
 
 def test_dashboard_names_only_exported_series() -> None:
