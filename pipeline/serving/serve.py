@@ -253,6 +253,7 @@ def run_serve(settings: Settings, stop: threading.Event, limits: ServeLimits) ->
 def _serve(
     settings: Settings, stop: threading.Event, limits: ServeLimits, expo: ServeExposition
 ) -> dict[str, Any]:
+    """Wait for a model, then answer batches until told to stop; the summary."""
     from consumers.source import KafkaBatchSource, SourceConfig
 
     k, s = settings.kafka, settings.serve
