@@ -13,6 +13,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.timeout(560)
 def test_bench_throughput_small_run_writes_both_reports(tmp_path) -> None:
     out = tmp_path / "bench"
     proc = subprocess.run(
@@ -37,7 +38,7 @@ def test_bench_throughput_small_run_writes_both_reports(tmp_path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=500,  # both clients, three restarts
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -156,18 +156,17 @@ def _bank_restart_latency(
         f"memory bank: sample+search = "
         f"{results['memory_bank']['sample_plus_search_share']:.1%} of the iteration"
     )
-    # The bank just filled belongs to learner "restart": start a learner on it, three times
-    # (each run resumes from the checkpoint and the commits of the one before).
+    # The bank just filled belongs to learner "restart": start a learner on it, three times,
+    # each with a group and a checkpoint directory of its own (so each has events to train on
+    # whatever the stream length), all on the same bank.
     runs = []
     for i in range(RESTART_RUNS):
-        runs.append(
-            measure_restart(
-                [*_overrides(opts, stack, f"bench-{tag}", "restart"), f"consumer.group_id=r-{tag}"],
-                bank_settings,
-                opts.bank_items,
-                stack.workdir,
-            )
-        )
+        overrides = [
+            *_overrides(opts, stack, f"bench-{tag}", "restart"),
+            f"consumer.group_id=r-{tag}-{i}",
+            f"checkpoint.dir={stack.workdir / f'checkpoints-restart-{i}'}",
+        ]
+        runs.append(measure_restart(overrides, bank_settings, opts.bank_items, stack.workdir))
         _progress(f"restart {i + 1}/{RESTART_RUNS}: {runs[-1]['seconds']} s to the first batch")
     # The slowest run is the one reported; every run is kept.
     results["restart"] = {**max(runs, key=lambda r: r["seconds"]), "runs": runs}

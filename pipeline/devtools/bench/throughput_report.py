@@ -39,7 +39,7 @@ def machine_info() -> dict[str, Any]:
     try:
         import confluent_kafka
 
-        info["confluent_kafka"] = confluent_kafka.version()[0]
+        info["confluent_kafka"] = confluent_kafka.version()
         info["librdkafka"] = confluent_kafka.libversion()[0]
     except ImportError:
         info["confluent_kafka"] = info["librdkafka"] = None
