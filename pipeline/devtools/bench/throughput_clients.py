@@ -102,19 +102,26 @@ def _bare(settings: Settings, total: int, client: str, parse: bool) -> dict[str,
     loop = _confluent_loop if client == "confluent" else _kafka_python_loop
     poll, close = loop(settings, parse_all if parse else drop)
     count = seen = 0  # records after the first poll that returned some; all records
-    first: float | None = None
+    first: float | None = None  # end of the first poll that returned records
+    first_began = 0.0  # ... and its start
     deadline = time.monotonic() + _RAW_DEADLINE_S
     try:
         while seen < total and time.monotonic() < deadline:
+            began = time.perf_counter()
             n = poll()
             seen += n
             if first is not None:
                 count += n
             elif n:  # the clock starts when the first records are in: joins are not counted
-                first = time.perf_counter()
+                first, first_began = time.perf_counter(), began
+        end = time.perf_counter()  # before close(): leaving is not consuming
     finally:
         close()
-    elapsed = time.perf_counter() - (first or time.perf_counter())
+    if count == 0 and first is not None:
+        # Everything came in that first poll (a short stream): time it whole.
+        count, elapsed = seen, end - first_began
+    else:
+        elapsed = end - (first or end)
     return {
         "client": client,
         "events": seen,
