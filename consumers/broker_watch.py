@@ -1,6 +1,6 @@
 """Makes a lost broker connection visible: the consumer thread asks after every ``poll``.
 
-kafka-python reconnects on its own, backing off from ``reconnect_backoff_ms`` to
+Both clients reconnect on their own, backing off from ``reconnect_backoff_ms`` to
 ``reconnect_backoff_max_ms``; :class:`BrokerWatch` only reports the outage (a log line, and
 the ``on_health`` callback: an error text while cut off, None once back).
 """
@@ -11,24 +11,10 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from kafka import KafkaConsumer
+from consumers.client import ConsumerClient
 
 _BROKER_LOST_S: Final = 2.0  # no broker connection for this long counts as an outage
 _PROBE_EVERY_S: Final = 1.0
-
-
-def _broker_connected(consumer: KafkaConsumer) -> bool | None:
-    """True when the client holds a live connection to a known broker; None when unknown.
-
-    kafka-python has no public connectivity query; this reads its client (checked against
-    kafka-python 3.0.x) and says "unknown" rather than guess if that ever changes.
-    """
-    try:
-        client = consumer._client  # private: see the docstring
-        nodes = [broker.node_id for broker in client.cluster.brokers()]
-        return any(client.connected(node) for node in nodes)
-    except (AttributeError, TypeError):
-        return None
 
 
 class BrokerWatch:
@@ -47,13 +33,13 @@ class BrokerWatch:
         self._reported_down = False
         self._next_probe = 0.0
 
-    def observe(self, consumer: KafkaConsumer, got_records: bool) -> None:
+    def observe(self, client: ConsumerClient, got_records: bool) -> None:
         """After a ``poll``: records prove a connection; otherwise probe about once a second."""
         now = time.monotonic()
         if not got_records and now < self._next_probe:
             return
         self._next_probe = now + _PROBE_EVERY_S
-        connected = got_records or _broker_connected(consumer)
+        connected = got_records or client.connected()
         if connected is None:
             return
         if connected:

@@ -19,6 +19,10 @@ class ConsumerTuning(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # The Kafka client library of the source (consumers/client.py): kafka-python, the
+    # project's default, or confluent (librdkafka, the ``fast`` extra), which consumes and
+    # hands over whole batches in C (side-by-side figures in docs/performance.md).
+    client: Literal["kafka-python", "confluent"] = "kafka-python"
     batch_size: int = Field(32, ge=1, le=65_536)
     max_latency_ms: int = Field(250, ge=1)
     queue_batches: int = Field(8, ge=1)

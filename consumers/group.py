@@ -1,18 +1,19 @@
 """The consumer thread's part as a group member: rebalance events and offset commits.
 
-Both run on :class:`~consumers.source.KafkaBatchSource`'s consumer thread (kafka-python's
-consumer is not thread-safe), except what is marked "any thread".
+Both run on :class:`~consumers.source.KafkaBatchSource`'s consumer thread (the one that owns
+the :class:`~consumers.client.ConsumerClient`), except what is marked "any thread".
 
 Order of a commit (each step waits for the previous one):
   1. the learner checkpoints, then calls ``commit(offsets)`` (INVARIANT: offsets are committed
      only after the checkpoint that covers them is durable; the source cannot check that);
   2. the consumer thread flushes the DLQ producer (INVARIANT: a dead letter is durable before
      the offset that covers it is committed, or a crash could lose a rejected event);
-  3. the consumer thread commits synchronously, never below what it already committed.
+  3. the consumer thread commits synchronously, never below what it already committed, and
+     only partitions it owns.
 
-Rebalances: kafka-python 3.x runs the listener on its network thread, where blocking or
-committing is not allowed, so :class:`RebalanceRecorder` only records what happened; the
-consumer thread drains it after every ``poll`` and reconciles its buffers.
+Rebalances: the clients' callbacks only record what happened
+(:class:`~consumers.client.RebalanceRecorder`); the consumer thread drains the record after
+every ``poll`` and reconciles its buffers. Commits never run inside a callback.
 """
 
 from __future__ import annotations
@@ -25,11 +26,8 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import structlog
-from kafka import KafkaConsumer
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from consumers.client import CommitError, ConsumerClient
 from consumers.config import SourceConfig
 from consumers.events import TopicPartitionKey
 from consumers.exceptions import ProducerError
@@ -38,40 +36,9 @@ from consumers.protocols import labelled, partition_label
 
 _COMMIT_RETRY_S: Final = 1.0
 
-RebalanceEvent = tuple[str, frozenset[TopicPartitionKey]]  # ("assigned" | ..., partitions)
-
 
 def partition_labels(partitions: Iterable[TopicPartitionKey]) -> list[str]:
     return [partition_label(key) for key in sorted(partitions)]
-
-
-class RebalanceRecorder(ConsumerRebalanceListener):
-    """Runs on kafka-python's network thread: only records, never blocks or commits."""
-
-    def __init__(self) -> None:
-        self._events: queue.SimpleQueue[RebalanceEvent] = queue.SimpleQueue()
-
-    @staticmethod
-    def _keys(partitions: Iterable[TopicPartition]) -> frozenset[TopicPartitionKey]:
-        return frozenset((tp.topic, tp.partition) for tp in partitions)
-
-    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        self._events.put(("revoked", self._keys(revoked)))
-
-    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        self._events.put(("assigned", self._keys(assigned)))
-
-    def on_partitions_lost(self, lost: Iterable[TopicPartition]) -> None:
-        self._events.put(("lost", self._keys(lost)))
-
-    def drain(self) -> list[RebalanceEvent]:
-        """What happened since the last call, oldest first (consumer thread)."""
-        events: list[RebalanceEvent] = []
-        while True:
-            try:
-                events.append(self._events.get_nowait())
-            except queue.Empty:
-                return events
 
 
 @dataclass(slots=True)
@@ -117,7 +84,7 @@ class OffsetCommitter:
         with self._lock:
             return dict(self._committed)
 
-    def serve(self, consumer: KafkaConsumer, final: bool = False) -> None:
+    def serve(self, client: ConsumerClient, final: bool = False) -> None:
         """Commit what was asked, and failed commits once their retry is due (or ``final``)."""
         requests: list[CommitRequest] = []
         while True:
@@ -134,7 +101,7 @@ class OffsetCommitter:
         for request in requests:
             for key, offset in request.offsets.items():
                 merged[key] = max(offset, merged.get(key, offset))
-        ok = self._commit(consumer, merged)
+        ok = self._commit(client, merged)
         for request in requests:
             request.ok = ok
             request.done.set()
@@ -148,7 +115,7 @@ class OffsetCommitter:
                 return
             request.done.set()  # ok stays False
 
-    def _commit(self, consumer: KafkaConsumer, offsets: dict[TopicPartitionKey, int]) -> bool:
+    def _commit(self, client: ConsumerClient, offsets: dict[TopicPartitionKey, int]) -> bool:
         committed = self.committed()
         # Never move a committed offset backwards (a re-delivered batch after a rebalance can
         # ask for less than what is already covered).
@@ -166,24 +133,20 @@ class OffsetCommitter:
             )
             self._count("commit_failures")
             return False
-        assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        assigned = client.assignment()
         foreign = [k for k in wanted if k not in assigned]
         if foreign:
             self._log.warning(
                 "not committing partitions no longer assigned",
                 partitions=partition_labels(foreign),
             )
-        to_commit = {
-            TopicPartition(t, p): OffsetAndMetadata(o, "", -1)
-            for (t, p), o in wanted.items()
-            if (t, p) in assigned
-        }
+        to_commit = {key: o for key, o in wanted.items() if key in assigned}
         if not to_commit:
             self._count("commit_failures")
             return False
         try:
-            consumer.commit(to_commit, timeout_ms=self._config.commit_timeout_ms)
-        except KafkaError as exc:
+            client.commit(to_commit, self._config.commit_timeout_ms / 1000)
+        except CommitError as exc:
             # CommitFailedError / RebalanceInProgressError (the group is rebalancing) or a
             # coordinator that moved or timed out. Retried after the next polls, for the
             # partitions still assigned then (a partition that moved is re-read by its new
@@ -193,14 +156,12 @@ class OffsetCommitter:
                 "commit failed; will retry", error=repr(exc), offsets=labelled(wanted)
             )
             self._count("commit_failures")
-            for tp, meta in to_commit.items():
-                key = (tp.topic, tp.partition)
-                self._retry[key] = max(meta.offset, self._retry.get(key, meta.offset))
+            for key, offset in to_commit.items():
+                self._retry[key] = max(offset, self._retry.get(key, offset))
             self._retry_at = time.monotonic() + _COMMIT_RETRY_S
             return False
         with self._lock:
-            for tp, meta in to_commit.items():
-                self._committed[(tp.topic, tp.partition)] = meta.offset
+            self._committed.update(to_commit)
         self._count("commits")
         self._log.debug("offsets committed", offsets=labelled(wanted))
         return not foreign

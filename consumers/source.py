@@ -3,9 +3,14 @@
 Path of a record: ``poll`` -> :class:`MicroBatcher` (size | max latency) -> ``decode_batch``
 -> dead letters to the DLQ producer -> :class:`EventBatch` on a bounded queue -> learner.
 
-Threading: kafka-python's consumer is not thread-safe, so ONE thread owns it and does every
-call on it (poll, pause/resume, commit, close). The learner talks to that thread through two
-queues: batches come out of one, commit requests go into the other.
+One logic, two client libraries: everything here and in :mod:`consumers.group` is written
+against :class:`~consumers.client.ConsumerClient`; ``consumer.client`` picks kafka-python
+(:mod:`consumers.kafka_python_client`, the default) or librdkafka
+(:mod:`consumers.confluent_client`).
+
+Threading: neither client's consumer is meant to be shared between threads, so ONE thread owns
+it and does every call on it (poll, pause/resume, commit, close). The learner talks to that
+thread through two queues: batches come out of one, commit requests go into the other.
 
 Commits and rebalance events are the group member's part, in :mod:`consumers.group` (its
 docstring lists the order of a commit and its INVARIANTs); lost broker connections are
@@ -16,14 +21,14 @@ Backpressure: when the hand-off queue is full, the thread waits for room for up 
 thread keeps polling (so the member stays in the group) until the learner makes room. A batch
 is never dropped.
 
-Rebalances: kafka-python 3.x runs the listener on its network thread, where blocking or
-committing is not allowed, so the listener only records what happened. The consumer thread
-then reconciles after every ``poll``: buffered records of partitions that are no longer
+Rebalances: the clients' callbacks only record what happened (kafka-python runs its listener
+on its network thread, librdkafka inside ``consume``; neither may commit there). The consumer
+thread then reconciles after every ``poll``: buffered records of partitions that are no longer
 assigned are dropped (nothing of theirs was committed, so their next owner reads them again).
 A partition revoked and re-assigned to this same member is NOT dropped: kafka-python 3.x keeps
 its fetch position across the rebalance, so dropping its buffered records would skip them
-until the next restart (seen in tests). If a client instead restarts such a partition from the
-committed offset, ``_ingest`` sees the position go back and drops the copies it would
+until the next restart (seen in tests). librdkafka instead restarts such a partition from the
+committed offset: ``_ingest`` sees the position go back and drops the copies it would
 otherwise deliver twice.
 
 Start position: the first time a partition is assigned, the consumer seeks it to its
@@ -44,17 +49,15 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import structlog
-from kafka import KafkaConsumer
-from kafka.errors import KafkaError, KafkaTimeoutError
-from kafka.structs import TopicPartition
 
 from consumers.batcher import MicroBatcher
 from consumers.broker_watch import BrokerWatch
+from consumers.client import ConsumerClient, Polled
 from consumers.config import SourceConfig
 from consumers.decode import dead_letter_payload, decode_batch
 from consumers.events import EventBatch, SourceRecord, TopicPartitionKey
-from consumers.exceptions import BrokerUnavailableError, SourceClosedError
-from consumers.group import CommitRequest, OffsetCommitter, RebalanceRecorder, partition_labels
+from consumers.exceptions import BrokerUnavailableError, ConsumerError, SourceClosedError
+from consumers.group import CommitRequest, OffsetCommitter, partition_labels
 from consumers.producer import JsonProducer
 from consumers.protocols import NO_OFFSETS, STAT_COUNTERS, labelled, partition_label
 
@@ -67,6 +70,17 @@ _START_TIMEOUT_S: Final = 120.0
 
 
 _CLOSED: Final = object()  # queue sentinel: the consumer thread has exited
+
+
+def open_client(config: SourceConfig, client_options: Mapping[str, Any]) -> ConsumerClient:
+    """The subscribed client ``config.client`` names (imported only when chosen)."""
+    if config.client == "confluent":
+        from consumers.confluent_client import ConfluentClient
+
+        return ConfluentClient(config, client_options)
+    from consumers.kafka_python_client import KafkaPythonClient
+
+    return KafkaPythonClient(config, client_options)
 
 
 def _ranges(records: list[SourceRecord]) -> dict[int, str]:
@@ -96,7 +110,6 @@ class KafkaBatchSource:
         self._client_options = dict(client_options)
         self._dlq = dlq_producer
         self._queue: queue.Queue[object] = queue.Queue(maxsize=config.queue_batches)
-        self._rebalances = RebalanceRecorder()
         self._wake = threading.Event()  # set by get/commit/stop: the consumer thread may act
         self._stopping = threading.Event()
         self._started = threading.Event()
@@ -141,15 +154,16 @@ class KafkaBatchSource:
         if not self._started.wait(_START_TIMEOUT_S):
             raise BrokerUnavailableError("the Kafka consumer did not start in time")
         if self._error is not None:
-            servers = self._client_options.get("bootstrap_servers")
-            if isinstance(self._error, KafkaTimeoutError):
-                raise BrokerUnavailableError(
-                    f"cannot reach the Kafka brokers {servers}: {self._error}"
-                ) from self._error
+            if isinstance(self._error, ConsumerError):  # BrokerUnavailableError
+                raise self._error
             raise SourceClosedError(
                 f"creating the Kafka consumer failed: {self._error!r}"
             ) from self._error
-        self._log.info("kafka source started", resume_offsets=labelled(self._resume) or None)
+        self._log.info(
+            "kafka source started",
+            client=self._config.client,
+            resume_offsets=labelled(self._resume) or None,
+        )
 
     def get(self, timeout_s: float) -> EventBatch | None:
         self._raise_if_unusable()
@@ -230,8 +244,7 @@ class KafkaBatchSource:
 
     def _run(self) -> None:
         try:
-            consumer = KafkaConsumer(**self._client_options, **self._config.consumer_options())
-            consumer.subscribe([self._config.topic], listener=self._rebalances)
+            consumer = open_client(self._config, self._client_options)
         except BaseException as exc:  # noqa: BLE001 - reported by start() in the caller
             self._error = exc
             self._done.set()
@@ -248,14 +261,14 @@ class KafkaBatchSource:
             self._done.set()
             self._offsets.fail_waiting()
             try:
-                consumer.close(autocommit=False, timeout_ms=self._close_timeout_ms)
+                consumer.close(self._close_timeout_ms / 1000)
             except Exception as exc:  # noqa: BLE001 - closing is best effort; nothing to commit
                 self._log.warning("closing the kafka consumer failed", error=repr(exc))
             # Wakes a waiting get(); a full queue needs no wake-up (get() returns at once).
             with contextlib.suppress(queue.Full):
                 self._queue.put_nowait(_CLOSED)
 
-    def _loop(self, consumer: KafkaConsumer) -> None:
+    def _loop(self, consumer: ConsumerClient) -> None:
         cfg = self._config
         next_paused_poll = 0.0
         hold_until: float | None = None  # end of a wait for room without pausing
@@ -300,54 +313,41 @@ class KafkaBatchSource:
                 until_ready = self._batcher.time_until_ready()
                 if until_ready is not None:  # a partial batch must leave within its latency
                     timeout_ms = min(timeout_ms, max(1, int(until_ready * 1000) + 1))
-            polled = consumer.poll(timeout_ms=timeout_ms, max_records=cfg.max_poll_records)
+            polled = consumer.poll(timeout_ms / 1000, cfg.max_poll_records)
             self._broker.observe(consumer, got_records=bool(polled))
             # Rebalance callbacks ran during poll(); act on them before buffering what it
             # returned, which belongs to the new assignment.
             sought = self._reconcile_assignment(consumer)
             if sought and polled:
-                polled = {
-                    tp: m for tp, m in polled.items() if (tp.topic, tp.partition) not in sought
-                }
+                polled = [(key, records) for key, records in polled if key not in sought]
             if polled:
                 self._ingest(polled)
                 self._update_lag(consumer)
 
-    def _ingest(self, polled: Mapping[TopicPartition, list[Any]]) -> None:
+    def _ingest(self, polled: Polled) -> None:
         polled_count = skipped = 0
-        for tp, messages in polled.items():
-            if not messages:
-                continue
-            key = (tp.topic, tp.partition)
+        for key, records in polled:
+            first = records[0].offset
             expected = self._positions.get(key)
-            if expected is not None and messages[0].offset < expected:
+            if expected is not None and first < expected:
                 # The fetch position went back (re-fetch from the committed offset after a
                 # rebalance): drop the buffered copies of what is coming again.
-                dropped = self._batcher.drop_from(key, messages[0].offset)
+                dropped = self._batcher.drop_from(key, first)
                 self._log.info(
                     "fetch position went back; dropped buffered copies",
-                    partition=tp.partition,
+                    partition=key[1],
                     expected=expected,
-                    got=messages[0].offset,
+                    got=first,
                     dropped=dropped,
                 )
+            polled_count += len(records)
+            self._positions[key] = records[-1].offset + 1
             floor = self._resume.get(key, -1)
-            records = [
-                SourceRecord(
-                    tp.topic,
-                    tp.partition,
-                    m.offset,
-                    m.value,
-                    m.timestamp if m.timestamp is not None else -1,
-                )
-                for m in messages
-                # Covered by the learner's restored checkpoint: already trained on.
-                if m.offset >= floor
-            ]
-            polled_count += len(messages)
-            skipped += len(messages) - len(records)
-            self._positions[key] = messages[-1].offset + 1
-            self._batcher.add(records)
+            kept = records
+            if floor > first:  # covered by the learner's restored checkpoint: trained on
+                kept = [r for r in records if r.offset >= floor]
+                skipped += len(records) - len(kept)
+            self._batcher.add(kept)
         with self._stats_lock:
             self._counters["polled"] += polled_count
             self._counters["skipped"] += skipped
@@ -390,13 +390,9 @@ class KafkaBatchSource:
             self._counters["dead_lettered"] += len(batch.dead_letters)
         return batch
 
-    def _pause_all(self, consumer: KafkaConsumer) -> None:
+    def _pause_all(self, consumer: ConsumerClient) -> None:
         # Called on every backpressured iteration: a rebalance may have added partitions.
-        for tp in consumer.assignment() - consumer.paused():
-            try:
-                consumer.pause(tp)
-            except KeyError:  # revoked between the two calls
-                continue
+        consumer.pause_all()
         if not self._paused:
             self._paused = True
             with self._stats_lock:
@@ -405,28 +401,24 @@ class KafkaBatchSource:
                 "backpressure: partitions paused", queue_batches=self._config.queue_batches
             )
 
-    def _resume_all(self, consumer: KafkaConsumer) -> None:
+    def _resume_all(self, consumer: ConsumerClient) -> None:
         if not self._paused:
             return
-        for tp in consumer.paused():
-            try:
-                consumer.resume(tp)
-            except KeyError:
-                continue
+        consumer.resume_all()
         self._paused = False
         self._log.info("backpressure released: partitions resumed")
 
-    def _reconcile_assignment(self, consumer: KafkaConsumer) -> set[TopicPartitionKey]:
+    def _reconcile_assignment(self, consumer: ConsumerClient) -> set[TopicPartitionKey]:
         """Act on a rebalance that happened during poll() (see the module docstring).
 
         Returns the partitions just sought to their start position: what the same poll
         returned for them came from the old position and must be dropped.
         """
-        events = self._rebalances.drain()
+        events = consumer.drain_rebalances()
         for kind, partitions in events:
             if partitions:
                 self._log.info("partitions " + kind, partitions=partition_labels(partitions))
-        current = frozenset((tp.topic, tp.partition) for tp in consumer.assignment())
+        current = consumer.assignment()
         if not events and current == self._assigned:
             return set()
         sought = self._seek_start(consumer, current)
@@ -448,13 +440,13 @@ class KafkaBatchSource:
         return sought
 
     def _seek_start(
-        self, consumer: KafkaConsumer, assigned: frozenset[TopicPartitionKey]
+        self, consumer: ConsumerClient, assigned: frozenset[TopicPartitionKey]
     ) -> set[TopicPartitionKey]:
         """Seek partitions assigned for the first time to their resume offset (module doc)."""
         sought = {key for key in assigned if key in self._to_seek}
         for key in sorted(sought):
             offset = self._to_seek.pop(key)
-            consumer.seek(TopicPartition(*key), offset)
+            consumer.seek(key, offset)
             self._positions.pop(key, None)
             dropped = self._batcher.drop_partitions([key])
             self._log.info(
@@ -465,14 +457,10 @@ class KafkaBatchSource:
             )
         return sought
 
-    def _update_lag(self, consumer: KafkaConsumer) -> None:
-        # Highwater comes with each fetch response; Tansu's end_offsets() is wrong by design.
+    def _update_lag(self, consumer: ConsumerClient) -> None:
         lag: dict[TopicPartitionKey, int] = {}
         for key, position in self._positions.items():
-            try:
-                highwater = consumer.highwater(TopicPartition(*key))
-            except KafkaError:  # IllegalStateError: not assigned any more
-                continue
+            highwater = consumer.highwater(key)
             if highwater is not None:
                 lag[key] = max(0, highwater - position)
         with self._stats_lock:

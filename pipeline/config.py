@@ -12,13 +12,14 @@ setting) is masked the same way, keeping the user name (:mod:`pipeline.redaction
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from consumers.config import ConsumerTuning
 from pipeline.exceptions import ConfigError
@@ -134,6 +135,13 @@ class ConsumerSettings(ConsumerTuning):
         description="Consumer processes (members of the learner's group) that poll and decode "
         "for it; 1 = a thread in the learner process.",
     )
+
+    @field_validator("client")
+    @classmethod
+    def _client_installed(cls, client: str) -> str:
+        if client == "confluent" and importlib.util.find_spec("confluent_kafka") is None:
+            raise ValueError("'confluent' needs confluent-kafka: pip install 'supcon-stream[fast]'")
+        return client
 
 
 class RedisSettings(_Frozen):

@@ -1,5 +1,6 @@
 """ProcessBatchSource against a real (Tansu) broker: two consumer processes in one group
-deliver every record once, dead letters included, and commit only what each owns."""
+deliver every record once, dead letters included, and commit only what each owns; with
+either Kafka client."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
 from consumers.admin import ensure_topics
+from consumers.client import CLIENT_NAMES
 from consumers.exceptions import SourceClosedError
 from consumers.process_source import ProcessBatchSource
 from consumers.source import SourceConfig
@@ -19,8 +21,9 @@ from consumers.testing import CONTRACT_INPUT_DIM, CONTRACT_PARTITIONS, drain, me
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.parametrize("client", CLIENT_NAMES)
 def test_two_consumer_processes_deliver_everything_once_and_commit(
-    bootstrap: str, unique: str
+    bootstrap: str, unique: str, client: str
 ) -> None:
     options = {"bootstrap_servers": [bootstrap], "request_timeout_ms": 10_000}
     topic, dlq, group = f"p-{unique}", f"p-{unique}.dlq", f"pg-{unique}"
@@ -45,6 +48,7 @@ def test_two_consumer_processes_deliver_everything_once_and_commit(
         batch_size=16,
         max_latency_ms=100,
         session_timeout_ms=2000,
+        client=client,
     )
     source = ProcessBatchSource(config, options, processes=2)
     source.start()

@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 from tls_tools import Certs, TlsTerminator, make_certs
 
 from consumers.admin import ensure_topics
+from consumers.client import CLIENT_NAMES
 from memory_bank.exceptions import BankUnavailableError
 from memory_bank.protocols import StoredItem
 from memory_bank.redis_store import RedisBankStore, make_redis_client
@@ -108,8 +109,10 @@ def test_redis_over_tls(tmp_path: Path) -> None:
         stop_process(proc.pid)
 
 
-def test_learner_over_kafka_tls_and_redis_tls_with_acl(tmp_path: Path) -> None:
-    """The whole learner with every connection secured from settings alone."""
+@pytest.mark.parametrize("client", CLIENT_NAMES)
+def test_learner_over_kafka_tls_and_redis_tls_with_acl(tmp_path: Path, client: str) -> None:
+    """The whole learner with every connection secured from settings alone, with either
+    Kafka client (librdkafka gets the TLS settings under its own names)."""
     certs = make_certs(tmp_path / "certs")
     broker_port, tls_port, redis_port = free_port(), free_port(), free_port()
     broker = start_broker(broker_port, tmp_path / "stack", advertised_port=tls_port)
@@ -140,6 +143,7 @@ def test_learner_over_kafka_tls_and_redis_tls_with_acl(tmp_path: Path) -> None:
                 "model.proj_dim=8",
                 "consumer.batch_size=8",
                 "consumer.max_latency_ms=100",
+                f"consumer.client={client}",
                 f"checkpoint.dir={tmp_path / 'ckpt'}",
                 "checkpoint.ledger=true",
                 "train.torch_threads=1",

@@ -1,5 +1,8 @@
 """KafkaBatchSource against a real (Tansu) broker: contract, DLQ, commits, backpressure, resume.
 
+Every test runs once per Kafka client library (``consumer.client``: kafka-python and
+confluent): both clients sit behind the same source and must behave the same.
+
 Each test uses a fresh topic ``t-<unique>`` and consumer group. Consumers are stopped ~0.5 s
 apart (Tansu can wedge a group when two members leave within ~0.3 s of each other), and
 ``session_timeout_ms`` is short because Tansu delays a group join by about half of it.
@@ -22,6 +25,7 @@ from kafka.structs import TopicPartition
 from waiting import wait_until
 
 from consumers.admin import ensure_topics
+from consumers.client import CLIENT_NAMES
 from consumers.events import EventBatch
 from consumers.exceptions import ProducerError, SourceClosedError
 from consumers.producer import JsonProducer
@@ -44,7 +48,8 @@ STAGGER_S = 0.5
 class Harness:
     """Topics, producers and sources of one test; tears everything down in a safe order."""
 
-    def __init__(self, bootstrap: str, unique: str) -> None:
+    def __init__(self, bootstrap: str, unique: str, client: str = "kafka-python") -> None:
+        self.client = client
         self.options: dict[str, Any] = {
             "bootstrap_servers": [bootstrap],
             "client_id": f"test-{unique}",
@@ -83,6 +88,7 @@ class Harness:
             "max_latency_ms": 100,
             "poll_timeout_ms": 1000,
             "session_timeout_ms": 2000,
+            "client": self.client,
             **overrides,
         }
         source = KafkaBatchSource(SourceConfig(**settings), self.options, self.dlq_producer)
@@ -133,9 +139,9 @@ class Harness:
                 self.dlq_producer.close(5.0)
 
 
-@pytest.fixture
-def harness(bootstrap: str, unique: str) -> Iterator[Harness]:
-    h = Harness(bootstrap, unique)
+@pytest.fixture(params=CLIENT_NAMES)
+def harness(bootstrap: str, unique: str, request: pytest.FixtureRequest) -> Iterator[Harness]:
+    h = Harness(bootstrap, unique, request.param)
     yield h
     h.close()
 

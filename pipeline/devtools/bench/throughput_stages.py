@@ -75,38 +75,7 @@ def produce(settings: Settings, data: Synthetic, start: int, stop: int) -> float
     return (stop - start) / (time.perf_counter() - started)
 
 
-# --------------------------------------------------------------------------- 1. raw consume
-
-
-def measure_raw(settings: Settings, total: int) -> dict[str, Any]:
-    """A bare kafka-python consumer (assigned partitions, no group) with the same fetch settings."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    cfg = source_config(settings, group="raw-unused")
-    fetch = {
-        k: v
-        for k, v in cfg.consumer_options().items()
-        if k in ("max_poll_records", "fetch_max_bytes", "max_partition_fetch_bytes")
-    }
-    consumer = KafkaConsumer(
-        **settings.kafka.client_options(), enable_auto_commit=False, group_id=None, **fetch
-    )
-    topic = settings.kafka.events_topic
-    parts = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    count = 0
-    first: float | None = None
-    deadline = time.monotonic() + 300
-    while count < total and time.monotonic() < deadline:
-        polled = consumer.poll(timeout_ms=1000, max_records=cfg.max_poll_records)
-        n = sum(len(v) for v in polled.values())
-        if n and first is None:
-            first = time.perf_counter()
-        count += n
-    elapsed = time.perf_counter() - (first or time.perf_counter())
-    consumer.close()
-    return {"events": count, "seconds": round(elapsed, 3), "events_per_s": rate(count, elapsed)}
+# --------------------------------------------------------------------------- helpers
 
 
 def rate(count: float, seconds: float) -> float:

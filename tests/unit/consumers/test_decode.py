@@ -147,6 +147,35 @@ def test_offsets_cover_every_record_per_partition() -> None:
     assert len(batch) == 1
 
 
+@pytest.mark.parametrize(
+    "features",
+    [
+        b"[1, true, 3]",
+        b"[1, false, 3]",
+        b'[1, "1.5", 3]',
+        b"[1, null, 3]",
+        b"[1, [2], 3]",
+        b'[1,\n"2", 3]',
+    ],
+)
+def test_batch_type_proof_never_lets_a_non_number_through(features: bytes) -> None:
+    """The batch-wide byte test (_numbers_only) may only skip the per-feature check when it
+    is sound: a non-number among clean neighbours, even beside strings holding brackets,
+    still becomes bad_features and nothing else in the batch changes."""
+    bad = b'{"id": "x[]", "features": ' + features + b', "label": "[1]"}'
+    clean = [rec(event(id=f"c{i}", label="[]"), offset=i) for i in range(5)]
+    batch = decode_batch([*clean, rec(bad, offset=5)], DIM, 65_536)
+    assert batch.ids == tuple(f"c{i}" for i in range(5))
+    assert [d.reason for d in batch.dead_letters] == ["bad_features"]
+
+
+def test_batch_type_proof_accepts_numbers_in_every_json_form() -> None:
+    values = [b'{"id": "a", "features": [1, -2.5e-3, 3E+2]}', b'{"id":"b","features":[ 0 ,1\t,2 ]}']
+    batch = decode_batch([rec(v, offset=i) for i, v in enumerate(values)], DIM, 65_536)
+    assert batch.ids == ("a", "b")
+    np.testing.assert_allclose(batch.features, [[1, -0.0025, 300], [0, 1, 2]], rtol=1e-6)
+
+
 def test_empty_input() -> None:
     batch = decode_batch([], DIM, 1024)
     assert len(batch) == 0

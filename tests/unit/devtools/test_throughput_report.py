@@ -8,10 +8,34 @@ from pipeline.devtools.bench.throughput_bank import restart_breakdown
 from pipeline.devtools.bench.throughput_report import ratios, render_markdown
 
 
+def _row(events_per_s: float) -> dict:
+    return {"events": 100, "seconds": round(100 / events_per_s, 3), "events_per_s": events_per_s}
+
+
 def _results() -> dict:
     return {
-        "raw_consume": {"events": 100, "seconds": 1.0, "events_per_s": 100.0},
-        "ingest_only": {"events": 100, "seconds": 1.25, "events_per_s": 80.0},
+        "clients": {
+            "kafka-python": {
+                "raw_consume": _row(100.0),
+                "parse_floor": _row(90.0),
+                "ingest_only": _row(80.0),
+                "end_to_end": _row(40.0),
+            },
+            "confluent": {
+                "raw_consume": _row(1000.0),
+                "parse_floor": _row(300.0),
+                "ingest_only": _row(250.0),
+                "ingest_processes": _row(400.0),
+                "end_to_end": _row(30.0),
+            },
+        },
+        "decode": {
+            "events": 100,
+            "batch_size": 32,
+            "orjson_loads_us_per_event": 5.0,
+            "decode_batch_us_per_event": 7.0,
+            "validate_and_matrix_us_per_event": 2.0,
+        },
         "learner_only": {
             "events": 50,
             "seconds": 1.0,
@@ -20,7 +44,6 @@ def _results() -> dict:
             "replay_size": 64,
             "hard_negatives": 16,
         },
-        "end_to_end": {"events": 100, "seconds": 2.5, "events_per_s": 40.0},
         "memory_bank": {
             "bank_items": 1000,
             "index": "auto",
@@ -41,7 +64,12 @@ def _results() -> dict:
             "iteration_ms": 3.0,
             "sample_plus_search_share": 0.1,
         },
-        "restart": {"bank_items": 1000, "seconds": 6.0, "group_join_s": 3.0},
+        "restart": {
+            "bank_items": 1000,
+            "seconds": 6.0,
+            "group_join_s": 3.0,
+            "runs": [{"seconds": 4.0}, {"seconds": 6.0}, {"seconds": 4.5}],
+        },
         "latency": {
             "offered_events_per_s": 10.0,
             "batch_size": 32,
@@ -57,14 +85,23 @@ def _results() -> dict:
 
 def test_ratios_and_targets() -> None:
     q = ratios(_results())
-    assert q["ingest_over_raw"] == 0.8
-    assert q["end_to_end_over_min_ingest_learner"] == 0.8
+    kp, cf = q["clients"]["kafka-python"], q["clients"]["confluent"]
+    assert kp["ingest_over_raw"] == 0.8
+    assert kp["end_to_end_over_min_ingest_learner"] == 0.8  # 40 / min(80, 50)
+    assert cf["ingest_over_parse_floor"] == 0.833
+    assert cf["end_to_end_over_min_ingest_learner"] == 0.6  # 30 / min(250, 50)
+    assert cf["ingest_processes_over_raw"] == 0.4
+    assert cf["ingest_us_per_event"] == 4000.0
+    assert q["confluent_over_kafka_python_ingest"] == 3.125
+    assert q["restart_runs_s"] == [4.0, 6.0, 4.5]
     assert q["restart_s_without_group_join"] == 3.0
     assert q["targets"] == {
-        "ingest_over_raw >= 0.8": True,
-        "end_to_end_over_min >= 0.8": True,
+        "confluent ingest / parse floor >= 0.8": True,
+        "confluent ingest / kafka-python ingest >= 3": True,
+        "kafka-python end_to_end / min(ingest, learner) >= 0.8": True,
+        "confluent end_to_end / min(ingest, learner) >= 0.8": False,
         "replay+search <= 10% of step": True,
-        "restart <= 5 s": False,
+        "restart <= 5 s in every run": False,
     }
 
 
@@ -96,7 +133,13 @@ def test_markdown_names_the_command_machine_and_gpu_status() -> None:
     assert "`supcon-stream bench throughput`" in text
     assert "2 CPUs" in text
     assert "GPU: not measured" in text
-    assert "| ingest-only / raw ≥ 0.8 | 0.8 | True |" in text
+    assert "| confluent: ingest-only / parse floor ≥ 0.8 | 0.833 | True |" in text
+    assert "| confluent: end-to-end / min(ingest, learner) ≥ 0.8 | 0.6 | False |" in text
+    assert (
+        "| ingest-only (source: poll, batch, decode, validate), events/s | 80.0 | 250.0 |" in text
+    )
+    assert "| ingest-only, `consumer.processes` processes, events/s | - | 400.0 |" in text
+    assert "[4.0, 6.0, 4.5] s | False |" in text
 
 
 def test_restart_phases_from_log_timestamps(tmp_path: Path) -> None:
