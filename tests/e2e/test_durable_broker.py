@@ -13,6 +13,7 @@ import subprocess
 
 import orjson
 import pytest
+from cli_tools import SMALL_DIM, SMALL_LEARNER
 from kafka import KafkaProducer
 
 from consumers.positions import OffsetProbe
@@ -31,17 +32,7 @@ from pipeline.learner.probes import is_probe
 
 pytestmark = pytest.mark.e2e
 
-DIM = 8
-SMALL = [
-    f"model.input_dim={DIM}",
-    "model.hidden_dim=32",
-    "model.embed_dim=16",
-    "model.proj_dim=16",
-    "bank.capacity=64",
-    "consumer.batch_size=16",
-    "consumer.max_latency_ms=100",
-    "kafka.partitions=2",
-]
+DIM, SMALL = SMALL_DIM, SMALL_LEARNER
 
 
 def _produce(bootstrap: str, topic: str, tag: str, n: int) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
+from cli_tools import SMALL_DIM, SMALL_LEARNER
 from kafka import KafkaProducer
 from waiting import wait_until
 
@@ -37,17 +38,7 @@ from pipeline.learner.probes import is_probe
 
 pytestmark = pytest.mark.e2e
 
-DIM = 8
-SMALL = [
-    f"model.input_dim={DIM}",
-    "model.hidden_dim=32",
-    "model.embed_dim=16",
-    "model.proj_dim=16",
-    "bank.capacity=64",
-    "consumer.batch_size=16",
-    "consumer.max_latency_ms=100",
-    "kafka.partitions=2",
-]
+DIM, SMALL = SMALL_DIM, SMALL_LEARNER
 
 
 def _events(tag: str, n: int, labeled: bool = True) -> list[dict[str, Any]]:

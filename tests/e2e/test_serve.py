@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
 import threading
 import time
 import urllib.error
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from cli_tools import run_cli
 from kafka import KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -137,14 +137,7 @@ def _wait_for_series(base: str, want: dict[str, float]) -> dict[str, float]:
 
 
 def _export(pairs: list[str]) -> dict[str, Any]:
-    done = subprocess.run(
-        cli_command("export", *set_args(pairs)),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=child_env(1),
-        check=False,
-    )
+    done = run_cli("export", *set_args(pairs), env=child_env(1))
     assert done.returncode == 0, done.stderr
     return dict(json.loads(done.stdout))
 

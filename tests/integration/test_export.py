@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+from cli_tools import run_cli
 from kafka import KafkaProducer
 
 from consumers.admin import ensure_topics
@@ -106,14 +107,7 @@ def test_exported_bundle_predicts_what_the_learner_publishes(
     assert newest["event_time"]["first_ms"] <= newest["event_time"]["last_ms"]
 
     # The export command, in its own process, from the checkpoint and the Redis bank.
-    done = subprocess.run(
-        cli_command("export", *set_args(pairs)),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=child_env(1),
-        check=False,
-    )
+    done = run_cli("export", *set_args(pairs), env=child_env(1))
     assert done.returncode == 0, done.stderr
     exported = json.loads(done.stdout)
     assert exported["version"] == auto[0][0] + 1
