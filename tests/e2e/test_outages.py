@@ -72,7 +72,11 @@ def _health(ckpt_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _wait_health(ckpt_dir: Path, component: str, up: bool, timeout_s: float) -> dict[str, Any]:
+def _wait_health(
+    ckpt_dir: Path, component: str, up: bool, timeout_s: float, log: Path
+) -> dict[str, Any]:
+    """The health snapshot once ``component`` reads ``up``; on timeout the learner's log tail
+    says why (a learner that died leaves its last snapshot behind, unchanged)."""
     deadline = time.monotonic() + timeout_s
     snap: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -81,7 +85,8 @@ def _wait_health(ckpt_dir: Path, component: str, up: bool, timeout_s: float) -> 
         if entry is not None and entry["up"] is up:
             return snap
         time.sleep(0.2)
-    raise AssertionError(f"{component} never became up={up}: {snap}")
+    tail = log.read_text()[-4000:] if log.exists() else "(no learner log)"
+    raise AssertionError(f"{component} never became up={up}: {snap}\n--- learner log ---\n{tail}")
 
 
 def _settled_bank_items(settings: Any, ids: list[str], timeout_s: float = 30.0) -> int:
@@ -131,7 +136,7 @@ def test_broker_unreachable_mid_replay_loses_nothing(redis_url, unique, tmp_path
         ledger = ledger_path(settings.checkpoint_dir)
         assert wait_for_ledger(ledger, _trainable(ids), 90) == _trainable(ids), log.read_text()
         proxy.cut()
-        _wait_health(settings.checkpoint_dir, "kafka_consumer", up=False, timeout_s=30)
+        _wait_health(settings.checkpoint_dir, "kafka_consumer", up=False, timeout_s=30, log=log)
         status = subprocess.run(
             cli_command("status", *set_args(pairs)), check=False, capture_output=True, timeout=60
         )
@@ -141,7 +146,9 @@ def test_broker_unreachable_mid_replay_loses_nothing(redis_url, unique, tmp_path
         proxy.restore()
         ids += _produce(address, settings.kafka.events_topic, _events("b", 200))
         assert wait_for_ledger(ledger, _trainable(ids), 90) == _trainable(ids), log.read_text()
-        snap = _wait_health(settings.checkpoint_dir, "kafka_consumer", up=True, timeout_s=30)
+        snap = _wait_health(
+            settings.checkpoint_dir, "kafka_consumer", up=True, timeout_s=30, log=log
+        )
         assert snap["components"]["kafka_consumer"]["outages"] >= 1
         assert learner.poll() is None, "the learner must ride out the outage"
         _stop(learner, log)
@@ -182,10 +189,10 @@ def test_redis_restart_mid_replay_loses_nothing(bootstrap, unique, tmp_path):
         before = _settled_bank_items(settings, ids)
         stop_process(redis_proc.pid)  # SIGTERM: redis-server syncs its AOF and exits
         ids += _produce(bootstrap, settings.kafka.events_topic, _events("b", 200))
-        _wait_health(settings.checkpoint_dir, "redis", up=False, timeout_s=30)
+        _wait_health(settings.checkpoint_dir, "redis", up=False, timeout_s=30, log=log)
         redis_proc = start_redis(redis_port, redis_dir, appendonly=True)
         assert wait_for_ledger(ledger, _trainable(ids), 90) == _trainable(ids), log.read_text()
-        snap = _wait_health(settings.checkpoint_dir, "redis", up=True, timeout_s=30)
+        snap = _wait_health(settings.checkpoint_dir, "redis", up=True, timeout_s=30, log=log)
         assert snap["components"]["redis"]["outages"] >= 1
         _stop(learner, log)
         report = check_delivery(settings, ids)
@@ -222,7 +229,7 @@ def test_broker_restart_reconnects_consumer_and_producers(redis_url, unique, tmp
         ledger = ledger_path(settings.checkpoint_dir)
         assert wait_for_ledger(ledger, _trainable(first), 90) == _trainable(first)
         stop_process(broker.pid)
-        _wait_health(settings.checkpoint_dir, "kafka_consumer", up=False, timeout_s=30)
+        _wait_health(settings.checkpoint_dir, "kafka_consumer", up=False, timeout_s=30, log=log)
         broker = start_broker(port, tmp_path / "stack")
         _topics(pairs)
         # 300 events fill each partition's new log past the old positions (~50 each).
@@ -234,7 +241,7 @@ def test_broker_restart_reconnects_consumer_and_producers(redis_url, unique, tmp
         while time.monotonic() < deadline and not want <= read_ledger(ledger).counts.keys():
             time.sleep(0.5)
         predicted = read_topic_ids(address, settings.kafka.predictions_topic, 10, timeout_s=60)
-        _wait_health(settings.checkpoint_dir, "kafka_consumer", up=True, timeout_s=30)
+        _wait_health(settings.checkpoint_dir, "kafka_consumer", up=True, timeout_s=30, log=log)
         assert learner.poll() is None, "the learner must not exit on a broker restart"
         _stop(learner, log)
     finally:
@@ -331,7 +338,7 @@ def test_learner_started_before_its_broker_or_redis_waits(
         )
         assert learner.poll() is None, log.read_text()[-2000:]
         if late == "redis":  # the wait is visible in the health file
-            snap = _wait_health(settings.checkpoint_dir, "redis", up=False, timeout_s=30)
+            snap = _wait_health(settings.checkpoint_dir, "redis", up=False, timeout_s=30, log=log)
             assert snap["status"] == "starting"
             # Produced before Redis is up, so the events are there when the learner starts.
             ids = _produce(address, settings.kafka.events_topic, _events("a", 100))
