@@ -6,6 +6,7 @@ from. These are plain frozen dataclasses; numpy arrays inside them are not copie
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -63,3 +64,27 @@ class EventBatch:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def restrict(batch: EventBatch, keep: Collection[TopicPartitionKey]) -> EventBatch:
+    """The part of ``batch`` read from the partitions in ``keep`` (the batch itself when whole).
+
+    A batch handed over before a rebalance may hold records of a partition this member no
+    longer owns; its new owner reads them again from the committed offset, so they are
+    dropped here, offsets and counts included, rather than trained twice.
+    """
+    if all(tp in keep for tp in batch.offsets):
+        return batch
+    rows = [i for i, s in enumerate(batch.sources) if (s.topic, s.partition) in keep]
+    letters = tuple(d for d in batch.dead_letters if (d.source.topic, d.source.partition) in keep)
+    return EventBatch(
+        ids=tuple(batch.ids[i] for i in rows),
+        features=batch.features[rows],
+        labels=tuple(batch.labels[i] for i in rows),
+        tasks=tuple(batch.tasks[i] for i in rows),
+        timestamps_ms=batch.timestamps_ms[rows],
+        sources=tuple(batch.sources[i] for i in rows),
+        dead_letters=letters,
+        offsets={tp: o for tp, o in batch.offsets.items() if tp in keep},
+        consumed=len(rows) + len(letters),
+    )

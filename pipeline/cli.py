@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 from collections.abc import Sequence
@@ -38,16 +39,24 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.distributed.group import rank_from_env
     from pipeline.learner.loop import RunLimits, run_learner
     from pipeline.learner.start import StartRequest, check_request
     from pipeline.signals import install_stop_signals
 
     request = StartRequest.from_args(args.start_from, args.reset)
     check_request(settings, request)
-    log.info("configuration", settings=settings.redacted())
+    rank = rank_from_env(os.environ)  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK
+    log.info("configuration", settings=settings.redacted(), **rank.as_dict())
     stop = threading.Event()
     install_stop_signals(stop)
-    summary = run_learner(settings, stop, RunLimits(args.max_events, args.exit_when_idle), request)
+    limits = RunLimits(args.max_events, args.exit_when_idle)
+    if rank.distributed:
+        from pipeline.learner.ranks import run_group_learner
+
+        summary = run_group_learner(settings, stop, rank, limits, request)
+    else:
+        summary = run_learner(settings, stop, limits, request)
     print(
         json.dumps(
             {
@@ -59,6 +68,7 @@ def _cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
                 "bank_size": summary.bank_size,
                 "first_batch_to_commit_s": round(summary.first_batch_to_commit_s, 3),
                 "consumer_processes": settings.consumer.processes,
+                **summary.group,
                 **summary.counters,
             }
         )

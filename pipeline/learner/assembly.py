@@ -23,8 +23,10 @@ from consumers.producer import JsonProducer
 from consumers.protocols import EventSource
 from memory_bank.bank import MemoryBank
 from memory_bank.exceptions import BankUnavailableError
+from memory_bank.protocols import BankStore
 from memory_bank.redis_store import RedisBankStore, ping_redis
 from pipeline.config import Settings
+from pipeline.distributed.group import SINGLE, RankInfo, broadcast_object
 from pipeline.learner.checkpoint import Checkpoint, load_latest
 from pipeline.learner.checkpointer import Checkpointer
 from pipeline.learner.context import Counters, LearnerContext
@@ -33,6 +35,7 @@ from pipeline.learner.exposition import LearnerExposition
 from pipeline.learner.health import HealthBoard, health_path, stop_quietly
 from pipeline.learner.ledger import TrainedLedger, ledger_path
 from pipeline.learner.probes import ProbeSet
+from pipeline.learner.sharing import FollowerStore
 from pipeline.learner.start import NO_REQUEST, StartRequest, plan_start, prepare_lineage
 from pipeline.learning.labels import LabelRegistry
 from pipeline.learning.model import StreamNet
@@ -49,8 +52,14 @@ def build_context(
     stop: threading.Event | None = None,
     start_source: bool = False,
     request: StartRequest = NO_REQUEST,
+    rank: RankInfo = SINGLE,
 ) -> LearnerContext:
     """Create every component. Nothing is connected at import time.
+
+    On a rank of a data-parallel group (``rank``, its process group already joined), rank 0
+    reads the checkpoint and broadcasts it, ranks other than 0 keep their own health file and
+    ledger and write nothing to the bank's Redis keys, and the model's objective is wrapped
+    in DDP (:mod:`pipeline.distributed.replicas`).
 
     With ``start_source`` the source is started (at the checkpoint's offsets, or where
     ``request`` says; see :mod:`pipeline.learner.start`) as soon as the checkpoint is loaded,
@@ -67,7 +76,7 @@ def build_context(
     r = settings.redis
     health = HealthBoard(
         settings.learner_name,
-        health_path(settings.checkpoint_dir),
+        health_path(settings.checkpoint_dir, rank.rank),
         stale_after_s=settings.health.stale_after_s,
     )
     client = make_redis_client(
@@ -76,7 +85,7 @@ def build_context(
     client_options = settings.kafka.client_options()
     stop = stop or threading.Event()
     wait_s = settings.learner.startup_wait_s
-    if request.reset or request.position is not None:
+    if rank.leader and (request.reset or request.position is not None):
         # Before anything connects: a refused --from must leave nothing behind.
         prepare_lineage(settings, request, lambda name: _set_bank_aside(settings, client, name))
     producer = _until_reachable(
@@ -89,7 +98,17 @@ def build_context(
     source = _make_source(settings, client_options, producer, health)
     try:
         return _assemble(
-            settings, device, seen, client, health, producer, source, stop, start_source, request
+            settings,
+            device,
+            seen,
+            client,
+            health,
+            producer,
+            source,
+            stop,
+            start_source,
+            request,
+            rank,
         )
     except BaseException:
         # Whatever failed after the source exists (checkpoint, model, Redis, bank, ledger):
@@ -112,13 +131,14 @@ def _assemble(
     stop: threading.Event,
     start_source: bool,
     request: StartRequest,
+    rank: RankInfo,
 ) -> LearnerContext:
     """The rest of :func:`build_context`, once the producer and the source exist."""
     from memory_bank.index import make_index
 
     r = settings.redis
     wait_s = settings.learner.startup_wait_s
-    ckpt = load_latest(settings.checkpoint_dir, map_location=device)
+    ckpt = _load_checkpoint(settings, device, rank)
     if ckpt is None:
         log.info("no checkpoint; starting fresh", dir=str(settings.checkpoint_dir))
     topic = settings.kafka.events_topic
@@ -142,12 +162,14 @@ def _assemble(
         return idx
 
     b = settings.bank
-    store = _bank_store(
+    store: BankStore = _bank_store(
         settings,
         client,
         max_backoff_s=r.retry_max_backoff_s,
         on_health=health.reporter("redis"),
     )
+    if not rank.leader:
+        store = FollowerStore(store)  # rank 0 writes the group's bank (learner/sharing.py)
     started = time.monotonic()
     _until_reachable(lambda: ping_redis(client), "redis", wait_s, stop, health.reporter("redis"))
     bank = MemoryBank.open(
@@ -189,9 +211,10 @@ def _assemble(
         )
         if settings.health.http_port is not None
         else None,
+        rank=rank,
     )
     if settings.checkpoint.ledger:
-        ctx.ledger = TrainedLedger(ledger_path(settings.checkpoint_dir))
+        ctx.ledger = TrainedLedger(ledger_path(settings.checkpoint_dir, rank.rank))
     ctx.exporter = AutoExport.from_settings(settings)
     ctx.checkpointer.start = plan.start
     health.progress(start=plan.start)
@@ -201,9 +224,26 @@ def _assemble(
         # A new lineage at --from: its start is durable before any event is trained, so a
         # crash before the first checkpoint resumes there, not at the group's offsets.
         ctx.checkpointer.restore(plan.offsets)
-        ctx.checkpointer.save(ctx)
+        if rank.leader:
+            ctx.checkpointer.save(ctx)
+    if rank.distributed:
+        from pipeline.distributed.replicas import replicate
+
+        ctx.state.replicated = replicate(model, settings.train, ctx.generator, device)
+    health.progress(**rank.as_dict())
     health.mark_ready("checkpoint_restored")
     return ctx
+
+
+def _load_checkpoint(settings: Settings, device: torch.device, rank: RankInfo) -> Checkpoint | None:
+    """The newest checkpoint; in a group rank 0 reads it and every rank gets its copy."""
+    if not rank.distributed:
+        return load_latest(settings.checkpoint_dir, map_location=device)
+    ckpt = load_latest(settings.checkpoint_dir, map_location="cpu") if rank.leader else None
+    ckpt = broadcast_object(ckpt)
+    if ckpt is not None:
+        ckpt.model = {k: v.to(device) for k, v in ckpt.model.items()}
+    return ckpt
 
 
 def _set_bank_aside(settings: Settings, client: Any, new_name: str) -> list[str]:
@@ -316,13 +356,23 @@ def apply_checkpoint(ctx: LearnerContext, ckpt: Checkpoint) -> None:
     ctx.state.optimizer.load_state_dict(ckpt.optimizer)
     match_optimizer_device(ctx.state.optimizer, ctx.device)
     ctx.state.step = ckpt.step
-    ctx.state.skipped = int(ckpt.counters.get("skipped", 0))
+    counters = _rank_counters(ckpt, ctx.rank)
+    ctx.state.skipped = int(counters.get("skipped", 0))
     ctx.checkpointer.restore(ckpt.offsets)
     ctx.probes.load_state(ckpt.probe)
-    ctx.counters = Counters.from_dict(ckpt.counters)
+    ctx.counters = Counters.from_dict(counters)
     if ckpt.temperature is not None:
         ctx.temperature = float(ckpt.temperature)
     ctx.last_metrics = dict(ckpt.metrics)
+
+
+def _rank_counters(ckpt: Checkpoint, rank: RankInfo) -> dict[str, float]:
+    """This rank's counters from a group checkpoint (rank 0's are the file's own)."""
+    if rank.rank == 0:
+        return ckpt.counters
+    if len(ckpt.ranks) > rank.rank:
+        return dict(ckpt.ranks[rank.rank].get("counters", {}))
+    return {}  # a new rank (the group grew): its counters start at zero
 
 
 def close_context(ctx: LearnerContext, final_state: str = "stopped") -> None:

@@ -44,6 +44,9 @@ class Checkpoint:
     metrics: dict[str, Any] = field(default_factory=dict)  # of the last evaluation
     # Where this lineage started: {"from", "offsets", "at"} (pipeline/learner/start.py)
     start: dict[str, Any] = field(default_factory=dict)
+    # A data-parallel group's checkpoint: per rank, {"counters": ...} (rank order; empty for a
+    # single learner). Model, optimizer and offsets above are the group's.
+    ranks: list[dict[str, Any]] = field(default_factory=list)
 
     def to_payload(self) -> dict[str, Any]:
         return {
@@ -59,6 +62,7 @@ class Checkpoint:
             "temperature": self.temperature,
             "metrics": dict(self.metrics),
             "start": dict(self.start),
+            "ranks": list(self.ranks),
         }
 
     @classmethod
@@ -77,6 +81,7 @@ class Checkpoint:
             temperature=raw.get("temperature"),
             metrics=dict(raw.get("metrics") or {}),
             start=dict(raw.get("start", {})),  # absent in checkpoints written before --from
+            ranks=list(raw.get("ranks", [])),  # absent but for data-parallel groups
         )
 
 

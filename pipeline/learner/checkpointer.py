@@ -137,8 +137,18 @@ class Checkpointer:
         log.debug("checkpoint written", path=str(path), offsets=len(self.offsets))
         return path
 
-    def save(self, ctx: LearnerContext) -> Path:
-        """Steps 3 and 4 of :meth:`commit`: sync the ledger, write the checkpoint atomically."""
+    def save(
+        self,
+        ctx: LearnerContext,
+        *,
+        offsets: Mapping[TopicPartitionKey, int] | None = None,
+        ranks: list[dict[str, Any]] | None = None,
+    ) -> Path:
+        """Steps 3 and 4 of :meth:`commit`: sync the ledger, write the checkpoint atomically.
+
+        A data-parallel group's rank 0 passes the union of the ranks' ``offsets`` and every
+        rank's counters (``ranks``, :mod:`pipeline.learner.rank_cut`).
+        """
         if ctx.ledger is not None:
             ctx.ledger.sync()
         ckpt = Checkpoint(
@@ -147,12 +157,13 @@ class Checkpointer:
             optimizer=ctx.state.optimizer.state_dict(),
             labels=ctx.registry.names,
             class_task=dict(ctx.registry.class_task),
-            offsets=dict(self.offsets),
+            offsets=dict(self.offsets if offsets is None else offsets),
             probe=ctx.probes.state(),
             counters={**ctx.counters.as_dict(), "skipped": float(ctx.state.skipped)},
             temperature=ctx.temperature,
             metrics=dict(ctx.last_metrics),
             start=dict(self.start),
+            ranks=list(ranks or []),
         )
         path = save_checkpoint(self.directory, ckpt, self.keep)
         if ctx.health is not None:

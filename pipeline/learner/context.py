@@ -16,6 +16,7 @@ from consumers.producer import JsonProducer
 from consumers.protocols import EventSource
 from memory_bank.bank import MemoryBank
 from pipeline.config import Settings
+from pipeline.distributed.group import SINGLE, RankInfo
 from pipeline.learner.checkpointer import Checkpointer
 from pipeline.learner.exposition import LearnerExposition
 from pipeline.learner.health import HealthBoard
@@ -81,6 +82,7 @@ class LearnerContext:
     last_metrics: dict[str, Any] = field(default_factory=dict)  # of the last evaluation
     exporter: AutoExport | None = None  # export.every_checkpoints > 0
     exposition: LearnerExposition | None = None  # Prometheus series, served with /healthz
+    rank: RankInfo = SINGLE  # this process's place in a data-parallel group (torchrun)
 
     @property
     def name(self) -> str:
@@ -99,6 +101,7 @@ class LearnerSummary:
     active_s: float  # first batch received → last batch processed, in this run
     run_events: int  # events consumed in this run (counters continue across restarts)
     first_batch_to_commit_s: float = 0.0  # first batch received → final commit done
+    group: dict[str, Any] = field(default_factory=dict)  # rank, world_size, model_digest (DDP)
 
     @property
     def events_per_s(self) -> float:

@@ -236,8 +236,9 @@ def _up() -> dict[str, Any]:
     return {"up": True, "since": time.time(), "error": None, "outages": 0}
 
 
-def health_path(checkpoint_dir: Path) -> Path:
-    return checkpoint_dir / HEALTH_FILE
+def health_path(checkpoint_dir: Path, rank: int = 0) -> Path:
+    """``health.json`` (a single learner, rank 0); rank r of a group: ``health-rank<r>.json``."""
+    return checkpoint_dir / (HEALTH_FILE if rank == 0 else f"health-rank{rank}.json")
 
 
 def read_status(
@@ -267,8 +268,32 @@ def read_status(
         snap["age_s"] = round(age_s, 1)
         if snap.get("status") in ("running", "degraded", "starting") and age_s > stale_after_s:
             snap["status"] = "unresponsive"
+        ranks = _rank_files(checkpoint_root / name, now, stale_after_s)
+        if ranks:
+            snap["ranks"] = ranks  # the other ranks of a data-parallel group, by rank
         report[name] = snap
     return report
+
+
+def _rank_files(directory: Path, now: float, stale_after_s: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path in sorted(directory.glob("health-rank*.json")):
+        try:
+            snap = orjson.loads(path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        age_s = now - float(snap.get("updated", 0))
+        status = snap.get("status")
+        if status in ("running", "degraded", "starting") and age_s > stale_after_s:
+            status = "unresponsive"
+        progress = snap.get("progress", {})
+        out[path.stem.removeprefix("health-rank")] = {
+            "status": status,
+            "pid": snap.get("pid"),
+            "age_s": round(age_s, 1),
+            **{k: progress.get(k) for k in ("step", "consumed", "model_digest")},
+        }
+    return out
 
 
 def healthy(report: dict[str, Any]) -> bool:

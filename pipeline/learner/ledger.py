@@ -79,8 +79,9 @@ def _ends_with_newline(path: Path) -> bool:
         return fh.read(1) == b"\n"
 
 
-def ledger_path(checkpoint_dir: Path) -> Path:
-    return checkpoint_dir / LEDGER_FILE
+def ledger_path(checkpoint_dir: Path, rank: int = 0) -> Path:
+    """``ledger.jsonl`` (a single learner, rank 0); rank r of a group: ``ledger-rank<r>.jsonl``."""
+    return checkpoint_dir / (LEDGER_FILE if rank == 0 else f"ledger-rank{rank}.jsonl")
 
 
 def iter_ledger(path: Path) -> Iterator[tuple[int, list[str]]]:
@@ -124,4 +125,12 @@ def read_ledger(path: Path) -> LedgerReport:
     if path.exists():
         for _step, ids in iter_ledger(path):
             counts.update(ids)
+    return LedgerReport(counts)
+
+
+def read_group_ledger(checkpoint_dir: Path) -> LedgerReport:
+    """The ledgers of every rank (just ``ledger.jsonl`` for a single learner), added up."""
+    counts: Counter[str] = Counter()
+    for path in [ledger_path(checkpoint_dir), *sorted(checkpoint_dir.glob("ledger-rank*.jsonl"))]:
+        counts.update(read_ledger(path).counts)
     return LedgerReport(counts)

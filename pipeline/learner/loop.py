@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -87,7 +88,7 @@ def run_learner(
                     break
                 continue
             idle.batch_arrived(now)
-            with _batch_log_context(ctx, batch):
+            with batch_log_context(ctx, batch):
                 record = process_batch(ctx, batch)
                 emitter.batch(record, now)
                 if ctx.checkpointer.due(ctx.state.step, now):
@@ -101,7 +102,7 @@ def run_learner(
     finally:
         structlog.contextvars.clear_contextvars()
         close_context(ctx, "stopped" if clean else "failed")
-    return _summarize(ctx, idle, start_consumed, committed_at)
+    return summarize(ctx, idle, start_consumed, committed_at)
 
 
 def _log_start(ctx: LearnerContext) -> None:
@@ -126,7 +127,7 @@ def _reached_max_events(ctx: LearnerContext, limits: RunLimits, start_consumed: 
 
 
 @contextlib.contextmanager
-def _batch_log_context(ctx: LearnerContext, batch: EventBatch) -> Iterator[None]:
+def batch_log_context(ctx: LearnerContext, batch: EventBatch) -> Iterator[None]:
     """Every log line of this batch carries its step, batch number, topic and offsets."""
     first = batch.sources[0] if batch.sources else None
     structlog.contextvars.bind_contextvars(
@@ -141,9 +142,15 @@ def _batch_log_context(ctx: LearnerContext, batch: EventBatch) -> Iterator[None]
         structlog.contextvars.clear_contextvars()
 
 
-def _summarize(
-    ctx: LearnerContext, idle: IdleWatch, start_consumed: int, committed_at: float
+def summarize(
+    ctx: LearnerContext,
+    idle: IdleWatch,
+    start_consumed: int,
+    committed_at: float,
+    group: dict[str, Any] | None = None,
 ) -> LearnerSummary:
+    """The run's summary; ``group`` is a data-parallel rank's (rank, world size, digest)."""
+    group = group or {}
     first_batch_at = idle.first_batch_at
     summary = LearnerSummary(
         name=ctx.name,
@@ -156,10 +163,12 @@ def _summarize(
         active_s=idle.active_s,
         run_events=ctx.counters.consumed - start_consumed,
         first_batch_to_commit_s=(committed_at - first_batch_at) if first_batch_at else 0.0,
+        group=group,
     )
     log.info(
         "learner stopped",
         **summary.counters,
+        **summary.group,
         steps=summary.steps,
         skipped=summary.skipped_steps,
         events_per_s=round(summary.events_per_s, 1),

@@ -23,6 +23,7 @@ from consumers.events import DeadLetter, EventBatch, SourceRecord
 from pipeline.learner.context import LearnerContext
 from pipeline.learner.predictions import predict, publish_predictions
 from pipeline.learner.probes import is_probe
+from pipeline.learner.sharing import BankOffer, GroupTurn
 from pipeline.learning.batch import learn_batch, with_unlabeled
 from pipeline.learning.objectives import chosen_classifier
 
@@ -95,11 +96,15 @@ def _event_json(batch: EventBatch, i: int) -> bytes:
     )
 
 
-def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
+def process_batch(
+    ctx: LearnerContext, batch: EventBatch, turn: GroupTurn | None = None
+) -> dict[str, Any]:
     """Handle one micro-batch; returns the step telemetry record (see ``emit.step_record``).
 
     Labels are registered, each event is routed by its fate, the labeled part is predicted
     and then trained on, the counters and the offsets covered (``ctx.checkpointer``) advance.
+    On a rank of a data-parallel group (``turn``), the loss carries the rank's weight and the
+    bank and probe rows go into ``turn`` for every rank to apply (:mod:`.sharing`).
     """
     s = ctx.settings
     started = time.perf_counter()
@@ -114,8 +119,7 @@ def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
     if ctx.device.type == "cuda":
         feats_all = feats_all.pin_memory().to(ctx.device, non_blocking=True)
 
-    for i in probe_rows:
-        ctx.probes.add(batch.ids[i], feats_all[i], int(class_idx[i]))  # type: ignore[arg-type]
+    _hold_out(ctx, batch, probe_rows, class_idx, feats_all, turn)
     if predict_rows:
         publish_predictions(ctx, batch, predict_rows, feats_all[predict_rows])
 
@@ -131,7 +135,7 @@ def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
         unlabeled = feats_all[predict_rows] if s.train.train_unlabeled and predict_rows else None
         x, y = with_unlabeled(x, y, unlabeled)  # trained with NT-Xent, never banked
         train_started = time.perf_counter()
-        record = _train_on(ctx, batch, train_rows, x, y)
+        record = _train_on(ctx, batch, train_rows, x, y, turn)
         train_s = time.perf_counter() - train_started
         tasks = [batch.tasks[i] for i in train_rows]
         ctx.current_task = tasks[-1] if tasks[-1] is not None else ctx.current_task
@@ -176,18 +180,51 @@ def process_batch(ctx: LearnerContext, batch: EventBatch) -> dict[str, Any]:
     }
 
 
+def _hold_out(
+    ctx: LearnerContext,
+    batch: EventBatch,
+    rows: list[int],
+    class_idx: list[int | None],
+    feats: torch.Tensor,
+    turn: GroupTurn | None,
+) -> None:
+    """Probe rows into the probe set (a group's: into ``turn``, applied by every rank)."""
+    for i in rows:
+        label = int(class_idx[i])  # type: ignore[arg-type]
+        if turn is None:
+            ctx.probes.add(batch.ids[i], feats[i], label)
+        else:
+            turn.probes.append((batch.ids[i], feats[i].cpu(), label))
+
+
 def _train_on(
-    ctx: LearnerContext, batch: EventBatch, rows: list[int], x: torch.Tensor, y: torch.Tensor
+    ctx: LearnerContext,
+    batch: EventBatch,
+    rows: list[int],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    turn: GroupTurn | None,
 ) -> dict[str, Any]:
     ids = [batch.ids[i] for i in rows]
-    bank_items = (
-        ids,
-        [batch.labels[i] or "" for i in rows],
-        [batch.tasks[i] for i in rows],
-    )
+    names = [batch.labels[i] or "" for i in rows]
+    tasks = [batch.tasks[i] for i in rows]
     outcome = learn_batch(
-        ctx.state, ctx.bank, ctx.settings.train, x, y, ctx.seen_classes, ctx.generator, bank_items
+        ctx.state,
+        ctx.bank,
+        ctx.settings.train,
+        x,
+        y,
+        ctx.seen_classes,
+        ctx.generator,
+        (ids, names, tasks),
+        weight=1.0 if turn is None else turn.weight,
+        offer=turn is None,
     )
+    if turn is not None and outcome.embeddings is not None:
+        k = len(ids)
+        turn.offer = BankOffer(
+            ids, x[:k].cpu(), y[:k].cpu(), names, tasks, outcome.embeddings.cpu()
+        )
     if ctx.ledger is not None:
         ctx.ledger.record(ctx.state.step, ids)
     losses, per_sample = outcome.losses, outcome.per_sample_loss

@@ -80,6 +80,9 @@ class BatchOutcome:
     losses: list[float]  # one per step that was not skipped
     per_sample_loss: torch.Tensor | None  # [n] of the last step that was not skipped
     skipped_any: bool
+    # The labeled rows' fresh embeddings, when the caller offers them to the bank itself
+    # (``offer=False``: a rank of a data-parallel group offers every rank's rows in turn).
+    embeddings: torch.Tensor | None = None
 
 
 def learn_batch(
@@ -91,12 +94,17 @@ def learn_batch(
     seen_classes: torch.Tensor,
     generator: torch.Generator | None,
     bank_items: tuple[Sequence[str], Sequence[str], Sequence[str | None]],
+    *,
+    weight: float = 1.0,
+    offer: bool = True,
 ) -> BatchOutcome:
     """Train ``iters_per_batch`` steps on batch ∪ replay, then offer the batch to the bank.
 
     ``bank_items`` is (event ids, label names, tasks) of the labeled batch rows, which come
     first in ``x``; rows after them are events without a label (``y = -1``): they are trained
-    on (NT-Xent in the contrastive terms) but never offered to the bank.
+    on (NT-Xent in the contrastive terms) but never offered to the bank. ``weight`` is this
+    rank's share of a data-parallel step (:mod:`pipeline.distributed.replicas`); with
+    ``offer=False`` the batch is not offered here, its embeddings come back instead.
     """
     losses: list[float] = []
     per_sample: torch.Tensor | None = None
@@ -106,7 +114,7 @@ def learn_batch(
     for _ in range(cfg.iters_per_batch):
         queries = result.batch_embeddings if result is not None else None
         replay = select_replay(bank, cfg, state, x, y, queries)
-        inputs = StepInputs(x, y, replay.features, replay.labels, seen_classes)
+        inputs = StepInputs(x, y, replay.features, replay.labels, seen_classes, weight)
         result = train_step(state, inputs, cfg, generator)
         if replay.slots.numel():
             # Re-encoded replay items write back their fresh embeddings (index refreshes).
@@ -125,5 +133,28 @@ def learn_batch(
         per_sample = last_applied.per_sample_loss  # one copy to the host, of the last step
     ids, names, tasks = bank_items
     k = len(ids)
+    if not offer:
+        return BatchOutcome(losses, per_sample, skipped_any, result.batch_embeddings[:k])
     bank.add(list(ids), x[:k], y[:k], list(names), result.batch_embeddings[:k], list(tasks))
     return BatchOutcome(losses, per_sample, skipped_any)
+
+
+def idle_steps(
+    state: TrainState,
+    bank: MemoryBank,
+    cfg: TrainSettings,
+    input_dim: int,
+    seen_classes: torch.Tensor,
+) -> None:
+    """A rank with no rows this turn still takes the group's ``iters_per_batch`` steps.
+
+    Weight 0: its gradient is zero, but its backward joins the all-reduce, so no rank waits
+    for it (:mod:`pipeline.distributed.replicas`), and its optimizer applies the same update.
+    """
+    device = seen_classes.device
+    none = torch.empty(0, input_dim, device=device)
+    no_labels = torch.empty(0, dtype=torch.long, device=device)
+    for _ in range(cfg.iters_per_batch):
+        inputs = StepInputs(none, no_labels, none, no_labels, seen_classes, 0.0)
+        train_step(state, inputs, cfg)
+        bank.step()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,13 @@ import torch.nn.functional as F  # noqa: N812
 from pipeline.config import TrainSettings
 from pipeline.learning.model import StreamNet
 from pipeline.learning.objectives import objective_loss
+
+# The objective of a data-parallel group (pipeline.distributed.replicas): called with
+# (x, y, n, seen_classes, weight), returns (weighted loss to backward, loss, per-sample loss).
+ReplicatedLoss = Callable[
+    [torch.Tensor, torch.Tensor, int, torch.Tensor, float],
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+]
 
 
 @dataclass
@@ -37,6 +45,9 @@ class TrainState:
     step: int = 0
     skipped_settled: int = 0
     skips_on_device: torch.Tensor | None = None  # int64 0-d, skips not yet read back
+    # Set on the ranks of a data-parallel group: the objective wrapped in DDP, whose backward
+    # all-reduces the gradients. None for a single learner (objective_loss on the model).
+    replicated: ReplicatedLoss | None = None
 
     @property
     def skipped(self) -> int:
@@ -58,6 +69,8 @@ class StepInputs:
     replay_features: torch.Tensor  # [r, d], r may be 0
     replay_labels: torch.Tensor  # [r]
     seen_classes: torch.Tensor  # bool [max_classes]
+    # This rank's share of a data-parallel group's step (0: it has no rows this turn).
+    weight: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +162,10 @@ def train_step(
     device = inputs.features.device
     if sync_free is None:
         sync_free = device.type == "cuda"
+    if state.replicated is not None:
+        # Every rank of the group must run backward (its all-reduce) on every step, so the
+        # skip is decided after the gradients are averaged, on the device, like on CUDA.
+        sync_free = True
     n = inputs.features.shape[0]
     x = torch.cat([inputs.features, inputs.replay_features], dim=0)
     y = torch.cat([inputs.labels, inputs.replay_labels], dim=0)
@@ -156,13 +173,20 @@ def train_step(
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with _autocast(device, cfg.amp):
-        objective = objective_loss(model, x, y, n, inputs.seen_classes, cfg, generator)
-    loss = objective.loss.float()
+        if state.replicated is not None:
+            to_backward, loss, per_sample = state.replicated(
+                x, y, n, inputs.seen_classes, inputs.weight
+            )
+        else:
+            objective = objective_loss(model, x, y, n, inputs.seen_classes, cfg, generator)
+            loss, per_sample = objective.loss, objective.batch_per_sample
+            to_backward = loss
+    loss, to_backward = loss.float(), to_backward.float()
     state.step += 1
     max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
     grad_norm: torch.Tensor | None
     if sync_free:
-        applied, grad_norm = _guarded_step(state, loss, max_norm)
+        applied, grad_norm = _guarded_step(state, to_backward, max_norm)
     else:
         applied, grad_norm = _branching_step(state, loss, max_norm)
 
@@ -172,7 +196,7 @@ def train_step(
     return StepResult(
         loss_value=loss.detach(),
         applied=applied,
-        per_sample=objective.batch_per_sample.detach(),
+        per_sample=per_sample.detach(),
         batch_embeddings=fresh[:n],
         replay_embeddings=fresh[n:],
         grad_norm_value=grad_norm,

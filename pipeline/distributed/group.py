@@ -1,0 +1,119 @@
+"""The rank of this learner process and the collectives of its data-parallel group.
+
+torchrun (``torchrun --nproc-per-node N -m pipeline.cli learn ...``) starts N learner processes
+and tells each who it is through ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
+:func:`rank_from_env` reads them, in this one place. :func:`join_group` starts the process
+group: gloo on CPU, NCCL on CUDA (each rank on the GPU ``LOCAL_RANK`` names). With
+``WORLD_SIZE`` 1 (or unset) nothing here runs: a single learner never initialises
+``torch.distributed``.
+
+Every collective here is called by every rank in the same order: that is the group's one
+rule. The learner keeps it with a fixed cadence, one round of votes per loop turn
+(:mod:`pipeline.learner.ranks`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import structlog
+import torch
+
+from pipeline.exceptions import ConfigError
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+# A collective waits this long for its slowest rank before failing (then torchrun restarts
+# the group). Long: a rank may spend minutes in a startup wait for Kafka or Redis.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Who this process is in its group; the default is a single learner."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0: writes the checkpoint, the bank's durable copy and the telemetry."""
+        return self.rank == 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"rank": self.rank, "world_size": self.world_size}
+
+
+SINGLE = RankInfo()
+
+
+def rank_from_env(environ: Mapping[str, str]) -> RankInfo:
+    """torchrun's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``; a single learner without them."""
+    try:
+        world = int(environ.get("WORLD_SIZE", "1"))
+        rank = int(environ.get("RANK", "0"))
+        local = int(environ.get("LOCAL_RANK", str(rank)))
+    except ValueError as exc:
+        raise ConfigError(f"torchrun environment: {exc}") from None
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ConfigError(
+            f"torchrun environment: RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}"
+        )
+    return RankInfo(rank, world, local)
+
+
+def join_group(info: RankInfo, device: torch.device) -> None:
+    """Start the process group (torchrun's env:// rendezvous): gloo on CPU, NCCL on CUDA."""
+    import torch.distributed as dist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    dist.init_process_group(
+        backend, rank=info.rank, world_size=info.world_size, timeout=COLLECTIVE_TIMEOUT
+    )
+    log.info("joined the data-parallel group", backend=backend, **info.as_dict())
+
+
+def leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_objects(obj: T) -> list[T]:
+    """Every rank's ``obj``, in rank order, on every rank (picklable, small)."""
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank (others pass anything, e.g. None)."""
+    import torch.distributed as dist
+
+    box: list[Any] = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """A short hash of every parameter's bytes: equal on every rank of a healthy group."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,93 @@
+"""What the ranks of a data-parallel group share after each turn: one logical bank and probe set.
+
+Every rank keeps a full mirror of the *one* bank (and the one probe set). After a turn in
+which any rank trained, every rank hands the others the rows it would have offered to the
+bank (ids, features, class index, name, task, fresh embedding) and its probe rows, in one
+``all_gather_object``; then every rank offers every rank's rows to its mirror **in rank
+order**. The bank's decisions (idempotence by id, the reservoir's seeded draws) depend only on
+that sequence of offers, so every mirror holds the same items, and replay on every rank draws
+from the union of the classes any rank has seen; NCM means are over the whole bank.
+
+Only rank 0's bank writes through to Redis (:class:`FollowerStore` on the others): one durable
+copy, each id once. A restarted group loads it on every rank.
+
+Cost per turn: one gather of ``rows × (input_dim + embed_dim)`` floats per rank, plus every
+rank's ``bank.add`` of the group's rows (docs/architecture.md, "Data-parallel group").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from memory_bank.protocols import BankSnapshot, BankStore, StoredItem
+from pipeline.learner.context import LearnerContext
+
+
+@dataclass
+class BankOffer:
+    ids: list[str]
+    features: torch.Tensor  # [k, input_dim] on CPU
+    labels: torch.Tensor  # [k] class indices
+    names: list[str]
+    tasks: list[str | None]
+    embeddings: torch.Tensor  # [k, embed_dim] on CPU
+
+
+@dataclass
+class GroupTurn:
+    """One rank's part of a turn: its loss weight, and what it shares afterwards."""
+
+    weight: float = 1.0
+    offer: BankOffer | None = None
+    probes: list[tuple[str, torch.Tensor, int]] = field(default_factory=list)
+
+
+def apply_shared(ctx: LearnerContext, turns: Sequence[GroupTurn]) -> None:
+    """Offer every rank's rows to this rank's bank and probe set, in rank order."""
+    device = ctx.device
+    for turn in turns:
+        for event_id, features, label in turn.probes:
+            ctx.probes.add(event_id, features.to(device), label)
+        o = turn.offer
+        if o is None or not o.ids:
+            continue
+        ctx.bank.add(
+            o.ids,
+            o.features.to(device),
+            o.labels.to(device),
+            o.names,
+            o.embeddings.to(device),
+            o.tasks,
+        )
+
+
+class FollowerStore:
+    """The bank store of ranks other than 0: reads Redis at start, writes nothing.
+
+    Rank 0 writes the group's bank (every rank's rows, in the same order every mirror
+    applies them), so the durable copy holds each id once.
+    """
+
+    def __init__(self, store: BankStore) -> None:
+        self._store = store
+
+    def load(self) -> BankSnapshot:
+        return self._store.load()
+
+    def apply(
+        self,
+        added: Sequence[StoredItem],
+        evicted_ids: Sequence[str],
+        seen_increments: Mapping[str, int],
+    ) -> None:
+        return None
+
+    def write_embeddings(self, ids: Sequence[str], embeddings: np.ndarray) -> None:
+        return None
+
+    def clear(self) -> None:
+        return None
