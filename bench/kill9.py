@@ -5,7 +5,11 @@ replays ``gaussian-drift`` through the CLI, kills and restarts ``supcon-stream l
 SIGKILL, lets a last run finish the stream, then checks the ledger, the committed offsets
 and the bank (pipeline/devtools/chaos.py). Exit 0 when every check holds.
 
+With ``--ranks N`` (N > 1) the learner is one torchrun group of N ranks; one rank at a time is
+SIGKILLed and torchrun restarts the group (pipeline/devtools/rank_drill.py).
+
     .venv/bin/python bench/kill9.py --events 20000 --kills 10 --rate 150
+    .venv/bin/python bench/kill9.py --events 20000 --kills 5 --rate 150 --ranks 2
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 
 from pipeline.devtools.chaos import KillDrill, drill_pairs, run_kill_drill
 from pipeline.devtools.devstack import free_port, start_broker, start_redis, stop_process
+from pipeline.devtools.rank_drill import run_rank_kill_drill
 
 
 def main() -> int:
@@ -29,6 +34,7 @@ def main() -> int:
     parser.add_argument("--max-delay", type=float, default=8.0, help="longest s before a kill")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp)")
+    parser.add_argument("--ranks", type=int, default=1, help="learner ranks (torchrun group)")
     args = parser.parse_args()
     workdir = args.dir or Path(tempfile.mkdtemp(prefix="kill9-"))
     broker = start_broker(free_port(), workdir / "stack")
@@ -39,7 +45,10 @@ def main() -> int:
         drill = KillDrill(
             args.events, args.kills, args.rate, seed=args.seed, max_delay_s=args.max_delay
         )
-        report = run_kill_drill(drill, pairs, workdir / "logs")
+        if args.ranks > 1:
+            report = run_rank_kill_drill(drill, pairs, workdir / "logs", ranks=args.ranks)
+        else:
+            report = run_kill_drill(drill, pairs, workdir / "logs")
     finally:
         stop_process(redis_proc.pid)
         stop_process(broker.pid)

@@ -35,7 +35,7 @@ import structlog
 from consumers.reading import read_topic_json
 from pipeline.config import Settings, load_settings
 from pipeline.devtools.spawn import cli_command, run, set_args, spawn
-from pipeline.learner.ledger import ledger_path, read_ledger
+from pipeline.learner.ledger import ledger_path, read_group_ledger, read_ledger
 from pipeline.learner.probes import is_probe
 
 log = structlog.get_logger(__name__)
@@ -96,7 +96,7 @@ class DeliveryReport:
 def check_delivery(settings: Settings, produced_ids: Sequence[str]) -> DeliveryReport:
     from memory_bank.redis_store import RedisBankStore, make_redis_client
 
-    ledger = read_ledger(ledger_path(settings.checkpoint_dir))
+    ledger = read_group_ledger(settings.checkpoint_dir)  # every rank's, for a group
     fraction = settings.eval.probe_fraction
     probes = {i for i in produced_ids if is_probe(i, fraction)}
     expected = set(produced_ids) - probes

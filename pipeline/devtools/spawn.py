@@ -36,6 +36,28 @@ def cli_command(command: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", command, *args]
 
 
+def torchrun_command(ranks: int, command: str, *args: str, max_restarts: int = 0) -> list[str]:
+    """``supcon-stream COMMAND ARGS...`` as ``ranks`` processes of one torchrun group on this host.
+
+    ``--standalone``: torchrun's own rendezvous on a free loopback port, so several groups
+    (tests, drills) can run side by side; ``max_restarts`` restarts of the whole group.
+    """
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(ranks),
+        "--max-restarts",
+        str(max_restarts),
+        "-m",
+        "pipeline.cli",
+        command,
+        *args,
+    ]
+
+
 def set_args(pairs: Sequence[str]) -> list[str]:
     """``--set`` options for ``key=value`` pairs."""
     return [arg for pair in pairs for arg in ("--set", pair)]

@@ -40,6 +40,7 @@ class RankInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    attempt: int = 0  # torchrun's restart count of the group (TORCHELASTIC_RESTART_COUNT)
 
     @property
     def distributed(self) -> bool:
@@ -63,13 +64,14 @@ def rank_from_env(environ: Mapping[str, str]) -> RankInfo:
         world = int(environ.get("WORLD_SIZE", "1"))
         rank = int(environ.get("RANK", "0"))
         local = int(environ.get("LOCAL_RANK", str(rank)))
+        attempt = int(environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     except ValueError as exc:
         raise ConfigError(f"torchrun environment: {exc}") from None
     if world < 1 or not 0 <= rank < world or local < 0:
         raise ConfigError(
             f"torchrun environment: RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}"
         )
-    return RankInfo(rank, world, local)
+    return RankInfo(rank, world, local, attempt)
 
 
 def join_group(info: RankInfo, device: torch.device) -> None:
@@ -79,10 +81,22 @@ def join_group(info: RankInfo, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group(
-        backend, rank=info.rank, world_size=info.world_size, timeout=COLLECTIVE_TIMEOUT
+    store, _, _ = next(
+        dist.rendezvous("env://", info.rank, info.world_size, timeout=COLLECTIVE_TIMEOUT)
     )
-    log.info("joined the data-parallel group", backend=backend, **info.as_dict())
+    # The group's keys under its attempt: after a restart, torchrun's store may still hold
+    # the dead attempt's peer addresses, and gloo would dial those (seen in the kill drill).
+    store = dist.PrefixStore(f"supcon-stream/attempt-{info.attempt}", store)
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=COLLECTIVE_TIMEOUT,
+    )
+    log.info(
+        "joined the data-parallel group", backend=backend, attempt=info.attempt, **info.as_dict()
+    )
 
 
 def leave_group() -> None:

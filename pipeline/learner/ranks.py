@@ -270,6 +270,7 @@ class _Turns:
         if settled(votes, self.partitions):
             self.settled = True
             self.idle.joined = True  # a rank without partitions is joined too
+            self.idle.batch_processed(time.monotonic())  # idle time counts from here
             log.info(
                 "group settled; training starts",
                 partitions={i: sorted(p for _, p in v.assigned) for i, v in enumerate(votes)},

@@ -18,7 +18,7 @@ from pipeline.learning.model import StreamNet
 
 
 def test_rank_from_env_reads_torchrun_and_defaults_to_a_single_learner():
-    assert rank_from_env({}) == RankInfo(0, 1, 0)
+    assert rank_from_env({}) == RankInfo(0, 1, 0, 0)
     assert not rank_from_env({}).distributed
     info = rank_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
     assert (info.rank, info.world_size, info.local_rank, info.leader) == (3, 4, 1, False)
