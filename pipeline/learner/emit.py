@@ -32,10 +32,13 @@ class Emitter:
         self._last_eval_step = ctx.state.step
         self._last_progress = now
 
-    def batch(self, record: dict[str, Any], now: float) -> None:
+    def batch(
+        self, record: dict[str, Any], now: float, totals: dict[str, int] | None = None
+    ) -> None:
+        """``totals``: a data-parallel group's counters over every rank (rank 0 reports)."""
         ctx = self.ctx
         note_progress(ctx)
-        ctx.telemetry.emit(step_record(ctx, record))
+        ctx.telemetry.emit(step_record(ctx, record, totals))
         if ctx.state.step - self._last_eval_step >= ctx.settings.eval.every_steps:
             emit_eval(ctx)
             self._last_eval_step = ctx.state.step
@@ -44,20 +47,34 @@ class Emitter:
             self._last_progress = now
 
 
-def step_record(ctx: LearnerContext, record: dict[str, Any]) -> StepRecord:
-    """``record`` is :func:`~pipeline.learner.process.process_batch`'s: counts, loss, per class."""
+def step_record(
+    ctx: LearnerContext, record: dict[str, Any], totals: dict[str, int] | None = None
+) -> StepRecord:
+    """``record`` is :func:`~pipeline.learner.process.process_batch`'s: counts, loss, per class.
+
+    ``totals`` (consumed, trained, skipped, prequential_correct, prequential_total) replace
+    this process's counters: a data-parallel group reports the sum over its ranks.
+    """
+    c = ctx.counters
+    t = totals or {
+        "consumed": c.consumed,
+        "trained": c.trained,
+        "skipped": ctx.state.skipped,
+        "prequential_correct": c.prequential_correct,
+        "prequential_total": c.prequential_total,
+    }
     return StepRecord(
         learner=ctx.name,
         objective=ctx.settings.train.objective,
         group=ctx.settings.group_id,
         step=ctx.state.step,
         ts=int(time.time() * 1000),
-        events_total=ctx.counters.consumed,
-        trained_total=ctx.counters.trained,
-        skipped_total=ctx.state.skipped,
+        events_total=t["consumed"],
+        trained_total=t["trained"],
+        skipped_total=t["skipped"],
         elapsed_s=round(time.monotonic() - ctx.started, 3),
-        prequential_correct=ctx.counters.prequential_correct,
-        prequential_total=ctx.counters.prequential_total,
+        prequential_correct=t["prequential_correct"],
+        prequential_total=t["prequential_total"],
         **record,
     )
 
@@ -66,16 +83,16 @@ def emit_eval(ctx: LearnerContext) -> None:
     ctx.telemetry.emit(evaluate(ctx))
 
 
-def emit_end(ctx: LearnerContext) -> None:
-    """The ``end`` record, then one last try to write whatever telemetry is still buffered."""
+def emit_end(ctx: LearnerContext, group: dict[str, Any] | None = None) -> None:
+    """The ``end`` record, then one last try to write whatever telemetry is still buffered.
+
+    ``group``: a data-parallel group's ``events_total`` (every rank's), ``world_size`` and
+    ``model_digest``.
+    """
     elapsed = time.monotonic() - ctx.started
+    fields: dict[str, Any] = {"events_total": ctx.counters.consumed, **(group or {})}
     ctx.telemetry.emit(
-        EndRecord(
-            learner=ctx.name,
-            step=ctx.state.step,
-            events_total=ctx.counters.consumed,
-            elapsed_s=round(elapsed, 3),
-        )
+        EndRecord(learner=ctx.name, step=ctx.state.step, elapsed_s=round(elapsed, 3), **fields)
     )
     ctx.telemetry.flush()
 

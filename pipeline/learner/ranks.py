@@ -59,7 +59,7 @@ from pipeline.learner.idle import JOIN_TIMEOUT_S, IdleWatch
 from pipeline.learner.loop import RunLimits, batch_log_context, summarize
 from pipeline.learner.process import process_batch
 from pipeline.learner.rank_cut import group_cut
-from pipeline.learner.sharing import GroupTurn, apply_shared
+from pipeline.learner.sharing import GroupTurn, apply_shared, group_report, rank_totals
 from pipeline.learner.start import NO_REQUEST, StartRequest
 from pipeline.learning.batch import idle_steps
 
@@ -170,7 +170,10 @@ def _run(ctx: LearnerContext, stop: threading.Event, limits: RunLimits) -> Learn
         group_cut(ctx, wait=True)
         committed_at = time.monotonic()
         if emitter is not None:
-            emit_end(ctx)
+            consumed = turns.totals.get("consumed", ctx.counters.consumed)
+            digest = model_digest(ctx.state.model)
+            end = {"events_total": consumed, "world_size": ctx.rank.world_size}
+            emit_end(ctx, {**end, "model_digest": digest})
         clean = True
     finally:
         structlog.contextvars.clear_contextvars()
@@ -196,6 +199,7 @@ class _Turns:
         self.partitions = partitions
         self.settled = False
         self.busy = False
+        self.totals: dict[str, int] = {}  # the group's counters at the last busy turn
         self.started = time.monotonic()
 
     def next(self, emitter: Emitter | None) -> bool:
@@ -217,20 +221,21 @@ class _Turns:
         total = sum(v.rows for v in votes)
         self.busy = any(v.has_batch for v in votes)
         turn = GroupTurn(weight=ctx.rank.world_size * rows_to_train(ctx, batch) / max(total, 1))
-        trained = False
         if batch is not None:
             with batch_log_context(ctx, batch):
-                record = process_batch(ctx, batch, turn)
-            trained = record["trained"] > 0
-            if emitter is not None:
-                emitter.batch(record, now)
-            else:
-                note_progress(ctx)
-        if total > 0 and not trained:
+                turn.report = process_batch(ctx, batch, turn)
+        if total > 0 and not turn.report.get("trained"):
             s = ctx.settings
             idle_steps(ctx.state, ctx.bank, s.train, s.model.input_dim, ctx.seen_classes)
         if self.busy:
-            apply_shared(ctx, gather_objects(turn))
+            turn.totals = rank_totals(ctx)
+            turns = gather_objects(turn)
+            apply_shared(ctx, turns)
+            record, self.totals = group_report(turns)
+            if emitter is not None:
+                emitter.batch(record, now, self.totals)
+            else:
+                note_progress(ctx)
         if batch is not None:
             self.idle.batch_processed(time.monotonic())
         return True

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,11 +40,53 @@ class BankOffer:
 
 @dataclass
 class GroupTurn:
-    """One rank's part of a turn: its loss weight, and what it shares afterwards."""
+    """One rank's part of a turn: its loss weight, and what it shares afterwards.
+
+    ``report`` (its batch's telemetry record, empty without a batch) and ``totals`` (its
+    counters) let rank 0 report the group's turn as one learner's step (:func:`group_report`).
+    """
 
     weight: float = 1.0
     offer: BankOffer | None = None
     probes: list[tuple[str, torch.Tensor, int]] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+    totals: dict[str, int] = field(default_factory=dict)
+
+
+COUNTS = ("batch_events", "trained", "held_out", "predicted", "dead_lettered")
+
+
+def group_report(turns: Sequence[GroupTurn]) -> tuple[dict[str, Any], dict[str, int]]:
+    """One step record for the group's turn (counts summed, losses averaged), and the
+    group's totals (every rank's counters summed)."""
+    reports = [t.report for t in turns if t.report]
+    losses = [r["loss"] for r in reports if r.get("loss") is not None]
+    per_class: dict[str, list[float]] = {}
+    for r in reports:
+        for name, value in r.get("per_class_loss", {}).items():
+            per_class.setdefault(name, []).append(value)
+    record: dict[str, Any] = {
+        "loss": round(sum(losses) / len(losses), 6) if losses else None,
+        "per_class_loss": {k: round(sum(v) / len(v), 6) for k, v in per_class.items()},
+        "skipped": any(r.get("skipped") for r in reports),
+        **{k: sum(int(r.get(k, 0)) for r in reports) for k in COUNTS},
+    }
+    totals: dict[str, int] = {}
+    for t in turns:
+        for key, value in t.totals.items():
+            totals[key] = totals.get(key, 0) + value
+    return record, totals
+
+
+def rank_totals(ctx: LearnerContext) -> dict[str, int]:
+    c = ctx.counters
+    return {
+        "consumed": c.consumed,
+        "trained": c.trained,
+        "skipped": ctx.state.skipped,
+        "prequential_correct": c.prequential_correct,
+        "prequential_total": c.prequential_total,
+    }
 
 
 def apply_shared(ctx: LearnerContext, turns: Sequence[GroupTurn]) -> None:

@@ -222,6 +222,10 @@ class EndRecord(_Record):
     step: int
     events_total: int | None = None
     elapsed_s: float | None = None
+    world_size: int | None = None
+    """Ranks of a data-parallel group (torchrun) whose rank 0 wrote this; None: one process."""
+    model_digest: str | None = None
+    """A group's hash of the final model parameters, equal on every rank."""
 
     @classmethod
     def from_dict(cls, payload: Mapping[str, Any]) -> EndRecord:
@@ -231,6 +235,8 @@ class EndRecord(_Record):
             step=p.integer("step"),
             events_total=p.opt_int("events_total"),
             elapsed_s=p.number("elapsed_s"),
+            world_size=p.opt_int("world_size"),
+            model_digest=p.opt_str("model_digest"),
         )
 
 

@@ -59,8 +59,16 @@ def _group(*args: str) -> list[dict]:
     return sorted(lines, key=lambda s: s["rank"])
 
 
-def test_two_ranks_train_one_model_as_well_as_one_learner(bootstrap, redis_url, unique, tmp_path):
-    pairs = _pairs(bootstrap, redis_url, f"dp{unique}", tmp_path)
+def _telemetry(redis_client, prefix: str, learner: str) -> list[tuple[str, dict]]:
+    entries = redis_client.xrange(f"{prefix}:telemetry:{learner}")
+    return [(f[b"kind"].decode(), json.loads(f[b"data"])) for _, f in entries]
+
+
+def test_two_ranks_train_one_model_as_well_as_one_learner(
+    bootstrap, redis_url, redis_client, unique, tmp_path
+):
+    prefix = f"dp{unique}"
+    pairs = _pairs(bootstrap, redis_url, prefix, tmp_path)
     common = set_args(pairs)
     assert run_cli("topics", *common).returncode == 0
     replay = run_cli("replay", "split-digits", *common, timeout=120)
@@ -88,6 +96,16 @@ def test_two_ranks_train_one_model_as_well_as_one_learner(bootstrap, redis_url, 
     assert together.metrics["probes"] == alone.metrics["probes"]  # one probe set, all ranks'
     assert abs(together.metrics["avg_accuracy"] - alone.metrics["avg_accuracy"]) <= 0.02
     assert len(together.ranks) == 2
+
+    # The sidecar sees one learner: rank 0 reports every turn of the group, with its totals.
+    records = _telemetry(redis_client, prefix, "group")
+    steps = [r for kind, r in records if kind == "step"]
+    assert sum(r["batch_events"] for r in steps) == produced
+    assert steps[-1]["events_total"] == produced
+    end = [r for kind, r in records if kind == "end"][-1]
+    assert end["world_size"] == 2
+    assert end["events_total"] == produced
+    assert end["model_digest"] == ranks[0]["model_digest"]
 
     status = read_status(ckpt_root, stale_after_s=3600, names=["group"])["group"]
     assert status["progress"]["world_size"] == 2

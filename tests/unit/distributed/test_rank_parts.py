@@ -106,3 +106,48 @@ def test_model_digest_changes_with_any_parameter():
     with torch.no_grad():
         b.head.bias[0] += 1e-6
     assert model_digest(a) != model_digest(b)
+
+
+def test_group_report_is_one_step_of_one_learner():
+    from pipeline.learner.sharing import GroupTurn, group_report
+
+    a = GroupTurn(
+        report={
+            "loss": 1.0,
+            "per_class_loss": {"x": 1.0},
+            "skipped": False,
+            "batch_events": 30,
+            "trained": 27,
+            "held_out": 3,
+            "predicted": 0,
+            "dead_lettered": 0,
+        },
+        totals={"consumed": 300, "trained": 270},
+    )
+    b = GroupTurn(
+        report={
+            "loss": 3.0,
+            "per_class_loss": {"x": 3.0, "y": 2.0},
+            "skipped": False,
+            "batch_events": 10,
+            "trained": 9,
+            "held_out": 0,
+            "predicted": 0,
+            "dead_lettered": 1,
+        },
+        totals={"consumed": 100, "trained": 90},
+    )
+    idle = GroupTurn(totals={"consumed": 5, "trained": 5})
+    record, totals = group_report([a, b, idle])
+    assert record["loss"] == 2.0
+    assert record["per_class_loss"] == {"x": 2.0, "y": 2.0}
+    assert (record["batch_events"], record["trained"], record["dead_lettered"]) == (40, 36, 1)
+    assert totals == {"consumed": 405, "trained": 365}
+
+
+def test_end_record_carries_the_group_and_reads_back():
+    from pipeline.telemetry.records import EndRecord
+
+    end = EndRecord("supcon", 7, events_total=10, world_size=2, model_digest="ab12")
+    assert EndRecord.from_json(end.to_json()) == end
+    assert EndRecord.from_json(b'{"learner": "s", "step": 1}').world_size is None

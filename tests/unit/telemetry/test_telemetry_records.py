@@ -72,7 +72,7 @@ WIRE_FIELDS = {
         "learner", "objective", "group", "step", "ts", "events_total", "primary",
         "classifiers", "class_task", "current_task", "probe_sizes",
     },
-    "end": {"learner", "step", "events_total", "elapsed_s"},
+    "end": {"learner", "step", "events_total", "elapsed_s", "world_size", "model_digest"},
 }  # fmt: skip
 
 
