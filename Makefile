@@ -82,6 +82,16 @@ devstack-down: setup
 bench-kill9: setup
 	$(PY) bench/kill9.py --events 20000 --kills 10 --rate 150
 
+# The same drill against a torchrun group of 2 learner ranks: one rank killed at a time.
+.PHONY: bench-kill9-ranks
+bench-kill9-ranks: setup
+	$(PY) bench/kill9.py --events 20000 --kills 5 --rate 150 --ranks 2
+
+# Learner throughput, one process against a torchrun group of 2 ranks, same stream.
+.PHONY: bench-ranks
+bench-ranks: setup
+	$(PY) bench/ranks.py --events 6000 --ranks 2
+
 .PHONY: bench-calibration
 bench-calibration: setup
 	$(PY) bench/calibration.py --config configs/local.yaml

@@ -5,7 +5,7 @@ Starts its own Tansu broker and redis-server on free loopback ports under --dir,
 learner and afterwards with an N-rank group (gloo on CPU, one torch thread per process), each
 under its own learner name, so both read the whole topic. Prints a JSON report and a Markdown
 row: events/s while there was work (join and idle excluded; for the group, every rank's events
-over the longest rank's active span).
+over the longest rank's active span), and the final average accuracy on the probes of each.
 
     .venv/bin/python bench/ranks.py --events 6000 --ranks 2
 """
@@ -24,6 +24,12 @@ from typing import Any
 
 from pipeline.devtools.devstack import free_port, start_broker, start_redis, stop_process
 from pipeline.devtools.spawn import child_env, cli_command, set_args, torchrun_command
+from pipeline.learner.checkpoint import load_latest
+
+
+def _accuracy(directory: Path) -> float | None:
+    ckpt = load_latest(directory)
+    return None if ckpt is None else ckpt.metrics.get("avg_accuracy")
 
 
 def _summaries(cmd: list[str], timeout_s: float) -> tuple[list[dict[str, Any]], float]:
@@ -86,11 +92,16 @@ def main() -> int:
         "events": args.events,
         "partitions": args.partitions,
         "source": args.source,
-        "single": {"events_per_s": round(_rate(one), 1), "steps": one[0]["steps"]},
+        "single": {
+            "events_per_s": round(_rate(one), 1),
+            "steps": one[0]["steps"],
+            "avg_accuracy": _accuracy(workdir / "ckpt" / "one"),
+        },
         "group": {
             "ranks": args.ranks,
             "events_per_s": round(_rate(group), 1),
             "steps": group[0]["steps"],
+            "avg_accuracy": _accuracy(workdir / "ckpt" / "group"),
             "consumed_per_rank": [s["consumed"] for s in group],
             "digests_equal": len({s["model_digest"] for s in group}) == 1,
         },
