@@ -325,12 +325,15 @@ def apply_checkpoint(ctx: LearnerContext, ckpt: Checkpoint) -> None:
     ctx.last_metrics = dict(ckpt.metrics)
 
 
-def close_context(ctx: LearnerContext, final_state: str = "stopped") -> None:
-    """Stop the source and close the producer; the ledger and the health board close anyway."""
+def close_context(
+    ctx: LearnerContext, final_state: str = "stopped", failure: str | None = None
+) -> None:
+    """Stop the source and close the producer; the ledger and the health board close anyway
+    (``failure``: what stopped a failed learner, kept in its health file)."""
     try:
         ctx.source.stop(timeout_s=10.0)
         ctx.producer.close()
     finally:
         if ctx.ledger is not None:
             ctx.ledger.close()
-        stop_quietly(ctx.health, final_state)
+        stop_quietly(ctx.health, final_state, failure)
