@@ -37,12 +37,18 @@ class CommitError(Exception):
     coordinator); the committer retries it for the partitions still owned."""
 
 
+class TransientPollError(Exception):
+    """A poll that failed on something the client retries by itself (the broker or the group
+    coordinator unreachable for now); the consumer thread backs off and polls again."""
+
+
 class ConsumerClient(Protocol):
     """What the consumer thread asks of a Kafka client (all calls on that thread)."""
 
     def poll(self, timeout_s: float, max_records: int) -> Polled:
         """Up to ``max_records`` records, waiting at most ``timeout_s``; rebalance callbacks
-        run in here and are recorded for :meth:`drain_rebalances`."""
+        run in here and are recorded for :meth:`drain_rebalances`. Raises
+        :class:`TransientPollError` for a retriable failure (a broker cut, say)."""
         ...
 
     def drain_rebalances(self) -> list[RebalanceEvent]: ...

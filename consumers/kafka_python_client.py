@@ -15,7 +15,13 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from consumers.client import CommitError, Polled, RebalanceEvent, RebalanceRecorder
+from consumers.client import (
+    CommitError,
+    Polled,
+    RebalanceEvent,
+    RebalanceRecorder,
+    TransientPollError,
+)
 from consumers.config import SourceConfig
 from consumers.events import SourceRecord, TopicPartitionKey
 from consumers.exceptions import BrokerUnavailableError
@@ -56,9 +62,16 @@ class KafkaPythonClient:
         self._consumer.subscribe([config.topic], listener=_Listener(self._rebalances))
 
     def poll(self, timeout_s: float, max_records: int) -> Polled:
-        polled = self._consumer.poll(
-            timeout_ms=max(1, int(timeout_s * 1000)), max_records=max_records
-        )
+        try:
+            polled = self._consumer.poll(
+                timeout_ms=max(1, int(timeout_s * 1000)), max_records=max_records
+            )
+        except KafkaError as exc:
+            # kafka-python 3.x raises a failed coordinator lookup or metadata refresh (the
+            # broker cut off, say) out of poll(); its next poll() retries it.
+            if exc.retriable:
+                raise TransientPollError(repr(exc)) from exc
+            raise
         out: Polled = []
         for tp, messages in polled.items():
             if messages:

@@ -52,7 +52,7 @@ import structlog
 
 from consumers.batcher import MicroBatcher
 from consumers.broker_watch import BrokerWatch
-from consumers.client import ConsumerClient, Polled
+from consumers.client import ConsumerClient, Polled, TransientPollError
 from consumers.config import SourceConfig
 from consumers.decode import dead_letter_payload, decode_batch
 from consumers.events import EventBatch, SourceRecord, TopicPartitionKey
@@ -128,6 +128,7 @@ class KafkaBatchSource:
         self._paused = False
         self._resume: dict[TopicPartitionKey, int] = {}
         self._to_seek: dict[TopicPartitionKey, int] = {}  # resume offsets not yet sought
+        self._poll_failing = False  # the last poll raised TransientPollError
         self._positions: dict[TopicPartitionKey, int] = {}
         # Shared with readers of stats()/assignment(), guarded by _stats_lock.
         self._stats_lock = threading.Lock()
@@ -313,7 +314,12 @@ class KafkaBatchSource:
                 until_ready = self._batcher.time_until_ready()
                 if until_ready is not None:  # a partial batch must leave within its latency
                     timeout_ms = min(timeout_ms, max(1, int(until_ready * 1000) + 1))
-            polled = consumer.poll(timeout_ms / 1000, cfg.max_poll_records)
+            try:
+                polled = consumer.poll(timeout_ms / 1000, cfg.max_poll_records)
+            except TransientPollError as exc:
+                self._poll_failed(consumer, exc)
+                continue
+            self._poll_failing = False
             self._broker.observe(consumer, got_records=bool(polled))
             # Rebalance callbacks ran during poll(); act on them before buffering what it
             # returned, which belongs to the new assignment.
@@ -323,6 +329,15 @@ class KafkaBatchSource:
             if polled:
                 self._ingest(polled)
                 self._update_lag(consumer)
+
+    def _poll_failed(self, consumer: ConsumerClient, exc: TransientPollError) -> None:
+        """A retriable poll failure: the health watch learns of it, the thread waits a poll
+        timeout (or until stopped) instead of spinning, and polls again."""
+        if not self._poll_failing:  # once per run of failures; BrokerWatch reports the outage
+            self._poll_failing = True
+            self._log.warning("poll failed; retrying", error=str(exc))
+        self._broker.observe(consumer, got_records=False)
+        self._stopping.wait(self._config.poll_timeout_ms / 1000)
 
     def _ingest(self, polled: Polled) -> None:
         polled_count = skipped = 0

@@ -375,12 +375,15 @@ def _rank_counters(ckpt: Checkpoint, rank: RankInfo) -> dict[str, float]:
     return {}  # a new rank (the group grew): its counters start at zero
 
 
-def close_context(ctx: LearnerContext, final_state: str = "stopped") -> None:
-    """Stop the source and close the producer; the ledger and the health board close anyway."""
+def close_context(
+    ctx: LearnerContext, final_state: str = "stopped", failure: str | None = None
+) -> None:
+    """Stop the source and close the producer; the ledger and the health board close anyway
+    (``failure``: what stopped a failed learner, kept in its health file)."""
     try:
         ctx.source.stop(timeout_s=10.0)
         ctx.producer.close()
     finally:
         if ctx.ledger is not None:
             ctx.ledger.close()
-        stop_quietly(ctx.health, final_state)
+        stop_quietly(ctx.health, final_state, failure)

@@ -67,6 +67,7 @@ class HealthBoard:
         self._components: dict[str, dict[str, Any]] = {}
         self._progress: dict[str, Any] = {}
         self._state = "starting"
+        self._failure: str | None = None  # why the learner failed (set on close)
         self._started = time.time()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -155,6 +156,7 @@ class HealthBoard:
             progress = dict(self._progress)
             state = self._state
             readiness = dict(self._ready)
+            failure = self._failure
         loop_age = self.loop_age_s()
         if state == "running" and loop_age > self.stale_after_s:
             state = "unresponsive"
@@ -170,6 +172,7 @@ class HealthBoard:
             "progress": progress,
             "loop_age_s": round(loop_age, 3),
             "readiness": readiness,
+            "failure": failure,
         }
 
     def write(self) -> None:
@@ -219,7 +222,10 @@ class HealthBoard:
             return 404, b"no metrics\n", "text/plain"
         return 200, self._render_metrics(), METRICS_CONTENT_TYPE
 
-    def close(self, final_state: str = "stopped") -> None:
+    def close(self, final_state: str = "stopped", failure: str | None = None) -> None:
+        """Write the final state, with ``failure`` (what stopped a failed learner), and stop."""
+        with self._lock:
+            self._failure = failure
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5.0)
@@ -301,7 +307,7 @@ def healthy(report: dict[str, Any]) -> bool:
     return bool(report) and all(s.get("status") in ("running", "stopped") for s in report.values())
 
 
-def stop_quietly(board: HealthBoard | None, final_state: str) -> None:
+def stop_quietly(board: HealthBoard | None, final_state: str, failure: str | None = None) -> None:
     if board is not None:
         with contextlib.suppress(Exception):
-            board.close(final_state)
+            board.close(final_state, failure)

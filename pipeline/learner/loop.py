@@ -76,7 +76,7 @@ def run_learner(
         ctx.source.assignment, settings.kafka.events_topic, limits.exit_when_idle_s, now
     )
     emitter = Emitter(ctx, start_consumed, now)
-    clean = False
+    clean, failure = False, None
     try:
         start_health(ctx)
         while not stop.is_set() and not _reached_max_events(ctx, limits, start_consumed):
@@ -99,9 +99,12 @@ def run_learner(
         committed_at = time.monotonic()
         emit_end(ctx)
         clean = True
+    except BaseException as exc:
+        failure = f"{type(exc).__name__}: {exc}"
+        raise
     finally:
         structlog.contextvars.clear_contextvars()
-        close_context(ctx, "stopped" if clean else "failed")
+        close_context(ctx, "stopped" if clean else "failed", failure)
     return summarize(ctx, idle, start_consumed, committed_at)
 
 

@@ -159,7 +159,7 @@ def _run(ctx: LearnerContext, stop: threading.Event, limits: RunLimits) -> Learn
     idle = IdleWatch(ctx.source.assignment, topic, limits.exit_when_idle_s, now)
     emitter = Emitter(ctx, start_consumed, now) if ctx.rank.leader else None
     turns = _Turns(ctx, stop, idle, limits, start_consumed, partitions)
-    clean = False
+    clean, failure = False, None
     committed_at = now
     try:
         start_health(ctx)
@@ -175,9 +175,12 @@ def _run(ctx: LearnerContext, stop: threading.Event, limits: RunLimits) -> Learn
             end = {"events_total": consumed, "world_size": ctx.rank.world_size}
             emit_end(ctx, {**end, "model_digest": digest})
         clean = True
+    except BaseException as exc:
+        failure = f"{type(exc).__name__}: {exc}"
+        raise
     finally:
         structlog.contextvars.clear_contextvars()
-        close_context(ctx, "stopped" if clean else "failed")
+        close_context(ctx, "stopped" if clean else "failed", failure)
     group = {**ctx.rank.as_dict(), "model_digest": model_digest(ctx.state.model)}
     return summarize(ctx, idle, start_consumed, committed_at, group)
 

@@ -35,6 +35,17 @@ def test_health_board_reports_outage_and_recovery(tmp_path: Path) -> None:
     assert healthy(read_status(tmp_path, 30.0))
     board.close()
     assert read_status(tmp_path, 30.0)["l1"]["status"] == "stopped"
+    assert read_status(tmp_path, 30.0)["l1"]["failure"] is None
+
+
+def test_a_failed_learner_keeps_what_stopped_it(tmp_path: Path) -> None:
+    board = HealthBoard("l2", health_path(tmp_path / "l2"))
+    board.set_state("running")
+    board.close("failed", "SourceClosedError: the kafka consumer thread died")
+    report = read_status(tmp_path, 30.0)
+    assert report["l2"]["status"] == "failed"
+    assert report["l2"]["failure"] == "SourceClosedError: the kafka consumer thread died"
+    assert not healthy(report)
 
 
 def _backdate(path: Path, seconds: float) -> None:
