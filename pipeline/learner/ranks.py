@@ -9,7 +9,7 @@ A group turn, on every rank, with its collectives always in this order::
     vote         one all_gather_object: stop? finished? checkpoint due? partitions held,
                  new label names, rows to train
     leave        any rank stopping (SIGTERM), or every rank finished (idle / --max-events)
-    settle       first turns only: the group trains once the ranks' assignments are
+    settle       until settled: the group trains once the ranks' assignments are
                  disjoint and cover every partition (no batch is read before, so no partition
                  read by one rank is read again by its next owner)
     cut          any rank due: the group checkpoint (:mod:`.rank_cut`)
@@ -21,6 +21,8 @@ A group turn, on every rank, with its collectives always in this order::
                  (:mod:`.sharing`: one logical bank, one probe set)
     emit         rank 0: telemetry for the group (the sidecar sees one learner); every rank:
                  its health file
+    rebalance    a rank's partitions differ from those the group settled on: a cut, then the
+                 group settles again (a rebalance takes effect at a cut)
 
 A rank killed mid-turn makes the others' next collective fail; torchrun (``--max-restarts``)
 then restarts the whole group, which resumes from the last complete cut.
@@ -82,6 +84,11 @@ class Vote:
     rows: int  # rows it will train this turn
     labels: tuple[tuple[str, str | None], ...]  # label names it has not registered, in order
     assigned: frozenset[TopicPartitionKey]
+
+
+def moved(held: list[frozenset[TopicPartitionKey]], votes: list[Vote]) -> bool:
+    """True when some rank no longer holds what the group settled on (a rebalance)."""
+    return held != [v.assigned for v in votes]
 
 
 def settled(votes: list[Vote], partitions: int) -> bool:
@@ -201,6 +208,7 @@ class _Turns:
         self.start_consumed = start_consumed
         self.partitions = partitions
         self.settled = False
+        self.held: list[frozenset[TopicPartitionKey]] = []  # what the group settled on
         self.busy = False
         self.totals: dict[str, int] = {}  # the group's counters at the last busy turn
         self.started = time.monotonic()
@@ -241,6 +249,8 @@ class _Turns:
                 note_progress(ctx)
         if batch is not None:
             self.idle.batch_processed(time.monotonic())
+        if moved(self.held, votes):
+            self._unsettle(votes, now)
         return True
 
     def _get(self) -> EventBatch | None:
@@ -277,6 +287,7 @@ class _Turns:
     def _settle(self, votes: list[Vote]) -> None:
         if settled(votes, self.partitions):
             self.settled = True
+            self.held = [v.assigned for v in votes]
             self.idle.joined = True  # a rank without partitions is joined too
             self.idle.batch_processed(time.monotonic())  # idle time counts from here
             log.info(
@@ -292,6 +303,21 @@ class _Turns:
                 f"the group did not settle on the {self.partitions} partitions of "
                 f"{self.ctx.settings.kafka.events_topic} within {JOIN_TIMEOUT_S:.0f} s"
             )
+
+    def _unsettle(self, votes: list[Vote], now: float) -> None:
+        """A rebalance moved partitions between ranks: cut, then settle again before reading.
+
+        The cut makes the move take effect at a complete checkpoint; the group then reads
+        nothing until every partition has one owner again (batches already handed over keep
+        only the rows of partitions their rank still holds).
+        """
+        log.warning(
+            "partitions moved between ranks; the group cuts and settles again",
+            partitions={i: sorted(p for _, p in v.assigned) for i, v in enumerate(votes)},
+        )
+        group_cut(self.ctx, now=now)
+        self.settled, self.busy = False, False
+        self.started = time.monotonic()
 
     def _reached_max_events(self) -> bool:
         limit = self.limits.max_events

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from waiting import wait_until
 from pipeline.config import load_settings
 from pipeline.devtools.chaos import KillDrill, committed_total, drill_pairs
 from pipeline.devtools.rank_drill import run_rank_kill_drill
-from pipeline.devtools.spawn import child_env, set_args, spawn, torchrun_command
+from pipeline.devtools.spawn import child_env, cli_command, set_args, spawn, torchrun_command
 from pipeline.learner.checkpoint import load_latest
 from pipeline.learner.health import read_status
 
@@ -160,3 +161,59 @@ def test_sigkill_of_a_rank_during_a_replay_loses_nothing(bootstrap, redis_url, u
     assert report.bank_duplicate_ids == 0
     assert report.bank_untrained_ids == 0
     assert report.ok
+
+
+def test_a_rebalance_among_the_ranks_takes_effect_at_a_cut(bootstrap, redis_url, unique, tmp_path):
+    """A third member joins the group mid-run and leaves: the ranks cut, settle again, and
+    every event is still trained and committed."""
+    from kafka import KafkaConsumer
+
+    from pipeline.devtools.chaos import check_delivery, read_topic_ids
+
+    prefix = f"dr{unique}"
+    pairs = [*_pairs(bootstrap, redis_url, prefix, tmp_path), "checkpoint.ledger=true"]
+    common = set_args(pairs)
+    settings = load_settings(None, pairs, environ={})
+    assert run_cli("topics", *common).returncode == 0
+    log_path = tmp_path / "group.log"
+    group = spawn(torchrun_command(2, "learn", "--exit-when-idle", "20", *common), log_path)
+    # Events keep coming while the third member joins and leaves (600 at 15/s: ~40 s).
+    replay = spawn(
+        cli_command("replay", "split-digits", "--limit", "600", "--rate", "15", *common),
+        tmp_path / "replay.log",
+    )
+    try:
+        wait_until(lambda: "group settled" in log_path.read_text(), timeout_s=300, what="settled")
+        intruder = KafkaConsumer(
+            settings.kafka.events_topic,
+            group_id=settings.group_id,
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            session_timeout_ms=6000,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not intruder.assignment() and time.monotonic() < deadline:
+                intruder.poll(timeout_ms=1000)  # joins; what it fetches is never committed
+            assert intruder.assignment(), "the third member got no partition"
+            wait_until(
+                lambda: "partitions moved between ranks" in log_path.read_text(),
+                timeout_s=120,
+                what="the ranks to see the rebalance",
+            )
+        finally:
+            intruder.close()
+        assert replay.wait(timeout=300) == 0
+        assert group.wait(timeout=GROUP_TIMEOUT_S) == 0, log_path.read_text()[-3000:]
+    finally:
+        for proc in (replay, group):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert log_path.read_text().count("group settled") >= 4  # both ranks, twice
+    produced = read_topic_ids(bootstrap, settings.kafka.events_topic, 600)
+    report = check_delivery(settings, produced)
+    assert report.produced == 600
+    assert report.never_trained == 0, report.as_dict()
+    assert report.committed == 600, report.as_dict()
+    assert report.bank_duplicate_ids == 0

@@ -39,6 +39,15 @@ def test_group_settles_on_disjoint_assignments_covering_every_partition():
     assert not settled([_vote(0), _vote(1)], partitions=3)  # a partition still unowned
 
 
+def test_a_rank_whose_partitions_changed_means_the_group_moved():
+    from pipeline.learner.ranks import moved
+
+    held = [_vote(0, 1).assigned, _vote(2).assigned]
+    assert not moved(held, [_vote(0, 1), _vote(2)])
+    assert moved(held, [_vote(0), _vote(2)])  # revoked, not yet re-assigned
+    assert moved(held, [_vote(0, 1), _vote(1, 2)])
+
+
 def test_cut_takes_the_newest_offset_per_partition():
     parts = [{"offsets": {("t", 0): 5, ("t", 1): 9}}, {"offsets": {("t", 0): 7, ("t", 2): 1}}]
     assert union_offsets(parts) == {("t", 0): 7, ("t", 1): 9, ("t", 2): 1}
