@@ -230,7 +230,7 @@ def _assemble(
         from pipeline.distributed.replicas import replicate
 
         ctx.state.replicated = replicate(model, settings.train, ctx.generator, device)
-    health.progress(**rank.as_dict())
+        health.progress(**rank.as_dict())
     health.mark_ready("checkpoint_restored")
     return ctx
 
