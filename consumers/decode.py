@@ -26,6 +26,7 @@ import orjson
 from consumers.events import DeadLetter, EventBatch, SourceRecord, TopicPartitionKey
 
 MAX_ID_CHARS: Final = 256
+MAX_TS_MS: Final = 2**63 - 1  # the batch's int64 timestamps column
 # A DLQ message must fit a default broker/producer request (1 MiB); base64 grows by 4/3.
 DEFAULT_MAX_RAW_BYTES: Final = 256 * 1024
 
@@ -42,7 +43,7 @@ REASONS: Final[Mapping[str, str]] = MappingProxyType(
         "non_finite": "a feature is NaN or infinite once converted to float32",
         "bad_label": "'label' is not a non-empty string, an integer or null",
         "bad_task": "'task' is not a non-empty string, an integer or null",
-        "bad_timestamp": "'ts' is not a non-negative integer (milliseconds) or null",
+        "bad_timestamp": "'ts' is not an integer (milliseconds) in 0..2**63-1, or null",
         "duplicate_id": "the same 'id' already appeared earlier in this micro-batch",
     }
 )
@@ -151,7 +152,7 @@ def _parse(
     ts = doc.get("ts")
     if ts is None:
         ts = record.timestamp_ms
-    elif type(ts) is not int or ts < 0:
+    elif type(ts) is not int or not 0 <= ts <= MAX_TS_MS:
         raise _RejectedError("bad_timestamp", f"'ts' is {ts!r}"[:120])
     return _new_tuple(_Candidate, (record, event_id, features, label, task, ts))
 

@@ -96,6 +96,7 @@ def test_unknown_fields_are_ignored() -> None:
         (event(ts=1.5), "bad_timestamp"),
         (event(ts="2024-01-01"), "bad_timestamp"),
         (event(ts=True), "bad_timestamp"),
+        (event(ts=2**63), "bad_timestamp"),  # past the int64 timestamps column
     ],
 )
 def test_reasons(value: bytes | None, reason: str) -> None:
