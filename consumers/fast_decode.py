@@ -12,7 +12,7 @@ reference path (:func:`consumers.decode._parse`) with the same values; anything 
 of (a parse error, a duplicate field name, a nested or second array, a non-number feature, a
 field of the wrong type) returns None and the reference path decides, with its reasons. So
 rejections and their reasons do not depend on whether ``simdjson`` is installed
-(tests/unit/consumers/test_decode_fuzz.py compares the two paths on generated input).
+(tests/unit/consumers/test_fast_decode.py compares the two paths on generated input).
 
 One difference is left, by design: an integer feature above 2**53 goes through a double on
 the way to float32 here (two roundings) and straight to float32 on the reference path.
