@@ -329,6 +329,38 @@ def batch_hard_triplet_loss(
     return _reduce(per_anchor, reduction)
 
 
+def proxy_contrastive_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    proxies: torch.Tensor,
+    temperature: float = 0.07,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Proxy-based contrastive replay (PCR, Lin et al. 2023).
+
+    Each anchor (``features``, ``[n, d]``, L2-normalised) is contrasted against class proxies
+    (``proxies``, ``[C, d]``, L2-normalised, e.g. the rows of the classifier's weight) rather
+    than against other samples: ``-log softmax(z·w_c / τ)`` at its own class, the softmax
+    taken **only over the classes present among ``labels``** (the batch with its replay). That
+    restriction is PCR's point: the proxies of classes absent from a step are neither pushed
+    nor pulled, so a new task cannot drag the old classes' proxies away. Labels must be
+    class indices ``>= 0``.
+    """
+    if features.dim() != 2 or proxies.dim() != 2 or features.shape[1] != proxies.shape[1]:
+        raise ValueError(
+            f"features [n, d] and proxies [C, d] expected, got {tuple(features.shape)} and "
+            f"{tuple(proxies.shape)}"
+        )
+    labels = labels.reshape(-1)
+    if labels.numel() != features.shape[0]:
+        raise ValueError(f"{labels.numel()} labels for {features.shape[0]} anchors")
+    present = torch.zeros(proxies.shape[0], dtype=torch.bool, device=features.device)
+    present[labels] = True
+    logits = features.float() @ proxies.float().T / temperature
+    logits = logits.masked_fill(~present, float("-inf"))
+    return F.cross_entropy(logits, labels, reduction=reduction)
+
+
 def combine(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
     """``Σ weights[name] · terms[name]``.
 

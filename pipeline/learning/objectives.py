@@ -11,7 +11,10 @@ preset ``{train.objective: 1.0}``). Every term sees the same contrasted set, the
 - ``ce_detached``: the same head trained on a *detached* encoder output, so it learns to read
   the representation without pulling it towards the CE solution (e.g. SupCon + 0.1 · CE);
 - ``focal``: focal loss of the head (``focal_gamma``, ``focal_alpha``);
-- ``triplet``: batch-hard triplet loss on the normalised projection.
+- ``triplet``: batch-hard triplet loss on the normalised projection;
+- ``proxy``: proxy-based contrastive replay (PCR, Lin et al. 2023): each normalised encoder
+  output against the normalised rows of the head, softmax over the classes present in the
+  step only.
 
 Events without a label (label ``-1``) are handled by the contrastive terms as in SimCLR: each
 gets an identity of its own, so its only positive is its other view and every other item is
@@ -28,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 
 from pipeline.config import TrainSettings
 from pipeline.learning.losses import (
@@ -36,6 +40,7 @@ from pipeline.learning.losses import (
     combine,
     cross_entropy_loss,
     focal_loss,
+    proxy_contrastive_loss,
     supcon_loss,
 )
 from pipeline.learning.model import StreamNet, augment
@@ -171,6 +176,17 @@ def _triplet_term(model: StreamNet, v: Views, cfg: TrainSettings) -> torch.Tenso
     return _per_view_mean(per_anchor, v.m)
 
 
+def _proxy_term(model: StreamNet, v: Views, cfg: TrainSettings) -> torch.Tensor:
+    z = F.normalize(v.h, dim=-1)
+    proxies = F.normalize(model.head.weight, dim=-1)
+    labeled = (v.labels != UNLABELED).repeat(2)
+    per_view = z.new_zeros(z.shape[0])
+    per_view[labeled] = proxy_contrastive_loss(
+        z[labeled], v.labels.repeat(2)[labeled], proxies, cfg.temperature, reduction="none"
+    )
+    return _per_view_mean(per_view, v.m)
+
+
 # One function per name of config.LOSS_TERMS (a unit test holds the two to each other).
 # A term returns its per-item losses (each averaged over the item's views): rows 0..m-1, or
 # only the batch's rows 0..n-1 for a term whose anchors are the batch (asym_supcon).
@@ -182,6 +198,7 @@ TERMS: dict[str, TermFn] = {
     "ce_detached": lambda model, v, cfg: _ce_term(model, v, cfg, detach=True),
     "focal": _focal_term,
     "triplet": _triplet_term,
+    "proxy": _proxy_term,
 }
 
 
@@ -195,10 +212,11 @@ def objective_loss(
     generator: torch.Generator | None = None,
 ) -> ObjectiveLoss:
     """Loss of the configured objective over ``x`` (the batch's ``n`` rows, then replay)."""
+    z = model.standardise(x)
     views = torch.cat(
-        [augment(x, cfg.noise_std, cfg.mask_prob, generator) for _ in range(2)], dim=0
+        [augment(z, cfg.noise_std, cfg.mask_prob, generator) for _ in range(2)], dim=0
     )
-    v = Views(n=n, labels=labels, h=model.embed(views), seen_classes=seen_classes)
+    v = Views(n=n, labels=labels, h=model.encode(views), seen_classes=seen_classes)
     weights = loss_weights(cfg)
     per_term = {name: TERMS[name](model, v, cfg) for name in weights}
     total = combine({name: t.float().mean() for name, t in per_term.items()}, weights)

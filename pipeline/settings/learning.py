@@ -19,18 +19,26 @@ class ModelSettings(_Frozen):
     embed_dim: int = Field(128, ge=2)
     proj_dim: int = Field(128, ge=2)
     max_classes: int = Field(100, ge=2)
+    standardize: bool = Field(
+        True,
+        description="Standardise each input feature with running mean/variance of the "
+        "training events (kept in the checkpoint); augmentation is relative to that scale.",
+    )
 
 
 # Objective names are written here once: settings validate against them, the CLI's --objective
 # offers them, and the loss-term registry (pipeline/learning/objectives.py) implements them.
 # Kept in this torch-free module so that every process can read them.
 Objective = Literal["supcon", "ce", "asym_supcon", "focal", "triplet"]
-# A loss term is an objective, or the CE head trained on a detached encoder output.
-LossTermName = Literal[Objective, "ce_detached"]
+# A loss term is an objective, the CE head trained on a detached encoder output, or PCR's
+# proxy contrast (anchors against the head's normalised rows).
+LossTermName = Literal[Objective, "ce_detached", "proxy"]
 OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
 LOSS_TERMS: tuple[LossTermName, ...] = get_args(LossTermName)
 # The terms that train the representation itself: replay is on by default for them.
-REPRESENTATION_TERMS: frozenset[LossTermName] = frozenset({"supcon", "asym_supcon", "triplet"})
+REPRESENTATION_TERMS: frozenset[LossTermName] = frozenset(
+    {"supcon", "asym_supcon", "triplet", "proxy"}
+)
 
 
 class TrainSettings(_Frozen):

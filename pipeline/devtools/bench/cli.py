@@ -23,12 +23,14 @@ from pipeline.devtools.bench.compare import (
     count_runs,
     eval_every,
     load_file_stream,
+    load_scenario_stream,
     load_topic_stream,
     loss_terms_method,
     make_split,
 )
 from pipeline.devtools.bench.forgetting import (
     DEFAULT_MEMORIES,
+    DEFAULT_METHODS,
     METHOD_NAMES,
     BenchConfig,
     RunResult,
@@ -37,6 +39,7 @@ from pipeline.devtools.bench.forgetting import (
 )
 from pipeline.devtools.bench.forgetting_report import summarise, write_report
 from pipeline.exceptions import ConfigError
+from pipeline.streams.scenarios import SCENARIOS
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
@@ -54,7 +57,7 @@ def _memories(text: str) -> tuple[int, ...]:
     return values
 
 
-def _methods(text: str | None, default: tuple[str, ...] = METHOD_NAMES) -> tuple[str, ...]:
+def _methods(text: str | None, default: tuple[str, ...] = DEFAULT_METHODS) -> tuple[str, ...]:
     if text is None:
         return default
     known = (*METHOD_NAMES, "loss_terms")
@@ -144,11 +147,14 @@ def run_compare(args: argparse.Namespace, settings: Settings) -> int:
         topic = args.source[len(TOPIC_SOURCE) :]
         options = settings.kafka.client_options()
         stream = load_topic_stream(options, topic, args.start_from, args.until)
+    elif args.source in SCENARIOS:
+        stream = load_scenario_stream(args.source)
     elif Path(args.source).is_file():
         stream = load_file_stream(Path(args.source))
     else:
         raise ConfigError(
-            f"compare: {args.source!r} is not split-digits, a readable file or {TOPIC_SOURCE}NAME"
+            f"compare: {args.source!r} is not a built-in scenario ({', '.join(SCENARIOS)}), "
+            f"a readable file or {TOPIC_SOURCE}NAME"
         )
     check_stream(stream)
     if stream.skipped:
