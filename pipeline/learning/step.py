@@ -13,6 +13,7 @@ counted in ``state.skipped``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from pipeline.config import TrainSettings
 from pipeline.learning.model import StreamNet
-from pipeline.learning.objectives import objective_loss
+from pipeline.learning.objectives import loss_weights, objective_loss
 
 
 @dataclass
@@ -37,6 +38,9 @@ class TrainState:
     step: int = 0
     skipped_settled: int = 0
     skips_on_device: torch.Tensor | None = None  # int64 0-d, skips not yet read back
+    # The earlier snapshot the ``distill`` term keeps the relations of; not checkpointed (a
+    # restored learner takes its first snapshot ``distill_every`` steps after the restore).
+    teacher: StreamNet | None = None
 
     @property
     def skipped(self) -> int:
@@ -153,10 +157,13 @@ def train_step(
     x = torch.cat([inputs.features, inputs.replay_features], dim=0)
     y = torch.cat([inputs.labels, inputs.replay_labels], dim=0)
 
+    _refresh_teacher(state, cfg)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with _autocast(device, cfg.amp):
-        objective = objective_loss(model, x, y, n, inputs.seen_classes, cfg, generator)
+        objective = objective_loss(
+            model, x, y, n, inputs.seen_classes, cfg, generator, state.teacher
+        )
     loss = objective.loss.float()
     state.step += 1
     max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
@@ -177,6 +184,16 @@ def train_step(
         replay_embeddings=fresh[n:],
         grad_norm_value=grad_norm,
     )
+
+
+def _refresh_teacher(state: TrainState, cfg: TrainSettings) -> None:
+    """Every ``distill_every`` steps, snapshot the network for the ``distill`` term."""
+    if "distill" not in loss_weights(cfg) or state.step == 0 or state.step % cfg.distill_every:
+        return
+    teacher = copy.deepcopy(state.model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    state.teacher = teacher
 
 
 def _branching_step(

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from pipeline.devtools.bench.forgetting import (
-    SUPCON_LR,
     TEST_FRACTION,
     BenchConfig,
     Method,
@@ -193,7 +192,7 @@ def loss_terms_method(loss_terms: Mapping[str, float]) -> Method:
     return Method(
         "loss_terms",
         f"SupCon + bank, terms {terms}",
-        {"objective": "supcon", "hard_negatives": 0, "lr": SUPCON_LR, "loss_terms": loss_terms},
+        {"objective": "supcon", "loss_terms": loss_terms},
     )
 
 

@@ -47,3 +47,29 @@ def test_one_class_present_gives_zero_loss_and_bad_shapes_are_refused() -> None:
         proxy_contrastive_loss(z, torch.tensor([0, 1, 2]), w[:, :3])
     with pytest.raises(ValueError, match="labels"):
         proxy_contrastive_loss(z, torch.tensor([0, 1]), w)
+
+
+def test_relation_distillation_is_minimal_when_the_student_keeps_the_teachers_relations() -> None:
+    from pipeline.learning.losses import relation_distillation_loss
+
+    z = _unit(8, 6, seed=8)
+    same = relation_distillation_loss(z, z)
+    moved = relation_distillation_loss(_unit(8, 6, seed=9), z)
+    assert float(moved) > float(same)
+    # By hand for item 0: -Σ_j p_teacher(j) log p_student(j) over j ≠ 0.
+    sims = z @ z.T
+    p_t = torch.softmax(sims[0, 1:] / 0.01, dim=0)
+    log_p_s = torch.log_softmax(sims[0, 1:] / 0.2, dim=0)
+    per_item = relation_distillation_loss(z, z, reduction="none")
+    torch.testing.assert_close(per_item[0], -(p_t * log_p_s).sum())
+
+
+def test_relation_distillation_sends_no_gradient_to_the_teacher() -> None:
+    from pipeline.learning.losses import relation_distillation_loss
+
+    student = _unit(5, 4, seed=10).requires_grad_()
+    teacher = _unit(5, 4, seed=11).requires_grad_()
+    relation_distillation_loss(student, teacher).backward()
+    assert teacher.grad is None
+    assert student.grad is not None
+    assert torch.isfinite(student.grad).all()
