@@ -68,14 +68,26 @@ def _methods(text: str | None, default: tuple[str, ...] = DEFAULT_METHODS) -> tu
     return chosen
 
 
-def _train_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``--set train.KEY=VALUE`` items, applied to the shared bench settings."""
+def _train_overrides(overrides: list[str], section: str = "train") -> dict[str, Any]:
+    """``--set train.KEY=VALUE`` (or ``model.KEY=VALUE``) items, for the shared settings."""
     out: dict[str, Any] = {}
     for item in overrides:
         key, _, raw = item.partition("=")
-        if key.startswith("train."):
-            out[key.removeprefix("train.")] = yaml.safe_load(raw)
+        if key.startswith(f"{section}."):
+            out[key.removeprefix(f"{section}.")] = yaml.safe_load(raw)
     return out
+
+
+def _model_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``--set model.KEY=VALUE`` items, checked now (the sizes come from the data)."""
+    from pipeline.config import ModelSettings
+
+    model = _train_overrides(overrides, "model")
+    try:
+        ModelSettings(**model)
+    except ValueError as exc:
+        raise ConfigError(f"--set model.*: {exc}") from None
+    return model
 
 
 def bench_config(args: argparse.Namespace) -> BenchConfig:
@@ -88,6 +100,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         seeds=args.seeds,
         methods=_methods(args.methods),
         train=train,
+        model=_model_overrides(args.overrides),
     )
 
 
@@ -171,6 +184,7 @@ def run_compare(args: argparse.Namespace, settings: Settings) -> int:
         seeds=args.seeds or COMPARE_SEEDS,
         methods=_methods(args.methods, default_methods),
         train=train,
+        model=_model_overrides(args.overrides),
         eval_every=eval_every(first, 10),
         data=lambda seed: first if seed == 0 else make_split(stream, seed),
         data_name=stream.name,

@@ -150,6 +150,7 @@ class BenchConfig:
     joint_epochs: int = 30
     joint_batch: int = 32
     train: TrainSettings = field(default_factory=bench_train_settings)
+    model: dict[str, Any] = field(default_factory=dict)  # e.g. {"standardize": False}
     bank: BankSettings = field(default_factory=BankSettings)
     # The stream: the split of each seed (split-digits by default) and its name in reports.
     data: Callable[[int], Split] = field(default=lambda seed: digits_split(seed))  # noqa: PLW0108
@@ -203,8 +204,11 @@ class RunResult:
     train_ms_per_event: float | None = None
 
 
-def _model_settings(split: Split) -> ModelSettings:
-    return ModelSettings(input_dim=split.input_dim, max_classes=split.n_classes)
+def _model_settings(split: Split, cfg: BenchConfig) -> ModelSettings:
+    """The learner's model defaults, sized to the data, with ``--set model.KEY=VALUE``."""
+    return ModelSettings(
+        **{**cfg.model, "input_dim": split.input_dim, "max_classes": split.n_classes}
+    )
 
 
 Predictor = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -259,7 +263,7 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
     started = time.perf_counter()
     torch.manual_seed(seed)
     train_cfg = cfg.train.model_copy(update={**method.train, "seed": seed})
-    model_cfg = _model_settings(split)
+    model_cfg = _model_settings(split, cfg)
     model = StreamNet(model_cfg)
     state = make_state(model, train_cfg)
     generator = torch.Generator().manual_seed(seed)
@@ -344,7 +348,7 @@ def run_joint(name: str, seed: int, cfg: BenchConfig, split: Split) -> RunResult
     _, own = JOINT_METHODS[name]
     update = {**own, "replay": False, "seed": seed, "iters_per_batch": 1}
     train_cfg = cfg.train.model_copy(update=update)
-    model = StreamNet(_model_settings(split))
+    model = StreamNet(_model_settings(split, cfg))
     state = make_state(model, train_cfg)
     generator = torch.Generator().manual_seed(seed)
     seen = torch.ones(model.head.out_features, dtype=torch.bool)

@@ -112,3 +112,8 @@ def test_bench_arguments() -> None:
         bench_config(_args(methods="supcon,sgd"))
     with pytest.raises(ConfigError, match="train"):
         bench_config(_args(overrides=["train.iters_per_batch=0"]))
+    assert bench_config(_args(overrides=["model.standardize=false"])).model == {
+        "standardize": False
+    }
+    with pytest.raises(ConfigError, match="model"):
+        bench_config(_args(overrides=["model.hidden_dim=0"]))
