@@ -224,7 +224,11 @@ def _add_compare(sub: argparse._SubParsersAction[_Parser]) -> None:
         "compare", help="CE vs CE + replay vs SupCon + bank on split-digits, a file or topic:NAME"
     )
     _common(compare)
-    compare.add_argument("source", help="split-digits, a labeled file, or topic:NAME")
+    compare.add_argument(
+        "source",
+        help="split-digits (the benchmark), domain-digits, blurry-digits, gaussian-drift, "
+        "a labeled file, or topic:NAME",
+    )
     compare.add_argument("--memories", help="comma-separated bank sizes (default: per source)")
     compare.add_argument("--seeds", type=_positive_int, help="seeds 0..N-1 (default: per source)")
     compare.add_argument("--methods", help="comma-separated subset (default: per source)")
@@ -245,7 +249,10 @@ def _add_bench_forgetting(bench_sub: argparse._SubParsersAction[_Parser]) -> Non
         "--memories", default="20,50,100,200", help="comma-separated bank sizes"
     )
     forgetting.add_argument("--seeds", type=_positive_int, default=5, help="seeds 0..N-1")
-    forgetting.add_argument("--methods", help="comma-separated subset (default: all)")
+    forgetting.add_argument(
+        "--methods",
+        help="comma-separated methods (default: ce_finetune, ce_er, supcon and the joint bounds)",
+    )
     forgetting.add_argument("--out", type=Path, default=Path("runs/bench"), help="report folder")
     forgetting.add_argument(
         "--threads", type=_positive_int, default=1, help="torch threads (tiny MLP: 1 is fastest)"

@@ -111,6 +111,8 @@ def learn_batch(
     skipped_any = False
     result: StepResult | None = None
     results: list[StepResult] = []
+    # The batch's inputs join the standardisation statistics before it is trained on.
+    state.model.observe(x)
     for _ in range(cfg.iters_per_batch):
         queries = result.batch_embeddings if result is not None else None
         replay = select_replay(bank, cfg, state, x, y, queries)

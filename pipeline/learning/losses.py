@@ -329,6 +329,73 @@ def batch_hard_triplet_loss(
     return _reduce(per_anchor, reduction)
 
 
+def proxy_contrastive_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    proxies: torch.Tensor,
+    temperature: float = 0.07,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Proxy-based contrastive replay (PCR, Lin et al. 2023).
+
+    Each anchor (``features``, ``[n, d]``, L2-normalised) is contrasted against class proxies
+    (``proxies``, ``[C, d]``, L2-normalised, e.g. the rows of the classifier's weight) rather
+    than against other samples: ``-log softmax(z·w_c / τ)`` at its own class, the softmax
+    taken **only over the classes present among ``labels``** (the batch with its replay). That
+    restriction is PCR's point: the proxies of classes absent from a step are neither pushed
+    nor pulled, so a new task cannot drag the old classes' proxies away. Labels must be
+    class indices ``>= 0``.
+    """
+    if features.dim() != 2 or proxies.dim() != 2 or features.shape[1] != proxies.shape[1]:
+        raise ValueError(
+            f"features [n, d] and proxies [C, d] expected, got {tuple(features.shape)} and "
+            f"{tuple(proxies.shape)}"
+        )
+    labels = labels.reshape(-1)
+    if labels.numel() != features.shape[0]:
+        raise ValueError(f"{labels.numel()} labels for {features.shape[0]} anchors")
+    present = torch.zeros(proxies.shape[0], dtype=torch.bool, device=features.device)
+    present[labels] = True
+    logits = features.float() @ proxies.float().T / temperature
+    logits = logits.masked_fill(~present, float("-inf"))
+    return F.cross_entropy(logits, labels, reduction=reduction)
+
+
+def relation_distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    student_temperature: float = 0.2,
+    teacher_temperature: float = 0.01,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """Instance-wise relation distillation (IRD, Co2L, Cha et al. 2021).
+
+    ``student`` and ``teacher`` are ``[n, d]`` L2-normalised features of the same ``n`` items
+    under the current and an earlier model. Row ``i`` of each gives a distribution over the
+    other items, ``softmax_j≠i(z_i·z_j / κ)``; the loss of item ``i`` is the cross-entropy
+    ``-Σ_j p_teacher(j) log p_student(j)``, so the current model keeps the earlier one's
+    *relations* between items rather than their coordinates. Co2L's temperatures: κ = 0.2
+    (student), κ* = 0.01 (teacher, sharper). The teacher gets no gradient.
+    """
+    if student.dim() != 2 or student.shape != teacher.shape:
+        raise ValueError(
+            f"student and teacher must be the same [n, d], got {tuple(student.shape)} and "
+            f"{tuple(teacher.shape)}"
+        )
+    n = student.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=student.device)
+    s_logits = (student.float() @ student.float().T / student_temperature).masked_fill(
+        eye, float("-inf")
+    )
+    t = teacher.detach().float()
+    t_logits = (t @ t.T / teacher_temperature).masked_fill(eye, float("-inf"))
+    p_teacher = torch.softmax(t_logits, dim=1)
+    # The diagonal: p_teacher is 0 there and log p_student is -inf; masked_fill, not 0·(-inf).
+    log_p_student = torch.log_softmax(s_logits, dim=1).masked_fill(eye, 0.0)
+    per_item = -(p_teacher * log_p_student).sum(dim=1)
+    return _reduce(per_item, reduction)
+
+
 def combine(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
     """``Σ weights[name] · terms[name]``.
 

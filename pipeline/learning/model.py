@@ -1,4 +1,9 @@
-"""The learner's network: an MLP encoder, a projection head for SupCon and a CE head.
+"""The learner's network: input standardisation, an MLP encoder, a projection head for SupCon
+and a CE head.
+
+Inputs are standardised per feature with running statistics of the training events
+(:mod:`pipeline.learning.standardise`, ``model.standardize``); augmentation is applied to the
+standardised features, so its noise and masking are relative to each feature's own scale.
 
 SCR-style inference uses the encoder output (``embed``), not the projection; the projection
 exists only for the contrastive loss. The CE head is pre-allocated for ``max_classes`` so new
@@ -12,11 +17,14 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from pipeline.config import ModelSettings
+from pipeline.learning.standardise import RunningStandardiser
 
 
 class StreamNet(nn.Module):
     def __init__(self, cfg: ModelSettings) -> None:
         super().__init__()
+        self.standardize = cfg.standardize
+        self.standardiser = RunningStandardiser(cfg.input_dim)
         self.encoder = nn.Sequential(
             nn.Linear(cfg.input_dim, cfg.hidden_dim),
             nn.ReLU(inplace=True),
@@ -29,9 +37,22 @@ class StreamNet(nn.Module):
         )
         self.head = nn.Linear(cfg.embed_dim, cfg.max_classes)
 
+    def observe(self, x: torch.Tensor) -> None:
+        """Fold training inputs ``[n, input_dim]`` into the standardisation statistics."""
+        if self.standardize:
+            self.standardiser.update(x)
+
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw features to the network's input scale (identity until something is observed)."""
+        return self.standardiser(x)
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder output of already standardised (and perhaps augmented) inputs."""
+        return self.encoder(z)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder output (the representation used by NCM / kNN and stored in the bank)."""
-        return self.encoder(x)
+        return self.encoder(self.standardise(x))
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """L2-normalised projection of encoder outputs, the space SupCon contrasts in."""
@@ -47,7 +68,9 @@ def augment(
     """One stochastic view of tabular features: random feature masking plus Gaussian noise.
 
     Image augmentations (crops, flips) do not apply to feature vectors; masking and noise are
-    the tabular analogues used for contrastive views.
+    the tabular analogues used for contrastive views. Applied to *standardised* features,
+    ``noise_std`` is a fraction of each feature's standard deviation and a masked feature
+    takes its running mean (0).
     """
     out = x
     if mask_prob > 0:

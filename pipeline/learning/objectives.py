@@ -1,8 +1,9 @@
 """Objectives: the loss family of :mod:`pipeline.learning.losses` wired to the network, from config.
 
 An objective is a weighted sum of named loss terms (``train.loss_terms``; empty means the
-preset ``{train.objective: 1.0}``). Every term sees the same contrasted set, the micro-batch
-(its first ``n`` rows) followed by the replayed bank items, and the same two augmented views:
+preset of ``train.objective``, see :func:`loss_weights`). Every term sees the same contrasted
+set, the micro-batch (its first ``n`` rows) followed by the replayed bank items, and the same
+two augmented views:
 
 - ``supcon``: SupCon over batch ∪ replay, every item an anchor (SCR, Mai et al. 2021);
 - ``asym_supcon``: only batch items are anchors, replay items are contrast only (Co2L,
@@ -11,7 +12,13 @@ preset ``{train.objective: 1.0}``). Every term sees the same contrasted set, the
 - ``ce_detached``: the same head trained on a *detached* encoder output, so it learns to read
   the representation without pulling it towards the CE solution (e.g. SupCon + 0.1 · CE);
 - ``focal``: focal loss of the head (``focal_gamma``, ``focal_alpha``);
-- ``triplet``: batch-hard triplet loss on the normalised projection.
+- ``triplet``: batch-hard triplet loss on the normalised projection;
+- ``distill``: instance-wise relation distillation (Co2L's IRD) of the projections of the
+  contrasted set towards those of an earlier snapshot of the network (``teacher``); 0 while
+  there is no snapshot yet;
+- ``proxy``: proxy-based contrastive replay (PCR, Lin et al. 2023): each normalised encoder
+  output against the normalised rows of the head, softmax over the classes present in the
+  step only.
 
 Events without a label (label ``-1``) are handled by the contrastive terms as in SimCLR: each
 gets an identity of its own, so its only positive is its other view and every other item is
@@ -28,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 
 from pipeline.config import TrainSettings
 from pipeline.learning.losses import (
@@ -36,6 +44,8 @@ from pipeline.learning.losses import (
     combine,
     cross_entropy_loss,
     focal_loss,
+    proxy_contrastive_loss,
+    relation_distillation_loss,
     supcon_loss,
 )
 from pipeline.learning.model import StreamNet, augment
@@ -46,8 +56,19 @@ UNLABELED = -1
 
 
 def loss_weights(cfg: TrainSettings) -> dict[str, float]:
-    """The weighted terms the objective is made of (zero-weight terms dropped)."""
-    terms = dict(cfg.loss_terms) if cfg.loss_terms else {cfg.objective: 1.0}
+    """The weighted terms the objective is made of (zero-weight terms dropped).
+
+    ``train.loss_terms`` when set; else the preset of ``train.objective``: ``supcon`` is SupCon
+    with ``proxy_weight`` · PCR's proxy term and ``distill_weight`` · relation distillation
+    beside it (the combination measured best, docs/forgetting.md), any other objective is its
+    term alone.
+    """
+    if cfg.loss_terms:
+        terms = dict(cfg.loss_terms)
+    elif cfg.objective == "supcon":
+        terms = {"supcon": 1.0, "proxy": cfg.proxy_weight, "distill": cfg.distill_weight}
+    else:
+        terms = {cfg.objective: 1.0}
     return {name: w for name, w in terms.items() if w > 0}
 
 
@@ -70,6 +91,7 @@ class Views:
     labels: torch.Tensor  # [m], UNLABELED for events without a label
     h: torch.Tensor  # [2m, embed_dim] encoder output, view-major
     seen_classes: torch.Tensor
+    teacher_z: torch.Tensor | None = None  # [2m, proj_dim] an earlier snapshot's projections
 
     @property
     def m(self) -> int:
@@ -171,6 +193,24 @@ def _triplet_term(model: StreamNet, v: Views, cfg: TrainSettings) -> torch.Tenso
     return _per_view_mean(per_anchor, v.m)
 
 
+def _proxy_term(model: StreamNet, v: Views, cfg: TrainSettings) -> torch.Tensor:
+    z = F.normalize(v.h, dim=-1)
+    proxies = F.normalize(model.head.weight, dim=-1)
+    labeled = (v.labels != UNLABELED).repeat(2)
+    per_view = z.new_zeros(z.shape[0])
+    per_view[labeled] = proxy_contrastive_loss(
+        z[labeled], v.labels.repeat(2)[labeled], proxies, cfg.temperature, reduction="none"
+    )
+    return _per_view_mean(per_view, v.m)
+
+
+def _distill_term(model: StreamNet, v: Views, _cfg: TrainSettings) -> torch.Tensor:
+    if v.teacher_z is None:
+        return v.h.new_zeros(v.m)
+    per_view = relation_distillation_loss(model.project(v.h), v.teacher_z, reduction="none")
+    return _per_view_mean(per_view, v.m)
+
+
 # One function per name of config.LOSS_TERMS (a unit test holds the two to each other).
 # A term returns its per-item losses (each averaged over the item's views): rows 0..m-1, or
 # only the batch's rows 0..n-1 for a term whose anchors are the batch (asym_supcon).
@@ -182,6 +222,8 @@ TERMS: dict[str, TermFn] = {
     "ce_detached": lambda model, v, cfg: _ce_term(model, v, cfg, detach=True),
     "focal": _focal_term,
     "triplet": _triplet_term,
+    "proxy": _proxy_term,
+    "distill": _distill_term,
 }
 
 
@@ -193,13 +235,23 @@ def objective_loss(
     seen_classes: torch.Tensor,
     cfg: TrainSettings,
     generator: torch.Generator | None = None,
+    teacher: StreamNet | None = None,
 ) -> ObjectiveLoss:
-    """Loss of the configured objective over ``x`` (the batch's ``n`` rows, then replay)."""
+    """Loss of the configured objective over ``x`` (the batch's ``n`` rows, then replay).
+
+    ``teacher`` is the earlier snapshot the ``distill`` term keeps the relations of; it sees
+    the same (standardised, augmented) views, without gradient.
+    """
+    z = model.standardise(x)
     views = torch.cat(
-        [augment(x, cfg.noise_std, cfg.mask_prob, generator) for _ in range(2)], dim=0
+        [augment(z, cfg.noise_std, cfg.mask_prob, generator) for _ in range(2)], dim=0
     )
-    v = Views(n=n, labels=labels, h=model.embed(views), seen_classes=seen_classes)
     weights = loss_weights(cfg)
+    teacher_z = None
+    if teacher is not None and "distill" in weights:
+        with torch.no_grad():
+            teacher_z = teacher.project(teacher.encode(views))
+    v = Views(n, labels, model.encode(views), seen_classes, teacher_z)
     per_term = {name: TERMS[name](model, v, cfg) for name in weights}
     total = combine({name: t.float().mean() for name, t in per_term.items()}, weights)
     batch = combine({name: t[:n].float() for name, t in per_term.items()}, weights)

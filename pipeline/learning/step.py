@@ -13,6 +13,7 @@ counted in ``state.skipped``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from pipeline.config import TrainSettings
 from pipeline.learning.model import StreamNet
-from pipeline.learning.objectives import objective_loss
+from pipeline.learning.objectives import loss_weights, objective_loss
 
 # The objective of a data-parallel group (pipeline.distributed.replicas): called with
 # (x, y, n, seen_classes, weight), returns (weighted loss to backward, loss, per-sample loss).
@@ -48,6 +49,9 @@ class TrainState:
     # Set on the ranks of a data-parallel group: the objective wrapped in DDP, whose backward
     # all-reduces the gradients. None for a single learner (objective_loss on the model).
     replicated: ReplicatedLoss | None = None
+    # The earlier snapshot the ``distill`` term keeps the relations of; not checkpointed (a
+    # restored learner takes its first snapshot ``distill_every`` steps after the restore).
+    teacher: StreamNet | None = None
 
     @property
     def skipped(self) -> int:
@@ -170,6 +174,7 @@ def train_step(
     x = torch.cat([inputs.features, inputs.replay_features], dim=0)
     y = torch.cat([inputs.labels, inputs.replay_labels], dim=0)
 
+    _refresh_teacher(state, cfg)
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with _autocast(device, cfg.amp):
@@ -178,7 +183,9 @@ def train_step(
                 x, y, n, inputs.seen_classes, inputs.weight
             )
         else:
-            objective = objective_loss(model, x, y, n, inputs.seen_classes, cfg, generator)
+            objective = objective_loss(
+                model, x, y, n, inputs.seen_classes, cfg, generator, state.teacher
+            )
             loss, per_sample = objective.loss, objective.batch_per_sample
             to_backward = loss
     loss, to_backward = loss.float(), to_backward.float()
@@ -201,6 +208,16 @@ def train_step(
         replay_embeddings=fresh[n:],
         grad_norm_value=grad_norm,
     )
+
+
+def _refresh_teacher(state: TrainState, cfg: TrainSettings) -> None:
+    """Every ``distill_every`` steps, snapshot the network for the ``distill`` term."""
+    if "distill" not in loss_weights(cfg) or state.step == 0 or state.step % cfg.distill_every:
+        return
+    teacher = copy.deepcopy(state.model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    state.teacher = teacher
 
 
 def _branching_step(

@@ -23,12 +23,14 @@ from pipeline.devtools.bench.compare import (
     count_runs,
     eval_every,
     load_file_stream,
+    load_scenario_stream,
     load_topic_stream,
     loss_terms_method,
     make_split,
 )
 from pipeline.devtools.bench.forgetting import (
     DEFAULT_MEMORIES,
+    DEFAULT_METHODS,
     METHOD_NAMES,
     BenchConfig,
     RunResult,
@@ -37,6 +39,7 @@ from pipeline.devtools.bench.forgetting import (
 )
 from pipeline.devtools.bench.forgetting_report import summarise, write_report
 from pipeline.exceptions import ConfigError
+from pipeline.streams.scenarios import SCENARIOS
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
@@ -54,7 +57,7 @@ def _memories(text: str) -> tuple[int, ...]:
     return values
 
 
-def _methods(text: str | None, default: tuple[str, ...] = METHOD_NAMES) -> tuple[str, ...]:
+def _methods(text: str | None, default: tuple[str, ...] = DEFAULT_METHODS) -> tuple[str, ...]:
     if text is None:
         return default
     known = (*METHOD_NAMES, "loss_terms")
@@ -65,14 +68,26 @@ def _methods(text: str | None, default: tuple[str, ...] = METHOD_NAMES) -> tuple
     return chosen
 
 
-def _train_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``--set train.KEY=VALUE`` items, applied to the shared bench settings."""
+def _train_overrides(overrides: list[str], section: str = "train") -> dict[str, Any]:
+    """``--set train.KEY=VALUE`` (or ``model.KEY=VALUE``) items, for the shared settings."""
     out: dict[str, Any] = {}
     for item in overrides:
         key, _, raw = item.partition("=")
-        if key.startswith("train."):
-            out[key.removeprefix("train.")] = yaml.safe_load(raw)
+        if key.startswith(f"{section}."):
+            out[key.removeprefix(f"{section}.")] = yaml.safe_load(raw)
     return out
+
+
+def _model_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``--set model.KEY=VALUE`` items, checked now (the sizes come from the data)."""
+    from pipeline.config import ModelSettings
+
+    model = _train_overrides(overrides, "model")
+    try:
+        ModelSettings(**model)
+    except ValueError as exc:
+        raise ConfigError(f"--set model.*: {exc}") from None
+    return model
 
 
 def bench_config(args: argparse.Namespace) -> BenchConfig:
@@ -85,6 +100,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         seeds=args.seeds,
         methods=_methods(args.methods),
         train=train,
+        model=_model_overrides(args.overrides),
     )
 
 
@@ -144,11 +160,14 @@ def run_compare(args: argparse.Namespace, settings: Settings) -> int:
         topic = args.source[len(TOPIC_SOURCE) :]
         options = settings.kafka.client_options()
         stream = load_topic_stream(options, topic, args.start_from, args.until)
+    elif args.source in SCENARIOS:
+        stream = load_scenario_stream(args.source)
     elif Path(args.source).is_file():
         stream = load_file_stream(Path(args.source))
     else:
         raise ConfigError(
-            f"compare: {args.source!r} is not split-digits, a readable file or {TOPIC_SOURCE}NAME"
+            f"compare: {args.source!r} is not a built-in scenario ({', '.join(SCENARIOS)}), "
+            f"a readable file or {TOPIC_SOURCE}NAME"
         )
     check_stream(stream)
     if stream.skipped:
@@ -165,6 +184,7 @@ def run_compare(args: argparse.Namespace, settings: Settings) -> int:
         seeds=args.seeds or COMPARE_SEEDS,
         methods=_methods(args.methods, default_methods),
         train=train,
+        model=_model_overrides(args.overrides),
         eval_every=eval_every(first, 10),
         data=lambda seed: first if seed == 0 else make_split(stream, seed),
         data_name=stream.name,

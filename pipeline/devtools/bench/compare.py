@@ -1,7 +1,8 @@
 """``supcon-stream compare SOURCE``: the objectives side by side on a user's own labeled history.
 
 SOURCE is ``split-digits`` (then this is the forgetting benchmark, same defaults, same table),
-a labeled file (JSONL, CSV, NPZ, Parquet; :func:`pipeline.streams.files.load_labeled_file`) or
+another built-in scenario (``domain-digits``, ``blurry-digits``, ``gaussian-drift``), a
+labeled file (JSONL, CSV, NPZ, Parquet; :func:`pipeline.streams.files.load_labeled_file`) or
 a ``topic:NAME`` slice (``--from`` / ``--until``, as ``replay``). The protocol is the one of
 :mod:`pipeline.devtools.bench.forgetting`: a stratified hold-out of ``TEST_FRACTION`` per class
 (seeded) is the test set; the rest streams once **in its recorded order**, in micro-batches of
@@ -29,7 +30,6 @@ import numpy as np
 import torch
 
 from pipeline.devtools.bench.forgetting import (
-    SUPCON_LR,
     TEST_FRACTION,
     BenchConfig,
     Method,
@@ -69,6 +69,19 @@ def load_file_stream(path: Path) -> LabeledStream:
     x = np.asarray(rows, dtype=np.float32)
     task_list = [str(t) for t in tasks] if has_tasks else None
     return LabeledStream(path.name, x, labels, task_list, {})
+
+
+def load_scenario_stream(name: str, seed: int = 0) -> LabeledStream:
+    """A built-in scenario other than split-digits (``domain-digits``, ``blurry-digits``,
+    ``gaussian-drift``), generated with ``seed``, in its stream order."""
+    from pipeline.streams.scenarios import get_scenario
+
+    rows, labels, tasks = [], [], []
+    for event in get_scenario(name, seed):
+        rows.append(event["features"])
+        labels.append(str(event["label"]))
+        tasks.append(str(event["task"]))
+    return LabeledStream(name, np.asarray(rows, dtype=np.float32), labels, tasks, {})
 
 
 def load_topic_stream(
@@ -179,7 +192,7 @@ def loss_terms_method(loss_terms: Mapping[str, float]) -> Method:
     return Method(
         "loss_terms",
         f"SupCon + bank, terms {terms}",
-        {"objective": "supcon", "hard_negatives": 0, "lr": SUPCON_LR, "loss_terms": loss_terms},
+        {"objective": "supcon", "loss_terms": loss_terms},
     )
 
 

@@ -28,7 +28,7 @@ from pipeline.devtools.bench.forgetting import (
 from pipeline.exceptions import ConfigError
 
 METRICS = ("final_accuracy", "forgetting", "anytime_accuracy", "min_accuracy")
-COLUMNS = (*METRICS, "ncm_final_accuracy", "ece")
+COLUMNS = (*METRICS, "ncm_final_accuracy", "ece", "train_ms_per_event")
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,8 @@ def markdown(
 ) -> str:
     head = (
         "| memory | method | final avg accuracy | forgetting ↓ | anytime accuracy | "
-        "min accuracy (stability gap) | final accuracy, NCM | ECE ↓ |\n"
-        "|---:|---|---|---|---|---|---|---|\n"
+        "min accuracy (stability gap) | final accuracy, NCM | ECE ↓ | train ms/event |\n"
+        "|---:|---|---|---|---|---|---|---|---|\n"
     )
     body = "".join(
         f"| {row.memory or '–'} | {label_of(row.method, cfg.extra_methods)} | "
@@ -126,7 +126,9 @@ def markdown(
         "CE fine-tune has no memory (its row is memory-independent); the joint rows are "
         "offline upper bounds. Accuracies use each method's natural classifier (the head "
         "for CE, NCM over the bank for SupCon); the NCM column applies NCM to every method; "
-        "ECE is the final expected calibration error of the natural classifier (15 bins).\n\n"
+        "ECE is the final expected calibration error of the natural classifier (15 bins); "
+        "train ms/event is the wall time of the learner's batch function (training, replay "
+        "and bank upkeep, no evaluation) per training event: the compute each method spent.\n\n"
         + head
         + body
         + f"\n![accuracy over the stream]({png_name})\n"

@@ -24,7 +24,8 @@ TINY = BenchConfig(
     seeds=1,
     methods=("ce_finetune", "supcon", "joint"),
     joint_epochs=2,
-    train=bench_train_settings(iters_per_batch=1),
+    # One step per batch at a higher lr than the default keeps this test quick.
+    train=bench_train_settings(iters_per_batch=1, lr=1e-3),
 )
 
 
@@ -58,6 +59,12 @@ def test_ce_fine_tune_falls_into_the_trap_and_supcon_with_a_bank_does_not(result
         assert run.ece is not None
         assert 0.0 <= run.ece <= 1.0
     assert joint.final_accuracy > 0.8
+    # Compute parity: the online runs time their training per event, the offline bound not.
+    assert ce.train_ms_per_event is not None
+    assert supcon.train_ms_per_event is not None
+    assert ce.train_ms_per_event > 0
+    assert supcon.train_ms_per_event > 0
+    assert joint.train_ms_per_event is None
     # One evaluation every eval_every batches and at each task end, over the whole stream.
     events = [e for e, _ in supcon.curve]
     assert events == sorted(events)
@@ -70,6 +77,7 @@ def test_report_files(results, tmp_path) -> None:
     assert "| 20 | SupCon + bank |" in text
     assert "| – | CE fine-tune |" in text
     assert "ECE ↓" in text
+    assert "train ms/event |" in text
     assert "![accuracy over the stream](forgetting.png)" in text
     report = json.loads(paths["json"].read_text())
     assert {row["method"] for row in report["summary"]} == {"ce_finetune", "supcon", "joint"}
@@ -97,10 +105,16 @@ def test_bench_arguments() -> None:
     cfg = bench_config(_args(overrides=["train.iters_per_batch=2", "kafka.partitions=3"]))
     assert cfg.memories == (20, 50)
     assert cfg.train.iters_per_batch == 2
-    assert "joint" in cfg.methods
+    # The default set: the three arms (trap, baseline, product) and the offline bounds.
+    assert cfg.methods == ("ce_finetune", "ce_er", "supcon", "joint", "joint_supcon")
     with pytest.raises(ConfigError, match="--memories"):
         bench_config(_args(memories="20,x"))
     with pytest.raises(ConfigError, match="unknown"):
         bench_config(_args(methods="supcon,sgd"))
     with pytest.raises(ConfigError, match="train"):
         bench_config(_args(overrides=["train.iters_per_batch=0"]))
+    assert bench_config(_args(overrides=["model.standardize=false"])).model == {
+        "standardize": False
+    }
+    with pytest.raises(ConfigError, match="model"):
+        bench_config(_args(overrides=["model.hidden_dim=0"]))

@@ -55,3 +55,18 @@ def test_progress_bar_writes_one_line_per_run_when_not_a_terminal():
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
     assert lines[1].startswith("compare [########################] 2/2 runs")
+
+
+def test_a_built_in_scenario_streams_in_its_own_order_with_its_tasks() -> None:
+    from pipeline.devtools.bench.compare import load_scenario_stream
+
+    stream = load_scenario_stream("blurry-digits")
+    assert stream.name == "blurry-digits"
+    assert stream.x.shape == (1797, 64)
+    assert stream.tasks is not None
+    assert sorted(set(stream.tasks)) == ["0", "1", "2", "3", "4"]
+    # Blurred boundaries: some events of a task arrive inside a neighbour's span.
+    assert stream.tasks[:400].count("1") > 0
+    split = make_split(stream, 0)
+    assert split.n_classes == 10
+    assert set(split.task_names) == {"0", "1", "2", "3", "4"}

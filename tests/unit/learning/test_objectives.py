@@ -46,14 +46,29 @@ def _views(model: StreamNet, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([z, z], dim=1)
 
 
-def test_supcon_preset_is_the_reference_supcon_over_batch_and_replay() -> None:
+def test_supcon_term_is_the_reference_supcon_over_batch_and_replay() -> None:
     model, (x, y, seen) = _net(), _data()
-    cfg = TrainSettings(objective="supcon", **PLAIN)
+    cfg = TrainSettings(objective="supcon", proxy_weight=0.0, **PLAIN)
     out = objective_loss(model, x, y, 8, seen, cfg)
     expected = supcon_loss(_views(model, x), y, cfg.temperature, cfg.base_temperature)
     torch.testing.assert_close(out.loss, expected)
     per_anchor = supcon_loss(_views(model, x), y, reduction="none").view(2, 12).mean(dim=0)
     torch.testing.assert_close(out.batch_per_sample, per_anchor[:8].detach())
+
+
+def test_supcon_preset_adds_the_weighted_proxy_term() -> None:
+    from pipeline.learning.losses import proxy_contrastive_loss
+    from pipeline.learning.objectives import loss_weights
+
+    model, (x, y, seen) = _net(), _data()
+    cfg = TrainSettings(objective="supcon", proxy_weight=0.5, **PLAIN)
+    assert loss_weights(cfg) == {"supcon": 1.0, "proxy": 0.5}
+    assert loss_weights(TrainSettings(objective="ce", proxy_weight=0.5)) == {"ce": 1.0}
+    out = objective_loss(model, x, y, 12, seen, cfg)
+    h = F.normalize(model.embed(x), dim=-1)
+    proxies = F.normalize(model.head.weight, dim=-1)
+    expected = supcon_loss(_views(model, x), y) + 0.5 * proxy_contrastive_loss(h, y, proxies)
+    torch.testing.assert_close(out.loss, expected)
 
 
 def test_asymmetric_preset_anchors_only_the_batch() -> None:
@@ -70,7 +85,7 @@ def test_asymmetric_preset_anchors_only_the_batch() -> None:
 
 def test_weighted_terms_are_the_weighted_sum_and_the_detached_head_spares_the_encoder() -> None:
     x, y, seen = _data()
-    cfg_sup = TrainSettings(objective="supcon", **PLAIN)
+    cfg_sup = TrainSettings(loss_terms={"supcon": 1.0}, **PLAIN)
     cfg_mix = TrainSettings(loss_terms={"supcon": 1.0, "ce_detached": 0.1}, **PLAIN)
     m1, m2 = _net(), _net()
     sup = objective_loss(m1, x, y, 12, seen, cfg_sup)
@@ -182,3 +197,31 @@ def test_objective_names_come_from_one_place() -> None:
         assert TrainSettings(objective=name).replay_enabled == (name in REPRESENTATION_TERMS)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["learn", "--objective", "ce_detached"])
+
+
+def test_distill_waits_for_its_first_snapshot_then_keeps_one() -> None:
+    from pipeline.config import ModelSettings
+    from pipeline.learning.model import StreamNet
+    from pipeline.learning.step import StepInputs, make_state, train_step
+
+    torch.manual_seed(0)
+    cfg = TrainSettings(
+        loss_terms={"supcon": 1.0, "distill": 1.0}, distill_every=2, device="cpu", amp=False
+    )
+    model = StreamNet(ModelSettings(input_dim=6, hidden_dim=16, embed_dim=8, proj_dim=8))
+    state = make_state(model, cfg)
+    x, y = torch.randn(8, 6), torch.tensor([0, 1] * 4)
+    seen = torch.zeros(100, dtype=torch.bool)
+    seen[:2] = True
+    inputs = StepInputs(x, y, x[:0], y[:0], seen)
+    train_step(state, inputs, cfg)
+    assert state.teacher is None  # no snapshot before step distill_every
+    train_step(state, inputs, cfg)
+    train_step(state, inputs, cfg)
+    assert state.teacher is not None
+    assert not any(p.requires_grad for p in state.teacher.parameters())
+    # The snapshot is a copy: training on moves the model, not the teacher.
+    before = [p.clone() for p in state.teacher.parameters()]
+    train_step(state, inputs, cfg)
+    for p, q in zip(state.teacher.parameters(), before, strict=True):
+        assert torch.equal(p, q)
