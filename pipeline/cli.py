@@ -38,7 +38,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.learner.loop import RunLimits, run_learner
+    from pipeline.learner.opening import open_io
     from pipeline.learner.start import StartRequest, check_request
     from pipeline.signals import install_stop_signals
 
@@ -47,7 +47,15 @@ def _cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
     log.info("configuration", settings=settings.redacted())
     stop = threading.Event()
     install_stop_signals(stop)
-    summary = run_learner(settings, stop, RunLimits(args.max_events, args.exit_when_idle), request)
+    # Before torch is imported: the group join and the bank's read run while it loads.
+    opened = open_io(settings, stop, request, early=True)
+    try:
+        from pipeline.learner.loop import RunLimits, run_learner
+    except BaseException:
+        opened.close()
+        raise
+    limits = RunLimits(args.max_events, args.exit_when_idle)
+    summary = run_learner(settings, stop, limits, request, opened)
     print(
         json.dumps(
             {
