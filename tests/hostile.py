@@ -98,7 +98,7 @@ def hostile(draw: st.DrawFn, tag: str = "h") -> tuple[bytes, str | None]:
             "bad_label",
         ),
         "bad_ts": (
-            _doc(eid, feats, label=label, ts=draw(st.sampled_from([-1, "now", 1.5]))),
+            _doc(eid, feats, label=label, ts=draw(st.sampled_from([-1, "now", 1.5, 2**63]))),
             "bad_timestamp",
         ),
         "oversized": (_doc(eid, [0.5] * 100_000, label=label), "oversized"),
