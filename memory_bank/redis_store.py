@@ -478,9 +478,18 @@ class RedisBankStore:
         self, ids: tuple[str, ...], metas: list[Any]
     ) -> tuple[tuple[str, ...], tuple[str | None, ...]]:
         """The class name and task of each item, every metadata record checked."""
-        labels: list[str] = []
-        tasks: list[str | None] = []
-        for event_id, meta in zip(ids, metas, strict=True):
+        try:  # the common case in bulk: dicts with a str label and a str or null task
+            labels = tuple([meta["label"] for meta in metas])
+            tasks = tuple([meta.get("task") for meta in metas])
+        except (TypeError, KeyError, AttributeError):
+            labels = tasks = ()
+        if (
+            len(labels) == len(ids)
+            and set(map(type, labels)) <= {str}
+            and set(map(type, tasks)) <= {str, type(None)}
+        ):
+            return labels, tasks
+        for event_id, meta in zip(ids, metas, strict=True):  # name the first bad one
             label = meta.get("label") if isinstance(meta, dict) else None
             task = meta.get("task") if isinstance(meta, dict) else None
             if not isinstance(label, str) or not (task is None or isinstance(task, str)):
@@ -488,6 +497,4 @@ class RedisBankStore:
                     f"item {event_id!r} in {self.bank_key} has metadata {meta!r}: "
                     "expected {'label': str, 'task': str or null}"
                 )
-            labels.append(label)
-            tasks.append(task)
-        return tuple(labels), tuple(tasks)
+        raise AssertionError("unreachable: every metadata record passed the check")
