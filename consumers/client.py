@@ -21,6 +21,7 @@ import queue
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Literal, Protocol, get_args
 
+from consumers.config import SourceConfig
 from consumers.events import SourceRecord, TopicPartitionKey
 
 ClientName = Literal["kafka-python", "confluent"]
@@ -105,3 +106,14 @@ def check_client_name(name: str) -> str:
     if name not in CLIENT_NAMES:
         raise ValueError(f"unknown Kafka client {name!r}; expected one of {list(CLIENT_NAMES)}")
     return name
+
+
+def open_client(config: SourceConfig, client_options: Mapping[str, Any]) -> ConsumerClient:
+    """The subscribed client ``config.client`` names (imported only when chosen)."""
+    if config.client == "confluent":
+        from consumers.confluent_client import ConfluentClient
+
+        return ConfluentClient(config, client_options)
+    from consumers.kafka_python_client import KafkaPythonClient
+
+    return KafkaPythonClient(config, client_options)

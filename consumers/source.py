@@ -31,11 +31,8 @@ until the next restart (seen in tests). librdkafka instead restarts such a parti
 committed offset: ``_ingest`` sees the position go back and drops the copies it would
 otherwise deliver twice.
 
-Start position: the first time a partition is assigned, the consumer seeks it to its
-``resume_offsets`` entry (the restored checkpoint's offsets, or a ``--from`` position). The
-group's committed offset may be ahead of the checkpoint (the newest checkpoint was corrupt and
-an older one was restored): without the seek, the events between the two would never be
-trained. Records the same poll fetched from the old position are dropped, not delivered.
+Start position (resume offsets, known at start or handed over later):
+:mod:`consumers.start_position`.
 """
 
 from __future__ import annotations
@@ -52,14 +49,16 @@ import structlog
 
 from consumers.batcher import MicroBatcher
 from consumers.broker_watch import BrokerWatch
-from consumers.client import ConsumerClient, Polled, TransientPollError
+from consumers.client import ConsumerClient, Polled, TransientPollError, open_client
 from consumers.config import SourceConfig
-from consumers.decode import dead_letter_payload, decode_batch
+from consumers.dead_letters import send_dead_letters
+from consumers.decode import decode_batch
 from consumers.events import EventBatch, SourceRecord, TopicPartitionKey
 from consumers.exceptions import BrokerUnavailableError, ConsumerError, SourceClosedError
 from consumers.group import CommitRequest, OffsetCommitter, partition_labels
 from consumers.producer import JsonProducer
-from consumers.protocols import NO_OFFSETS, STAT_COUNTERS, labelled, partition_label
+from consumers.protocols import NO_OFFSETS, STAT_COUNTERS, labelled
+from consumers.start_position import StartPosition
 
 log = structlog.get_logger(__name__)
 
@@ -70,25 +69,6 @@ _START_TIMEOUT_S: Final = 120.0
 
 
 _CLOSED: Final = object()  # queue sentinel: the consumer thread has exited
-
-
-def open_client(config: SourceConfig, client_options: Mapping[str, Any]) -> ConsumerClient:
-    """The subscribed client ``config.client`` names (imported only when chosen)."""
-    if config.client == "confluent":
-        from consumers.confluent_client import ConfluentClient
-
-        return ConfluentClient(config, client_options)
-    from consumers.kafka_python_client import KafkaPythonClient
-
-    return KafkaPythonClient(config, client_options)
-
-
-def _ranges(records: list[SourceRecord]) -> dict[int, str]:
-    """{partition: "first-last"} for log context (offsets ascend per partition in a batch)."""
-    spans: dict[int, list[int]] = {}
-    for r in records:
-        spans.setdefault(r.partition, [r.offset, r.offset])[1] = r.offset
-    return {p: f"{lo}-{hi}" for p, (lo, hi) in sorted(spans.items())}
 
 
 class KafkaBatchSource:
@@ -126,8 +106,7 @@ class KafkaBatchSource:
         self._batcher = MicroBatcher(config.batch_size, config.max_latency_ms / 1000)
         self._pending: EventBatch | None = None  # decoded, waiting for room in the queue
         self._paused = False
-        self._resume: dict[TopicPartitionKey, int] = {}
-        self._to_seek: dict[TopicPartitionKey, int] = {}  # resume offsets not yet sought
+        self._start = StartPosition(self._log)
         self._poll_failing = False  # the last poll raised TransientPollError
         self._positions: dict[TopicPartitionKey, int] = {}
         # Shared with readers of stats()/assignment(), guarded by _stats_lock.
@@ -144,10 +123,26 @@ class KafkaBatchSource:
 
         Raises :class:`BrokerUnavailableError` when the bootstrap servers cannot be reached.
         """
+        self._begin(resume_offsets)
+
+    def start_joining(self) -> None:
+        """:meth:`start` before the start position is known: the group join begins now.
+
+        A restarting learner joins while it imports torch, reads its checkpoint and loads its
+        bank. Until :meth:`set_start` the consumer thread only drives the join: what a poll
+        returned is held (not decoded, not handed off) and assigned partitions are paused.
+        """
+        self._begin(None)
+
+    def set_start(self, resume_offsets: Mapping[TopicPartitionKey, int] = NO_OFFSETS) -> None:
+        """The start position of a source begun with :meth:`start_joining` (any thread)."""
+        self._start.set_later(resume_offsets)
+        self._wake.set()
+
+    def _begin(self, resume_offsets: Mapping[TopicPartitionKey, int] | None) -> None:
         if self._thread is not None:
             raise RuntimeError("KafkaBatchSource.start() called twice")
-        self._resume = {(str(t), int(p)): int(o) for (t, p), o in resume_offsets.items()}
-        self._to_seek = dict(self._resume)
+        self._start.set_now(resume_offsets)
         self._thread = threading.Thread(
             target=self._run, name=f"kafka-source-{self._config.topic}", daemon=True
         )
@@ -163,7 +158,8 @@ class KafkaBatchSource:
         self._log.info(
             "kafka source started",
             client=self._config.client,
-            resume_offsets=labelled(self._resume) or None,
+            resume_offsets=labelled(self._start.floor) or None,
+            start="pending" if self._start.pending else "set",
         )
 
     def get(self, timeout_s: float) -> EventBatch | None:
@@ -274,6 +270,8 @@ class KafkaBatchSource:
         next_paused_poll = 0.0
         hold_until: float | None = None  # end of a wait for room without pausing
         while not self._stopping.is_set():
+            if self._start.pending and not self._hold_for_start(consumer):
+                continue
             self._offsets.serve(consumer)
             self._emit_ready()
             if (
@@ -339,6 +337,41 @@ class KafkaBatchSource:
         self._broker.observe(consumer, got_records=False)
         self._stopping.wait(self._config.poll_timeout_ms / 1000)
 
+    def _hold_for_start(self, consumer: ConsumerClient) -> bool:
+        """Before :meth:`set_start`: drive the join and hold what comes; True once applied.
+
+        Unassigned, it polls as usual (the join happens inside poll). Assigned, the partitions
+        are paused, so nothing more is fetched from a position that may be the wrong one, and
+        it polls briefly once per ``poll_timeout_ms`` to follow rebalances.
+        """
+        cfg = self._config
+        if self._start.known.is_set():
+            self._start.apply_late()
+            # Held records of a partition sought now came from the old position: dropped.
+            self._seek_start(consumer, consumer.assignment())
+            consumer.resume_all()
+            return True
+        timeout_ms = cfg.poll_timeout_ms
+        if self._assigned:
+            consumer.pause_all()
+            if self._wake.wait(cfg.poll_timeout_ms / 1000):
+                self._wake.clear()
+                return False
+            timeout_ms = min(cfg.poll_timeout_ms, _PAUSED_POLL_MS)
+        try:
+            polled = consumer.poll(timeout_ms / 1000, cfg.max_poll_records)
+        except TransientPollError as exc:
+            self._poll_failed(consumer, exc)
+            return False
+        self._poll_failing = False
+        self._broker.observe(consumer, got_records=bool(polled))
+        self._reconcile_assignment(consumer)
+        if polled:
+            self._ingest(polled)
+        if self._assigned:
+            consumer.pause_all()
+        return False
+
     def _ingest(self, polled: Polled) -> None:
         polled_count = skipped = 0
         for key, records in polled:
@@ -357,7 +390,7 @@ class KafkaBatchSource:
                 )
             polled_count += len(records)
             self._positions[key] = records[-1].offset + 1
-            floor = self._resume.get(key, -1)
+            floor = self._start.floor.get(key, -1)
             kept = records
             if floor > first:  # covered by the learner's restored checkpoint: trained on
                 kept = [r for r in records if r.offset >= floor]
@@ -384,20 +417,7 @@ class KafkaBatchSource:
         cfg = self._config
         batch = decode_batch(records, cfg.input_dim, cfg.max_event_bytes)
         if batch.dead_letters:
-            # Offsets are bound only when there is something to log: computing the ranges of
-            # every batch is a per-event cost on the consumer thread's hot path.
-            with structlog.contextvars.bound_contextvars(topic=cfg.topic, offsets=_ranges(records)):
-                for dl in batch.dead_letters:
-                    # Sent now, made durable by the flush that precedes the covering commit.
-                    self._dlq.send(
-                        cfg.dlq_topic, dead_letter_payload(dl, rejected_by=cfg.rejected_by())
-                    )
-                self._log.warning(
-                    "dead-lettered events",
-                    count=len(batch.dead_letters),
-                    reasons=dict(Counter(dl.reason for dl in batch.dead_letters)),
-                    dlq=cfg.dlq_topic,
-                )
+            send_dead_letters(batch.dead_letters, records, cfg, self._dlq, self._log)
         self._log.debug("batch decoded", events=len(batch), consumed=batch.consumed)
         with self._stats_lock:
             self._counters["batches"] += 1
@@ -457,20 +477,13 @@ class KafkaBatchSource:
     def _seek_start(
         self, consumer: ConsumerClient, assigned: frozenset[TopicPartitionKey]
     ) -> set[TopicPartitionKey]:
-        """Seek partitions assigned for the first time to their resume offset (module doc)."""
-        sought = {key for key in assigned if key in self._to_seek}
-        for key in sorted(sought):
-            offset = self._to_seek.pop(key)
-            consumer.seek(key, offset)
+        """Seek partitions assigned for the first time to their resume offset."""
+
+        def drop(key: TopicPartitionKey) -> int:
             self._positions.pop(key, None)
-            dropped = self._batcher.drop_partitions([key])
-            self._log.info(
-                "partition positioned at its start offset",
-                partition=partition_label(key),
-                offset=offset,
-                dropped=dropped,
-            )
-        return sought
+            return self._batcher.drop_partitions([key])
+
+        return self._start.seek(consumer, assigned, drop)
 
     def _update_lag(self, consumer: ConsumerClient) -> None:
         lag: dict[TopicPartitionKey, int] = {}

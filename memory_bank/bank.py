@@ -158,8 +158,12 @@ class MemoryBank:
         recent_ids: int = 65_536,
         policy: str = "class_balanced",
         hard_negative_every: int = 1,
+        snapshot: BankSnapshot | None = None,
     ) -> MemoryBank:
         """Load the store's snapshot and rebuild the mirror and the index from it.
+
+        ``snapshot``: the store's snapshot when the caller already read it (a learner reads
+        it on a thread while it starts); otherwise it is loaded here.
 
         ``label_index`` maps a stored class name to the learner's int label. When the store
         holds more items than ``capacity`` (the capacity was lowered), the bank evicts
@@ -180,7 +184,7 @@ class MemoryBank:
             policy=policy,
             hard_negative_every=hard_negative_every,
         )
-        bank._restore(store.load(), label_index)
+        bank._restore(snapshot if snapshot is not None else store.load(), label_index)
         log.info(
             "memory_bank_opened",
             items=len(bank),
@@ -192,32 +196,38 @@ class MemoryBank:
 
     def _restore(self, snapshot: BankSnapshot, label_index: Callable[[str], int]) -> None:
         # Sorted by id so that slots, and so sampling with a fixed seed, do not depend on the
-        # order the store happened to return.
-        items = sorted(snapshot.items, key=lambda item: item.id)
-        labels = [self._names.register(label_index(item.label), item.label) for item in items]
+        # order the store happened to return. Column-wise: one call per class name, one
+        # fancy-indexed copy per column (a 100k-item bank restores in bulk).
+        order = sorted(range(len(snapshot)), key=snapshot.ids.__getitem__)
+        ids = [snapshot.ids[row] for row in order]
+        label_of = {
+            name: self._names.register(label_index(name), name)
+            for name in dict.fromkeys(snapshot.labels)
+        }
+        labels = [label_of[snapshot.labels[row]] for row in order]
         seen = {
             self._names.register(label_index(name), name): int(count)
             for name, count in snapshot.seen_per_class.items()
         }
-        if len(items) > self.capacity:
+        if len(ids) > self.capacity:
             keep = class_balanced_subset(labels, self.capacity, random.Random(self.seed))
             kept = set(keep)
-            evicted = [item.id for i, item in enumerate(items) if i not in kept]
+            evicted = [event_id for i, event_id in enumerate(ids) if i not in kept]
             self._store.apply([], evicted, {})
             log.warning(
                 "memory_bank_shrunk_to_capacity",
-                stored=len(items),
+                stored=len(ids),
                 capacity=self.capacity,
                 evicted=len(evicted),
             )
-            items = [items[i] for i in keep]
+            order = [order[i] for i in keep]
+            ids = [ids[i] for i in keep]
             labels = [labels[i] for i in keep]
-        slots = self._reservoir.restore(
-            ((it.id, lab) for it, lab in zip(items, labels, strict=True)), seen
-        )
-        if items:
-            features = np.stack([np.asarray(it.features, dtype=np.float32) for it in items])
-            embeddings = np.stack([np.asarray(it.embedding, dtype=np.float32) for it in items])
+        slots = self._reservoir.restore(list(zip(ids, labels, strict=True)), seen)
+        if ids:
+            rows = np.asarray(order, dtype=np.int64)
+            features = np.asarray(snapshot.features, dtype=np.float32)[rows]
+            embeddings = np.asarray(snapshot.embeddings, dtype=np.float32)[rows]
             if features.shape[1] != self.input_dim or embeddings.shape[1] != self.embed_dim:
                 raise ValueError(
                     f"stored items have dims {features.shape[1]}/{embeddings.shape[1]}, "
@@ -227,8 +237,8 @@ class MemoryBank:
             self._features[dst] = torch.from_numpy(features).to(self.device)
             self._embeddings[dst] = F.normalize(torch.from_numpy(embeddings).to(self.device), dim=1)
             self._labels[dst] = torch.tensor(labels, dtype=torch.int64, device=self.device)
-            for slot, item in zip(slots, items, strict=True):
-                self._tasks[slot] = item.task
+            for slot, row in zip(slots, order, strict=True):
+                self._tasks[slot] = snapshot.tasks[row]
         self._replay.invalidate()
         self.refresh_index()
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # the store side (and a learner opening it early) runs without torch
+    import torch
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,10 +32,66 @@ class StoredItem:
 
 @dataclass(frozen=True, slots=True)
 class BankSnapshot:
-    """Everything a learner needs to rebuild its mirror after a restart."""
+    """Everything a learner needs to rebuild its mirror after a restart, column by column.
 
-    items: tuple[StoredItem, ...]
+    Row ``i`` is one item: ``ids[i]``, ``labels[i]`` (class name), ``tasks[i]``,
+    ``features[i]`` and ``embeddings[i]``. Columns, not one object per item: a learner
+    restores 100k items in bulk (docs/performance.md, "Restart").
+    """
+
+    ids: tuple[str, ...]
+    labels: tuple[str, ...]
+    tasks: tuple[str | None, ...]
+    features: np.ndarray  # float32 [n, input_dim]
+    embeddings: np.ndarray  # float32 [n, embed_dim]
     seen_per_class: Mapping[str, int]  # events offered to the reservoir, per class
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if not (
+            len(self.labels) == len(self.tasks) == len(self.features) == len(self.embeddings) == n
+        ):
+            raise ValueError("bank snapshot columns differ in length")
+
+    @classmethod
+    def from_items(
+        cls,
+        items: Sequence[StoredItem],
+        seen_per_class: Mapping[str, int],
+        input_dim: int = 0,
+        embed_dim: int = 0,
+    ) -> BankSnapshot:
+        """The snapshot of ``items`` (dims only matter when there are none)."""
+        if not items:
+            return cls(
+                (),
+                (),
+                (),
+                np.zeros((0, input_dim), np.float32),
+                np.zeros((0, embed_dim), np.float32),
+                seen_per_class,
+            )
+        return cls(
+            tuple(item.id for item in items),
+            tuple(item.label for item in items),
+            tuple(item.task for item in items),
+            np.stack([np.asarray(item.features, dtype=np.float32) for item in items]),
+            np.stack([np.asarray(item.embedding, dtype=np.float32) for item in items]),
+            seen_per_class,
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def items(self) -> tuple[StoredItem, ...]:
+        """One :class:`StoredItem` per row (for inspection; the learner reads the columns)."""
+        return tuple(
+            StoredItem(event_id, self.features[row], self.embeddings[row], label, task)
+            for row, (event_id, label, task) in enumerate(
+                zip(self.ids, self.labels, self.tasks, strict=True)
+            )
+        )
 
 
 class BankStore(Protocol):

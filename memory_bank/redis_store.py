@@ -220,7 +220,7 @@ class RedisBankStore:
         snapshot = self._retrying("load", self._load_once)
         self._log.info(
             "bank_store_loaded",
-            items=len(snapshot.items),
+            items=len(snapshot),
             classes=len(snapshot.seen_per_class),
             seconds=round(time.perf_counter() - started, 3),
         )
@@ -433,34 +433,63 @@ class RedisBankStore:
         feats_raw: list[bytes | None] = [v for reply in replies[0::2] for v in reply]
         embs_raw: list[bytes | None] = [v for reply in replies[1::2] for v in reply]
 
-        feat_bytes, emb_bytes = 4 * self.input_dim, 4 * self.embed_dim
-        keep: list[int] = []
-        for row, (f, e) in enumerate(zip(feats_raw, embs_raw, strict=True)):
-            if f is None or e is None:
-                continue
-            if len(f) != feat_bytes or len(e) != emb_bytes:
-                raise BankCorruptError(
-                    f"item {unique_ids[row]!r} in {self.bank_key} holds {len(f)} feature bytes "
-                    f"and {len(e)} embedding bytes, expected {feat_bytes} and {emb_bytes} "
-                    f"(input_dim={self.input_dim}, embed_dim={self.embed_dim})"
-                )
-            keep.append(row)
-        if len(keep) < len(unique_ids):
-            # apply() is atomic: an id in meta without vectors was evicted between the scan
-            # and the reads (by a second writer), so it is no longer part of the bank.
-            self._log.warning(
-                "bank_store_items_vanished_during_load", count=len(unique_ids) - len(keep)
-            )
+        keep = self._rows_with_vectors(unique_ids, feats_raw, embs_raw)
         # One join + frombuffer per hash instead of one array per item.
         features = np.frombuffer(b"".join([feats_raw[r] or b"" for r in keep]), dtype=_F32)
         embeddings = np.frombuffer(b"".join([embs_raw[r] or b"" for r in keep]), dtype=_F32)
-        features = features.reshape(len(keep), self.input_dim)
-        embeddings = embeddings.reshape(len(keep), self.embed_dim)
+        kept_ids = tuple(unique_ids[row] for row in keep)
+        labels, tasks = self._labels_and_tasks(kept_ids, [metas[first[i]] for i in kept_ids])
+        return BankSnapshot(
+            ids=kept_ids,
+            labels=labels,
+            tasks=tasks,
+            features=features.reshape(len(keep), self.input_dim),
+            embeddings=embeddings.reshape(len(keep), self.embed_dim),
+            seen_per_class=seen,
+        )
 
-        items: list[StoredItem] = []
-        for out_row, row in enumerate(keep):
-            event_id = unique_ids[row]
-            meta = metas[first[event_id]]
+    def _rows_with_vectors(
+        self, ids: list[str], feats_raw: list[bytes | None], embs_raw: list[bytes | None]
+    ) -> list[int]:
+        """Rows whose two vectors are both stored, each checked for its length."""
+        feat_bytes, emb_bytes = 4 * self.input_dim, 4 * self.embed_dim
+        keep = [
+            row
+            for row, (f, e) in enumerate(zip(feats_raw, embs_raw, strict=True))
+            if f is not None and e is not None
+        ]
+        sizes = {(len(feats_raw[r] or b""), len(embs_raw[r] or b"")) for r in keep}
+        if sizes - {(feat_bytes, emb_bytes)}:
+            for row in keep:
+                f, e = len(feats_raw[row] or b""), len(embs_raw[row] or b"")
+                if (f, e) != (feat_bytes, emb_bytes):
+                    raise BankCorruptError(
+                        f"item {ids[row]!r} in {self.bank_key} holds {f} feature bytes "
+                        f"and {e} embedding bytes, expected {feat_bytes} and {emb_bytes} "
+                        f"(input_dim={self.input_dim}, embed_dim={self.embed_dim})"
+                    )
+        if len(keep) < len(ids):
+            # apply() is atomic: an id in meta without vectors was evicted between the scan
+            # and the reads (by a second writer), so it is no longer part of the bank.
+            self._log.warning("bank_store_items_vanished_during_load", count=len(ids) - len(keep))
+        return keep
+
+    def _labels_and_tasks(
+        self, ids: tuple[str, ...], metas: list[Any]
+    ) -> tuple[tuple[str, ...], tuple[str | None, ...]]:
+        """The class name and task of each item, every metadata record checked."""
+        try:  # the common case in bulk: dicts with a str label and a str or null task
+            labels = tuple([meta["label"] for meta in metas])
+            tasks = tuple([meta.get("task") for meta in metas])
+        except (TypeError, KeyError, AttributeError):
+            labels = tasks = ()
+        if (
+            len(labels) == len(ids)
+            and set(map(type, labels)) <= {str}
+            and set(map(type, tasks)) <= {str, type(None)}
+        ):
+            return labels, tasks
+        for event_id, meta in zip(ids, metas, strict=True):  # name the first bad one
             label = meta.get("label") if isinstance(meta, dict) else None
             task = meta.get("task") if isinstance(meta, dict) else None
             if not isinstance(label, str) or not (task is None or isinstance(task, str)):
@@ -468,13 +497,4 @@ class RedisBankStore:
                     f"item {event_id!r} in {self.bank_key} has metadata {meta!r}: "
                     "expected {'label': str, 'task': str or null}"
                 )
-            items.append(
-                StoredItem(
-                    id=event_id,
-                    features=features[out_row],
-                    embedding=embeddings[out_row],
-                    label=label,
-                    task=task,
-                )
-            )
-        return BankSnapshot(items=tuple(items), seen_per_class=seen)
+        raise AssertionError("unreachable: every metadata record passed the check")

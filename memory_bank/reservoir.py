@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,17 +165,31 @@ class ClassBalancedReservoir:
 
     # -- loading ---------------------------------------------------------------------------
 
-    def restore(self, entries: Iterable[tuple[str, int]], seen: dict[int, int]) -> list[int]:
-        """Place ``(id, label)`` entries into slots 0.. in order; returns their slots."""
+    def restore(self, entries: Sequence[tuple[str, int]], seen: dict[int, int]) -> list[int]:
+        """Place ``(id, label)`` entries into slots 0.. in order; returns their slots.
+
+        The same state as placing them one by one from the free list, built in bulk (a
+        100k-item bank is restored at every start). Ids must be distinct.
+        """
         if len(self):
             raise RuntimeError("restore() needs an empty reservoir")
-        slots = []
-        for event_id, label in entries:
-            if not self._free:
-                raise ValueError(f"more entries than capacity {self.capacity}")
-            slot = self._free.pop()
-            self._place(slot, event_id, label)
-            slots.append(slot)
+        n = len(entries)
+        if n > self.capacity:
+            raise ValueError(f"more entries than capacity {self.capacity}")
+        slots = list(range(n))
+        self._id_slot = {event_id: slot for slot, (event_id, _label) in enumerate(entries)}
+        if len(self._id_slot) != n:
+            self._id_slot = {}
+            raise ValueError("restore() got an id twice")
+        for slot, (event_id, label) in enumerate(entries):
+            self._slot_id[slot] = event_id
+            self._slot_label[slot] = label
+            members = self._class_slots.setdefault(label, [])
+            self._pos[slot] = len(members)
+            members.append(slot)
+        del self._free[len(self._free) - n :]  # the free list pops slot 0 first
+        for members in self._class_slots.values():
+            self._resize(0, len(members))
         self._seen = dict(seen)
         return slots
 

@@ -50,7 +50,7 @@ class InMemoryBankStore:
     def load(self) -> BankSnapshot:
         self.load_calls += 1
         items = tuple(self._items[event_id] for event_id in sorted(self._items))
-        return BankSnapshot(items=items, seen_per_class=dict(self._seen))
+        return BankSnapshot.from_items(items, dict(self._seen))
 
     def apply(
         self,

@@ -39,8 +39,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
-    from pipeline.distributed.group import rank_from_env
-    from pipeline.learner.loop import RunLimits, run_learner
+    from pipeline.distributed.rank_info import rank_from_env
+    from pipeline.learner.opening import open_io
     from pipeline.learner.start import StartRequest, check_request
     from pipeline.signals import install_stop_signals
 
@@ -50,13 +50,22 @@ def _cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
     log.info("configuration", settings=settings.redacted(), **rank.as_dict())
     stop = threading.Event()
     install_stop_signals(stop)
-    limits = RunLimits(args.max_events, args.exit_when_idle)
     if rank.distributed:
+        from pipeline.learner.loop import RunLimits
         from pipeline.learner.ranks import run_group_learner
 
+        limits = RunLimits(args.max_events, args.exit_when_idle)
         summary = run_group_learner(settings, stop, rank, limits, request)
     else:
-        summary = run_learner(settings, stop, limits, request)
+        # Before torch is imported: the group join and the bank's read run while it loads.
+        opened = open_io(settings, stop, request, early=True)
+        try:
+            from pipeline.learner.loop import RunLimits, run_learner
+        except BaseException:
+            opened.close()
+            raise
+        limits = RunLimits(args.max_events, args.exit_when_idle)
+        summary = run_learner(settings, stop, limits, request, opened)
     print(
         json.dumps(
             {

@@ -115,7 +115,7 @@ def check_delivery(settings: Settings, produced_ids: Sequence[str]) -> DeliveryR
         snapshot = store.load()
     finally:
         client.close()
-    bank_ids = [item.id for item in snapshot.items]
+    bank_ids = list(snapshot.ids)
     return DeliveryReport(
         produced=len(produced_ids),
         expected_trained=len(expected),

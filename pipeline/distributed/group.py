@@ -1,11 +1,11 @@
-"""The rank of this learner process and the collectives of its data-parallel group.
+"""The collectives of a learner's data-parallel group.
 
 torchrun (``torchrun --nproc-per-node N -m pipeline.cli learn ...``) starts N learner processes
 and tells each who it is through ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
-:func:`rank_from_env` reads them, in this one place. :func:`join_group` starts the process
-group: gloo on CPU, NCCL on CUDA (each rank on the GPU ``LOCAL_RANK`` names). With
-``WORLD_SIZE`` 1 (or unset) nothing here runs: a single learner never initialises
-``torch.distributed``.
+:mod:`pipeline.distributed.rank_info` reads them, in this one place, without torch.
+:func:`join_group` starts the process group: gloo on CPU, NCCL on CUDA (each rank on the GPU
+``LOCAL_RANK`` names). With ``WORLD_SIZE`` 1 (or unset) nothing here runs: a single learner
+never initialises ``torch.distributed``.
 
 Every collective here is called by every rank in the same order: that is the group's one
 rule. The learner keeps it with a fixed cadence, one round of votes per loop turn
@@ -15,15 +15,13 @@ rule. The learner keeps it with a fixed cadence, one round of votes per loop tur
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import structlog
 import torch
 
-from pipeline.exceptions import ConfigError
+from pipeline.distributed.rank_info import RankInfo
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -31,47 +29,6 @@ T = TypeVar("T")
 # A collective waits this long for its slowest rank before failing (then torchrun restarts
 # the group). Long: a rank may spend minutes in a startup wait for Kafka or Redis.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
-
-
-@dataclass(frozen=True)
-class RankInfo:
-    """Who this process is in its group; the default is a single learner."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    attempt: int = 0  # torchrun's restart count of the group (TORCHELASTIC_RESTART_COUNT)
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def leader(self) -> bool:
-        """Rank 0: writes the checkpoint, the bank's durable copy and the telemetry."""
-        return self.rank == 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {"rank": self.rank, "world_size": self.world_size}
-
-
-SINGLE = RankInfo()
-
-
-def rank_from_env(environ: Mapping[str, str]) -> RankInfo:
-    """torchrun's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``; a single learner without them."""
-    try:
-        world = int(environ.get("WORLD_SIZE", "1"))
-        rank = int(environ.get("RANK", "0"))
-        local = int(environ.get("LOCAL_RANK", str(rank)))
-        attempt = int(environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    except ValueError as exc:
-        raise ConfigError(f"torchrun environment: {exc}") from None
-    if world < 1 or not 0 <= rank < world or local < 0:
-        raise ConfigError(
-            f"torchrun environment: RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}"
-        )
-    return RankInfo(rank, world, local, attempt)
 
 
 def join_group(info: RankInfo, device: torch.device) -> None:

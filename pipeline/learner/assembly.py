@@ -8,35 +8,29 @@ consumer process or producer behind.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import structlog
 import torch
 
-from consumers.exceptions import BrokerUnavailableError
 from consumers.positions import OffsetProbe
-from consumers.producer import JsonProducer
-from consumers.protocols import EventSource
 from memory_bank.bank import MemoryBank
-from memory_bank.exceptions import BankUnavailableError
 from memory_bank.protocols import BankStore
-from memory_bank.redis_store import RedisBankStore, ping_redis
 from pipeline.config import Settings
-from pipeline.distributed.group import SINGLE, RankInfo, broadcast_object
+from pipeline.distributed.group import broadcast_object
+from pipeline.distributed.rank_info import SINGLE, RankInfo
 from pipeline.learner.checkpoint import Checkpoint, load_latest
 from pipeline.learner.checkpointer import Checkpointer
 from pipeline.learner.context import Counters, LearnerContext
 from pipeline.learner.exporting import AutoExport
 from pipeline.learner.exposition import LearnerExposition
-from pipeline.learner.health import HealthBoard, health_path, stop_quietly
+from pipeline.learner.health import stop_quietly
 from pipeline.learner.ledger import TrainedLedger, ledger_path
+from pipeline.learner.opening import Opened, learner_bank_store, open_io, wait_for_redis
 from pipeline.learner.probes import ProbeSet
 from pipeline.learner.sharing import FollowerStore
-from pipeline.learner.start import NO_REQUEST, StartRequest, plan_start, prepare_lineage
+from pipeline.learner.start import NO_REQUEST, StartRequest, plan_start
 from pipeline.learning.labels import LabelRegistry
 from pipeline.learning.model import StreamNet
 from pipeline.learning.step import make_state, match_optimizer_device
@@ -44,7 +38,6 @@ from pipeline.learning.tuning import default_torch_threads
 from pipeline.telemetry.channel import TelemetryWriter, telemetry_client
 
 log = structlog.get_logger(__name__)
-T = TypeVar("T")
 
 
 def build_context(
@@ -53,6 +46,7 @@ def build_context(
     start_source: bool = False,
     request: StartRequest = NO_REQUEST,
     rank: RankInfo = SINGLE,
+    opened: Opened | None = None,
 ) -> LearnerContext:
     """Create every component. Nothing is connected at import time.
 
@@ -63,71 +57,31 @@ def build_context(
 
     With ``start_source`` the source is started (at the checkpoint's offsets, or where
     ``request`` says; see :mod:`pipeline.learner.start`) as soon as the checkpoint is loaded,
-    so the group join overlaps the bank load.
+    so the group join overlaps the bank load. ``opened``: connections :func:`open_io` opened
+    earlier, before torch was imported (the source already joining, the bank being read).
     """
-    from memory_bank.redis_client import make_redis_client
-
     torch.manual_seed(settings.train.seed)
     device = resolve_device(settings.train.device)
     threads = settings.train.torch_threads or default_torch_threads(device)
     if threads:
         torch.set_num_threads(threads)
-    seen = torch.zeros(settings.model.max_classes, dtype=torch.bool, device=device)
-    r = settings.redis
-    health = HealthBoard(
-        settings.learner_name,
-        health_path(settings.checkpoint_dir, rank.rank),
-        stale_after_s=settings.health.stale_after_s,
-    )
-    client = make_redis_client(
-        r.url, r.username, r.password, r.socket_timeout_s, tls_options=r.tls_options()
-    )
-    client_options = settings.kafka.client_options()
     stop = stop or threading.Event()
-    wait_s = settings.learner.startup_wait_s
-    if rank.leader and (request.reset or request.position is not None):
-        # Before anything connects: a refused --from must leave nothing behind.
-        prepare_lineage(settings, request, lambda name: _set_bank_aside(settings, client, name))
-    producer = _until_reachable(
-        lambda: JsonProducer(client_options, on_health=health.reporter("kafka_producer")),
-        "kafka",
-        wait_s,
-        stop,
-        health.reporter("kafka_producer"),
-    )
-    source = _make_source(settings, client_options, producer, health)
+    if opened is None:
+        opened = open_io(settings, stop, request, rank=rank.rank)
     try:
-        return _assemble(
-            settings,
-            device,
-            seen,
-            client,
-            health,
-            producer,
-            source,
-            stop,
-            start_source,
-            request,
-            rank,
-        )
+        return _assemble(settings, device, opened, stop, start_source, request, rank)
     except BaseException:
         # Whatever failed after the source exists (checkpoint, model, Redis, bank, ledger):
         # leave no consumer thread, consumer process or producer behind.
         with contextlib.suppress(Exception):
-            source.stop(timeout_s=10.0)
-        with contextlib.suppress(Exception):
-            producer.close()
+            opened.close()
         raise
 
 
 def _assemble(
     settings: Settings,
     device: torch.device,
-    seen: torch.Tensor,
-    client: Any,
-    health: HealthBoard,
-    producer: JsonProducer,
-    source: EventSource,
+    opened: Opened,
     stop: threading.Event,
     start_source: bool,
     request: StartRequest,
@@ -137,7 +91,7 @@ def _assemble(
     from memory_bank.index import make_index
 
     r = settings.redis
-    wait_s = settings.learner.startup_wait_s
+    health, source = opened.health, opened.source
     ckpt = _load_checkpoint(settings, device, rank)
     if ckpt is None:
         log.info("no checkpoint; starting fresh", dir=str(settings.checkpoint_dir))
@@ -145,7 +99,9 @@ def _assemble(
     plan = plan_start(
         settings, ckpt, request, lambda: OffsetProbe(settings.kafka.client_options(), topic)
     )
-    if start_source:
+    if opened.joining is not None:
+        opened.joining.set_start(plan.offsets)  # joined since open_io: the offsets follow
+    elif start_source:
         # Join the consumer group while the bank loads: a restart then costs
         # max(group join, bank load), not their sum (docs/performance.md, "Restart").
         source.start(plan.offsets)
@@ -153,6 +109,7 @@ def _assemble(
     model = StreamNet(settings.model).to(device)
     state = make_state(model, settings.train)
     registry = registry_from(ckpt, settings.model.max_classes)
+    seen = torch.zeros(settings.model.max_classes, dtype=torch.bool, device=device)
     seen[: len(registry)] = True
 
     def label_index(name: str) -> int:
@@ -162,16 +119,12 @@ def _assemble(
         return idx
 
     b = settings.bank
-    store: BankStore = _bank_store(
-        settings,
-        client,
-        max_backoff_s=r.retry_max_backoff_s,
-        on_health=health.reporter("redis"),
-    )
+    store: BankStore = learner_bank_store(settings, opened.redis, health)
     if not rank.leader:
         store = FollowerStore(store)  # rank 0 writes the group's bank (learner/sharing.py)
     started = time.monotonic()
-    _until_reachable(lambda: ping_redis(client), "redis", wait_s, stop, health.reporter("redis"))
+    if opened.snapshot is None:
+        wait_for_redis(settings, opened.redis, stop, health)
     bank = MemoryBank.open(
         store,
         make_index(b.index, settings.model.embed_dim, device, b.use_gpu),
@@ -185,6 +138,7 @@ def _assemble(
         hard_negative_every=b.hard_negative_interval,
         label_index=label_index,
         policy=b.policy,
+        snapshot=opened.snapshot.result() if opened.snapshot is not None else None,
     )
     log.info("memory bank loaded", items=len(bank), seconds=round(time.monotonic() - started, 3))
     health.mark_ready("bank_loaded")
@@ -197,7 +151,7 @@ def _assemble(
         probes=ProbeSet(settings.eval.probe_per_class, settings.model.input_dim, device),
         bank=bank,
         source=source,
-        producer=producer,
+        producer=opened.producer,
         # Its own fast-failing client: a Redis outage must not stall training on telemetry.
         telemetry=TelemetryWriter(
             telemetry_client(r), r.key_prefix, settings.learner_name, r.telemetry_maxlen
@@ -244,97 +198,6 @@ def _load_checkpoint(settings: Settings, device: torch.device, rank: RankInfo) -
     if ckpt is not None:
         ckpt.model = {k: v.to(device) for k, v in ckpt.model.items()}
     return ckpt
-
-
-def _set_bank_aside(settings: Settings, client: Any, new_name: str) -> list[str]:
-
-    wait_s = settings.learner.startup_wait_s
-    _until_reachable(lambda: ping_redis(client), "redis", wait_s, threading.Event())
-    return _bank_store(settings, client).set_aside(new_name)
-
-
-def _bank_store(settings: Settings, client: Any, **options: Any) -> RedisBankStore:
-    """This learner's bank in Redis, retried with the ``redis`` section's back-off."""
-
-    r, m = settings.redis, settings.model
-    return RedisBankStore(
-        client,
-        r.key_prefix,
-        settings.learner_name,
-        m.input_dim,
-        m.embed_dim,
-        retries=r.retries,
-        backoff_s=r.retry_backoff_s,
-        **options,
-    )
-
-
-def _make_source(
-    settings: Settings,
-    client_options: dict[str, Any],
-    producer: JsonProducer,
-    health: HealthBoard,
-) -> EventSource:
-    """The event source: in this process, or ``consumer.processes`` consumer processes."""
-    from consumers.process_source import ProcessBatchSource
-    from consumers.source import KafkaBatchSource, SourceConfig
-
-    source_config = SourceConfig.from_tuning(
-        settings.consumer,
-        topic=settings.kafka.events_topic,
-        group_id=settings.group_id,
-        input_dim=settings.model.input_dim,
-        dlq_topic=settings.kafka.dlq_topic,
-        learner=settings.learner_name,
-    )
-    if settings.consumer.processes > 1:
-        # Polling and decoding in other processes, off this one's GIL (a GPU learner
-        # outruns one kafka-python consumer); each child has its own DLQ producer.
-        return ProcessBatchSource(
-            source_config,
-            client_options,
-            settings.consumer.processes,
-            log_level=logging.getLevelName(settings.logging.level),
-        )
-    return KafkaBatchSource(
-        source_config,
-        client_options,
-        producer,
-        on_health=health.reporter("kafka_consumer"),
-    )
-
-
-def _until_reachable(
-    make: Callable[[], T],
-    what: str,
-    wait_s: float,
-    stop: threading.Event,
-    report: Callable[[str | None], None] | None = None,
-) -> T:
-    """``make()``, retried with backoff while its server is unreachable at start.
-
-    A learner started before its broker or Redis (a whole stack coming up at once) waits up
-    to ``learner.startup_wait_s`` instead of exiting and being restarted in a loop; the wait
-    shows in ``report`` (the health board) as that dependency being down.
-    """
-    deadline = time.monotonic() + wait_s
-    delay = 1.0
-    while True:
-        try:
-            made = make()
-        except (BrokerUnavailableError, BankUnavailableError) as exc:
-            if report is not None:
-                report(str(exc))
-            if time.monotonic() + delay > deadline or stop.is_set():
-                raise
-            log.warning("waiting for a dependency", dependency=what, error=str(exc), retry_s=delay)
-            if stop.wait(delay):
-                raise
-            delay = min(30.0, 2 * delay)
-        else:
-            if report is not None:
-                report(None)
-            return made
 
 
 def resolve_device(choice: str) -> torch.device:

@@ -17,12 +17,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-import torch
 
 from pipeline.exceptions import CheckpointError
+
+if TYPE_CHECKING:  # imported where used: listing checkpoints (a restart's first step) needs none
+    import torch
 
 log = structlog.get_logger(__name__)
 
@@ -105,6 +107,8 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint, keep: int) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"ckpt-{ckpt.step:012d}.pt"
     tmp = directory / f".{final.name}.tmp"
+    import torch
+
     try:
         with tmp.open("wb") as fh:
             torch.save(ckpt.to_payload(), fh)
@@ -135,6 +139,8 @@ def load_latest(directory: Path, map_location: torch.device | str = "cpu") -> Ch
     Raises CheckpointError when checkpoints exist but every one of them is unreadable:
     starting from scratch silently would retrain (and re-commit) a whole stream.
     """
+    import torch
+
     _remove_torn_writes(directory)
     candidates = list_checkpoints(directory)
     for path in candidates:

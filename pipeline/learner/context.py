@@ -16,7 +16,7 @@ from consumers.producer import JsonProducer
 from consumers.protocols import EventSource
 from memory_bank.bank import MemoryBank
 from pipeline.config import Settings
-from pipeline.distributed.group import SINGLE, RankInfo
+from pipeline.distributed.rank_info import SINGLE, RankInfo
 from pipeline.learner.checkpointer import Checkpointer
 from pipeline.learner.exposition import LearnerExposition
 from pipeline.learner.health import HealthBoard

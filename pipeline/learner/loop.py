@@ -43,6 +43,7 @@ from pipeline.learner.assembly import build_context, close_context
 from pipeline.learner.context import LearnerContext, LearnerSummary
 from pipeline.learner.emit import Emitter, emit_end, emit_eval, loop_tick, start_health
 from pipeline.learner.idle import IdleWatch
+from pipeline.learner.opening import Opened
 from pipeline.learner.process import process_batch
 from pipeline.learner.start import NO_REQUEST, StartRequest
 
@@ -62,12 +63,14 @@ def run_learner(
     stop: threading.Event,
     limits: RunLimits = RunLimits(),
     start: StartRequest = NO_REQUEST,
+    opened: Opened | None = None,
 ) -> LearnerSummary:
     """Get → process → emit → checkpoint/commit when due; until stopped, idle or at max_events.
 
-    ``start`` carries ``--from`` / ``--reset`` (:mod:`pipeline.learner.start`).
+    ``start`` carries ``--from`` / ``--reset`` (:mod:`pipeline.learner.start`); ``opened``,
+    the connections ``learn`` opened before importing torch (:mod:`pipeline.learner.opening`).
     """
-    ctx = build_context(settings, stop, start_source=True, request=start)
+    ctx = build_context(settings, stop, start_source=True, request=start, opened=opened)
     _log_start(ctx)
     ctx.started = now = time.monotonic()
     start_consumed = ctx.counters.consumed

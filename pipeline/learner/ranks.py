@@ -39,13 +39,8 @@ import structlog
 from consumers.events import EventBatch, TopicPartitionKey, restrict
 from consumers.positions import OffsetProbe
 from pipeline.config import Settings
-from pipeline.distributed.group import (
-    RankInfo,
-    gather_objects,
-    join_group,
-    leave_group,
-    model_digest,
-)
+from pipeline.distributed.group import gather_objects, join_group, leave_group, model_digest
+from pipeline.distributed.rank_info import RankInfo
 from pipeline.exceptions import SupconStreamError
 from pipeline.learner.assembly import build_context, close_context, resolve_device
 from pipeline.learner.context import LearnerContext, LearnerSummary

@@ -52,6 +52,7 @@ def test_bench_throughput_small_run_writes_both_reports(tmp_path) -> None:
             assert client[stage]["events_per_s"] > 0
     assert results["learner_only"]["events_per_s"] > 0
     assert results["decode"]["decode_batch_us_per_event"] > 0
+    assert results["decode"]["decode_batch_reference_path_us_per_event"] > 0
     assert results["memory_bank"]["bank_items"] == 3000
     assert results["restart"]["bank_items"] == 3000
     assert results["restart"]["seconds"] > 0

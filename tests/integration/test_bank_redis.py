@@ -81,6 +81,19 @@ def test_item_with_wrong_byte_length_is_reported(redis_client: redis.Redis, uniq
         store.load()
 
 
+@pytest.mark.parametrize(
+    "meta", [b'{"label": 3}', b'{"task": "t"}', b'["cat"]', b'{"label": "cat", "task": 1}']
+)
+def test_item_with_bad_metadata_is_named(
+    redis_client: redis.Redis, unique: str, meta: bytes
+) -> None:
+    store = make_store(redis_client, unique)
+    store.apply([item("a"), item("b"), item("c")], [], {"cat": 3})
+    redis_client.hset(f"test-{unique}:bank:bank:meta", "b", meta)
+    with pytest.raises(BankCorruptError, match=r"item 'b' .* has metadata"):
+        store.load()
+
+
 def test_a_retried_apply_whose_reply_was_lost_applies_once(
     redis_client: redis.Redis, unique: str
 ) -> None:

@@ -300,6 +300,9 @@ def restart_breakdown(log_path: Path, started_epoch: float) -> dict[str, Any]:
     marks = {
         "kafka source started": "join_started_s",
         "partitions assigned": "assigned_s",
+        "bank read": "bank_read_s",  # the store's snapshot, read on a thread from the start
+        "start position set": "offsets_known_s",  # torch imported, checkpoint read
+        "vector_index_selected": "model_built_s",  # model and Adam built, the bank opening
         "memory_bank_opened": "bank_opened_s",
     }
     out: dict[str, Any] = {}

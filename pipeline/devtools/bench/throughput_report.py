@@ -206,7 +206,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Decode alone, offline ({d['events']} events, batches of {d['batch_size']}): "
         f"`orjson.loads` {d['orjson_loads_us_per_event']} µs per event, `decode_batch` "
         f"{d['decode_batch_us_per_event']} µs (validation and the matrix build: "
-        f"{d['validate_and_matrix_us_per_event']} µs).",
+        f"{d['validate_and_matrix_us_per_event']} µs); `decode_batch` without the simdjson "
+        f"fast path {d.get('decode_batch_reference_path_us_per_event')} µs "
+        f"(fast path installed: {d.get('fast_path')}).",
         "",
         f"Learner-only (in-memory batches, real bank; mean of the runs before and after the "
         f"end-to-end stages): {r['learner_only']['events_per_s']} events/s.",
@@ -233,12 +235,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"write-back + index refresh {b['writeback_and_refresh_ms']} ms, add of the batch "
         f"{b['batch_add_ms']} ms, total {b['iteration_ms']} ms",
         "",
-        f"Restart: {r['restart']['seconds']} s from process start to the first trained batch; "
-        f"after process start: group join started at {r['restart'].get('join_started_s')} s, "
-        f"partitions assigned at {r['restart'].get('assigned_s')} s (join "
-        f"{r['restart'].get('group_join_s')} s, set by the broker: Tansu takes about half of "
-        f"consumer.session_timeout_ms), bank opened at {r['restart'].get('bank_opened_s')} s "
-        f"(load {r['restart'].get('bank_load_s')} s, overlapping the join).",
+        f"Restart (slowest of the runs): {r['restart']['seconds']} s from process start to the "
+        f"first trained batch. After process start: group join started at "
+        f"{r['restart'].get('join_started_s')} s, partitions assigned at "
+        f"{r['restart'].get('assigned_s')} s (join {r['restart'].get('group_join_s')} s, set "
+        f"by the broker: Tansu takes about half of consumer.session_timeout_ms); the bank's "
+        f"snapshot read from Redis (on a thread, from the start) at "
+        f"{r['restart'].get('bank_read_s')} s; torch imported and the checkpoint read (start "
+        f"position handed to the source) at {r['restart'].get('offsets_known_s')} s; model and "
+        f"optimizer built at {r['restart'].get('model_built_s')} s; the bank's mirror restored "
+        f"(restore "
+        f"{r['restart'].get('bank_load_s')} s) at {r['restart'].get('bank_opened_s')} s.",
         "",
         f"Latency at {lat['offered_events_per_s']} events/s offered "
         f"(batch {lat['batch_size']}, max_latency_ms {lat['max_latency_ms_setting']}): "

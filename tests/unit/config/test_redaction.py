@@ -81,7 +81,7 @@ def test_config_command_prints_no_url_password(capsys: pytest.CaptureFixture[str
 @pytest.mark.parametrize(
     ("command", "runner"),
     [
-        ("learn", "pipeline.learner.loop.run_learner"),
+        ("learn", "pipeline.learner.opening.open_io"),  # the first step after the log line
         ("sidecar", "pipeline.sidecar.service.run_sidecar"),
     ],
 )

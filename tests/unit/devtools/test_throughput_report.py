@@ -146,6 +146,9 @@ def test_restart_phases_from_log_timestamps(tmp_path: Path) -> None:
     log = tmp_path / "learner.log"
     log.write_text(
         "2026-01-01T00:00:01.000000Z [info ] kafka source started group=g\n"
+        "2026-01-01T00:00:01.500000Z [info ] bank read items=3 seconds=0.5\n"
+        "2026-01-01T00:00:02.000000Z [info ] start position set group=g\n"
+        "2026-01-01T00:00:02.250000Z [info ] vector_index_selected kind=mirror\n"
         "2026-01-01T00:00:02.500000Z [info ] memory_bank_opened items=3 seconds=1.25\n"
         "2026-01-01T00:00:04.000000Z [info ] partitions assigned group=g\n"
     )
@@ -155,3 +158,7 @@ def test_restart_phases_from_log_timestamps(tmp_path: Path) -> None:
     assert phases["assigned_s"] == 4.0
     assert phases["group_join_s"] == 3.0
     assert phases["bank_load_s"] == 1.25
+    assert phases["bank_read_s"] == 1.5
+    assert phases["offsets_known_s"] == 2.0
+    assert phases["model_built_s"] == 2.25
+    assert phases["bank_opened_s"] == 2.5

@@ -9,7 +9,8 @@ import torch
 
 from consumers.events import DeadLetter, EventBatch, SourceRecord, restrict
 from pipeline.config import ModelSettings, TrainSettings
-from pipeline.distributed.group import RankInfo, model_digest, rank_from_env
+from pipeline.distributed.group import model_digest
+from pipeline.distributed.rank_info import RankInfo, rank_from_env
 from pipeline.distributed.replicas import ObjectiveModule
 from pipeline.exceptions import ConfigError
 from pipeline.learner.rank_cut import union_offsets

@@ -234,3 +234,30 @@ def test_rejects_misshaped_batches() -> None:
         bank.add(["a"], torch.zeros(1, 3), torch.tensor([0]), ["c"], torch.ones(1, 8), [None])
     with pytest.raises(ValueError, match="label names"):
         bank.add(["a"], torch.zeros(1, 4), torch.tensor([0]), [], torch.ones(1, 8), [None])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 5), max_size=40), st.integers(40, 60))
+def test_bulk_restore_equals_placing_one_by_one(labels: list[int], capacity: int) -> None:
+    entries = [(f"id-{i}", label) for i, label in enumerate(labels)]
+    bulk = ClassBalancedReservoir(capacity, seed=3)
+    slots = bulk.restore(entries, {7: 9})
+    # Offering into free slots places the same entries the same way, one at a time.
+    one_by_one = ClassBalancedReservoir(capacity, seed=3)
+    one_by_one.offer_batch(entries)
+    one_by_one._seen = {7: 9}  # what restore() sets; offering counted the entries instead
+    assert slots == list(range(len(entries)))
+    for name in ("_slot_id", "_slot_label", "_pos", "_id_slot", "_class_slots", "_free"):
+        assert getattr(bulk, name) == getattr(one_by_one, name), name
+    assert (bulk._size_hist, bulk._max_count) == (one_by_one._size_hist, one_by_one._max_count)
+    assert bulk.seen_counts() == {7: 9}
+    # And it goes on the same way afterwards.
+    more = [(f"more-{i}", i % 7) for i in range(2 * capacity)]
+    assert bulk.offer_batch(more).evicted == one_by_one.offer_batch(more).evicted
+
+
+def test_restore_refuses_repeated_ids_and_overflow() -> None:
+    with pytest.raises(ValueError, match="twice"):
+        ClassBalancedReservoir(4).restore([("a", 0), ("a", 1)], {})
+    with pytest.raises(ValueError, match="capacity"):
+        ClassBalancedReservoir(1).restore([("a", 0), ("b", 1)], {})
