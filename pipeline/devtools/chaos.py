@@ -179,14 +179,12 @@ def drill_settings(settings_pairs: Sequence[str]) -> Settings:
     return load_settings(None, list(settings_pairs), environ={})
 
 
-def run_kill_drill(
+def start_drill(
     drill: KillDrill, settings_pairs: Sequence[str], workdir: Path
-) -> DeliveryReport:
-    """Run the drill with the CLI; ``settings_pairs`` point it at the broker and Redis.
-
-    The pairs must enable ``checkpoint.ledger``. Returns the delivery report (its ``ok``
-    says whether every check held); process logs are left under ``workdir``.
-    """
+) -> tuple[Settings, random.Random, list[str], float, subprocess.Popen[bytes]]:
+    """What every kill drill does first: check the ledger is on, create the topics and start
+    the replay. Returns the settings, the drill's random source, the ``--set`` arguments, the
+    start time and the replay process."""
     settings = drill_settings(settings_pairs)
     if not settings.checkpoint.ledger:
         raise ValueError("the kill drill needs checkpoint.ledger=true")
@@ -211,6 +209,18 @@ def run_kill_drill(
         ),
         workdir / "replay.log",
     )
+    return settings, rng, common, started, replay
+
+
+def run_kill_drill(
+    drill: KillDrill, settings_pairs: Sequence[str], workdir: Path
+) -> DeliveryReport:
+    """Run the drill with the CLI; ``settings_pairs`` point it at the broker and Redis.
+
+    The pairs must enable ``checkpoint.ledger``. Returns the delivery report (its ``ok``
+    says whether every check held); process logs are left under ``workdir``.
+    """
+    settings, rng, common, started, replay = start_drill(drill, settings_pairs, workdir)
     learner_log = workdir / "learner.log"
     kill_after: list[float] = []
     try:

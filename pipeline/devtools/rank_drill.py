@@ -14,7 +14,6 @@ ledgers grow), even-numbered ones at a random moment of its start-up.
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import time
@@ -28,10 +27,10 @@ from pipeline.devtools.chaos import (
     DeliveryReport,
     KillDrill,
     check_delivery,
-    drill_settings,
     read_topic_ids,
+    start_drill,
 )
-from pipeline.devtools.spawn import cli_command, set_args, spawn, torchrun_command
+from pipeline.devtools.spawn import spawn, torchrun_command
 
 log = structlog.get_logger(__name__)
 
@@ -84,30 +83,7 @@ def run_rank_kill_drill(
     idle_exit_s: float = 10.0,
 ) -> DeliveryReport:
     """The drill of the module doc; returns the delivery report (``ok``: every check held)."""
-    settings = drill_settings(settings_pairs)
-    if not settings.checkpoint.ledger:
-        raise ValueError("the kill drill needs checkpoint.ledger=true")
-    workdir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(drill.seed)
-    common = set_args(settings_pairs)
-    started = time.monotonic()
-    topics = subprocess.run(cli_command("topics", *common), capture_output=True, check=False)
-    if topics.returncode != 0:
-        raise RuntimeError(f"topics failed: {topics.stderr.decode()[-500:]}")
-    replay = spawn(
-        cli_command(
-            "replay",
-            drill.source,
-            "--limit",
-            str(drill.events),
-            "--rate",
-            str(drill.rate),
-            "--seed",
-            str(drill.seed),
-            *common,
-        ),
-        workdir / "replay.log",
-    )
+    settings, rng, common, started, replay = start_drill(drill, settings_pairs, workdir)
     group_log = workdir / "group.log"
     learn = ["--exit-when-idle", str(idle_exit_s), *common]
     agent = spawn(torchrun_command(ranks, "learn", *learn, max_restarts=drill.kills), group_log)
