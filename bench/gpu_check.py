@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -141,6 +142,9 @@ def _stack_stages(args: argparse.Namespace, budget: Budget, out: dict[str, Any])
 
     device = "cpu" if args.dry_run else "cuda"
     workdir = Path(args.workdir)
+    # A fresh stack and no checkpoints of an earlier run (a restored learner would find its
+    # offsets at the end of the new topic and train nothing).
+    shutil.rmtree(workdir, ignore_errors=True)
     data = Synthetic.make(args.events, args.input_dim)
     with Stack.running(workdir) as stack:
 
@@ -186,6 +190,8 @@ def _stack_stages(args: argparse.Namespace, budget: Budget, out: dict[str, Any])
             extra = (f"consumer.client={client}", f"consumer.processes={args.processes}")
             row = measure_end_to_end(overrides(f"e2e-{client}", *extra), args.events, workdir)
             row["client"] = client
+            if row["events"] < args.events:
+                raise RuntimeError(f"end-to-end with {client} trained {row['events']} events")
             out["end_to_end"].append(row)
             _write(args.out, out)
             _log(f"end-to-end, {client}, {args.processes} processes: {row['events_per_s']:,.0f}/s")
