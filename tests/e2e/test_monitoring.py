@@ -16,9 +16,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -45,6 +45,7 @@ pytestmark = [
 
 DIM = 8
 STALLABLE = Path(__file__).with_name("stallable_learner.py")
+T = TypeVar("T")
 
 
 def _get(url: str) -> tuple[int, dict[str, Any]]:
@@ -92,6 +93,25 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _log_since(log: Path, offset: int) -> str:
+    return log.read_bytes()[offset:].decode(errors="replace") if log.exists() else ""
+
+
+def _rebalanced(log_text: str) -> bool:
+    """The learner logged its partitions revoked, then assigned again: a rebalance done."""
+    revoked = log_text.find("partitions revoked")
+    return revoked >= 0 and "partitions assigned" in log_text[revoked:]
+
+
+def _poll_logged(what: str, fn: Callable[[], T | None], timeout_s: float, log: Path) -> T:
+    """:func:`poll`, with the learner's log tail in the failure (why it never got there)."""
+    try:
+        return poll(what, fn, timeout_s)
+    except AssertionError as exc:
+        tail = log.read_text(errors="replace")[-4000:] if log.exists() else "(no log)"
+        raise AssertionError(f"{exc}\n--- {log.name} ---\n{tail}") from None
 
 
 def _every_dashboard_query_runs(prom: Prometheus) -> None:
@@ -163,13 +183,28 @@ def test_prometheus_scrapes_learners_and_sidecar_readiness_dlq_and_a_stuck_loop(
         _process(learner("a"), tmp_path / "a.log") as proc_a,
     ):
         poll("learner a ready", lambda: _get(f"{url['a']}/readyz")[0] == 200, timeout_s=120)
-        with _process(learner("b"), tmp_path / "b.log"):
-            # b is alive, restored and loaded, but a owns the only partition: not ready.
-            code, body = poll(
+        log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+        a_before_b = log_a.stat().st_size
+        with _process(learner("b"), log_b):
+            poll(
                 "learner b restored and loaded",
-                lambda: (r := _get(f"{url['b']}/readyz"))[1].get("bank_loaded") and r,
+                lambda: _get(f"{url['b']}/readyz")[1].get("bank_loaded"),
                 timeout_s=120,
             )
+            # b's join rebalances the group: a loses the partition, then gets it back (its
+            # member id sorts first). Only then is b a member that owns nothing. Stopping a
+            # before that rebalance completes hits a Tansu 0.6.0 bug: the group leader leaving
+            # mid-rebalance leaves the remaining member a follower whose SyncGroup fails
+            # (error 27) forever, so b would never get the partition (Apache Kafka elects
+            # a new leader).
+            _poll_logged(
+                "the rebalance of b's join (a's partition revoked, then assigned again)",
+                lambda: _rebalanced(_log_since(log_a, a_before_b)),
+                timeout_s=120,
+                log=log_a,
+            )
+            # b is alive, restored, loaded and in the group, but a owns the only partition.
+            code, body = _get(f"{url['b']}/readyz")
             assert _get(f"{url['b']}/healthz")[0] == 200
             assert code == 503
             assert body["partitions_assigned"] is False
@@ -202,7 +237,12 @@ def test_prometheus_scrapes_learners_and_sidecar_readiness_dlq_and_a_stuck_loop(
 
             # a leaves: b gets the partition and becomes ready.
             _stop(proc_a)
-            poll("learner b ready", lambda: _get(f"{url['b']}/readyz")[0] == 200, timeout_s=120)
+            _poll_logged(
+                "learner b ready",
+                lambda: _get(f"{url['b']}/readyz")[0] == 200,
+                timeout_s=120,
+                log=log_b,
+            )
 
             # A burst of malformed events: the DLQ-rate alert's expression turns true for b.
             _produce(bootstrap, k.events_topic, [b"not json"] * 200 + _events(1000, 50))
