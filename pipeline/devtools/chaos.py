@@ -254,6 +254,14 @@ def run_kill_drill(
         if replay.poll() is None:
             replay.kill()
             replay.wait()
+    return finish_drill(drill, settings, kill_after, started)
+
+
+def finish_drill(
+    drill: KillDrill, settings: Settings, kill_after: list[float], started: float
+) -> DeliveryReport:
+    """What every kill drill does last: read back what the replay produced and check that the
+    learner's ledger and committed offsets account for every event of it."""
     produced = read_topic_ids(
         settings.kafka.bootstrap_servers, settings.kafka.events_topic, drill.events
     )

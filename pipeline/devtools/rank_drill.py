@@ -18,18 +18,11 @@ import signal
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import structlog
 
-from pipeline.devtools.chaos import (
-    DeliveryReport,
-    KillDrill,
-    check_delivery,
-    read_topic_ids,
-    start_drill,
-)
+from pipeline.devtools.chaos import DeliveryReport, KillDrill, finish_drill, start_drill
 from pipeline.devtools.spawn import spawn, torchrun_command
 
 log = structlog.get_logger(__name__)
@@ -119,13 +112,4 @@ def run_rank_kill_drill(
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-    produced = read_topic_ids(
-        settings.kafka.bootstrap_servers, settings.kafka.events_topic, drill.events
-    )
-    report = check_delivery(settings, produced)
-    return replace(
-        report,
-        kills=drill.kills,
-        kill_after_s=kill_after,
-        elapsed_s=round(time.monotonic() - started, 1),
-    )
+    return finish_drill(drill, settings, kill_after, started)
