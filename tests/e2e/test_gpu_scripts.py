@@ -53,3 +53,13 @@ def test_gpu_profile_on_the_cpu_writes_a_report_per_batch_size(tmp_path: Path) -
         assert f"batch size {size}, device cpu, 3 batches" in text
         assert "process_batch" in text  # cProfile saw the learner's own functions
         assert "aten::" in text  # and the torch profiler its operators
+
+
+def test_step_ab_counts_fewer_operators_with_fused_adam() -> None:
+    done = _run("bench/step_ab.py", "--rounds", "1", "--steps", "6")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["fused"]["ms_per_step_median"] > 0
+    # Fused Adam updates every parameter in one operator and skips a non-finite step in it,
+    # where the unfused step clones and restores each parameter and moment.
+    assert report["fused"]["top_level_ops_per_step"] < report["unfused"]["top_level_ops_per_step"]

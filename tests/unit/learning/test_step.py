@@ -140,6 +140,7 @@ def test_optimizer_saved_as_capturable_steps_on_cpu_after_matching() -> None:
     saved.step()
     state = saved.state_dict()
     state["param_groups"][0]["capturable"] = True  # as a CUDA learner writes it
+    state["param_groups"][0]["fused"] = True
 
     restored = torch.optim.Adam([param], lr=0.1)
     restored.load_state_dict(state)
@@ -148,4 +149,5 @@ def test_optimizer_saved_as_capturable_steps_on_cpu_after_matching() -> None:
     restored.step()  # raised "If capturable=True, params and state_steps must be on ..."
 
     assert restored.param_groups[0]["capturable"] is False
+    assert restored.param_groups[0]["fused"] is False  # the CPU keeps unfused Adam
     assert torch.all(param < 1.0)

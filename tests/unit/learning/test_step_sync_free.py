@@ -1,10 +1,13 @@
 """The sync-free step (the CUDA path), exercised on the CPU: same update as the branching
-step when finite, an exact undo when not, and skips counted on the device until read."""
+step when finite, an exact undo when not, and skips counted on the device until read; with
+fused Adam (CUDA's optimizer, whose kernel skips the step) and unfused Adam (where() undo, the
+data-parallel group on the CPU)."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from pipeline.config import ModelSettings, TrainSettings
@@ -12,6 +15,7 @@ from pipeline.learning.model import StreamNet
 from pipeline.learning.step import StepInputs, make_state, train_step
 
 MODEL = ModelSettings(input_dim=8, hidden_dim=32, embed_dim=16, proj_dim=16, max_classes=5)
+FUSED = pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 
 
 def _inputs(seed: int, poison: bool = False) -> StepInputs:
@@ -36,11 +40,12 @@ def _optimizer_tensors(state) -> list[torch.Tensor]:  # type: ignore[no-untyped-
     return out
 
 
-def test_sync_free_matches_the_branching_step_when_finite() -> None:
+@FUSED
+def test_sync_free_matches_the_branching_step_when_finite(fused: bool) -> None:
     cfg = TrainSettings()
     torch.manual_seed(0)
     model = StreamNet(MODEL)
-    a, b = make_state(model, cfg), make_state(copy.deepcopy(model), cfg)
+    a, b = make_state(model, cfg), make_state(copy.deepcopy(model), cfg, fused=fused)
     for seed in range(3):
         ra = train_step(a, _inputs(seed), cfg, torch.Generator().manual_seed(seed), sync_free=False)
         rb = train_step(b, _inputs(seed), cfg, torch.Generator().manual_seed(seed), sync_free=True)
@@ -55,10 +60,11 @@ def test_sync_free_matches_the_branching_step_when_finite() -> None:
     assert a.skipped == b.skipped == 0
 
 
-def test_sync_free_undoes_a_non_finite_step_exactly() -> None:
+@FUSED
+def test_sync_free_undoes_a_non_finite_step_exactly(fused: bool) -> None:
     cfg = TrainSettings()
     torch.manual_seed(1)
-    state = make_state(StreamNet(MODEL), cfg)
+    state = make_state(StreamNet(MODEL), cfg, fused=fused)
     train_step(state, _inputs(0), cfg, sync_free=True)  # Adam state now exists
     params = [p.detach().clone() for p in state.model.parameters()]
     moments = _optimizer_tensors(state)
@@ -81,9 +87,10 @@ def test_sync_free_undoes_a_non_finite_step_exactly() -> None:
     assert all(torch.isfinite(p).all() for p in state.model.parameters())
 
 
-def test_lazy_result_fields_and_skip_counter_setter() -> None:
+@FUSED
+def test_lazy_result_fields_and_skip_counter_setter(fused: bool) -> None:
     cfg = TrainSettings(grad_clip=None)
-    state = make_state(StreamNet(MODEL), cfg)
+    state = make_state(StreamNet(MODEL), cfg, fused=fused)
     result = train_step(state, _inputs(0), cfg, sync_free=True)
     assert result.per_sample_loss.shape == (12,)
     assert result.per_sample_loss.device.type == "cpu"
@@ -93,11 +100,12 @@ def test_lazy_result_fields_and_skip_counter_setter() -> None:
     assert state.skipped == 6
 
 
-def test_sync_free_first_step_skipped_leaves_adam_as_fresh() -> None:
+@FUSED
+def test_sync_free_first_step_skipped_leaves_adam_as_fresh(fused: bool) -> None:
     """A non-finite very first step: Adam's newly created state is zeros with step 0."""
     cfg = TrainSettings(weight_decay=0.1)
     torch.manual_seed(2)
-    state = make_state(StreamNet(MODEL), cfg)
+    state = make_state(StreamNet(MODEL), cfg, fused=fused)
     params = [p.detach().clone() for p in state.model.parameters()]
 
     result = train_step(state, _inputs(0, poison=True), cfg, sync_free=True)
