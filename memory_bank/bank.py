@@ -79,6 +79,7 @@ class MemoryBank:
         recent_ids: int = 65_536,
         policy: str = "class_balanced",
         hard_negative_every: int = 1,
+        draw_seed: int | None = None,
     ) -> None:
         if capacity < 1 or input_dim < 1 or embed_dim < 1:
             raise ValueError(f"need capacity, input_dim, embed_dim >= 1: {capacity=}")
@@ -117,8 +118,12 @@ class MemoryBank:
         self._names = ClassNames()
         self._recent = RecentIds(recent_ids)
 
+        # Replay and hard-negative draws: ``draw_seed`` (default ``seed``). What the bank
+        # holds depends on ``seed`` alone, so mirrors that draw differently hold the same items.
+        draws = seed if draw_seed is None else draw_seed
+        self.draw_seed = draws
         self._generator = torch.Generator(device=dev)
-        self._generator.manual_seed(seed)
+        self._generator.manual_seed(draws)
         self._replay = ReplaySampler(
             self._features,
             self._labels,
@@ -126,7 +131,7 @@ class MemoryBank:
             self._reservoir,
             lambda: max(1, self._names.bound()),
             self._generator,
-            seed,
+            draws,
         )
         self._search = MirrorSearch(
             index,
@@ -159,6 +164,7 @@ class MemoryBank:
         policy: str = "class_balanced",
         hard_negative_every: int = 1,
         snapshot: BankSnapshot | None = None,
+        draw_seed: int | None = None,
     ) -> MemoryBank:
         """Load the store's snapshot and rebuild the mirror and the index from it.
 
@@ -183,6 +189,7 @@ class MemoryBank:
             recent_ids=recent_ids,
             policy=policy,
             hard_negative_every=hard_negative_every,
+            draw_seed=draw_seed,
         )
         bank._restore(snapshot if snapshot is not None else store.load(), label_index)
         log.info(

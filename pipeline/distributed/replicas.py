@@ -11,6 +11,8 @@ so every rank's optimizer applies the same update and the replicas stay equal.
 Step cadence (why nobody waits forever): every rank takes part in every step of the group,
 with its share of the group's rows as the weight of its loss, ``rows_r * world / rows_total``
 (DDP divides the sum by ``world``, so the update is the mean over every row of the group).
+The group's micro-batch and replay are split among the ranks (:mod:`.shares`), so a group
+step has the rows of one learner's step.
 A rank without rows that turn still runs the step with weight 0: its forward touches every
 parameter times zero, so its gradient is zero and the all-reduce completes.
 """

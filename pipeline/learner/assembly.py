@@ -20,6 +20,7 @@ from memory_bank.protocols import BankStore
 from pipeline.config import Settings
 from pipeline.distributed.group import broadcast_object
 from pipeline.distributed.rank_info import SINGLE, RankInfo
+from pipeline.distributed.shares import rank_seed
 from pipeline.learner.checkpoint import Checkpoint, load_latest
 from pipeline.learner.checkpointer import Checkpointer
 from pipeline.learner.context import Counters, LearnerContext
@@ -133,6 +134,8 @@ def _assemble(
         embed_dim=settings.model.embed_dim,
         device=device,
         seed=settings.train.seed,
+        # Each rank draws its own replay from the one bank (rank 0: exactly a single learner's).
+        draw_seed=rank_seed(settings.train.seed, rank.rank),
         index_refresh_steps=b.index_refresh_steps,
         hard_negative_queries=b.hard_negative_queries,
         hard_negative_every=b.hard_negative_interval,
@@ -156,7 +159,9 @@ def _assemble(
         telemetry=TelemetryWriter(
             telemetry_client(r), r.key_prefix, settings.learner_name, r.telemetry_maxlen
         ),
-        generator=torch.Generator(device=device).manual_seed(settings.train.seed),
+        generator=torch.Generator(device=device).manual_seed(
+            rank_seed(settings.train.seed, rank.rank)
+        ),
         checkpointer=Checkpointer.from_settings(settings),
         health=health,
         # Only when served: without health.http_port nothing could scrape it.

@@ -208,10 +208,11 @@ def _train_on(
     ids = [batch.ids[i] for i in rows]
     names = [batch.labels[i] or "" for i in rows]
     tasks = [batch.tasks[i] for i in rows]
+    cfg = ctx.settings.train if turn is None else turn.train_settings(ctx.settings.train)
     outcome = learn_batch(
         ctx.state,
         ctx.bank,
-        ctx.settings.train,
+        cfg,
         x,
         y,
         ctx.seen_classes,

@@ -16,7 +16,10 @@ A group turn, on every rank, with its collectives always in this order::
     labels       every rank registers every rank's new labels, in rank order: one registry,
                  one class index per name on every rank (the CE head is shared)
     train        rows in the group: ``train.iters_per_batch`` DDP steps on every rank, a rank
-                 without rows with weight 0 (:func:`~pipeline.learning.batch.idle_steps`)
+                 without rows with weight 0 (:func:`~pipeline.learning.batch.idle_steps`),
+                 each rank with rows replaying its rows' share of the group's replay
+                 (:func:`group_turn`; each rank reads its share of ``consumer.batch_size``,
+                 :func:`rank_settings`: a group step is one learner's step)
     share        a batch anywhere: one gather of bank and probe rows, applied in rank order
                  (:mod:`.sharing`: one logical bank, one probe set)
     emit         rank 0: telemetry for the group (the sidecar sees one learner); every rank:
@@ -38,9 +41,10 @@ import structlog
 
 from consumers.events import EventBatch, TopicPartitionKey, restrict
 from consumers.positions import OffsetProbe
-from pipeline.config import Settings
+from pipeline.config import Settings, TrainSettings
 from pipeline.distributed.group import gather_objects, join_group, leave_group, model_digest
 from pipeline.distributed.rank_info import RankInfo
+from pipeline.distributed.shares import rank_share, split
 from pipeline.exceptions import SupconStreamError
 from pipeline.learner.assembly import build_context, close_context, resolve_device
 from pipeline.learner.context import LearnerContext, LearnerSummary
@@ -131,6 +135,29 @@ def register_group_labels(ctx: LearnerContext, votes: list[Vote]) -> None:
                 ctx.seen_classes[idx] = True
 
 
+def group_turn(train: TrainSettings, rank: RankInfo, rows: list[int]) -> GroupTurn:
+    """This rank's part of the group's step, from every rank's rows to train this turn.
+
+    The weight of its loss is ``rows_r * N / sum(rows)`` (:mod:`pipeline.distributed.replicas`),
+    and it replays its rows' share of the group's ``train.replay_size`` and
+    ``train.hard_negatives``: the group's step has one learner's replay beside the group's
+    rows, and every rank's loss averages rows and replay in the same proportion.
+    """
+    me = rank.rank
+    return GroupTurn(
+        weight=rank.world_size * rows[me] / max(sum(rows), 1),
+        replay_size=split(train.replay_size, rows)[me],
+        hard_negatives=split(train.hard_negatives, rows)[me],
+    )
+
+
+def rank_settings(settings: Settings, rank: RankInfo) -> Settings:
+    """This rank's settings: its share of the group's ``consumer.batch_size`` (at least 1)."""
+    share = max(1, rank_share(settings.consumer.batch_size, rank.world_size, rank.rank))
+    consumer = settings.consumer.model_copy(update={"batch_size": share})
+    return settings.model_copy(update={"consumer": consumer})
+
+
 def run_group_learner(
     settings: Settings,
     stop: threading.Event,
@@ -141,6 +168,7 @@ def run_group_learner(
     """:func:`~pipeline.learner.loop.run_learner` for one rank of a group (module doc)."""
     join_group(rank, resolve_device(settings.train.device))
     try:
+        settings = rank_settings(settings, rank)
         ctx = build_context(settings, stop, start_source=True, request=start, rank=rank)
         return _run(ctx, stop, limits)
     finally:
@@ -226,7 +254,7 @@ class _Turns:
         register_group_labels(ctx, votes)
         total = sum(v.rows for v in votes)
         self.busy = any(v.has_batch for v in votes)
-        turn = GroupTurn(weight=ctx.rank.world_size * rows_to_train(ctx, batch) / max(total, 1))
+        turn = group_turn(ctx.settings.train, ctx.rank, [v.rows for v in votes])
         if batch is not None:
             with batch_log_context(ctx, batch):
                 turn.report = process_batch(ctx, batch, turn)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from memory_bank.protocols import BankSnapshot, BankStore, StoredItem
+from pipeline.config import TrainSettings
 from pipeline.learner.context import LearnerContext
 
 
@@ -47,10 +48,21 @@ class GroupTurn:
     """
 
     weight: float = 1.0
+    # This rank's share of the group's replay this turn (``train.replay_size`` and
+    # ``train.hard_negatives`` split in proportion to the ranks' rows); None: the settings'.
+    replay_size: int | None = None
+    hard_negatives: int | None = None
     offer: BankOffer | None = None
     probes: list[tuple[str, torch.Tensor, int]] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
     totals: dict[str, int] = field(default_factory=dict)
+
+    def train_settings(self, cfg: TrainSettings) -> TrainSettings:
+        """``cfg`` with this rank's replay share in place of the group's replay sizes."""
+        if self.replay_size is None and self.hard_negatives is None:
+            return cfg
+        update = {"replay_size": self.replay_size, "hard_negatives": self.hard_negatives}
+        return cfg.model_copy(update={k: v for k, v in update.items() if v is not None})
 
 
 COUNTS = ("batch_events", "trained", "held_out", "predicted", "dead_lettered")

@@ -214,6 +214,33 @@ def test_same_seed_same_bank() -> None:
     assert run() == run()
 
 
+def test_the_draw_seed_changes_the_replay_drawn_never_the_items_held() -> None:
+    """Mirrors of one bank on the ranks of a group: one seed, a draw seed per rank."""
+
+    def run(draw_seed: int | None) -> tuple[list[str], list[list[int]]]:
+        bank = MemoryBank(
+            InMemoryBankStore(),
+            TorchIndex(EMB_DIM),
+            30,
+            IN_DIM,
+            EMB_DIM,
+            "cpu",
+            seed=5,
+            draw_seed=draw_seed,
+        )
+        labels = skewed_stream(500, seed=9)
+        draws = []
+        for start in range(0, 500, 50):
+            offer(bank, [f"e{start + i}" for i in range(50)], labels[start : start + 50])
+            draws.append(bank.sample(8).slots.tolist())
+        return sorted(bank.ids()), draws
+
+    same, other = run(None), run(6)
+    assert run(5) == same  # the default draw seed is the seed
+    assert other[0] == same[0]  # the same items held (evictions included)
+    assert other[1] != same[1]  # drawn differently
+
+
 def test_label_and_name_must_stay_consistent() -> None:
     bank = make_bank(InMemoryBankStore(), capacity=4)
     offer(bank, ["a"], [0])
