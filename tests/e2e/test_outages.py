@@ -276,6 +276,14 @@ def test_second_learner_joining_and_first_leaving_skip_nothing(
         a = spawn(cli_command("learn", *set_args(pairs_a)), log_a)
         assert wait_for_ledger(ledger_path(sa.checkpoint_dir), 20, 90) >= 20, log_a.read_text()
         b = spawn(cli_command("learn", *set_args(pairs_b)), log_b)
+        # y goes out once b owns partitions: produced earlier, a can fetch all of it before the
+        # rebalance of b's join (a slow join on a loaded machine), and b, with nothing to read,
+        # would never train.
+        wait_until(
+            lambda: "partitions assigned" in log_b.read_text(errors="replace"),
+            timeout_s=120,
+            what="b's partitions assigned",
+        )
         ids += _produce(bootstrap, sa.kafka.events_topic, _events("y", 300))
         assert wait_for_ledger(ledger_path(sb.checkpoint_dir), 1, 90) >= 1, log_b.read_text()
         ids += _produce(bootstrap, sa.kafka.events_topic, _events("z", 300))
