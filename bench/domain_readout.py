@@ -42,7 +42,7 @@ from sklearn.linear_model import LogisticRegression
 from memory_bank.bank import MemoryBank
 from memory_bank.index import make_index
 from memory_bank.testing import InMemoryBankStore
-from pipeline.devtools.bench.compare import load_scenario_stream, make_split
+from pipeline.devtools.bench.compare import LabeledStream, load_scenario_stream, make_split
 from pipeline.devtools.bench.forgetting import (
     BenchConfig,
     _model_settings,
@@ -55,6 +55,7 @@ from pipeline.learning.inference import class_means, predict_head, predict_ncm
 from pipeline.learning.model import StreamNet
 from pipeline.learning.objectives import natural_classifier
 from pipeline.learning.step import make_state
+from pipeline.streams.scenarios import gaussian_drift
 
 
 def test_domains(stream_x: np.ndarray, tasks: list[str], test_x: np.ndarray) -> np.ndarray:
@@ -62,6 +63,16 @@ def test_domains(stream_x: np.ndarray, tasks: list[str], test_x: np.ndarray) -> 
     domain), so nothing here repeats how ``make_split`` draws its hold-out."""
     task_of = {row.tobytes(): task for row, task in zip(stream_x, tasks, strict=True)}
     return np.asarray([task_of[row.tobytes()] for row in test_x])
+
+
+def drift_stream(events: int) -> LabeledStream:
+    """gaussian-drift, seed 0, shortened to ``events`` (as in docs/forgetting.md)."""
+    rows, labels, tasks = [], [], []
+    for event in gaussian_drift(0, events=events):
+        rows.append(event["features"])
+        labels.append(str(event["label"]))
+        tasks.append(str(event["task"]))
+    return LabeledStream("gaussian-drift", np.asarray(rows, dtype=np.float32), labels, tasks, {})
 
 
 def _ace_term(model: Any, v: Any, _cfg: Any) -> torch.Tensor:
@@ -85,6 +96,8 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="train.KEY=VALUE / model.KEY=VALUE")
     p.add_argument("--json", type=Path, help="append the result as one JSON line")
     p.add_argument("--ace", action="store_true", help="the focal term becomes ER-ACE's CE")
+    p.add_argument("--events", type=int, help="gaussian-drift only: its length (default 20,000)")
+    p.add_argument("--final-only", action="store_true", help="score at the end only")
     args = p.parse_args()
     if args.ace:
         objectives.TERMS["focal"] = _ace_term
@@ -97,7 +110,10 @@ def main() -> None:
 
     cfg = BenchConfig(model=overrides["model"])
     method = method_by_name(args.method)
-    stream = load_scenario_stream(args.scenario)  # seed 0, as ``compare`` generates it
+    if args.events and args.scenario == "gaussian-drift":
+        stream = drift_stream(args.events)
+    else:
+        stream = load_scenario_stream(args.scenario)  # seed 0, as ``compare`` generates it
     split = make_split(stream, args.seed)
     assert stream.tasks is not None
     domains = test_domains(stream.x, stream.tasks, split.test_x.numpy())
@@ -162,6 +178,8 @@ def main() -> None:
             items = ([f"digits-{i}" for i in idx], [str(int(c)) for c in y], [task] * len(idx))
             learn_batch(state, bank, train_cfg, x, y, seen, generator, items)
         done.extend(rows.tolist())
+        if args.final_only and len(done) < len(split.train_y):
+            continue
         scores = evaluate(np.asarray(done))
         history.append({"task": task, **scores})
         means = {k: round(float(np.mean(list(v.values()))), 3) for k, v in scores.items()}
