@@ -1,0 +1,206 @@
+"""Why SupCon + bank loses on domain-digits: per-domain accuracy of several read-outs.
+
+Runs one arm of ``supcon-stream compare SCENARIO`` exactly as the benchmark does (same split
+of the scenario generated with seed 0, same stream order, same event ids, so the same bank
+admissions; ``learn_batch`` for every micro-batch) and, at the end of every task, scores the
+test set **per domain** (per task of the scenario) with four read-outs of the same network:
+
+- ``ncm_bank``: nearest class mean over the bank, re-encoded (SupCon's natural classifier);
+- ``head``: the network's head (CE's natural classifier; under the ``supcon`` preset it is the
+  PCR proxy head);
+- ``ncm_all``: nearest class mean over *every* training event seen so far (not equal memory:
+  what a bank without a size limit would give);
+- ``probe``: a logistic regression fitted on the encoder output of every training event seen
+  so far (not equal memory: how much the representation still separates).
+
+Prints one line per task end and one JSON line at the end (``--json`` appends it to a file).
+
+``--ace`` is a screen, not a product setting: for this process only, the ``focal`` loss term
+is replaced by ER-ACE's asymmetric cross-entropy (Caccia et al. 2022; a batch row's softmax
+over the classes present in its batch, a replay row's over every seen class), so
+``--set 'train.loss_terms={supcon: 1, proxy: 1, focal: 1}' --ace`` trains an ACE head beside
+the ``supcon`` preset (read it in the ``head`` column).
+
+    PYTHONPATH=. .venv/bin/python bench/domain_readout.py --method supcon --memory 20 --seed 0
+    PYTHONPATH=. .venv/bin/python bench/domain_readout.py --method ce_er --memory 20 --seed 0 \
+        --set 'train.loss_terms={supcon: 1, proxy: 1, ce: 1}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+import yaml
+from sklearn.linear_model import LogisticRegression
+
+from memory_bank.bank import MemoryBank
+from memory_bank.index import make_index
+from memory_bank.testing import InMemoryBankStore
+from pipeline.devtools.bench.compare import LabeledStream, load_scenario_stream, make_split
+from pipeline.devtools.bench.forgetting import (
+    BenchConfig,
+    _model_settings,
+    method_by_name,
+    stream_order,
+)
+from pipeline.learning import objectives
+from pipeline.learning.batch import learn_batch
+from pipeline.learning.inference import class_means, predict_head, predict_ncm
+from pipeline.learning.model import StreamNet
+from pipeline.learning.objectives import natural_classifier
+from pipeline.learning.step import make_state
+from pipeline.streams.scenarios import gaussian_drift
+
+
+def test_domains(stream_x: np.ndarray, tasks: list[str], test_x: np.ndarray) -> np.ndarray:
+    """The task of every test row, found by its features (a permuted image is unique to its
+    domain), so nothing here repeats how ``make_split`` draws its hold-out."""
+    task_of = {row.tobytes(): task for row, task in zip(stream_x, tasks, strict=True)}
+    return np.asarray([task_of[row.tobytes()] for row in test_x])
+
+
+def drift_stream(events: int) -> LabeledStream:
+    """gaussian-drift, seed 0, shortened to ``events`` (as in docs/forgetting.md)."""
+    rows, labels, tasks = [], [], []
+    for event in gaussian_drift(0, events=events):
+        rows.append(event["features"])
+        labels.append(str(event["label"]))
+        tasks.append(str(event["task"]))
+    return LabeledStream("gaussian-drift", np.asarray(rows, dtype=np.float32), labels, tasks, {})
+
+
+def _ace_term(model: Any, v: Any, _cfg: Any) -> torch.Tensor:
+    """ER-ACE's asymmetric CE on the head, per item (averaged over its two views)."""
+    labels = v.labels.clamp(min=0)
+    present = torch.zeros_like(v.seen_classes)
+    present[labels[: v.n]] = True
+    is_batch = (torch.arange(v.m, device=labels.device) < v.n).repeat(2)
+    allowed = torch.where(is_batch[:, None], present[None, :], v.seen_classes[None, :])
+    logits = model.logits(v.h).float().masked_fill(~allowed, torch.finfo(torch.float32).min)
+    per_view = F.cross_entropy(logits, labels.repeat(2), reduction="none")
+    return objectives._labeled_only(per_view, v)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scenario", default="domain-digits")
+    p.add_argument("--method", default="supcon", help="a benchmark method (ce_er, supcon, ...)")
+    p.add_argument("--memory", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], help="train.KEY=VALUE / model.KEY=VALUE")
+    p.add_argument("--json", type=Path, help="append the result as one JSON line")
+    p.add_argument("--ace", action="store_true", help="the focal term becomes ER-ACE's CE")
+    p.add_argument("--events", type=int, help="gaussian-drift only: its length (default 20,000)")
+    p.add_argument("--final-only", action="store_true", help="score at the end only")
+    args = p.parse_args()
+    if args.ace:
+        objectives.TERMS["focal"] = _ace_term
+    torch.set_num_threads(1)
+    overrides: dict[str, dict[str, Any]] = {"train": {}, "model": {}}
+    for item in args.set:
+        key, _, raw = item.partition("=")
+        section, _, name = key.partition(".")
+        overrides[section][name] = yaml.safe_load(raw)
+
+    cfg = BenchConfig(model=overrides["model"])
+    method = method_by_name(args.method)
+    if args.events and args.scenario == "gaussian-drift":
+        stream = drift_stream(args.events)
+    else:
+        stream = load_scenario_stream(args.scenario)  # seed 0, as ``compare`` generates it
+    split = make_split(stream, args.seed)
+    assert stream.tasks is not None
+    domains = test_domains(stream.x, stream.tasks, split.test_x.numpy())
+    names = list(dict.fromkeys(stream.tasks))
+    y_test = split.test_y.numpy()
+
+    torch.manual_seed(args.seed)
+    train_cfg = cfg.train.model_copy(
+        update={**overrides["train"], **method.train, "seed": args.seed}
+    )
+    model_cfg = _model_settings(split, cfg)
+    model = StreamNet(model_cfg)
+    state = make_state(model, train_cfg)
+    generator = torch.Generator().manual_seed(args.seed)
+    bank = MemoryBank(
+        InMemoryBankStore(),
+        make_index("faiss", model_cfg.embed_dim, "cpu", "never"),
+        capacity=args.memory,
+        input_dim=model_cfg.input_dim,
+        embed_dim=model_cfg.embed_dim,
+        device="cpu",
+        seed=args.seed,
+        policy=method.bank_policy,
+    )
+    seen = torch.zeros(model_cfg.max_classes, dtype=torch.bool)
+
+    def per_domain(predicted: np.ndarray) -> dict[str, float]:
+        """Mean over classes of the per-class accuracy, on each domain's test rows (the classes
+        a domain holds: all of them on domain-digits, the task's two on split-digits)."""
+        ok = predicted == y_test
+        out = {}
+        for d in names:
+            rows = domains == d
+            accs = [ok[rows & (y_test == c)].mean() for c in np.unique(y_test[rows])]
+            out[d] = round(float(np.mean(accs)), 3)
+        return out
+
+    @torch.no_grad()
+    def evaluate(rows: np.ndarray) -> dict[str, dict[str, float]]:
+        model.eval()
+        _, bank_x, bank_y = bank.occupied()
+        train_x = torch.from_numpy(split.train_x[rows])
+        train_y = split.train_y[rows]
+        means_bank = class_means(model, bank_x, bank_y)
+        means_all = class_means(model, train_x, torch.from_numpy(train_y))
+        probe = LogisticRegression(max_iter=300).fit(model.embed(train_x).numpy(), train_y)
+        return {
+            "ncm_bank": per_domain(predict_ncm(model, split.test_x, means_bank)[0].numpy()),
+            "head": per_domain(predict_head(model, split.test_x, seen)[0].numpy()),
+            "ncm_all": per_domain(predict_ncm(model, split.test_x, means_all)[0].numpy()),
+            "probe": per_domain(probe.predict(model.embed(split.test_x).numpy())),
+        }
+
+    history = []
+    done: list[int] = []
+    for task, rows in zip(split.task_names, stream_order(split, args.seed), strict=True):
+        for start in range(0, len(rows), cfg.stream_batch):
+            idx = rows[start : start + cfg.stream_batch]
+            x = torch.from_numpy(split.train_x[idx])
+            y = torch.from_numpy(split.train_y[idx])
+            seen[y] = True
+            items = ([f"digits-{i}" for i in idx], [str(int(c)) for c in y], [task] * len(idx))
+            learn_batch(state, bank, train_cfg, x, y, seen, generator, items)
+        done.extend(rows.tolist())
+        if args.final_only and len(done) < len(split.train_y):
+            continue
+        scores = evaluate(np.asarray(done))
+        history.append({"task": task, **scores})
+        means = {k: round(float(np.mean(list(v.values()))), 3) for k, v in scores.items()}
+        print(f"after task {task}: {means}  per domain: {scores}", flush=True)
+    natural = "head" if natural_classifier(train_cfg) == "head" else "ncm_bank"
+    final = {k: float(np.mean(list(v.values()))) for k, v in history[-1].items() if k != "task"}
+    result = {
+        "scenario": args.scenario,
+        "method": args.method,
+        "memory": args.memory,
+        "seed": args.seed,
+        "set": args.set,
+        "natural": natural,
+        "final": final,
+        "history": history,
+    }
+    print(json.dumps({k: result[k] for k in ("method", "memory", "seed", "set", "final")}))
+    if args.json:
+        with args.json.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
