@@ -79,9 +79,8 @@ def run_learner(
         ctx.source.assignment, settings.kafka.events_topic, limits.exit_when_idle_s, now
     )
     emitter = Emitter(ctx, start_consumed, now)
-    clean, failure = False, None
-    try:
-        start_health(ctx)
+    committed_at = now
+    with running(ctx):
         while not stop.is_set() and not _reached_max_events(ctx, limits, start_consumed):
             batch = ctx.source.get(timeout_s=0.5)
             now = time.monotonic()
@@ -101,14 +100,24 @@ def run_learner(
         ctx.checkpointer.commit(ctx, wait=True)
         committed_at = time.monotonic()
         emit_end(ctx)
-        clean = True
+    return summarize(ctx, idle, start_consumed, committed_at)
+
+
+@contextlib.contextmanager
+def running(ctx: LearnerContext) -> Iterator[None]:
+    """A learner's run, one process or one rank: the health board started; on the way out the
+    log context cleared and the context closed, ``stopped``, or ``failed`` with the exception
+    that ended the run (kept in the health file)."""
+    failure = None
+    try:
+        start_health(ctx)
+        yield
     except BaseException as exc:
         failure = f"{type(exc).__name__}: {exc}"
         raise
     finally:
         structlog.contextvars.clear_contextvars()
-        close_context(ctx, "stopped" if clean else "failed", failure)
-    return summarize(ctx, idle, start_consumed, committed_at)
+        close_context(ctx, "failed" if failure else "stopped", failure)
 
 
 def _log_start(ctx: LearnerContext) -> None:

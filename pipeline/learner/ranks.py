@@ -46,7 +46,7 @@ from pipeline.distributed.group import gather_objects, join_group, leave_group, 
 from pipeline.distributed.rank_info import RankInfo
 from pipeline.distributed.shares import rank_share, split
 from pipeline.exceptions import SupconStreamError
-from pipeline.learner.assembly import build_context, close_context, resolve_device
+from pipeline.learner.assembly import build_context, resolve_device
 from pipeline.learner.context import LearnerContext, LearnerSummary
 from pipeline.learner.emit import (
     Emitter,
@@ -54,10 +54,9 @@ from pipeline.learner.emit import (
     emit_eval,
     loop_tick,
     note_progress,
-    start_health,
 )
 from pipeline.learner.idle import JOIN_TIMEOUT_S, IdleWatch
-from pipeline.learner.loop import RunLimits, batch_log_context, summarize
+from pipeline.learner.loop import RunLimits, batch_log_context, running, summarize
 from pipeline.learner.process import process_batch
 from pipeline.learner.rank_cut import group_cut
 from pipeline.learner.sharing import GroupTurn, apply_shared, group_report, rank_totals
@@ -189,10 +188,8 @@ def _run(ctx: LearnerContext, stop: threading.Event, limits: RunLimits) -> Learn
     idle = IdleWatch(ctx.source.assignment, topic, limits.exit_when_idle_s, now)
     emitter = Emitter(ctx, start_consumed, now) if ctx.rank.leader else None
     turns = _Turns(ctx, stop, idle, limits, start_consumed, partitions)
-    clean, failure = False, None
     committed_at = now
-    try:
-        start_health(ctx)
+    with running(ctx):
         while turns.next(emitter):
             pass
         if emitter is not None:
@@ -204,13 +201,6 @@ def _run(ctx: LearnerContext, stop: threading.Event, limits: RunLimits) -> Learn
             digest = model_digest(ctx.state.model)
             end = {"events_total": consumed, "world_size": ctx.rank.world_size}
             emit_end(ctx, {**end, "model_digest": digest})
-        clean = True
-    except BaseException as exc:
-        failure = f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        structlog.contextvars.clear_contextvars()
-        close_context(ctx, "stopped" if clean else "failed", failure)
     group = {**ctx.rank.as_dict(), "model_digest": model_digest(ctx.state.model)}
     return summarize(ctx, idle, start_consumed, committed_at, group)
 
