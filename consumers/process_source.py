@@ -15,9 +15,12 @@ the dead letters before it are. ``commit_sync`` is True once every child has ans
 Batches of different children interleave; within a partition they stay in order (one child
 owns a partition, and its batches travel through the queue in order).
 
-Children are started with ``spawn`` (no torch or threads inherited), stopped one by one with
-a pause between them (``_STOP_STAGGER_S``): Tansu can wedge a group when two members leave
-almost at once (docs/performance.md).
+Children are started with ``spawn`` (no torch or threads inherited) and stopped one at a
+time: each leaves the group, and the next is stopped only once the others have completed the
+rebalance that leave caused. Tansu wedges a group when a member leaves while a rebalance is in
+progress (the members left behind never get their partitions, and neither does the learner's
+next start: docs/performance.md); each leave costs a rebalance, about half of
+``session_timeout_ms`` on Tansu.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import structlog
@@ -44,21 +47,25 @@ from consumers.source import KafkaBatchSource
 log = structlog.get_logger(__name__)
 
 _STATUS_EVERY_S: Final = 0.5
-_STOP_STAGGER_S: Final = 0.5
 _CHILD_GET_S: Final = 0.1
+_KILL_WAIT_S: Final = 5.0
 
 
 def _child_main(
     index: int,
     config: SourceConfig,
     client_options: dict[str, Any],
-    resume: dict[TopicPartitionKey, int],
+    resume: dict[TopicPartitionKey, int] | None,
     out: Any,
     commands: Any,
     status: Any,
     log_level: int,
 ) -> None:
-    """One consumer process: a KafkaBatchSource feeding ``out``, commands from ``commands``."""
+    """One consumer process: a KafkaBatchSource feeding ``out``, commands from ``commands``.
+
+    ``resume`` None: the source only joins until a "start" command brings the start position
+    (:meth:`ProcessBatchSource.start_joining`).
+    """
     from consumers.producer import JsonProducer
 
     # The parent stops its children with the "stop" command, after its final commit; a Ctrl-C
@@ -75,13 +82,24 @@ def _child_main(
     out.cancel_join_thread()  # at stop, unsent batches are dropped: nothing was committed
     next_status = 0.0
     try:
-        source.start(resume)
+        if resume is None:
+            source.start_joining()
+        else:
+            source.start(resume)
         while True:
             if _serve_commands(index, source, producer, commands, status):
                 return
             now = time.monotonic()
             if now >= next_status:
-                status.put(("stats", index, source.stats(), sorted(source.assignment())))
+                status.put(
+                    (
+                        "stats",
+                        index,
+                        source.stats(),
+                        sorted(source.assignment()),
+                        source.rebalance_times(),
+                    )
+                )
                 next_status = now + _STATUS_EVERY_S
             batch = source.get(_CHILD_GET_S)
             while batch is not None:
@@ -112,6 +130,9 @@ def _serve_commands(
             return False
         if command[0] == "stop":
             return True
+        if command[0] == "start":
+            source.set_start(command[1])
+            continue
         _, offsets, request_id, timeout_s = command
         flushed = True
         try:
@@ -153,14 +174,45 @@ class ProcessBatchSource:
         self._children: list[Any] = []
         self._stats: dict[int, dict[str, Any]] = {}
         self._assigned: dict[int, set[TopicPartitionKey]] = {}
+        self._rebalanced: dict[int, tuple[float | None, float | None]] = {}
         self._replies: dict[str, dict[int, tuple[bool, set[TopicPartitionKey]]]] = {}
         self._stopped = False
         self._log = log.bind(topic=config.topic, group=config.group_id, processes=processes)
 
     def start(self, resume_offsets: Mapping[TopicPartitionKey, int] = NO_OFFSETS) -> None:
+        self._spawn(_resume(resume_offsets))
+
+    def start_joining(self) -> None:
+        """:meth:`start` before the start position is known: the children join the group and
+        hold what they fetch until :meth:`set_start` (as
+        :meth:`~consumers.source.KafkaBatchSource.start_joining` does in one process)."""
+        self._spawn(None)
+
+    def set_start(self, resume_offsets: Mapping[TopicPartitionKey, int] = NO_OFFSETS) -> None:
+        """The start position of a source begun with :meth:`start_joining`."""
+        self._raise_if_unusable()
+        for commands in self._commands:
+            commands.put(("start", _resume(resume_offsets)))
+
+    def settled(self) -> bool:
+        """Whether, as last reported, every child owns a share of the partitions of one
+        completed rebalance: disjoint shares that together cover all the partitions any child
+        reported, none empty unless there are more children than partitions."""
+        self._drain_status()
+        if not self._children or len(self._assigned) < self._processes:
+            return False
+        if self._joining(range(self._processes)):
+            return False
+        shares = list(self._assigned.values())
+        every: set[TopicPartitionKey] = set().union(*shares)
+        if sum(len(share) for share in shares) != len(every):
+            return False  # overlapping shares: a report from before the last rebalance
+        empty = sum(1 for share in shares if not share)
+        return bool(every) and empty == max(0, self._processes - len(every))
+
+    def _spawn(self, resume: dict[TopicPartitionKey, int] | None) -> None:
         if self._children:
             raise RuntimeError("ProcessBatchSource.start() called twice")
-        resume = {(str(t), int(p)): int(o) for (t, p), o in resume_offsets.items()}
         for index in range(self._processes):
             commands = self._ctx.Queue()
             child = self._ctx.Process(
@@ -221,24 +273,91 @@ class ProcessBatchSource:
         )
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the children one at a time; ``timeout_s`` is the budget of each step.
+
+        A step: the child leaves the group and exits, then the children still running complete
+        the rebalance its leave caused (the next leave must not fall inside it: see the module
+        docstring). The whole stop takes at most ``processes`` × ``timeout_s`` plus a few
+        seconds per child that must be killed.
+
+        A child still running at the end of its step is killed (SIGKILL: children ignore
+        SIGTERM, see ``_child_main``). Nothing is lost or skipped by that: a child commits only
+        when the learner tells it to, after the checkpoint that covers the offsets, so what a
+        killed child had fetched beyond that is read again by the group's next owner.
+        """
         if self._stopped:
             return
         self._stopped = True
-        deadline = time.monotonic() + timeout_s  # one budget for all children, not each
-        for i, (commands, child) in enumerate(zip(self._commands, self._children, strict=True)):
-            if i:
-                time.sleep(_STOP_STAGGER_S)  # Tansu: members leaving together can wedge a group
-            commands.put(("stop",))
-            while child.is_alive() and time.monotonic() < deadline:
-                self._discard_batches()  # a child blocked on a full queue must get through
-                child.join(0.05)
-            if child.is_alive():
-                self._log.warning("consumer process did not stop in time", pid=child.pid)
-                child.terminate()
-                child.join(1.0)
+        remaining = list(range(len(self._children)))
+        # A stop may come while the group is still forming (or rebalancing for another
+        # reason): the first leave waits for that, within the first child's budget.
+        self._wait_rebalanced(remaining, None, time.monotonic() + timeout_s)
+        while remaining:
+            index = remaining.pop(0)
+            # Told to stop now, the child leaves the group within this step; a rebalance the
+            # others complete after this moment includes its leave (or one already under way
+            # when it was told, which the wait below cannot tell apart).
+            told_at = time.monotonic()
+            deadline = told_at + timeout_s
+            self._stop_child(index, deadline)
+            exited_at = time.monotonic()
+            self._wait_rebalanced(remaining, told_at, deadline)
+            self._log.info(
+                "consumer process stopped",
+                consumer_process=index,
+                exitcode=self._children[index].exitcode,
+                exit_s=round(exited_at - told_at, 3),
+                rebalance_s=round(time.monotonic() - exited_at, 3),
+            )
         self._discard_batches()
         self._drain_status()
         self._log.info("consumer processes stopped", **self._summary())
+
+    def _stop_child(self, index: int, deadline: float) -> None:
+        """Tell one child to stop; kill it if it has not exited by ``deadline``."""
+        child = self._children[index]
+        if child.is_alive():
+            self._commands[index].put(("stop",))
+        while child.is_alive() and time.monotonic() < deadline:
+            self._discard_batches()  # a child blocked on a full queue must get through
+            child.join(0.05)
+        if child.is_alive():
+            self._log.warning("consumer process did not stop in time; killed", pid=child.pid)
+            child.kill()
+            child.join(_KILL_WAIT_S)
+            if child.is_alive():  # not even SIGKILL (uninterruptible I/O): left to the OS
+                self._log.error("consumer process survived SIGKILL", pid=child.pid)
+
+    def _wait_rebalanced(self, others: list[int], since: float | None, deadline: float) -> None:
+        """Wait until no child still running is in a rebalance, each having been given its
+        partitions after ``since`` (the rebalance of the last leave is complete), or until
+        ``deadline``."""
+        waiting = self._joining(others, since)
+        while waiting and time.monotonic() < deadline:
+            self._discard_batches()
+            self._drain_status(wait_s=0.05)
+            waiting = self._joining(others, since)
+        if waiting:
+            self._log.warning(
+                "the group did not complete its rebalance before the next consumer process left",
+                processes_waited_for=waiting,
+            )
+
+    def _joining(self, indexes: Iterable[int], since: float | None = None) -> list[int]:
+        """The children (running) that, as last reported, are not members with partitions
+        given after ``since``: not joined yet, revoked and not re-assigned, or older."""
+        out = []
+        for index in indexes:
+            assigned_at, revoked_at = self._rebalanced.get(index, (None, None))
+            if not self._children[index].is_alive():
+                continue
+            if (
+                assigned_at is None
+                or (revoked_at is not None and revoked_at > assigned_at)
+                or (since is not None and assigned_at <= since)
+            ):
+                out.append(index)
+        return out
 
     def stats(self) -> dict[str, Any]:
         self._drain_status()
@@ -273,9 +392,10 @@ class ProcessBatchSource:
                 return
             wait_s = 0.0
             if message[0] == "stats":
-                _, index, child_stats, assigned = message
+                _, index, child_stats, assigned, rebalanced = message
                 self._stats[index] = child_stats
                 self._assigned[index] = {(str(t), int(p)) for t, p in assigned}
+                self._rebalanced[index] = rebalanced
             elif message[0] == "commit":
                 _, index, request_id, ok, keys = message
                 if request_id in self._replies:
@@ -312,3 +432,7 @@ class ProcessBatchSource:
             for name in STAT_COUNTERS:
                 totals[name] += int(child_stats.get(name, 0))
         return {name: totals[name] for name in STAT_COUNTERS}
+
+
+def _resume(offsets: Mapping[TopicPartitionKey, int]) -> dict[TopicPartitionKey, int]:
+    return {(str(t), int(p)): int(o) for (t, p), o in offsets.items()}

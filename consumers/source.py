@@ -114,6 +114,9 @@ class KafkaBatchSource:
         self._counters: Counter[str] = Counter()
         self._lag: dict[TopicPartitionKey, int] = {}
         self._assigned: frozenset[TopicPartitionKey] = frozenset()
+        # time.monotonic() of the last completed join and of the last revoke (or loss).
+        self._assigned_at: float | None = None
+        self._revoked_at: float | None = None
         self._offsets = OffsetCommitter(config, dlq_producer, self._log, self._count)
 
     # ---- EventSource ----------------------------------------------------------------------
@@ -217,6 +220,15 @@ class KafkaBatchSource:
         with self._stats_lock:
             return set(self._assigned)
 
+    def rebalance_times(self) -> tuple[float | None, float | None]:
+        """``time.monotonic()`` when this member last completed a rebalance (was handed its
+        partitions, possibly none) and when it last had partitions revoked or lost; None
+        before the first. A revoke newer than the assignment is a rebalance under way. The
+        clock is system-wide, so another process can compare it with its own
+        (:mod:`consumers.process_source`)."""
+        with self._stats_lock:
+            return self._assigned_at, self._revoked_at
+
     # ---- caller-side helpers --------------------------------------------------------------
 
     def _raise_if_unusable(self) -> None:
@@ -257,10 +269,12 @@ class KafkaBatchSource:
         finally:
             self._done.set()
             self._offsets.fail_waiting()
+            closing = time.monotonic()
             try:
                 consumer.close(self._close_timeout_ms / 1000)
             except Exception as exc:  # noqa: BLE001 - closing is best effort; nothing to commit
                 self._log.warning("closing the kafka consumer failed", error=repr(exc))
+            self._log.info("kafka consumer closed", close_s=round(time.monotonic() - closing, 3))
             # Wakes a waiting get(); a full queue needs no wake-up (get() returns at once).
             with contextlib.suppress(queue.Full):
                 self._queue.put_nowait(_CLOSED)
@@ -469,6 +483,11 @@ class KafkaBatchSource:
             )
         with self._stats_lock:
             self._assigned = current
+            for kind, _ in events:  # oldest first: the last one tells the state
+                if kind == "assigned":
+                    self._assigned_at = time.monotonic()
+                else:
+                    self._revoked_at = time.monotonic()
             self._counters["revoked_dropped"] += dropped
             for key in gone:
                 self._lag.pop(key, None)

@@ -1,9 +1,11 @@
 """ProcessBatchSource against a real (Tansu) broker: two consumer processes in one group
-deliver every record once, dead letters included, and commit only what each owns; with
-either Kafka client."""
+deliver every record once, dead letters included, and commit only what each owns; stopped, N
+processes leave the group usable for the next member and leave no process behind; with either
+Kafka client."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import orjson
@@ -86,3 +88,77 @@ def test_two_consumer_processes_deliver_everything_once_and_commit(
     finally:
         reader.close(autocommit=False)
     assert committed == dict.fromkeys(range(CONTRACT_PARTITIONS), total // CONTRACT_PARTITIONS)
+
+
+def _join_alone(
+    bootstrap: str, topic: str, group: str, partitions: int, timeout_s: float
+) -> set[int]:
+    """The partitions a fresh member of ``group`` is given within ``timeout_s``."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=[bootstrap],
+        group_id=group,
+        enable_auto_commit=False,
+        session_timeout_ms=2000,
+        heartbeat_interval_ms=600,
+    )
+    consumer.subscribe([topic])
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(consumer.assignment()) < partitions and time.monotonic() < deadline:
+            consumer.poll(timeout_ms=1000)
+        return {tp.partition for tp in consumer.assignment()}
+    finally:
+        consumer.close(autocommit=False)
+
+
+@pytest.mark.parametrize("client", CLIENT_NAMES)
+def test_stopping_several_processes_leaves_the_group_usable(
+    bootstrap: str, unique: str, client: str
+) -> None:
+    """Each child leaves only once the others have completed the rebalance of the previous
+    leave: leaves 0.5 s apart (the old stagger) got the group stuck on Tansu, and the next
+    member of the group (the learner's next start) was never given a partition (4 of 4 runs
+    with 4 processes, 1 of 4 with 3 processes on 2 partitions)."""
+    options = {"bootstrap_servers": [bootstrap], "request_timeout_ms": 10_000}
+    topic, dlq, group = f"s-{unique}", f"s-{unique}.dlq", f"sg-{unique}"
+    partitions = 4
+    ensure_topics(options, [topic, dlq], partitions, 1, 20.0)
+    config = SourceConfig(
+        topic=topic,
+        group_id=group,
+        input_dim=CONTRACT_INPUT_DIM,
+        dlq_topic=dlq,
+        session_timeout_ms=2000,
+        client=client,
+    )
+    source = ProcessBatchSource(config, options, processes=4)
+    source.start()
+    try:
+        wait_until(source.settled, 60.0, "four consumer processes sharing the partitions")
+    finally:
+        source.stop(15.0)
+    assert not [c.pid for c in source._children if c.is_alive()]
+    assert _join_alone(bootstrap, topic, group, partitions, 45.0) == set(range(partitions))
+
+
+def test_a_child_that_does_not_stop_in_time_is_killed() -> None:
+    """Children ignore SIGTERM (the learner stops them after its final commit), so one that
+    cannot stop in time must be killed, not left running after stop() returned. Here the
+    children hang in their consumer's first metadata request to a broker that never answers."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        host, port = silent.getsockname()[:2]
+        options = {"bootstrap_servers": [f"{host}:{port}"], "request_timeout_ms": 300_000}
+        config = SourceConfig(
+            topic="never",
+            group_id="never",
+            input_dim=CONTRACT_INPUT_DIM,
+            dlq_topic="never.dlq",
+            client="confluent",
+        )
+        source = ProcessBatchSource(config, options, processes=2)
+        source.start()
+        source.stop(0.5)
+        alive = [c.pid for c in source._children if c.is_alive()]
+        for child in source._children:
+            child.kill()  # before the fix they would outlive the test
+        assert alive == []

@@ -98,10 +98,15 @@ def source_config(settings: Settings, group: str) -> Any:
 
 
 def measure_ingest(settings: Settings, total: int, processes: int = 1) -> dict[str, Any]:
-    """The project's source, first batch to last: poll + micro-batch + decode + validate.
+    """The project's source, first batch to the last new event: poll + micro-batch + decode +
+    validate. Events are counted once each: a copy delivered again (a partition re-read by its
+    new owner after a rebalance) is counted in ``redelivered``, not as progress.
 
     With ``processes`` > 1, :class:`~consumers.process_source.ProcessBatchSource`: that many
-    consumer processes in one group, batches unpickled in this one.
+    consumer processes in one group, batches unpickled in this one. Its children first join
+    and hold (``start_joining``) until the group has settled, with every child owning its
+    share of the partitions (``join_s``); only then are they let go, so neither the staggered
+    joins nor the rebalances they cause fall inside the measured time.
     """
     from consumers.process_source import ProcessBatchSource
     from consumers.producer import JsonProducer
@@ -109,32 +114,49 @@ def measure_ingest(settings: Settings, total: int, processes: int = 1) -> dict[s
 
     producer = JsonProducer(settings.kafka.client_options())
     config = source_config(settings, f"bench-ingest-{uuid.uuid4().hex[:6]}")
-    source: KafkaBatchSource | ProcessBatchSource = (
-        ProcessBatchSource(config, settings.kafka.client_options(), processes, log_level=30)
-        if processes > 1
-        else KafkaBatchSource(config, settings.kafka.client_options(), producer)
-    )
     started = time.perf_counter()
-    source.start()
-    count = 0
+    seen: set[str] = set()
+    delivered = 0
     first: float | None = None
     last = started
-    deadline = time.monotonic() + 300
+    source: KafkaBatchSource | ProcessBatchSource
+    if processes > 1:
+        options = settings.kafka.client_options()
+        source = ProcessBatchSource(config, options, processes, log_level=30)
+        source.start_joining()
+    else:
+        source = KafkaBatchSource(config, settings.kafka.client_options(), producer)
+        source.start()
     try:
-        while count < total and time.monotonic() < deadline:
+        if isinstance(source, ProcessBatchSource):
+            settle_by = time.monotonic() + JOIN_TIMEOUT_S
+            while not source.settled():
+                if time.monotonic() >= settle_by:
+                    raise RuntimeError(f"{processes} consumer processes did not settle in time")
+                time.sleep(0.1)
+            source.set_start()
+        deadline = time.monotonic() + 300
+        while len(seen) < total and time.monotonic() < deadline:
             batch = source.get(timeout_s=1.0)
             if batch is None:
                 continue
-            last = time.perf_counter()
-            first = first or last
-            count += batch.consumed
+            now = time.perf_counter()
+            first = first or now
+            delivered += batch.consumed
+            before = len(seen)
+            seen.update(batch.ids)
+            seen.update(f"dlq-{d.source.partition}-{d.source.offset}" for d in batch.dead_letters)
+            if len(seen) > before:
+                last = now
         paused = source.stats().get("paused_events", 0)
     finally:
         source.stop(timeout_s=10.0)
         producer.close()
+    count = len(seen)
     elapsed = last - (first or last)
     return {
         "events": count,
+        "redelivered": delivered - count,
         "seconds": round(elapsed, 3),
         "events_per_s": rate(count, elapsed),
         "join_s": round((first or started) - started, 3),
