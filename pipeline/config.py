@@ -167,7 +167,7 @@ class RedisSettings(_Frozen):
 
 class CheckpointSettings(_Frozen):
     dir: Path = Path("runs/checkpoints")
-    every_steps: int = Field(100, ge=1)
+    every_steps: int = Field(500, ge=1)  # optimizer iterations: 100 batches at the default 5
     every_seconds: float = Field(30.0, gt=0)
     keep: int = Field(3, ge=1)
     ledger: bool = Field(

@@ -153,8 +153,10 @@ class BankSettings(_Frozen):
 class EvalSettings(_Frozen):
     probe_fraction: float = Field(0.1, ge=0, lt=1)
     probe_per_class: int = Field(50, ge=1)
-    every_steps: int = Field(20, ge=1)
-    prediction_refresh_steps: int = Field(20, ge=1)
+    # Steps are optimizer iterations (train.iters_per_batch per batch): 100 = every 20 batches
+    # at the default 5 iterations, the per-event cadence of 20 steps at one iteration.
+    every_steps: int = Field(100, ge=1)
+    prediction_refresh_steps: int = Field(100, ge=1)
     classifier: Literal["natural", "ncm", "knn", "head"] = Field(
         "natural",
         description="Classifier for predictions and the primary evaluation; natural: the "
