@@ -47,7 +47,7 @@ from pipeline.devtools.bench.forgetting import (
     BenchConfig,
     _model_settings,
     method_by_name,
-    stream_order,
+    task_batches,
 )
 from pipeline.learning import objectives
 from pipeline.learning.batch import learn_batch
@@ -169,15 +169,11 @@ def main() -> None:
 
     history = []
     done: list[int] = []
-    for task, rows in zip(split.task_names, stream_order(split, args.seed), strict=True):
-        for start in range(0, len(rows), cfg.stream_batch):
-            idx = rows[start : start + cfg.stream_batch]
-            x = torch.from_numpy(split.train_x[idx])
-            y = torch.from_numpy(split.train_y[idx])
-            seen[y] = True
-            items = ([f"digits-{i}" for i in idx], [str(int(c)) for c in y], [task] * len(idx))
-            learn_batch(state, bank, train_cfg, x, y, seen, generator, items)
-        done.extend(rows.tolist())
+    for task, batches in task_batches(split, args.seed, cfg.stream_batch):
+        for mb in batches:
+            seen[mb.y] = True
+            learn_batch(state, bank, train_cfg, mb.x, mb.y, seen, generator, mb.items)
+            done.extend(mb.rows.tolist())
         if args.final_only and len(done) < len(split.train_y):
             continue
         scores = evaluate(np.asarray(done))

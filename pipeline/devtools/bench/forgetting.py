@@ -185,6 +185,30 @@ def stream_order(split: Split, seed: int) -> list[np.ndarray]:
     ]
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch of the online protocol: training rows, their tensors and bank items."""
+
+    start: int  # position of its first row within its task
+    rows: np.ndarray
+    x: torch.Tensor
+    y: torch.Tensor
+    items: tuple[list[str], list[str], list[str]]  # ids, label names, task names
+
+
+def task_batches(split: Split, seed: int, size: int) -> Iterator[tuple[str, list[MicroBatch]]]:
+    """The training stream of the online protocol: per task in stream order
+    (:func:`stream_order`), its micro-batches of ``size`` rows."""
+    for task, rows in zip(split.task_names, stream_order(split, seed), strict=True):
+        batches = []
+        for start in range(0, len(rows), size):
+            idx = rows[start : start + size]
+            y = torch.from_numpy(split.train_y[idx])
+            items = ([f"digits-{i}" for i in idx], [str(int(c)) for c in y], [task] * len(idx))
+            batches.append(MicroBatch(start, idx, torch.from_numpy(split.train_x[idx]), y, items))
+        yield task, batches
+
+
 @dataclass
 class RunResult:
     method: str
@@ -302,19 +326,14 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
         avg = tracker.result().avg_accuracy
         curve.append((events, float(avg) if avg is not None else 0.0))
 
-    for task, rows in zip(split.task_names, stream_order(split, seed), strict=True):
-        for start in range(0, len(rows), cfg.stream_batch):
-            idx = rows[start : start + cfg.stream_batch]
-            x = torch.from_numpy(split.train_x[idx])
-            y = torch.from_numpy(split.train_y[idx])
-            seen[y] = True
-            items = ([f"digits-{i}" for i in idx], [str(int(c)) for c in y], [task] * len(idx))
+    for task, batches in task_batches(split, seed, cfg.stream_batch):
+        for batch_no, mb in enumerate(batches, start=1):
+            seen[mb.y] = True
             step_started = time.perf_counter()
-            learn_batch(state, bank, train_cfg, x, y, seen, generator, items)
+            learn_batch(state, bank, train_cfg, mb.x, mb.y, seen, generator, mb.items)
             train_s += time.perf_counter() - step_started
-            events += len(idx)
-            batch_no = start // cfg.stream_batch + 1
-            if batch_no % cfg.eval_every == 0 or start + cfg.stream_batch >= len(rows):
+            events += len(mb.rows)
+            if batch_no % cfg.eval_every == 0 or batch_no == len(batches):
                 evaluate(task)
     tracker.finish()
     ncm_tracker.finish()
