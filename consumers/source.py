@@ -326,21 +326,28 @@ class KafkaBatchSource:
                 until_ready = self._batcher.time_until_ready()
                 if until_ready is not None:  # a partial batch must leave within its latency
                     timeout_ms = min(timeout_ms, max(1, int(until_ready * 1000) + 1))
-            try:
-                polled = consumer.poll(timeout_ms / 1000, cfg.max_poll_records)
-            except TransientPollError as exc:
-                self._poll_failed(consumer, exc)
-                continue
-            self._poll_failing = False
-            self._broker.observe(consumer, got_records=bool(polled))
-            # Rebalance callbacks ran during poll(); act on them before buffering what it
-            # returned, which belongs to the new assignment.
-            sought = self._reconcile_assignment(consumer)
-            if sought and polled:
-                polled = [(key, records) for key, records in polled if key not in sought]
+            polled = self._poll(consumer, timeout_ms)
             if polled:
                 self._ingest(polled)
                 self._update_lag(consumer)
+
+    def _poll(self, consumer: ConsumerClient, timeout_ms: int) -> Polled | None:
+        """One poll, its rebalance acted on; what it returned, less what came for partitions
+        just sought to their start (fetched from the old position). None when the poll failed:
+        the thread has waited (:meth:`_poll_failed`) and polls again."""
+        try:
+            polled = consumer.poll(timeout_ms / 1000, self._config.max_poll_records)
+        except TransientPollError as exc:
+            self._poll_failed(consumer, exc)
+            return None
+        self._poll_failing = False
+        self._broker.observe(consumer, got_records=bool(polled))
+        # Rebalance callbacks ran during poll(); act on them before buffering what it
+        # returned, which belongs to the new assignment.
+        sought = self._reconcile_assignment(consumer)
+        if sought and polled:
+            polled = [(key, records) for key, records in polled if key not in sought]
+        return polled
 
     def _poll_failed(self, consumer: ConsumerClient, exc: TransientPollError) -> None:
         """A retriable poll failure: the health watch learns of it, the thread waits a poll
@@ -372,14 +379,9 @@ class KafkaBatchSource:
                 self._wake.clear()
                 return False
             timeout_ms = min(cfg.poll_timeout_ms, _PAUSED_POLL_MS)
-        try:
-            polled = consumer.poll(timeout_ms / 1000, cfg.max_poll_records)
-        except TransientPollError as exc:
-            self._poll_failed(consumer, exc)
+        polled = self._poll(consumer, timeout_ms)  # nothing is sought while the start is pending
+        if polled is None:
             return False
-        self._poll_failing = False
-        self._broker.observe(consumer, got_records=bool(polled))
-        self._reconcile_assignment(consumer)
         if polled:
             self._ingest(polled)
         if self._assigned:
