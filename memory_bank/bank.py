@@ -121,7 +121,6 @@ class MemoryBank:
         # Replay and hard-negative draws: ``draw_seed`` (default ``seed``). What the bank
         # holds depends on ``seed`` alone, so mirrors that draw differently hold the same items.
         draws = seed if draw_seed is None else draw_seed
-        self.draw_seed = draws
         self._generator = torch.Generator(device=dev)
         self._generator.manual_seed(draws)
         self._replay = ReplaySampler(
