@@ -24,6 +24,19 @@ from consumers.testing import CONTRACT_INPUT_DIM, CONTRACT_PARTITIONS, drain, me
 pytestmark = pytest.mark.integration
 
 
+def _config(topic: str, group: str, dlq: str, client: str, **extra: int) -> SourceConfig:
+    """The contract stream's source; a short session (2 s) unless ``extra`` says otherwise."""
+    settings = {"session_timeout_ms": 2000, **extra}
+    return SourceConfig(
+        topic=topic,
+        group_id=group,
+        input_dim=CONTRACT_INPUT_DIM,
+        dlq_topic=dlq,
+        client=client,
+        **settings,
+    )
+
+
 @pytest.mark.parametrize("client", CLIENT_NAMES)
 def test_two_consumer_processes_deliver_everything_once_and_commit(
     bootstrap: str, unique: str, client: str
@@ -43,16 +56,7 @@ def test_two_consumer_processes_deliver_everything_once_and_commit(
     producer.flush(10)
     producer.close()
 
-    config = SourceConfig(
-        topic=topic,
-        group_id=group,
-        input_dim=CONTRACT_INPUT_DIM,
-        dlq_topic=dlq,
-        batch_size=16,
-        max_latency_ms=100,
-        session_timeout_ms=2000,
-        client=client,
-    )
+    config = _config(topic, group, dlq, client, batch_size=16, max_latency_ms=100)
     source = ProcessBatchSource(config, options, processes=2)
     source.start()
     try:
@@ -123,14 +127,7 @@ def test_stopping_several_processes_leaves_the_group_usable(
     topic, dlq, group = f"s-{unique}", f"s-{unique}.dlq", f"sg-{unique}"
     partitions = 4
     ensure_topics(options, [topic, dlq], partitions, 1, 20.0)
-    config = SourceConfig(
-        topic=topic,
-        group_id=group,
-        input_dim=CONTRACT_INPUT_DIM,
-        dlq_topic=dlq,
-        session_timeout_ms=2000,
-        client=client,
-    )
+    config = _config(topic, group, dlq, client)
     source = ProcessBatchSource(config, options, processes=4)
     source.start()
     try:
@@ -148,13 +145,7 @@ def test_a_child_that_does_not_stop_in_time_is_killed() -> None:
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
         host, port = silent.getsockname()[:2]
         options = {"bootstrap_servers": [f"{host}:{port}"], "request_timeout_ms": 300_000}
-        config = SourceConfig(
-            topic="never",
-            group_id="never",
-            input_dim=CONTRACT_INPUT_DIM,
-            dlq_topic="never.dlq",
-            client="confluent",
-        )
+        config = _config("never", "never", "never.dlq", "confluent", session_timeout_ms=6_000)
         source = ProcessBatchSource(config, options, processes=2)
         source.start()
         source.stop(0.5)
