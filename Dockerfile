@@ -12,7 +12,10 @@ COPY pipeline ./pipeline
 COPY consumers ./consumers
 COPY memory_bank ./memory_bank
 COPY configs ./configs
-RUN pip install --no-cache-dir ".[${EXTRAS}]"
+# A C compiler builds the event decoder's native scanner (consumers/_eventscan.c).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install --no-cache-dir ".[${EXTRAS}]" \
+    && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 10001 supcon && mkdir -p /var/lib/supcon-stream \
     && chown supcon /var/lib/supcon-stream
 USER supcon

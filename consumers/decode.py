@@ -5,12 +5,15 @@ batch or as a :class:`DeadLetter` with a machine-readable reason (INVARIANT 5 of
 ``len(batch) + len(batch.dead_letters) == batch.consumed == len(records)``). Nothing in here
 raises on any byte string.
 
-Cost model (the Kafka client, not decoding, should set the pace): one ``orjson.loads`` and a
-few ``type`` checks per record in Python, then ONE numpy call builds the float32 matrix of all
-valid rows and ONE vectorised ``np.isfinite`` finds non-finite rows. The type of every feature
-(numbers only; numpy would convert ``true`` or ``"1.5"`` without a word) is proved for the
-whole batch at once on the raw bytes when it can be (:func:`_numbers_only`), and checked value
-by value only when it cannot. Figures in docs/performance.md.
+Two paths, one answer. The native scanner (``consumers/_eventscan.c``, one call per
+micro-batch, without the GIL) reads every plain event straight into the float32 matrix: no
+Python object per feature, no dict per event. It only ever *accepts*; a record it is not sure
+of (a parse error, an escape in a string, non-ASCII text, a repeated name, a nested value, a
+field of the wrong type) goes to the reference path, :func:`_parse` (``orjson`` and a type
+check per field), which alone decides rejections and their reasons. Then ONE vectorised
+``np.isfinite`` finds non-finite rows and one set finds repeated ids. Figures in
+docs/performance.md; tests/unit/consumers/test_native_decode.py checks that both paths give
+the same batch.
 """
 
 from __future__ import annotations
@@ -18,14 +21,13 @@ from __future__ import annotations
 import base64
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Final, NamedTuple, cast
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 import orjson
 
-from consumers import fast_decode
+from consumers import _eventscan
 from consumers.events import DeadLetter, EventBatch, SourceRecord, TopicPartitionKey
-from consumers.fast_decode import FastEvent
 
 MAX_ID_CHARS: Final = 256
 MAX_TS_MS: Final = 2**63 - 1  # the batch's int64 timestamps column
@@ -82,38 +84,15 @@ class _Candidate(NamedTuple):
 
     record: SourceRecord
     event_id: str
-    features: list[Any] | Any  # numbers (reference path) or packed float64 (fast path)
+    features: list[Any]  # numbers
     label: str | None
     task: str | None
     ts_ms: int
 
 
-# Every byte a JSON number (or the separators between numbers) can be made of.
-_NUMBER_BYTES: Final = b"0123456789+-.eE, \t\n\r"
-
-
-def _numbers_only(values: Sequence[bytes | None]) -> bool:
-    """True when every JSON array in ``values`` holds numbers only (a sufficient test).
-
-    With the number bytes deleted, an array of numbers reads ``[]``; any other element leaves
-    a trace between the brackets (a quote, a letter of true/false/null, a brace, a bracket).
-    So if every ``[`` is directly followed by ``]``, every array, the features included, holds
-    numbers only, whatever the strings contain (a ``[`` inside a string that is not followed
-    by ``]`` only makes this return False). One pass over the batch's bytes in C replaces a
-    type check per feature; False just means the per-feature check runs.
-    """
-    skeleton = b"".join(v for v in values if v).translate(None, _NUMBER_BYTES)
-    return skeleton.count(b"[") == skeleton.count(b"[]")
-
-
-def _parse(
-    record: SourceRecord, input_dim: int, max_event_bytes: int, check_types: bool = True
-) -> _Candidate:
-    """Check one record; raises _RejectedError with the first reason that applies.
-
-    ``check_types=False`` skips the per-feature type check, for records that
-    :func:`_numbers_only` has cleared.
-    """
+def _parse(record: SourceRecord, input_dim: int, max_event_bytes: int) -> _Candidate:
+    """Check one record (the reference path); raises _RejectedError with the first reason
+    that applies."""
     value = record.value
     if not value:
         raise _RejectedError("empty", "null value" if value is None else "zero-length value")
@@ -142,7 +121,7 @@ def _parse(
         )
     # Exact types: bool, str, None and nested lists are rejected; numpy would happily convert
     # "1.5" or True, so this check cannot be left to the matrix build.
-    if check_types and not _NUMBER_TYPES.issuperset(map(type, features)):
+    if not _NUMBER_TYPES.issuperset(map(type, features)):
         bad = next(type(x).__name__ for x in features if type(x) not in _NUMBER_TYPES)
         raise _RejectedError("bad_features", f"'features' contains a {bad}")
     if len(features) != input_dim:
@@ -163,121 +142,150 @@ def _without_value(record: SourceRecord) -> SourceRecord:
     return _new_tuple(SourceRecord, (record[0], record[1], record[2], None, record[4]))
 
 
+class _Rows(NamedTuple):
+    """The accepted records of a batch, in input order, column by column."""
+
+    records: Sequence[SourceRecord]
+    ids: list[str]
+    labels: list[str | None]
+    tasks: list[str | None]
+    timestamps_ms: list[int]
+    features: np.ndarray  # float32 [len(records), input_dim]
+
+
 def decode_batch(
-    records: Sequence[SourceRecord], input_dim: int, max_event_bytes: int
+    records: Sequence[SourceRecord], input_dim: int, max_event_bytes: int, *, native: bool = True
 ) -> EventBatch:
     """Decode ``records`` into one batch of valid events plus the dead letters.
 
     ``offsets`` covers every record (valid and dead-lettered), so committing it after the
     batch is trained on (and its dead letters are durable) accounts for all of them.
+    ``native=False`` sends every record through the reference path (tests and benchmarks
+    compare the two).
     """
     if input_dim < 1:
         raise ValueError(f"input_dim must be >= 1, got {input_dim}")
     if max_event_bytes < 1:
         raise ValueError(f"max_event_bytes must be >= 1, got {max_event_bytes}")
 
-    offsets: dict[TopicPartitionKey, int] = {}
-    for record in records:
-        key = (record.topic, record.partition)
-        if record.offset + 1 > offsets.get(key, -1):
-            offsets[key] = record.offset + 1
     dead: list[DeadLetter] = []
-    candidates = _candidates(records, input_dim, max_event_bytes, dead)
-    matrix = _matrix(candidates, input_dim)
-    finite = np.asarray(np.isfinite(matrix).all(axis=1))
+    if native:
+        offsets, blob, ids, labels, tasks, stamps, unsure = _eventscan.scan(
+            records, input_dim, max_event_bytes
+        )
+        matrix = np.frombuffer(blob, dtype=np.float32).reshape(len(ids), input_dim)
+        rows = _Rows(records, ids, labels, tasks, stamps, matrix)
+    else:
+        offsets = _offsets(records)
+        unsure = list(range(len(records)))
+        rows = _Rows(records, [], [], [], [], np.empty((0, input_dim), dtype=np.float32))
+    if unsure:
+        rows = _with_reference(records, unsure, rows, input_dim, max_event_bytes, dead)
 
-    keep = _batch_checks(candidates, finite, dead)
-    if len(keep) != len(candidates):
+    keep = _batch_checks(rows, dead)
+    if keep is not None:
         # Batch-level rejections were appended last; restore per-partition offset order.
         dead.sort(key=lambda dl: (dl.source.topic, dl.source.partition, dl.source.offset))
-        matrix = np.ascontiguousarray(matrix[keep])
-        candidates = [candidates[i] for i in keep]
+        rows = _Rows(
+            [rows.records[i] for i in keep],
+            [rows.ids[i] for i in keep],
+            [rows.labels[i] for i in keep],
+            [rows.tasks[i] for i in keep],
+            [rows.timestamps_ms[i] for i in keep],
+            rows.features[keep],
+        )
 
     return EventBatch(
-        ids=tuple(c.event_id for c in candidates),
-        features=matrix,
-        labels=tuple(c.label for c in candidates),
-        tasks=tuple(c.task for c in candidates),
-        timestamps_ms=np.array([c.ts_ms for c in candidates], dtype=np.int64),
-        sources=tuple(_without_value(c.record) for c in candidates),
+        ids=tuple(rows.ids),
+        features=np.ascontiguousarray(rows.features),
+        labels=tuple(rows.labels),
+        tasks=tuple(rows.tasks),
+        timestamps_ms=np.array(rows.timestamps_ms, dtype=np.int64),
+        sources=tuple([_without_value(r) for r in rows.records]),
         dead_letters=tuple(dead),
         offsets=offsets,
         consumed=len(records),
     )
 
 
-def _candidates(
-    records: Sequence[SourceRecord], input_dim: int, max_event_bytes: int, dead: list[DeadLetter]
-) -> list[_Candidate]:
-    """Records that pass the per-record checks, in order; the others go to ``dead``.
+def _offsets(records: Sequence[SourceRecord]) -> dict[TopicPartitionKey, int]:
+    """``{(topic, partition): last offset + 1}`` over every record (what the scanner returns)."""
+    offsets: dict[TopicPartitionKey, int] = {}
+    for record in records:
+        key = (record.topic, record.partition)
+        if record.offset + 1 > offsets.get(key, -1):
+            offsets[key] = record.offset + 1
+    return offsets
 
-    The fast path (:mod:`consumers.fast_decode`, when simdjson is installed) takes the records
-    it is sure of; the reference path :func:`_parse` decides the rest.
-    """
-    fast: list[FastEvent | None] = [None] * len(records)
-    if fast_decode.available():
-        read = fast_decode.reader(input_dim, max_event_bytes)
-        fast = [read(record.value) for record in records]
-    todo = [r.value for r, ev in zip(records, fast, strict=True) if ev is None]
-    check_types = bool(todo) and not _numbers_only(todo)
-    candidates: list[_Candidate] = []
-    for record, ev in zip(records, fast, strict=True):
-        if ev is not None:
-            ts = record.timestamp_ms if ev[4] is None else ev[4]
-            candidates.append(_new_tuple(_Candidate, (record, ev[0], ev[1], ev[2], ev[3], ts)))
-            continue
+
+def _with_reference(
+    records: Sequence[SourceRecord],
+    unsure: list[int],
+    native: _Rows,
+    input_dim: int,
+    max_event_bytes: int,
+    dead: list[DeadLetter],
+) -> _Rows:
+    """``native`` (the scanner's rows) merged in input order with the records of ``unsure``
+    that the reference path accepts; those it rejects go to ``dead``."""
+    parsed: dict[int, _Candidate] = {}
+    for i in unsure:
         try:
-            candidates.append(_parse(record, input_dim, max_event_bytes, check_types))
+            parsed[i] = _parse(records[i], input_dim, max_event_bytes)
         except _RejectedError as rej:
-            dead.append(DeadLetter(rej.reason, rej.detail, record))
-    return candidates
+            dead.append(DeadLetter(rej.reason, rej.detail, records[i]))
+    skipped = set(unsure)
+    scanned = [i for i in range(len(records)) if i not in skipped]
+    if not parsed:  # the common bad-input case: only rejections
+        return native._replace(records=[records[i] for i in scanned])
+    at = {i: k for k, i in enumerate(scanned)}
+    order = sorted([*scanned, *parsed])
+    features = np.empty((len(order), input_dim), dtype=np.float32)
+    ids: list[str] = []
+    labels: list[str | None] = []
+    tasks: list[str | None] = []
+    stamps: list[int] = []
+    with np.errstate(over="ignore"):  # float32 overflow becomes inf: the non-finite check
+        for row, i in enumerate(order):
+            if i in parsed:
+                c = parsed[i]
+                event_id, label, task, ts = c.event_id, c.label, c.task, c.ts_ms
+                features[row] = np.array(c.features, dtype=np.float32)
+            else:
+                k = at[i]
+                event_id, label, task = native.ids[k], native.labels[k], native.tasks[k]
+                ts = native.timestamps_ms[k]
+                features[row] = native.features[k]
+            ids.append(event_id)
+            labels.append(label)
+            tasks.append(task)
+            stamps.append(ts)
+    return _Rows([records[i] for i in order], ids, labels, tasks, stamps, features)
 
 
-def _matrix(candidates: list[_Candidate], input_dim: int) -> np.ndarray:
-    """The float32 rows of the candidates' features (packed doubles or lists of numbers).
-
-    float32 overflow (e.g. 1e39) becomes inf on purpose: the non-finite check rejects it.
-    """
-    if not candidates:
-        return np.empty((0, input_dim), dtype=np.float32)
-    packed = [i for i, c in enumerate(candidates) if type(c.features) is not list]
-    with np.errstate(over="ignore"):
-        if len(packed) == len(candidates):  # all from the fast path: one join, one cast
-            blob = b"".join([cast("bytes", c.features) for c in candidates])
-            doubles = np.frombuffer(blob, dtype=np.float64)
-            return doubles.astype(np.float32).reshape(len(candidates), input_dim)
-        if not packed:
-            return np.array([c.features for c in candidates], dtype=np.float32)
-        matrix = np.empty((len(candidates), input_dim), dtype=np.float32)
-        listed = [i for i, c in enumerate(candidates) if type(c.features) is list]
-        blob = b"".join([cast("bytes", candidates[i].features) for i in packed])
-        doubles = np.frombuffer(blob, dtype=np.float64).reshape(len(packed), input_dim)
-        matrix[packed] = doubles
-        matrix[listed] = np.array([candidates[i].features for i in listed], dtype=np.float32)
-        return matrix
-
-
-def _batch_checks(
-    candidates: list[_Candidate], finite: np.ndarray, dead: list[DeadLetter]
-) -> list[int]:
-    """Indices of candidates that are finite and not duplicates; the others go to ``dead``.
+def _batch_checks(rows: _Rows, dead: list[DeadLetter]) -> list[int] | None:
+    """Indices of rows that are finite and not duplicates (None: all of them); the others go
+    to ``dead``.
 
     In input order, so "duplicate" means "a valid event with this id came earlier in the
     batch": a rejected first copy does not shadow a valid second one.
     """
-    if finite.all() and len({c.event_id for c in candidates}) == len(candidates):
-        return list(range(len(candidates)))  # the common case, without a loop in Python
+    finite = np.isfinite(rows.features).all(axis=1)
+    if finite.all() and len(set(rows.ids)) == len(rows.ids):
+        return None  # the common case, without a loop in Python
     keep: list[int] = []
     seen: set[str] = set()
-    for i, c in enumerate(candidates):
+    for i, event_id in enumerate(rows.ids):
         if not finite[i]:
             dead.append(
-                DeadLetter("non_finite", "a feature is NaN or infinite as float32", c.record)
+                DeadLetter("non_finite", "a feature is NaN or infinite as float32", rows.records[i])
             )
-        elif c.event_id in seen:
-            dead.append(DeadLetter("duplicate_id", f"id {c.event_id[:64]!r} repeated", c.record))
+        elif event_id in seen:
+            dead.append(
+                DeadLetter("duplicate_id", f"id {event_id[:64]!r} repeated", rows.records[i])
+            )
         else:
-            seen.add(c.event_id)
+            seen.add(event_id)
             keep.append(i)
     return keep
 
