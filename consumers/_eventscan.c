@@ -2,8 +2,8 @@
  *
  * scan(records, input_dim, max_event_bytes) reads the value of every SourceRecord of the
  * micro-batch as a JSON event and writes its features straight into one float32 matrix: no
- * Python object per feature, no dict per event. The scanning itself runs without the GIL, so
- * the training thread runs beside it. Returns
+ * Python object per feature, no dict per event. The scanning of a large micro-batch runs
+ * without the GIL, so the training thread runs beside it. Returns
  *
  *     (offsets, rows, ids, labels, tasks, timestamps, unsure)
  *
@@ -42,6 +42,10 @@
 #define MAX_ID_CHARS 256
 #define MAX_CLASS_DIGITS 18
 #define MAX_NUMBER_TEXT 64 /* longer numbers (e.g. 400 digits) are left to the reference */
+/* A micro-batch of at least this many bytes is scanned without the GIL, so that a training
+   thread's Python runs beside it. A small one keeps the GIL: giving it up and taking it back
+   costs more than the scan when another thread is waiting for it (docs/performance.md). */
+#define RELEASE_GIL_BYTES (256 * 1024)
 
 enum { ACCEPT = 0, UNSURE = 1, NEED_SLOW = 2 };
 enum { KIND_ABSENT = 0, KIND_NULL, KIND_STR, KIND_INT };
@@ -412,6 +416,17 @@ static int append_new(PyObject *list, PyObject *item) {
     return r;
 }
 
+/* The first pass, on bytes only (no Python object is touched): may run without the GIL. */
+static void scan_all(PyObject *const *values, Py_ssize_t n, Py_ssize_t dim, float *matrix,
+                     Fields *fields, int *status) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (values[i] == NULL) continue;
+        const char *start = PyBytes_AS_STRING(values[i]);
+        status[i] = scan_record(start, start + PyBytes_GET_SIZE(values[i]), dim,
+                                matrix + i * dim, &fields[i], 0);
+    }
+}
+
 static PyObject *scan(PyObject *self, PyObject *args) {
     PyObject *records;
     Py_ssize_t dim, max_bytes;
@@ -430,6 +445,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     PyObject **values = NULL;
     Fields *fields = NULL;
     int *status = NULL;
+    Py_ssize_t total_bytes = 0;
 
     if (n > 0 && (size_t)dim > PY_SSIZE_T_MAX / sizeof(float) / (size_t)n) {
         PyErr_SetString(PyExc_OverflowError, "micro-batch too large");
@@ -455,20 +471,20 @@ static PyObject *scan(PyObject *self, PyObject *args) {
             PyBytes_GET_SIZE(value) <= max_bytes) {
             Py_INCREF(value);
             values[i] = value;
+            total_bytes += PyBytes_GET_SIZE(value);
         }
         status[i] = UNSURE;
     }
     if (add_offsets(offsets, items, n) < 0) goto done;
 
     float *matrix = (float *)PyByteArray_AS_STRING(rows);
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (values[i] == NULL) continue;
-        const char *start = PyBytes_AS_STRING(values[i]);
-        status[i] = scan_record(start, start + PyBytes_GET_SIZE(values[i]), dim,
-                                matrix + i * dim, &fields[i], 0);
+    if (total_bytes >= RELEASE_GIL_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        scan_all(values, n, dim, matrix, fields, status);
+        Py_END_ALLOW_THREADS
+    } else {
+        scan_all(values, n, dim, matrix, fields, status);
     }
-    Py_END_ALLOW_THREADS
 
     ids = PyList_New(0);
     labels = PyList_New(0);

@@ -182,6 +182,8 @@ class ConfluentClient:
             self._paused |= todo
 
     def resume_all(self) -> None:
+        if not self._paused:  # the loop calls this on every pass: no assignment() then
+            return
         owned = self.assignment()
         keys = self._paused & owned
         self._paused.clear()

@@ -98,9 +98,12 @@ def source_config(settings: Settings, group: str) -> Any:
 
 
 def measure_ingest(settings: Settings, total: int, processes: int = 1) -> dict[str, Any]:
-    """The project's source, first batch to the last new event: poll + micro-batch + decode +
-    validate. Events are counted once each: a copy delivered again (a partition re-read by its
-    new owner after a rebalance) is counted in ``redelivered``, not as progress.
+    """The project's source, first batch to the last full one: poll + micro-batch + decode +
+    validate. The final partial batch of each consumer waits for its latency timer
+    (``consumer.max_latency_ms``), which is not a rate, so the clock stops once all but the
+    last ``processes × batch_size`` events are in (``timed_events``); the stage still waits
+    for every event. Events are counted once each: a copy delivered again (a partition re-read
+    by its new owner after a rebalance) is counted in ``redelivered``, not as progress.
 
     With ``processes`` > 1, :class:`~consumers.process_source.ProcessBatchSource`: that many
     consumer processes in one group, batches unpickled in this one. Its children first join
@@ -115,10 +118,6 @@ def measure_ingest(settings: Settings, total: int, processes: int = 1) -> dict[s
     producer = JsonProducer(settings.kafka.client_options())
     config = source_config(settings, f"bench-ingest-{uuid.uuid4().hex[:6]}")
     started = time.perf_counter()
-    seen: set[str] = set()
-    delivered = 0
-    first: float | None = None
-    last = started
     source: KafkaBatchSource | ProcessBatchSource
     if processes > 1:
         options = settings.kafka.client_options()
@@ -135,34 +134,57 @@ def measure_ingest(settings: Settings, total: int, processes: int = 1) -> dict[s
                     raise RuntimeError(f"{processes} consumer processes did not settle in time")
                 time.sleep(0.1)
             source.set_start()
-        deadline = time.monotonic() + 300
-        while len(seen) < total and time.monotonic() < deadline:
-            batch = source.get(timeout_s=1.0)
-            if batch is None:
-                continue
-            now = time.perf_counter()
-            first = first or now
-            delivered += batch.consumed
-            before = len(seen)
-            seen.update(batch.ids)
-            seen.update(f"dlq-{d.source.partition}-{d.source.offset}" for d in batch.dead_letters)
-            if len(seen) > before:
-                last = now
+        drained = _drain(source, total, timed_until=total - processes * config.batch_size)
         paused = source.stats().get("paused_events", 0)
     finally:
         source.stop(timeout_s=10.0)
         producer.close()
-    count = len(seen)
-    elapsed = last - (first or last)
+    first = drained.first or started
+    elapsed = drained.last - first if drained.first else 0.0
     return {
-        "events": count,
-        "redelivered": delivered - count,
+        "events": drained.events,
+        "timed_events": drained.timed,
+        "redelivered": drained.delivered - drained.events,
         "seconds": round(elapsed, 3),
-        "events_per_s": rate(count, elapsed),
-        "join_s": round((first or started) - started, 3),
+        "events_per_s": rate(drained.timed, elapsed),
+        "join_s": round(first - started, 3),
         "backpressure_pauses": paused,
         "processes": processes,
     }
+
+
+@dataclass
+class _Drained:
+    events: int = 0  # distinct events (and dead letters) seen
+    delivered: int = 0  # records handed over, copies included
+    timed: int = 0  # events in by the time the clock stopped
+    first: float | None = None  # perf_counter of the first batch
+    last: float = 0.0  # ... and of the batch that stopped the clock
+
+
+def _drain(source: Any, total: int, timed_until: int) -> _Drained:
+    """Take batches until ``total`` distinct events are in (or 300 s); the clock stops at the
+    batch that brings them to ``timed_until``, or at the last new event."""
+    out = _Drained()
+    seen: set[str] = set()
+    deadline = time.monotonic() + 300
+    while len(seen) < total and time.monotonic() < deadline:
+        batch = source.get(timeout_s=1.0)
+        if batch is None:
+            continue
+        now = time.perf_counter()
+        out.first = out.first or now
+        out.delivered += batch.consumed
+        before = len(seen)
+        seen.update(batch.ids)
+        seen.update(f"dlq-{d.source.partition}-{d.source.offset}" for d in batch.dead_letters)
+        if len(seen) > before and not out.timed:
+            out.last = now
+            if len(seen) >= timed_until:
+                out.timed = len(seen)
+    out.events = len(seen)
+    out.timed = out.timed or out.events
+    return out
 
 
 # --------------------------------------------------------------------------- 3. learner-only
