@@ -8,9 +8,9 @@ raises on any byte string.
 Two paths, one answer. The native scanner (``consumers/_eventscan.c``, one call per
 micro-batch, a large one scanned without the GIL) reads every plain event straight into the
 float32 matrix: no Python object per feature, no dict per event. It only ever *accepts*; a
-record it is not sure of (a parse error, an escape in a string, non-ASCII text, a repeated name, a nested value, a
-field of the wrong type) goes to the reference path, :func:`_parse` (``orjson`` and a type
-check per field), which alone decides rejections and their reasons. Then ONE vectorised
+record it is not sure of (a parse error, an escape in a string, non-ASCII text, a repeated
+name, a nested value, a field of the wrong type) goes to the reference path, :func:`_parse`
+(``orjson`` and a type check per field), which alone decides rejections and their reasons. Then ONE vectorised
 ``np.isfinite`` finds non-finite rows and one set finds repeated ids. Figures in
 docs/performance.md; tests/unit/consumers/test_native_decode.py checks that both paths give
 the same batch.
