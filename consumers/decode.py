@@ -10,10 +10,10 @@ micro-batch, a large one scanned without the GIL) reads every plain event straig
 float32 matrix: no Python object per feature, no dict per event. It only ever *accepts*; a
 record it is not sure of (a parse error, an escape in a string, non-ASCII text, a repeated
 name, a nested value, a field of the wrong type) goes to the reference path, :func:`_parse`
-(``orjson`` and a type check per field), which alone decides rejections and their reasons. Then ONE vectorised
-``np.isfinite`` finds non-finite rows and one set finds repeated ids. Figures in
-docs/performance.md; tests/unit/consumers/test_native_decode.py checks that both paths give
-the same batch.
+(``orjson`` and a type check per field), which alone decides rejections and their reasons.
+Then ONE vectorised ``np.isfinite`` finds non-finite rows and one set finds repeated ids.
+Figures in docs/performance.md; tests/unit/consumers/test_native_decode.py checks that both
+paths give the same batch.
 """
 
 from __future__ import annotations
