@@ -1,4 +1,6 @@
-/* The native fast path of consumers.decode.decode_batch: one call per micro-batch.
+/* Native fast paths of the consumer thread: message_runs (at the end) turns librdkafka's
+ * messages into SourceRecord runs, and scan, the fast path of consumers.decode.decode_batch,
+ * decodes one micro-batch per call.
  *
  * scan(records, input_dim, max_event_bytes) reads the value of every SourceRecord of the
  * micro-batch as a JSON event and writes its features straight into one float32 matrix: no
@@ -537,19 +539,121 @@ done:
     return result;
 }
 
+/* ---- message_runs: librdkafka messages to SourceRecord runs --------------------------- */
+
+static PyObject *s_error, *s_topic, *s_partition, *s_offset, *s_value, *s_timestamp;
+
+static PyObject *call(PyObject *obj, PyObject *name) { return PyObject_CallMethodNoArgs(obj, name); }
+
+/* A SourceRecord (a tuple subclass without a Python-level __new__): steals the five items. */
+static PyObject *new_record(PyTypeObject *type, PyObject *items[5]) {
+    PyObject *rec = type->tp_alloc(type, 5);
+    if (rec == NULL) {
+        for (int k = 0; k < 5; k++) Py_XDECREF(items[k]);
+        return NULL;
+    }
+    for (int k = 0; k < 5; k++) PyTuple_SET_ITEM(rec, k, items[k]);
+    return rec;
+}
+
+static PyObject *message_runs(PyObject *self, PyObject *args) {
+    PyObject *messages, *record_type;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OO!:message_runs", &messages, &PyType_Type, &record_type))
+        return NULL;
+    if (!PyType_IsSubtype((PyTypeObject *)record_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "record_type must be a tuple subclass (SourceRecord)");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(messages, "messages must be a sequence");
+    if (seq == NULL) return NULL;
+    PyObject *out = PyList_New(0), *run = NULL, *topic = NULL, *partition = NULL;
+    if (out == NULL) goto fail;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *m = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *error = call(m, s_error);
+        if (error == NULL) goto fail;
+        int failed = error != Py_None; /* a transient fetch error: librdkafka retries it */
+        Py_DECREF(error);
+        if (failed) continue;
+        PyObject *items[5] = {NULL, NULL, NULL, NULL, NULL};
+        PyObject *names[4] = {s_topic, s_partition, s_offset, s_value};
+        int k = 0;
+        while (k < 4 && (items[k] = call(m, names[k])) != NULL) k++;
+        if (k == 4) {
+            PyObject *stamp = call(m, s_timestamp); /* (type, milliseconds) */
+            if (stamp != NULL && PyTuple_Check(stamp) && PyTuple_GET_SIZE(stamp) == 2)
+                items[4] = Py_NewRef(PyTuple_GET_ITEM(stamp, 1));
+            else if (stamp != NULL)
+                PyErr_SetString(PyExc_TypeError, "Message.timestamp() must return a pair");
+            Py_XDECREF(stamp);
+        }
+        if (items[4] == NULL) {
+            for (k = 0; k < 5; k++) Py_XDECREF(items[k]);
+            goto fail;
+        }
+        int same = run != NULL ? PyObject_RichCompareBool(items[1], partition, Py_EQ) : 0;
+        if (same == 1) same = PyObject_RichCompareBool(items[0], topic, Py_EQ);
+        if (same < 0) {
+            for (int k = 0; k < 5; k++) Py_XDECREF(items[k]);
+            goto fail;
+        }
+        if (!same) { /* a new run: (key, records) */
+            Py_XSETREF(topic, Py_NewRef(items[0]));
+            Py_XSETREF(partition, Py_NewRef(items[1]));
+            Py_XSETREF(run, PyList_New(0));
+            PyObject *key = run ? PyTuple_Pack(2, topic, partition) : NULL;
+            PyObject *pair = key ? PyTuple_Pack(2, key, run) : NULL;
+            Py_XDECREF(key);
+            if (pair == NULL || PyList_Append(out, pair) < 0) {
+                Py_XDECREF(pair);
+                for (int k = 0; k < 5; k++) Py_XDECREF(items[k]);
+                goto fail;
+            }
+            Py_DECREF(pair);
+        }
+        if (append_new(run, new_record((PyTypeObject *)record_type, items)) < 0) goto fail;
+    }
+    Py_XDECREF(run);
+    Py_XDECREF(topic);
+    Py_XDECREF(partition);
+    Py_DECREF(seq);
+    return out;
+fail:
+    Py_XDECREF(out);
+    Py_XDECREF(run);
+    Py_XDECREF(topic);
+    Py_XDECREF(partition);
+    Py_DECREF(seq);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
      "scan(records, input_dim, max_event_bytes) -> (offsets, rows, ids, labels, tasks, "
      "timestamps, unsure)"},
+    {"message_runs", message_runs, METH_VARARGS,
+     "message_runs(messages, record_type) -> [((topic, partition), [record, ...]), ...]: "
+     "confluent-kafka Messages (those without an error) as runs of one partition, in order"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "consumers._eventscan",
-    .m_doc = "Native fast path of consumers.decode.decode_batch (see the source's header).",
+    .m_doc = "Native fast paths of the consumer thread (see the source's header).",
     .m_size = -1,
     .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__eventscan(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__eventscan(void) {
+    if (!(s_error = PyUnicode_InternFromString("error")) ||
+        !(s_topic = PyUnicode_InternFromString("topic")) ||
+        !(s_partition = PyUnicode_InternFromString("partition")) ||
+        !(s_offset = PyUnicode_InternFromString("offset")) ||
+        !(s_value = PyUnicode_InternFromString("value")) ||
+        !(s_timestamp = PyUnicode_InternFromString("timestamp")))
+        return NULL;
+    return PyModule_Create(&module);
+}

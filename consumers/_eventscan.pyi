@@ -1,6 +1,7 @@
 """Types of the native scanner (consumers/_eventscan.c; what it returns is described there)."""
 
 from collections.abc import Sequence
+from typing import Any
 
 from consumers.events import SourceRecord, TopicPartitionKey
 
@@ -15,3 +16,6 @@ def scan(
     list[int],
     list[int],
 ]: ...
+def message_runs(
+    messages: Sequence[Any], record_type: type[SourceRecord], /
+) -> list[tuple[TopicPartitionKey, list[SourceRecord]]]: ...

@@ -2,8 +2,8 @@
 
 Chosen with ``consumer.client: confluent`` (the ``fast`` extra). librdkafka fetches on its own
 threads and hands whole batches over in C; ``consume(num_messages=...)`` returns them in one
-call, so the Python work per record is what the source needs and nothing else: one
-:class:`~consumers.events.SourceRecord` tuple.
+call, and the native :func:`consumers._eventscan.message_runs` turns them into the source's
+runs of :class:`~consumers.events.SourceRecord` tuples without a Python loop per record.
 
 Settings: the project's kafka-python style connection options are translated to librdkafka's
 names by :func:`librdkafka_config` (TLS and SASL included); an option it does not know is an
@@ -23,12 +23,12 @@ from typing import Any, Final
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
 
+from consumers._eventscan import message_runs
 from consumers.client import CommitError, Polled, RebalanceEvent, RebalanceRecorder
 from consumers.config import SourceConfig
 from consumers.events import SourceRecord, TopicPartitionKey
 from consumers.exceptions import BrokerUnavailableError
 
-_new_record = tuple.__new__  # SourceRecord without its Python-level __new__ (hot path)
 _STATS_INTERVAL_MS: Final = 1000  # how often librdkafka reports broker states (connected())
 
 # kafka-python connection option -> librdkafka property (values are passed through).
@@ -143,24 +143,12 @@ class ConfluentClient:
         messages = self._consumer.consume(num_messages=max_records, timeout=timeout_s)
         if self._fatal is not None:
             raise KafkaException(self._fatal)
-        out: Polled = []
         if not messages:
-            return out
-        run: list[SourceRecord] = []
-        key: TopicPartitionKey = ("", -1)
-        for m in messages:
-            if m.error() is not None:  # a transient fetch error; librdkafka retries it
-                continue
-            topic, partition = m.topic(), m.partition()
-            if partition != key[1] or topic != key[0]:
-                key = (topic, partition)  # type: ignore[assignment]  # never None once fetched
-                run = []
-                out.append((key, run))
-            run.append(
-                _new_record(
-                    SourceRecord, (topic, partition, m.offset(), m.value(), m.timestamp()[1])
-                )
-            )
+            return []
+        # In C: the binding's accessors called from there, one SourceRecord per message, runs
+        # of one partition; errored messages (transient fetch errors, retried by librdkafka)
+        # are left out.
+        out: Polled = message_runs(messages, SourceRecord)
         if out:
             self._broker_up = True
         return out
