@@ -7,12 +7,15 @@
  * Python object per feature, no dict per event. The scanning of a large micro-batch runs
  * without the GIL, so the training thread runs beside it. Returns
  *
- *     (offsets, rows, ids, labels, tasks, timestamps, unsure)
+ *     (offsets, rows, ids, labels, tasks, timestamps, sources, nonfinite, unsure)
  *
  * offsets: {(topic, partition): last offset + 1} over every record; rows: a bytearray of
- * float32, input_dim per accepted record, in input order; ids, labels, tasks, timestamps: one
- * entry per accepted record (a label or task is a str or None, a missing or null ts is the
- * record's own timestamp); unsure: the indices of the records this scanner did not accept.
+ * float32, input_dim per accepted record, in input order; ids, labels, tasks: one entry per
+ * accepted record (a label or task is a str or None); timestamps: a bytearray of int64, the
+ * event's ts or, when it has none, the record's timestamp; sources: the accepted records
+ * without their values; nonfinite: the accepted rows holding a NaN or an infinity as float32
+ * (the batch checks reject them); unsure: the indices of the records this scanner did not
+ * accept.
  *
  * INVARIANT (the same as the simdjson fast path's): this scanner only ever accepts. A record it
  * accepts is one the reference path (consumers.decode._parse) would accept with the same
@@ -106,10 +109,38 @@ static int scan_string(const char **pp, const char *end, Text *out) {
     return UNSURE;
 }
 
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+/* Eight ASCII digits at p as one number, in a few integer operations, or -1 when the eight
+   bytes are not all digits. Loaded little-endian, the first digit is the lowest byte. */
+static inline int64_t eight_digits(const char *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    /* every byte in '0'..'9': its high nibble is 3, and still 3 after adding 6 */
+    if (((v & 0xF0F0F0F0F0F0F0F0u) | (((v + 0x0606060606060606u) & 0xF0F0F0F0F0F0F0F0u) >> 4)) !=
+        0x3333333333333333u)
+        return -1;
+    v -= 0x3030303030303030u;
+    v = v * 10 + (v >> 8); /* bytes 0, 2, 4, 6: the digit pairs 01, 23, 45, 67 (at most 99) */
+    /* (pair01 * 10^6 + pair45 * 10^2) and (pair23 * 10^4 + pair67), summed in the high half */
+    uint64_t a = (v & 0x000000FF000000FFu) * (100 + (UINT64_C(1000000) << 32));
+    uint64_t b = ((v >> 16) & 0x000000FF000000FFu) * (1 + (UINT64_C(10000) << 32));
+    return (int64_t)((a + b) >> 32);
+}
+#define HAVE_EIGHT_DIGITS 1
+#endif
+
 /* A run of digits from p: their count, and their value while it fits 19 digits. */
 static inline const char *digits(const char *p, const char *end, uint64_t *mant, int *count) {
     const char *q = p;
     uint64_t m = *mant;
+#ifdef HAVE_EIGHT_DIGITS
+    while (end - q >= 8) {
+        int64_t eight = eight_digits(q);
+        if (eight < 0) break;
+        m = m * 100000000u + (uint64_t)eight;
+        q += 8;
+    }
+#endif
     while (q < end && (unsigned)(*q - '0') < 10u) m = m * 10u + (uint64_t)(*q++ - '0');
     *mant = m; /* meaningless (wrapped) when the count says more than 19 digits in all */
     *count += (int)(q - p);
@@ -367,6 +398,25 @@ static int scan_record(const char *p, const char *end, Py_ssize_t dim, float *ro
 
 /* ---- the Python side -------------------------------------------------------------------- */
 
+/* A SourceRecord (a tuple subclass without a Python-level __new__): steals the five items. */
+static PyObject *new_record(PyTypeObject *type, PyObject *items[5]) {
+    PyObject *rec = type->tp_alloc(type, 5);
+    if (rec == NULL) {
+        for (int k = 0; k < 5; k++) Py_XDECREF(items[k]);
+        return NULL;
+    }
+    for (int k = 0; k < 5; k++) PyTuple_SET_ITEM(rec, k, items[k]);
+    return rec;
+}
+
+/* The record without its value (what EventBatch.sources keeps). */
+static PyObject *without_value(PyObject *rec) {
+    PyObject *items[5];
+    for (int k = 0; k < 5; k++) items[k] = Py_NewRef(k == 3 ? Py_None : PyTuple_GET_ITEM(rec, k));
+    return new_record(Py_TYPE(rec), items);
+}
+
+
 static PyObject *class_object(const Text *t) {
     if (t->kind == KIND_STR || t->kind == KIND_INT)
         return PyUnicode_DecodeASCII(t->start, t->len, NULL);
@@ -443,7 +493,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
     PyObject *result = NULL, *offsets = NULL, *rows = NULL, *ids = NULL, *labels = NULL,
-             *tasks = NULL, *stamps = NULL, *unsure = NULL;
+             *tasks = NULL, *stamps = NULL, *sources = NULL, *nonfinite = NULL, *unsure = NULL;
     PyObject **values = NULL;
     Fields *fields = NULL;
     int *status = NULL;
@@ -457,8 +507,9 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     fields = PyMem_Calloc((size_t)n + 1, sizeof(Fields));
     status = PyMem_Calloc((size_t)n + 1, sizeof(int));
     rows = PyByteArray_FromStringAndSize(NULL, n * dim * (Py_ssize_t)sizeof(float));
+    stamps = PyByteArray_FromStringAndSize(NULL, n * (Py_ssize_t)sizeof(int64_t));
     offsets = PyDict_New();
-    if (!values || !fields || !status || !rows || !offsets) {
+    if (!values || !fields || !status || !rows || !stamps || !offsets) {
         if (!PyErr_Occurred()) PyErr_NoMemory();
         goto done;
     }
@@ -491,9 +542,11 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     ids = PyList_New(0);
     labels = PyList_New(0);
     tasks = PyList_New(0);
-    stamps = PyList_New(0);
+    sources = PyList_New(0);
+    nonfinite = PyList_New(0);
     unsure = PyList_New(0);
-    if (!ids || !labels || !tasks || !stamps || !unsure) goto done;
+    if (!ids || !labels || !tasks || !sources || !nonfinite || !unsure) goto done;
+    int64_t *ts_column = (int64_t *)PyByteArray_AS_STRING(stamps);
     Py_ssize_t kept = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         if (status[i] == NEED_SLOW) { /* a number the quick test could not settle */
@@ -511,16 +564,23 @@ static PyObject *scan(PyObject *self, PyObject *args) {
             append_new(tasks, class_object(&f->task)) < 0)
             goto done;
         if (f->ts_kind == KIND_INT) {
-            if (append_new(stamps, PyLong_FromLongLong(f->ts)) < 0) goto done;
-        } else if (PyList_Append(stamps, PyTuple_GET_ITEM(items[i], 4)) < 0) {
-            goto done;
+            ts_column[kept] = f->ts;
+        } else { /* the record's own timestamp */
+            ts_column[kept] = PyLong_AsLongLong(PyTuple_GET_ITEM(items[i], 4));
+            if (ts_column[kept] == -1 && PyErr_Occurred()) goto done;
         }
-        if (kept != i)
-            memmove(matrix + kept * dim, matrix + i * dim, (size_t)dim * sizeof(float));
+        if (append_new(sources, without_value(items[i])) < 0) goto done;
+        float *row = matrix + kept * dim;
+        if (kept != i) memmove(row, matrix + i * dim, (size_t)dim * sizeof(float));
+        int finite = 1;
+        for (Py_ssize_t k = 0; k < dim; k++) finite &= isfinite(row[k]) != 0;
+        if (!finite && append_new(nonfinite, PyLong_FromSsize_t(kept)) < 0) goto done;
         kept++;
     }
-    if (PyByteArray_Resize(rows, kept * dim * (Py_ssize_t)sizeof(float)) < 0) goto done;
-    result = PyTuple_Pack(7, offsets, rows, ids, labels, tasks, stamps, unsure);
+    if (PyByteArray_Resize(rows, kept * dim * (Py_ssize_t)sizeof(float)) < 0 ||
+        PyByteArray_Resize(stamps, kept * (Py_ssize_t)sizeof(int64_t)) < 0)
+        goto done;
+    result = PyTuple_Pack(9, offsets, rows, ids, labels, tasks, stamps, sources, nonfinite, unsure);
 
 done:
     if (values != NULL)
@@ -534,6 +594,8 @@ done:
     Py_XDECREF(labels);
     Py_XDECREF(tasks);
     Py_XDECREF(stamps);
+    Py_XDECREF(sources);
+    Py_XDECREF(nonfinite);
     Py_XDECREF(unsure);
     Py_DECREF(seq);
     return result;
@@ -544,17 +606,6 @@ done:
 static PyObject *s_error, *s_topic, *s_partition, *s_offset, *s_value, *s_timestamp;
 
 static PyObject *call(PyObject *obj, PyObject *name) { return PyObject_CallMethodNoArgs(obj, name); }
-
-/* A SourceRecord (a tuple subclass without a Python-level __new__): steals the five items. */
-static PyObject *new_record(PyTypeObject *type, PyObject *items[5]) {
-    PyObject *rec = type->tp_alloc(type, 5);
-    if (rec == NULL) {
-        for (int k = 0; k < 5; k++) Py_XDECREF(items[k]);
-        return NULL;
-    }
-    for (int k = 0; k < 5; k++) PyTuple_SET_ITEM(rec, k, items[k]);
-    return rec;
-}
 
 static PyObject *message_runs(PyObject *self, PyObject *args) {
     PyObject *messages, *record_type;
@@ -632,7 +683,7 @@ fail:
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
      "scan(records, input_dim, max_event_bytes) -> (offsets, rows, ids, labels, tasks, "
-     "timestamps, unsure)"},
+     "timestamps, sources, nonfinite, unsure)"},
     {"message_runs", message_runs, METH_VARARGS,
      "message_runs(messages, record_type) -> [((topic, partition), [record, ...]), ...]: "
      "confluent-kafka Messages (those without an error) as runs of one partition, in order"},

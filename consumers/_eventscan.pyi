@@ -13,6 +13,8 @@ def scan(
     list[str],
     list[str | None],
     list[str | None],
+    bytearray,
+    list[SourceRecord],
     list[int],
     list[int],
 ]: ...

@@ -49,6 +49,9 @@ _RENAMED: Final[Mapping[str, str]] = {
 }
 
 
+FETCH_QUEUE_BACKOFF_MS: Final = 20
+
+
 def librdkafka_config(client_options: Mapping[str, Any]) -> dict[str, Any]:
     """librdkafka properties for the connection options of every client.
 
@@ -85,6 +88,11 @@ def consumer_config(config: SourceConfig) -> dict[str, Any]:
         "heartbeat.interval.ms": max(100, min(3000, config.session_timeout_ms // 3)),
         "max.poll.interval.ms": config.max_poll_interval_ms,
         "enable.partition.eof": False,
+        # Once its local queue passes queued.min.messages / queued.max.messages.kbytes,
+        # librdkafka waits this long before fetching again (default 1 s): a consumer that
+        # drains the queue faster than that then finds it empty and waits for the rest of the
+        # second (docs/performance.md, "Two Kafka clients").
+        "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
     }
 
 

@@ -145,12 +145,26 @@ def _without_value(record: SourceRecord) -> SourceRecord:
 class _Rows(NamedTuple):
     """The accepted records of a batch, in input order, column by column."""
 
-    records: Sequence[SourceRecord]
+    records: Sequence[SourceRecord]  # with their values: a batch check's dead letter needs one
+    sources: list[SourceRecord]  # the same without their values (EventBatch.sources)
     ids: list[str]
     labels: list[str | None]
     tasks: list[str | None]
-    timestamps_ms: list[int]
+    timestamps_ms: np.ndarray  # int64
     features: np.ndarray  # float32 [len(records), input_dim]
+    nonfinite: list[int]  # rows holding a NaN or an infinity as float32
+
+    def take(self, keep: list[int]) -> _Rows:
+        return _Rows(
+            [self.records[i] for i in keep],
+            [self.sources[i] for i in keep],
+            [self.ids[i] for i in keep],
+            [self.labels[i] for i in keep],
+            [self.tasks[i] for i in keep],
+            self.timestamps_ms[keep],
+            self.features[keep],
+            [],
+        )
 
 
 def decode_batch(
@@ -170,15 +184,17 @@ def decode_batch(
 
     dead: list[DeadLetter] = []
     if native:
-        offsets, blob, ids, labels, tasks, stamps, unsure = _eventscan.scan(
+        offsets, blob, ids, labels, tasks, stamps, sources, nonfinite, unsure = _eventscan.scan(
             records, input_dim, max_event_bytes
         )
         matrix = np.frombuffer(blob, dtype=np.float32).reshape(len(ids), input_dim)
-        rows = _Rows(records, ids, labels, tasks, stamps, matrix)
+        timestamps = np.frombuffer(stamps, dtype=np.int64)
+        rows = _Rows(records, sources, ids, labels, tasks, timestamps, matrix, nonfinite)
     else:
         offsets = _offsets(records)
         unsure = list(range(len(records)))
-        rows = _Rows(records, [], [], [], [], np.empty((0, input_dim), dtype=np.float32))
+        empty = np.empty((0, input_dim), dtype=np.float32)
+        rows = _Rows([], [], [], [], [], np.empty(0, dtype=np.int64), empty, [])
     if unsure:
         rows = _with_reference(records, unsure, rows, input_dim, max_event_bytes, dead)
 
@@ -186,22 +202,15 @@ def decode_batch(
     if keep is not None:
         # Batch-level rejections were appended last; restore per-partition offset order.
         dead.sort(key=lambda dl: (dl.source.topic, dl.source.partition, dl.source.offset))
-        rows = _Rows(
-            [rows.records[i] for i in keep],
-            [rows.ids[i] for i in keep],
-            [rows.labels[i] for i in keep],
-            [rows.tasks[i] for i in keep],
-            [rows.timestamps_ms[i] for i in keep],
-            rows.features[keep],
-        )
+        rows = rows.take(keep)
 
     return EventBatch(
         ids=tuple(rows.ids),
-        features=np.ascontiguousarray(rows.features),
+        features=rows.features,
         labels=tuple(rows.labels),
         tasks=tuple(rows.tasks),
-        timestamps_ms=np.array(rows.timestamps_ms, dtype=np.int64),
-        sources=tuple([_without_value(r) for r in rows.records]),
+        timestamps_ms=rows.timestamps_ms,
+        sources=tuple(rows.sources),
         dead_letters=tuple(dead),
         offsets=offsets,
         consumed=len(records),
@@ -254,13 +263,23 @@ def _with_reference(
             else:
                 k = at[i]
                 event_id, label, task = native.ids[k], native.labels[k], native.tasks[k]
-                ts = native.timestamps_ms[k]
+                ts = int(native.timestamps_ms[k])
                 features[row] = native.features[k]
             ids.append(event_id)
             labels.append(label)
             tasks.append(task)
             stamps.append(ts)
-    return _Rows([records[i] for i in order], ids, labels, tasks, stamps, features)
+    accepted = [records[i] for i in order]
+    return _Rows(
+        accepted,
+        [_without_value(r) for r in accepted],
+        ids,
+        labels,
+        tasks,
+        np.array(stamps, dtype=np.int64),
+        features,
+        np.flatnonzero(~np.isfinite(features).all(axis=1)).tolist(),
+    )
 
 
 def _batch_checks(rows: _Rows, dead: list[DeadLetter]) -> list[int] | None:
@@ -270,13 +289,13 @@ def _batch_checks(rows: _Rows, dead: list[DeadLetter]) -> list[int] | None:
     In input order, so "duplicate" means "a valid event with this id came earlier in the
     batch": a rejected first copy does not shadow a valid second one.
     """
-    finite = np.isfinite(rows.features).all(axis=1)
-    if finite.all() and len(set(rows.ids)) == len(rows.ids):
+    if not rows.nonfinite and len(set(rows.ids)) == len(rows.ids):
         return None  # the common case, without a loop in Python
+    nonfinite = set(rows.nonfinite)
     keep: list[int] = []
     seen: set[str] = set()
     for i, event_id in enumerate(rows.ids):
-        if not finite[i]:
+        if i in nonfinite:
             dead.append(
                 DeadLetter("non_finite", "a feature is NaN or infinite as float32", rows.records[i])
             )

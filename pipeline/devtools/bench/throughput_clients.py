@@ -64,7 +64,7 @@ def _confluent_loop(settings: Settings, on_values: Callable[[list[Any]], None]) 
     """A bare librdkafka consumer of every partition from the start (no group joined)."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-    from consumers.confluent_client import librdkafka_config
+    from consumers.confluent_client import FETCH_QUEUE_BACKOFF_MS, librdkafka_config
 
     cfg = _fetch_settings(settings)
     consumer = Consumer(
@@ -74,6 +74,7 @@ def _confluent_loop(settings: Settings, on_values: Callable[[list[Any]], None]) 
             "enable.auto.commit": False,
             "fetch.max.bytes": cfg.fetch_max_bytes,
             "max.partition.fetch.bytes": cfg.max_partition_fetch_bytes,
+            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,  # as the source's consumer
         }
     )
     topic = settings.kafka.events_topic

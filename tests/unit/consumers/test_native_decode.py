@@ -145,13 +145,18 @@ def test_plain_events_are_all_taken_by_the_scanner() -> None:
         for i in range(64)
     ]
     records = [SourceRecord("events", 0, i, v, 1) for i, v in enumerate(values)]
-    offsets, blob, ids, labels, tasks, stamps, unsure = _eventscan.scan(records, DIM, 4096)
+    offsets, blob, ids, labels, tasks, stamps, sources, nonfinite, unsure = _eventscan.scan(
+        records, DIM, 4096
+    )
     assert unsure == []
+    assert nonfinite == []
     assert offsets == {("events", 0): 64}
     assert ids == [f"e{i}" for i in range(64)]
     assert labels == [str(i % 3) for i in range(64)]
     assert tasks == ["t"] * 64
-    assert stamps == [5 + i for i in range(64)]
+    assert np.frombuffer(stamps, dtype=np.int64).tolist() == [5 + i for i in range(64)]
+    assert sources == [r._replace(value=None) for r in records]
+    assert all(type(s) is SourceRecord for s in sources)
     expected = np.array([orjson.loads(v)["features"] for v in values], dtype=np.float32)
     assert blob == expected.tobytes()
 
@@ -187,9 +192,22 @@ def test_scanner_leaves_what_it_is_not_sure_of() -> None:
         None,
     ]
     records = [SourceRecord("events", 0, i, v, 1) for i, v in enumerate([plain, *unsure])]
-    *_, ids, _labels, _tasks, _stamps, left = _eventscan.scan(records, DIM, 4096)
+    _, _, ids, *_, left = _eventscan.scan(records, DIM, 4096)
     assert ids == ["e1"]
     assert left == list(range(1, len(records)))
+
+
+def test_scanner_flags_rows_that_are_not_finite_as_float32() -> None:
+    values = [
+        b'{"id":"a","features":[%s]}' % b",".join([b"1"] * DIM),
+        b'{"id":"b","features":[%s]}' % b",".join([b"1e39"] + [b"1"] * (DIM - 1)),
+        b'{"id":"c","features":[%s]}' % b",".join([b"-3.5e38"] * DIM),
+    ]
+    records = [SourceRecord("events", 0, i, v, 1) for i, v in enumerate(values)]
+    *_, nonfinite, unsure = _eventscan.scan(records, DIM, 4096)
+    assert unsure == []
+    assert nonfinite == [1, 2]
+    assert [d.reason for d in decode_batch(records, DIM, 4096).dead_letters] == ["non_finite"] * 2
 
 
 def test_scanner_checks_its_arguments() -> None:
