@@ -67,7 +67,9 @@ def _child_main(
     (:meth:`ProcessBatchSource.start_joining`).
     """
     from consumers.producer import JsonProducer
+    from consumers.runtime import tune_gc
 
+    tune_gc()
     # The parent stops its children with the "stop" command, after its final commit; a Ctrl-C
     # or a SIGTERM sent to the whole process group must not kill them before that.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

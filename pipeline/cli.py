@@ -39,11 +39,13 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_learn(args: argparse.Namespace, settings: Settings) -> int:
+    from consumers.runtime import tune_gc
     from pipeline.distributed.rank_info import rank_from_env
     from pipeline.learner.opening import open_io
     from pipeline.learner.start import StartRequest, check_request
     from pipeline.signals import install_stop_signals
 
+    tune_gc()  # the consumer thread's allocation rate (consumers/runtime.py)
     request = StartRequest.from_args(args.start_from, args.reset)
     check_request(settings, request)
     rank = rank_from_env(os.environ)  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK

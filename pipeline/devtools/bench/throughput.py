@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from consumers.runtime import tune_gc
 from pipeline.config import Settings, load_settings
 from pipeline.devtools.bench.throughput_bank import measure_bank, measure_restart
 from pipeline.devtools.bench.throughput_clients import (
@@ -205,6 +206,7 @@ def run_bench(opts: BenchOptions, command: str) -> dict[str, Any]:
     if opts.events < 1000:
         raise ValueError(f"events must be >= 1000, got {opts.events}")
     begun = time.perf_counter()
+    tune_gc()  # as in the learner's process: every stage runs under the product's settings
     machine = machine_info()
     _progress(f"machine: {machine['cpu_count']} CPUs, torch {machine['torch']}")
     workdir = opts.out / "stack"
