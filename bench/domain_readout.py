@@ -15,11 +15,8 @@ test set **per domain** (per task of the scenario) with four read-outs of the sa
 
 Prints one line per task end and one JSON line at the end (``--json`` appends it to a file).
 
-``--ace`` is a screen, not a product setting: for this process only, the ``focal`` loss term
-is replaced by ER-ACE's asymmetric cross-entropy (Caccia et al. 2022; a batch row's softmax
-over the classes present in its batch, a replay row's over every seen class), so
-``--set 'train.loss_terms={supcon: 1, proxy: 1, focal: 1}' --ace`` trains an ACE head beside
-the ``supcon`` preset (read it in the ``head`` column).
+``--set 'train.loss_terms={supcon: 1, proxy: 1, ace: 1}'`` trains an ER-ACE head (the ``ace``
+loss term, Caccia et al. 2022) beside the ``supcon`` preset; read it in the ``head`` column.
 
     PYTHONPATH=. .venv/bin/python bench/domain_readout.py --method supcon --memory 20 --seed 0
     PYTHONPATH=. .venv/bin/python bench/domain_readout.py --method ce_er --memory 20 --seed 0 \
@@ -35,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812
 import yaml
 from sklearn.linear_model import LogisticRegression
 
@@ -49,7 +45,6 @@ from pipeline.devtools.bench.forgetting import (
     method_by_name,
     task_batches,
 )
-from pipeline.learning import objectives
 from pipeline.learning.batch import learn_batch
 from pipeline.learning.inference import class_means, predict_head, predict_ncm
 from pipeline.learning.model import StreamNet
@@ -75,18 +70,6 @@ def drift_stream(events: int) -> LabeledStream:
     return LabeledStream("gaussian-drift", np.asarray(rows, dtype=np.float32), labels, tasks, {})
 
 
-def _ace_term(model: Any, v: Any, _cfg: Any) -> torch.Tensor:
-    """ER-ACE's asymmetric CE on the head, per item (averaged over its two views)."""
-    labels = v.labels.clamp(min=0)
-    present = torch.zeros_like(v.seen_classes)
-    present[labels[: v.n]] = True
-    is_batch = (torch.arange(v.m, device=labels.device) < v.n).repeat(2)
-    allowed = torch.where(is_batch[:, None], present[None, :], v.seen_classes[None, :])
-    logits = model.logits(v.h).float().masked_fill(~allowed, torch.finfo(torch.float32).min)
-    per_view = F.cross_entropy(logits, labels.repeat(2), reduction="none")
-    return objectives._labeled_only(per_view, v)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scenario", default="domain-digits")
@@ -95,12 +78,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], help="train.KEY=VALUE / model.KEY=VALUE")
     p.add_argument("--json", type=Path, help="append the result as one JSON line")
-    p.add_argument("--ace", action="store_true", help="the focal term becomes ER-ACE's CE")
     p.add_argument("--events", type=int, help="gaussian-drift only: its length (default 20,000)")
     p.add_argument("--final-only", action="store_true", help="score at the end only")
     args = p.parse_args()
-    if args.ace:
-        objectives.TERMS["focal"] = _ace_term
     torch.set_num_threads(1)
     overrides: dict[str, dict[str, Any]] = {"train": {}, "model": {}}
     for item in args.set:

@@ -86,6 +86,35 @@ def predict_head(
     return idx, conf
 
 
+@torch.no_grad()
+def predict_ensemble(
+    model: StreamNet,
+    features: torch.Tensor,
+    means: ClassMeans,
+    seen_classes: torch.Tensor,
+    temperature: float = NCM_TEMPERATURE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class index [n], confidence [n]) from the mean of the head's softmax (unseen
+    masked) and NCM's softmax (``cosine / temperature`` over the bank's classes).
+
+    The head is a parametric memory of the whole stream, NCM reads the bank without the head's
+    recency bias; averaging probabilities lets the more confident of the two decide. Without
+    class means it is the head.
+    """
+    model.eval()
+    h = model.embed(features).float()
+    logits = model.logits(h).float().masked_fill(~seen_classes, torch.finfo(torch.float32).min)
+    p = torch.softmax(logits, dim=1)
+    if len(means) > 0:
+        cosines = F.normalize(h, dim=-1) @ means.means.T
+        p_ncm = torch.zeros_like(p).index_add_(
+            1, means.labels, torch.softmax(cosines / temperature, dim=1)
+        )
+        p = 0.5 * (p + p_ncm)
+    conf, idx = p.max(dim=1)
+    return idx, conf
+
+
 def per_class_accuracy(
     predicted: torch.Tensor, truth: torch.Tensor, registry: LabelRegistry
 ) -> dict[str, float]:

@@ -293,6 +293,46 @@ def focal_loss(
     return _reduce(per_sample, reduction)
 
 
+def asymmetric_cross_entropy_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    incoming: torch.Tensor,
+    seen_classes: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """ER-ACE's asymmetric cross-entropy (Caccia et al. 2022, "New Insights on Reducing Abrupt
+    Representation Change in Online Continual Learning").
+
+    ``incoming`` (bool ``[n]``) marks the rows of the incoming batch; the others are replayed.
+    An incoming row's softmax runs **only over the classes present among the incoming rows'
+    targets**, a replayed row's over every seen class (all classes with
+    ``seen_classes=None``). So the new classes' logits are never pushed up against the old
+    classes on new data, which is where a CE head's class-incremental recency bias comes
+    from, while replay still teaches the head to tell old from new. When every row is
+    incoming and every class present, it is plain cross-entropy.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [rows, classes], got shape {tuple(logits.shape)}")
+    targets, incoming = targets.reshape(-1), incoming.reshape(-1)
+    if targets.numel() != logits.shape[0] or incoming.numel() != logits.shape[0]:
+        raise ValueError(
+            f"{targets.numel()} targets and {incoming.numel()} incoming flags "
+            f"for {logits.shape[0]} rows"
+        )
+    n_classes = logits.shape[1]
+    present = torch.zeros(n_classes, dtype=torch.bool, device=logits.device)
+    present[targets[incoming]] = True
+    seen = (
+        torch.ones(n_classes, dtype=torch.bool, device=logits.device)
+        if seen_classes is None
+        else seen_classes.to(logits.device)
+    )
+    allowed = torch.where(incoming.unsqueeze(1), present.unsqueeze(0), seen.unsqueeze(0))
+    log_p = F.log_softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=-1)
+    per_row = -log_p.gather(1, targets.unsqueeze(1)).squeeze(1)
+    return _reduce(per_row, reduction)
+
+
 def batch_hard_triplet_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,

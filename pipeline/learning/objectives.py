@@ -12,6 +12,8 @@ two augmented views:
 - ``ce_detached``: the same head trained on a *detached* encoder output, so it learns to read
   the representation without pulling it towards the CE solution (e.g. SupCon + 0.1 · CE);
 - ``focal``: focal loss of the head (``focal_gamma``, ``focal_alpha``);
+- ``ace``: ER-ACE's asymmetric cross-entropy of the head (Caccia et al. 2022): a batch row's
+  softmax over the classes present in the batch, a replayed row's over every seen class;
 - ``triplet``: batch-hard triplet loss on the normalised projection;
 - ``distill``: instance-wise relation distillation (Co2L's IRD) of the projections of the
   contrasted set towards those of an earlier snapshot of the network (``teacher``); 0 while
@@ -39,6 +41,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from pipeline.config import TrainSettings
 from pipeline.learning.losses import (
+    asymmetric_cross_entropy_loss,
     asymmetric_supcon_loss,
     batch_hard_triplet_loss,
     combine,
@@ -73,9 +76,10 @@ def loss_weights(cfg: TrainSettings) -> dict[str, float]:
 
 
 def natural_classifier(cfg: TrainSettings) -> str:
-    """``"head"`` when only head terms (ce, focal) train the encoder, else ``"ncm"``."""
+    """``"head"`` when only head terms (ce, focal, ace) train the encoder, else ``"ncm"``."""
     terms = set(loss_weights(cfg))
-    return "head" if terms & {"ce", "focal"} and not terms & REPRESENTATION_TERMS else "ncm"
+    head = terms & {"ce", "focal", "ace"}
+    return "head" if head and not terms & REPRESENTATION_TERMS else "ncm"
 
 
 def chosen_classifier(cfg: TrainSettings, choice: str) -> str:
@@ -186,6 +190,20 @@ def _focal_term(model: StreamNet, v: Views, cfg: TrainSettings) -> torch.Tensor:
     return _labeled_only(per_view, v)
 
 
+def _ace_term(model: StreamNet, v: Views, _cfg: TrainSettings) -> torch.Tensor:
+    labeled = (v.labels != UNLABELED).repeat(2)
+    incoming = (torch.arange(v.m, device=v.labels.device) < v.n).repeat(2)
+    per_view = v.h.new_zeros(v.h.shape[0], dtype=torch.float32)
+    per_view[labeled] = asymmetric_cross_entropy_loss(
+        model.logits(v.h[labeled]),
+        v.labels.repeat(2)[labeled],
+        incoming[labeled],
+        v.seen_classes,
+        reduction="none",
+    )
+    return _per_view_mean(per_view, v.m)
+
+
 def _triplet_term(model: StreamNet, v: Views, cfg: TrainSettings) -> torch.Tensor:
     z = model.project(v.h)
     labels = _contrast_labels(v.labels).repeat(2)
@@ -221,6 +239,7 @@ TERMS: dict[str, TermFn] = {
     "ce": lambda model, v, cfg: _ce_term(model, v, cfg, detach=False),
     "ce_detached": lambda model, v, cfg: _ce_term(model, v, cfg, detach=True),
     "focal": _focal_term,
+    "ace": _ace_term,
     "triplet": _triplet_term,
     "proxy": _proxy_term,
     "distill": _distill_term,

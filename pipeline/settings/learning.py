@@ -32,8 +32,9 @@ class ModelSettings(_Frozen):
 Objective = Literal["supcon", "ce", "asym_supcon", "focal", "triplet"]
 # A loss term is an objective, the CE head trained on a detached encoder output, PCR's proxy
 # contrast (anchors against the head's normalised rows) or Co2L's relation distillation from
-# an earlier snapshot of the network (``distill``, snapshot every ``train.distill_every``).
-LossTermName = Literal[Objective, "ce_detached", "proxy", "distill"]
+# an earlier snapshot of the network (``distill``, snapshot every ``train.distill_every``) or
+# ER-ACE's asymmetric cross-entropy of the head (``ace``).
+LossTermName = Literal[Objective, "ce_detached", "proxy", "distill", "ace"]
 OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
 LOSS_TERMS: tuple[LossTermName, ...] = get_args(LossTermName)
 # The terms that train the representation itself: replay is on by default for them.

@@ -40,9 +40,14 @@ from memory_bank.index import make_index
 from memory_bank.testing import InMemoryBankStore
 from pipeline.config import BankSettings, ModelSettings, TrainSettings
 from pipeline.learning.batch import learn_batch
-from pipeline.learning.inference import class_means, predict_head, predict_ncm
+from pipeline.learning.inference import (
+    class_means,
+    predict_ensemble,
+    predict_head,
+    predict_ncm,
+)
 from pipeline.learning.model import StreamNet
-from pipeline.learning.objectives import natural_classifier
+from pipeline.learning.objectives import HEAD_TERMS, loss_weights, natural_classifier
 from pipeline.learning.step import StepInputs, make_state, train_step
 from pipeline.quality import ForgettingTracker, expected_calibration_error
 from pipeline.streams.scenarios import SPLIT_DIGITS_TASKS
@@ -226,6 +231,8 @@ class RunResult:
     # Compute parity: wall time of learn_batch (training and bank upkeep, no evaluation) per
     # training event, in ms. None for the offline joint bounds.
     train_ms_per_event: float | None = None
+    # Final average accuracy of every classifier the run scored (:func:`readouts`).
+    readout_accuracy: dict[str, float] = field(default_factory=dict)
 
 
 def _model_settings(split: Split, cfg: BenchConfig) -> ModelSettings:
@@ -245,7 +252,18 @@ def _predictor(
     if classifier == "head":
         return lambda x, seen: predict_head(model, x, seen)
     means = class_means(model, bank_x, bank_y)
+    if classifier == "ensemble":
+        return lambda x, seen: predict_ensemble(model, x, means, seen)
     return lambda x, _seen: predict_ncm(model, x, means)
+
+
+def readouts(train_cfg: TrainSettings) -> tuple[str, ...]:
+    """The classifiers a run scores: its natural one first, then NCM over the bank, and, when
+    a head is trained beside a representation objective, the head and the ensemble of both."""
+    natural = natural_classifier(train_cfg)
+    head_trained = HEAD_TERMS & set(loss_weights(train_cfg))
+    extra = ("head", "ensemble") if natural == "ncm" and head_trained else ()
+    return tuple(dict.fromkeys((natural, "ncm", *extra)))
 
 
 @dataclass(frozen=True)
@@ -304,8 +322,9 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
         policy=method.bank_policy,
     )
     seen = torch.zeros(model_cfg.max_classes, dtype=torch.bool)
-    natural = natural_classifier(train_cfg)
-    tracker, ncm_tracker = ForgettingTracker(), ForgettingTracker()
+    natural, *others = readouts(train_cfg)
+    tracker = ForgettingTracker()
+    trackers = {natural: tracker, **{name: ForgettingTracker() for name in others}}
     class_task = split.class_task
     curve: list[tuple[int, float]] = []
     events = 0
@@ -316,9 +335,7 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
     def evaluate(task: str) -> None:
         nonlocal final_ece, final_per_class
         _, bank_x, bank_y = bank.occupied()
-        for classifier, trk in ((natural, tracker), ("ncm", ncm_tracker)):
-            if classifier == "ncm" and trk is ncm_tracker and natural == "ncm":
-                continue
+        for classifier, trk in trackers.items():
             score = _score(_predictor(classifier, model, bank_x, bank_y), split, seen)
             trk.update(score.per_class_accuracy, class_task=class_task, current_task=str(task))
             if trk is tracker:
@@ -335,10 +352,10 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
             events += len(mb.rows)
             if batch_no % cfg.eval_every == 0 or batch_no == len(batches):
                 evaluate(task)
-    tracker.finish()
-    ncm_tracker.finish()
+    for trk in trackers.values():
+        trk.finish()
+    finals = {name: float(trk.result().avg_accuracy or 0.0) for name, trk in trackers.items()}
     result = tracker.result()
-    ncm = ncm_tracker.result() if natural != "ncm" else result
     return RunResult(
         method=method.name,
         memory=memory if method.uses_memory else 0,
@@ -347,12 +364,13 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
         forgetting=_task_forgetting(tracker, split),
         anytime_accuracy=float(result.anytime_avg_accuracy or 0.0),
         min_accuracy=result.avg_min_accuracy,
-        ncm_final_accuracy=float(ncm.avg_accuracy or 0.0),
+        ncm_final_accuracy=finals["ncm"],
         ece=final_ece,
         curve=curve,
         seconds=time.perf_counter() - started,
         per_class=final_per_class,
         train_ms_per_event=1000.0 * train_s / max(events, 1),
+        readout_accuracy=finals,
     )
 
 

@@ -13,6 +13,7 @@ from pipeline.devtools.bench.forgetting import (
     BenchConfig,
     bench_train_settings,
     digits_split,
+    readouts,
     run_grid,
     stream_order,
 )
@@ -69,6 +70,17 @@ def test_ce_fine_tune_falls_into_the_trap_and_supcon_with_a_bank_does_not(result
     events = [e for e, _ in supcon.curve]
     assert events == sorted(events)
     assert events[-1] == len(digits_split(0).train_y)
+    # Each run's own classifier, and NCM over the bank beside a head: CE's reads both.
+    assert supcon.readout_accuracy == {"ncm": supcon.final_accuracy}
+    assert set(ce.readout_accuracy) == {"head", "ncm"}
+    assert ce.readout_accuracy["head"] == ce.final_accuracy
+
+
+def test_a_head_trained_beside_supcon_is_scored_alone_and_in_the_ensemble() -> None:
+    assert readouts(bench_train_settings()) == ("ncm",)
+    assert readouts(bench_train_settings(objective="ce")) == ("head", "ncm")
+    ace = bench_train_settings(loss_terms={"supcon": 1.0, "proxy": 1.0, "ace": 1.0})
+    assert readouts(ace) == ("ncm", "head", "ensemble")
 
 
 def test_report_files(results, tmp_path) -> None:

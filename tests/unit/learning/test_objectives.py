@@ -102,6 +102,38 @@ def test_weighted_terms_are_the_weighted_sum_and_the_detached_head_spares_the_en
     assert m2.head.weight.grad.abs().sum() > 0
 
 
+def test_ace_term_is_er_aces_cross_entropy_of_the_head_and_trains_the_encoder() -> None:
+    from pipeline.learning.losses import asymmetric_cross_entropy_loss
+
+    model, (x, y, seen) = _net(), _data()
+    y = y.clone()
+    y[10] = -1  # an unlabeled replayed row: no head loss, and it marks no class as present
+    n = 8
+    cfg = TrainSettings(loss_terms={"supcon": 1.0, "ace": 0.5}, **PLAIN)
+    out = objective_loss(model, x, y, n, seen, cfg)
+    labeled = y >= 0
+    incoming = torch.arange(12) < n
+    ace = asymmetric_cross_entropy_loss(
+        model.logits(model.embed(x[labeled])), y[labeled], incoming[labeled], seen, "none"
+    )
+    per_item = torch.zeros(12).masked_scatter(labeled, ace)
+    contrast_y = torch.where(labeled, y, torch.tensor(-2 - 10))
+    sup = supcon_loss(_views(model, x), contrast_y)
+    torch.testing.assert_close(out.loss, sup + 0.5 * per_item.mean())
+    out.loss.backward()
+    assert model.head.weight.grad is not None
+    assert model.head.weight.grad.abs().sum() > 0
+    plain = _net()  # the same network with SupCon alone: the ACE term moves the encoder too
+    objective_loss(
+        plain, x, y, n, seen, TrainSettings(loss_terms={"supcon": 1.0}, **PLAIN)
+    ).loss.backward()
+    first = next(model.encoder.parameters()).grad
+    assert first is not None
+    assert not torch.allclose(first, next(plain.encoder.parameters()).grad)
+    assert natural_classifier(cfg) == "ncm"
+    assert natural_classifier(TrainSettings(loss_terms={"ace": 1.0})) == "head"
+
+
 def test_unlabeled_events_get_nt_xent() -> None:
     model, (x, _, seen) = _net(), _data()
     unlabeled = torch.full((12,), -1)

@@ -73,3 +73,44 @@ def test_relation_distillation_sends_no_gradient_to_the_teacher() -> None:
     assert teacher.grad is None
     assert student.grad is not None
     assert torch.isfinite(student.grad).all()
+
+
+def test_ace_batch_rows_softmax_over_the_batch_classes_replay_rows_over_the_seen() -> None:
+    from pipeline.learning.losses import asymmetric_cross_entropy_loss
+
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(5, 6, generator=g)
+    y = torch.tensor([3, 4, 3, 0, 1])
+    incoming = torch.tensor([True, True, True, False, False])
+    seen = torch.tensor([True, True, True, True, True, False])
+    got = asymmetric_cross_entropy_loss(logits, y, incoming, seen, reduction="none")
+    # By hand: rows 0-2 over the batch's classes {3, 4}; rows 3-4 over the seen {0, ..., 4}.
+    batch_cols, seen_cols = torch.tensor([3, 4]), torch.arange(5)
+    expected_batch = F.cross_entropy(
+        logits[:3, batch_cols], torch.tensor([0, 1, 0]), reduction="none"
+    )
+    expected_replay = F.cross_entropy(logits[3:, seen_cols], y[3:], reduction="none")
+    torch.testing.assert_close(got, torch.cat([expected_batch, expected_replay]))
+    torch.testing.assert_close(asymmetric_cross_entropy_loss(logits, y, incoming, seen), got.mean())
+
+
+def test_ace_is_plain_cross_entropy_when_every_row_is_incoming_and_every_class_present() -> None:
+    from pipeline.learning.losses import asymmetric_cross_entropy_loss
+
+    logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(13))
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    got = asymmetric_cross_entropy_loss(logits, y, torch.ones(6, dtype=torch.bool))
+    torch.testing.assert_close(got, F.cross_entropy(logits, y))
+
+
+def test_ace_batch_rows_leave_absent_classes_alone_and_bad_shapes_are_refused() -> None:
+    from pipeline.learning.losses import asymmetric_cross_entropy_loss
+
+    logits = torch.randn(3, 4, generator=torch.Generator().manual_seed(14)).requires_grad_()
+    incoming = torch.ones(3, dtype=torch.bool)
+    asymmetric_cross_entropy_loss(logits, torch.tensor([1, 2, 1]), incoming).backward()
+    assert logits.grad is not None
+    assert bool((logits.grad[:, [0, 3]] == 0).all())  # old classes: not pushed down by new data
+    assert bool((logits.grad[:, [1, 2]] != 0).all())
+    with pytest.raises(ValueError, match="incoming"):
+        asymmetric_cross_entropy_loss(logits, torch.tensor([1, 2, 1]), incoming[:2])

@@ -8,6 +8,7 @@ from pipeline.learner.probes import ProbeSet, is_probe
 from pipeline.learning.inference import (
     class_means,
     per_class_accuracy,
+    predict_ensemble,
     predict_head,
     predict_ncm,
 )
@@ -90,6 +91,30 @@ def test_ce_head_masks_unseen_classes():
     seen = torch.tensor([True, True, False, False, False])
     pred, _ = predict_head(model, torch.randn(6, MODEL.input_dim), seen)
     assert set(pred.tolist()) <= {0, 1}
+
+
+def test_ensemble_averages_the_heads_and_ncms_softmax():
+    torch.manual_seed(3)
+    model = StreamNet(MODEL)
+    x, y = _blobs(4, 3, seed=1)
+    means = class_means(model, x[y != 1], y[y != 1])  # the bank holds classes 0 and 2 only
+    seen = torch.tensor([True, True, True, False, False])
+    queries = torch.randn(7, MODEL.input_dim)
+    pred, conf = predict_ensemble(model, queries, means, seen, temperature=0.2)
+    # By hand: the head's softmax over classes 0-2, NCM's over {0, 2} placed at columns 0, 2.
+    with torch.no_grad():
+        h = model.embed(queries)
+        p_head = torch.softmax(model.logits(h)[:, :3], dim=1)
+        cos = torch.nn.functional.normalize(h, dim=-1) @ means.means.T
+        p_ncm = torch.zeros(7, 3)
+        p_ncm[:, [0, 2]] = torch.softmax(cos / 0.2, dim=1)
+    expected_conf, expected_pred = (0.5 * (p_head + p_ncm)).max(dim=1)
+    assert torch.equal(pred, expected_pred)
+    torch.testing.assert_close(conf, expected_conf)
+    empty = class_means(model, x[:0], y[:0])
+    assert torch.equal(
+        predict_ensemble(model, queries, empty, seen)[0], predict_head(model, queries, seen)[0]
+    )
 
 
 def test_is_probe_is_deterministic_and_close_to_fraction():
