@@ -50,6 +50,10 @@ _RENAMED: Final[Mapping[str, str]] = {
 
 
 FETCH_QUEUE_BACKOFF_MS: Final = 20
+# consume() builds its messages, and message_runs their records, in C with the GIL held, which
+# a training thread then waits for: smaller calls keep those waits short (figures in
+# docs/performance.md). consumer.max_poll_records still bounds a poll from above.
+MAX_MESSAGES_PER_CONSUME: Final = 300
 
 
 def librdkafka_config(client_options: Mapping[str, Any]) -> dict[str, Any]:
@@ -148,7 +152,9 @@ class ConfluentClient:
     # ---- ConsumerClient -------------------------------------------------------------------
 
     def poll(self, timeout_s: float, max_records: int) -> Polled:
-        messages = self._consumer.consume(num_messages=max_records, timeout=timeout_s)
+        messages = self._consumer.consume(
+            num_messages=min(max_records, MAX_MESSAGES_PER_CONSUME), timeout=timeout_s
+        )
         if self._fatal is not None:
             raise KafkaException(self._fatal)
         if not messages:
