@@ -50,10 +50,7 @@ _RENAMED: Final[Mapping[str, str]] = {
 
 
 FETCH_QUEUE_BACKOFF_MS: Final = 20
-# consume() builds its messages, and message_runs their records, in C with the GIL held, which
-# a training thread then waits for: smaller calls keep those waits short (figures in
-# docs/performance.md). consumer.max_poll_records still bounds a poll from above.
-MAX_MESSAGES_PER_CONSUME: Final = 300
+CONSUME_CHUNK: Final = 300  # messages per consume() call within one poll
 
 
 def librdkafka_config(client_options: Mapping[str, Any]) -> dict[str, Any]:
@@ -152,17 +149,23 @@ class ConfluentClient:
     # ---- ConsumerClient -------------------------------------------------------------------
 
     def poll(self, timeout_s: float, max_records: int) -> Polled:
-        messages = self._consumer.consume(
-            num_messages=min(max_records, MAX_MESSAGES_PER_CONSUME), timeout=timeout_s
-        )
+        # In chunks: consume() builds its messages, and message_runs their records (the
+        # binding's accessors called from C, runs of one partition, errored messages left
+        # out: librdkafka retries those fetches), in C with the GIL held. Between chunks a
+        # training thread waiting for the GIL gets it (figures in docs/performance.md).
+        out: Polled = []
+        chunk = min(max_records, CONSUME_CHUNK)
+        messages = self._consumer.consume(num_messages=chunk, timeout=timeout_s)
+        taken = 0
+        while messages:
+            taken += len(messages)
+            out.extend(message_runs(messages, SourceRecord))
+            chunk = min(max_records - taken, CONSUME_CHUNK)
+            if len(messages) < CONSUME_CHUNK or chunk <= 0:
+                break
+            messages = self._consumer.consume(num_messages=chunk, timeout=0)
         if self._fatal is not None:
             raise KafkaException(self._fatal)
-        if not messages:
-            return []
-        # In C: the binding's accessors called from there, one SourceRecord per message, runs
-        # of one partition; errored messages (transient fetch errors, retried by librdkafka)
-        # are left out.
-        out: Polled = message_runs(messages, SourceRecord)
         if out:
             self._broker_up = True
         return out
