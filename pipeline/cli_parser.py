@@ -298,4 +298,11 @@ def _add_bench_throughput(bench_sub: argparse._SubParsersAction[_Parser]) -> Non
         default=2,
         help="also measure ingest-only with this many consumer processes (1 = skip)",
     )
+    tp.add_argument(
+        "--ingest-rounds",
+        type=_positive_int,
+        default=3,
+        help="rounds of raw consume, parse floor and ingest-only per client, interleaved; "
+        "each is reported as the median round (default 3)",
+    )
     tp.add_argument("--out", type=Path, default=Path("runs/bench"), help="report folder")

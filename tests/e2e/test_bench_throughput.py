@@ -33,6 +33,8 @@ def test_bench_throughput_small_run_writes_both_reports(tmp_path) -> None:
             "200",
             "--latency-seconds",
             "2",
+            "--ingest-rounds",
+            "2",
             "--out",
             str(out),
         ],
@@ -50,6 +52,10 @@ def test_bench_throughput_small_run_writes_both_reports(tmp_path) -> None:
         for stage in ("raw_consume", "parse_floor", "ingest_only", "end_to_end"):
             assert client[stage]["events"] == 2000, stage
             assert client[stage]["events_per_s"] > 0
+        for stage in ("raw_consume", "parse_floor", "ingest_only"):  # two rounds, the median
+            rounds = client[stage]["rounds"]
+            assert len(rounds) == 2, stage
+            assert client[stage]["events_per_s"] == min(rounds), stage
     assert results["learner_only"]["events_per_s"] > 0
     assert results["decode"]["decode_batch_us_per_event"] > 0
     assert results["decode"]["decode_batch_reference_path_us_per_event"] > 0

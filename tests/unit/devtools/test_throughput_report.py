@@ -163,3 +163,16 @@ def test_restart_phases_from_log_timestamps(tmp_path: Path) -> None:
     assert phases["offsets_known_s"] == 2.0
     assert phases["model_built_s"] == 2.25
     assert phases["bank_opened_s"] == 2.5
+
+
+def test_median_round_keeps_every_rate() -> None:
+    from pipeline.devtools.bench.throughput import _median_round
+
+    runs = [
+        {"events_per_s": 3.0, "n": 1},
+        {"events_per_s": 1.0, "n": 2},
+        {"events_per_s": 2.0, "n": 3},
+    ]
+    assert _median_round(runs) == {"events_per_s": 2.0, "n": 3, "rounds": [3.0, 1.0, 2.0]}
+    two = _median_round(runs[:2])  # an even count: the lower middle
+    assert (two["n"], two["rounds"]) == (2, [3.0, 1.0])
