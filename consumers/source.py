@@ -104,8 +104,7 @@ class KafkaBatchSource:
         )
         # Owned by the consumer thread.
         self._batcher = MicroBatcher(config.batch_size, config.max_latency_ms / 1000)
-        # Decoded, waiting for room in the queue (oldest first); None when there are none.
-        self._pending: deque[EventBatch] | None = None
+        self._pending: deque[EventBatch] = deque()  # decoded, waiting for room in the queue
         self._paused = False
         self._start = StartPosition(self._log)
         self._poll_failing = False  # the last poll raised TransientPollError
@@ -290,7 +289,7 @@ class KafkaBatchSource:
             self._offsets.serve(consumer)
             self._emit_ready()
             if (
-                self._pending is not None
+                self._pending
                 and not self._paused
                 and (hold_until is None or time.monotonic() < hold_until)
             ):
@@ -304,7 +303,7 @@ class KafkaBatchSource:
                 self._wake.wait(max(0.0, hold_until - time.monotonic()))
                 self._wake.clear()
                 continue
-            if self._pending is not None:
+            if self._pending:
                 # Backpressure: the learner is behind. Fetch nothing more and hand batches
                 # over as soon as the learner takes one (get() sets _wake). poll() is still
                 # called every poll_timeout_ms, briefly, to drive the group protocol (a
@@ -426,21 +425,18 @@ class KafkaBatchSource:
         per batch (figures in docs/performance.md).
         """
         while True:
-            if self._pending is None:
+            if not self._pending:
                 room = max(1, self._queue.maxsize - self._queue.qsize())
-                decoded: deque[EventBatch] = deque()
-                while len(decoded) < room and self._batcher.ready():
-                    decoded.append(self._decode(self._batcher.take()))
-                if not decoded:
+                while len(self._pending) < room and self._batcher.ready():
+                    self._pending.append(self._decode(self._batcher.take()))
+                if not self._pending:
                     return
-                self._pending = decoded
             while self._pending:
                 try:
                     self._queue.put_nowait(self._pending[0])
                 except queue.Full:
                     return
                 self._pending.popleft()
-            self._pending = None
 
     def _decode(self, records: list[SourceRecord]) -> EventBatch:
         cfg = self._config
