@@ -16,10 +16,11 @@ Commits and rebalance events are the group member's part, in :mod:`consumers.gro
 docstring lists the order of a commit and its INVARIANTs); lost broker connections are
 reported by :mod:`consumers.broker_watch`.
 
-Backpressure: when the hand-off queue is full, the thread waits for room for up to
-``poll_timeout_ms``; if the queue is still full, every assigned partition is paused and the
-thread keeps polling (so the member stays in the group) until the learner makes room. A batch
-is never dropped.
+Backpressure: when the hand-off queue is full, the thread polls nothing and waits for room.
+Only a learner that has taken nothing for ``poll_timeout_ms`` (or a queue full for
+:data:`~consumers.backpressure.MAX_HOLD_S` however steadily it drains) makes it pause every
+assigned partition and keep polling briefly (so the member stays in the group) until the
+learner makes room (:mod:`consumers.backpressure` says why). A batch is never dropped.
 
 Rebalances: the clients' callbacks only record what happened (kafka-python runs its listener
 on its network thread, librdkafka inside ``consume``; neither may commit there). The consumer
@@ -47,6 +48,7 @@ from typing import Any, Final
 
 import structlog
 
+from consumers.backpressure import MAX_HOLD_S, HoldBeforePause
 from consumers.batcher import MicroBatcher
 from consumers.broker_watch import BrokerWatch
 from consumers.client import ConsumerClient, Polled, TransientPollError, open_client
@@ -282,33 +284,33 @@ class KafkaBatchSource:
     def _loop(self, consumer: ConsumerClient) -> None:
         cfg = self._config
         next_paused_poll = 0.0
-        hold_until: float | None = None  # end of a wait for room without pausing
+        # Lasting backpressure pauses (consumers.backpressure); bounded by max.poll.interval.
+        hold = HoldBeforePause(
+            cfg.poll_timeout_ms / 1000, min(MAX_HOLD_S, cfg.max_poll_interval_ms / 2000)
+        )
         while not self._stopping.is_set():
             if self._start.pending and not self._hold_for_start(consumer):
                 continue
             self._offsets.serve(consumer)
-            self._emit_ready()
-            if (
-                self._pending
-                and not self._paused
-                and (hold_until is None or time.monotonic() < hold_until)
-            ):
-                # The queue is full: first wait for room without pausing, for up to
-                # poll_timeout_ms. A learner that is only briefly late (often: this thread
-                # held the GIL through a whole poll's decoding) then finds kafka-python's next
-                # fetch still in flight, where pausing would have dropped it (figures in
-                # docs/performance.md). Lasting backpressure pauses below.
-                if hold_until is None:
-                    hold_until = time.monotonic() + cfg.poll_timeout_ms / 1000
-                self._wake.wait(max(0.0, hold_until - time.monotonic()))
-                self._wake.clear()
-                continue
+            handed = self._emit_ready()
+            if self._pending and not self._paused:
+                # The queue is full: wait for room without polling, so nothing more is
+                # fetched, and without pausing while the learner keeps taking batches
+                # (pausing would make librdkafka drop its prefetched records, and a
+                # kafka-python fetch in flight; figures in docs/performance.md).
+                now = time.monotonic()
+                pause_at = hold.pause_at(now, progressed=handed > 0)
+                if now < pause_at:
+                    self._wake.wait(pause_at - now)
+                    self._wake.clear()
+                    continue
             if self._pending:
-                # Backpressure: the learner is behind. Fetch nothing more and hand batches
-                # over as soon as the learner takes one (get() sets _wake). poll() is still
-                # called every poll_timeout_ms, briefly, to drive the group protocol (a
-                # rebalance) and the max.poll.interval; heartbeats run on kafka-python's own
-                # thread. Polling on every hand-over would cost a fetch-less poll each time.
+                # Backpressure: the learner has stalled (or the hold ran out). Fetch nothing
+                # more and hand batches over as soon as the learner takes one (get() sets
+                # _wake). poll() is still called every poll_timeout_ms, briefly, to drive the
+                # group protocol (a rebalance) and the max.poll.interval; heartbeats run on
+                # the clients' own threads. Polling on every hand-over would cost a
+                # fetch-less poll each time.
                 self._pause_all(consumer)
                 wait_s = next_paused_poll - time.monotonic()
                 if wait_s > 0:
@@ -320,7 +322,7 @@ class KafkaBatchSource:
             else:
                 # Only here, with nothing decoded waiting and less than a batch buffered, is
                 # fetching worth it again.
-                hold_until = None
+                hold.clear()
                 self._resume_all(consumer)
                 timeout_ms = cfg.poll_timeout_ms
                 until_ready = self._batcher.time_until_ready()
@@ -416,27 +418,30 @@ class KafkaBatchSource:
             self._counters["polled"] += polled_count
             self._counters["skipped"] += skipped
 
-    def _emit_ready(self) -> None:
-        """Decode the ready batches there is room for, then hand them over together.
+    def _emit_ready(self) -> int:
+        """Decode the ready batches there is room for, then hand them over together; the
+        number handed over.
 
         One burst rather than decode-and-put one at a time: a learner blocked in get() is
         woken by the first put and takes the rest without blocking again, instead of being
         woken (and, on a busy machine, preempting this thread only to wait for the GIL) once
         per batch (figures in docs/performance.md).
         """
+        handed = 0
         while True:
             if not self._pending:
                 room = max(1, self._queue.maxsize - self._queue.qsize())
                 while len(self._pending) < room and self._batcher.ready():
                     self._pending.append(self._decode(self._batcher.take()))
                 if not self._pending:
-                    return
+                    return handed
             while self._pending:
                 try:
                     self._queue.put_nowait(self._pending[0])
                 except queue.Full:
-                    return
+                    return handed
                 self._pending.popleft()
+                handed += 1
 
     def _decode(self, records: list[SourceRecord]) -> EventBatch:
         cfg = self._config

@@ -304,6 +304,31 @@ def test_backpressure_pauses_and_loses_nothing(harness: Harness) -> None:
     assert source.commit_sync(merged_offsets(batches), 15.0) is True  # still a member
 
 
+def test_steady_backpressure_holds_without_pausing(harness: Harness) -> None:
+    """A learner slower than the consumer but taking batches steadily: the source waits for
+    room without pausing (a pause would make librdkafka drop its prefetched records)."""
+    total, batch_size = 2000, 10
+    harness.produce([(i % 2, _event(i, i % 2)) for i in range(total)])
+    # Large polls: each leaves many batches waiting behind a one-batch queue for longer than
+    # the stall time (poll_timeout_ms), which used to be enough to pause.
+    source = harness.source(batch_size=batch_size, queue_batches=1, max_poll_records=1000)
+    source.start()
+    taken = 0
+    backlog = 0  # most records polled but not yet taken, seen after a get()
+    deadline = time.monotonic() + 60
+    while taken < total and time.monotonic() < deadline:
+        batch = source.get(1.0)
+        if batch is None:
+            continue
+        taken += batch.consumed
+        backlog = max(backlog, source.stats()["polled"] - taken)
+        time.sleep(0.02)  # 50 times shorter than the stall time
+    stats = source.stats()
+    assert taken == total
+    assert backlog >= 10 * batch_size  # the queue was full behind a backlog: backpressure
+    assert stats["paused_events"] == 0
+
+
 def _get_until_closed(source: EventSource, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
