@@ -3,7 +3,7 @@
 Runs one arm of ``supcon-stream compare SCENARIO`` exactly as the benchmark does (same split
 of the scenario generated with seed 0, same stream order, same event ids, so the same bank
 admissions; ``learn_batch`` for every micro-batch) and, at the end of every task, scores the
-test set **per domain** (per task of the scenario) with four read-outs of the same network:
+test set **per domain** (per task of the scenario) with several read-outs of the same network:
 
 - ``ncm_bank``: nearest class mean over the bank, re-encoded (SupCon's natural classifier);
 - ``head``: the network's head (CE's natural classifier; under the ``supcon`` preset it is the
@@ -11,7 +11,15 @@ test set **per domain** (per task of the scenario) with four read-outs of the sa
 - ``ncm_all``: nearest class mean over *every* training event seen so far (not equal memory:
   what a bank without a size limit would give);
 - ``probe``: a logistic regression fitted on the encoder output of every training event seen
-  so far (not equal memory: how much the representation still separates).
+  so far (not equal memory: how much the representation still separates);
+- ``stale``: NCM to running class means of the embedding each stream event had when it was
+  learned (equal memory: one vector per class), never re-encoded;
+- ``sdc_class`` / ``sdcSIGMA``: the same running means moved, after every micro-batch, by the
+  drift of the re-encoded bank (semantic drift compensation,
+  :mod:`pipeline.devtools.bench.drift`): the mean drift of the bank items of the class /
+  SDC's Gaussian weights of width SIGMA over every bank item (``--sdc-sigmas``);
+- ``NAME_bank`` for each of those: its means averaged 50/50 (as unit vectors) with
+  ``ncm_bank``'s class means.
 
 Prints one line per task end and one JSON line at the end (``--json`` appends it to a file).
 
@@ -32,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812
 import yaml
 from sklearn.linear_model import LogisticRegression
 
@@ -39,6 +48,7 @@ from memory_bank.bank import MemoryBank
 from memory_bank.index import make_index
 from memory_bank.testing import InMemoryBankStore
 from pipeline.devtools.bench.compare import LabeledStream, load_scenario_stream, make_split
+from pipeline.devtools.bench.drift import RunningClassMeans
 from pipeline.devtools.bench.forgetting import (
     BenchConfig,
     _model_settings,
@@ -46,7 +56,7 @@ from pipeline.devtools.bench.forgetting import (
     task_batches,
 )
 from pipeline.learning.batch import learn_batch
-from pipeline.learning.inference import class_means, predict_head, predict_ncm
+from pipeline.learning.inference import ClassMeans, class_means, predict_head, predict_ncm
 from pipeline.learning.model import StreamNet
 from pipeline.learning.objectives import natural_classifier
 from pipeline.learning.step import make_state
@@ -70,6 +80,24 @@ def drift_stream(events: int) -> LabeledStream:
     return LabeledStream("gaussian-drift", np.asarray(rows, dtype=np.float32), labels, tasks, {})
 
 
+def normalised(labels: torch.Tensor, means: torch.Tensor) -> ClassMeans:
+    return ClassMeans(labels, F.normalize(means, dim=-1))
+
+
+def blend(a: ClassMeans, b: ClassMeans) -> ClassMeans:
+    """The unit-vector average of two sets of class means; a class in one set only keeps its
+    own mean."""
+    rows = {int(c): m for c, m in zip(b.labels, b.means, strict=True)}
+    rows.update(
+        {
+            int(c): (m + rows[int(c)]) / 2 if int(c) in rows else m
+            for c, m in zip(a.labels, a.means, strict=True)
+        }
+    )
+    labels = sorted(rows)
+    return normalised(torch.tensor(labels), torch.stack([rows[c] for c in labels]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scenario", default="domain-digits")
@@ -80,6 +108,11 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="append the result as one JSON line")
     p.add_argument("--events", type=int, help="gaussian-drift only: its length (default 20,000)")
     p.add_argument("--final-only", action="store_true", help="score at the end only")
+    p.add_argument(
+        "--sdc-sigmas",
+        default="0.1,0.3,1",
+        help="SDC's Gaussian widths (on unit vectors), one read-out column ``sdcSIGMA`` each",
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
     overrides: dict[str, dict[str, Any]] = {"train": {}, "model": {}}
@@ -119,6 +152,40 @@ def main() -> None:
         policy=method.bank_policy,
     )
     seen = torch.zeros(model_cfg.max_classes, dtype=torch.bool)
+    running = {
+        "stale": RunningClassMeans(
+            model_cfg.max_classes, model_cfg.embed_dim, None, compensate=False
+        ),
+        "sdc_class": RunningClassMeans(model_cfg.max_classes, model_cfg.embed_dim, None),
+        **{
+            f"sdc{sigma:g}": RunningClassMeans(model_cfg.max_classes, model_cfg.embed_dim, sigma)
+            for sigma in map(float, args.sdc_sigmas.split(","))
+        },
+    }
+    snapshot: dict[str, torch.Tensor] = {}  # bank event id -> its embedding at the last refresh
+
+    @torch.no_grad()
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(model.embed(x).float(), dim=-1)
+
+    @torch.no_grad()
+    def follow(mb_x: torch.Tensor, mb_y: torch.Tensor) -> None:
+        """After a micro-batch is learned: re-encode the bank, move the running means by the
+        drift of the items it held before, then add the micro-batch under the new encoder."""
+        model.eval()
+        slots, bank_x, bank_y = bank.occupied()
+        ids = bank.slot_ids(slots)
+        after = embed(bank_x)
+        kept = [i for i, event in enumerate(ids) if event in snapshot]
+        if kept:
+            before = torch.stack([snapshot[str(ids[i])] for i in kept])
+            for means in running.values():
+                means.compensate(before, after[kept], bank_y[kept])
+        snapshot.clear()
+        snapshot.update({str(e): row for e, row in zip(ids, after, strict=True)})
+        h = embed(mb_x)
+        for means in running.values():
+            means.add(h, mb_y)
 
     def per_domain(predicted: np.ndarray) -> dict[str, float]:
         """Mean over classes of the per-class accuracy, on each domain's test rows (the classes
@@ -140,19 +207,27 @@ def main() -> None:
         means_bank = class_means(model, bank_x, bank_y)
         means_all = class_means(model, train_x, torch.from_numpy(train_y))
         probe = LogisticRegression(max_iter=300).fit(model.embed(train_x).numpy(), train_y)
+        stream_means = {name: normalised(*means.seen()) for name, means in running.items()}
+
+        def ncm(means: ClassMeans) -> dict[str, float]:
+            return per_domain(predict_ncm(model, split.test_x, means)[0].numpy())
+
         return {
             "ncm_bank": per_domain(predict_ncm(model, split.test_x, means_bank)[0].numpy()),
             "head": per_domain(predict_head(model, split.test_x, seen)[0].numpy()),
             "ncm_all": per_domain(predict_ncm(model, split.test_x, means_all)[0].numpy()),
             "probe": per_domain(probe.predict(model.embed(split.test_x).numpy())),
+            **{name: ncm(means) for name, means in stream_means.items()},
+            **{f"{name}_bank": ncm(blend(m, means_bank)) for name, m in stream_means.items()},
         }
 
-    history = []
+    history: list[dict[str, Any]] = []
     done: list[int] = []
     for task, batches in task_batches(split, args.seed, cfg.stream_batch):
         for mb in batches:
             seen[mb.y] = True
             learn_batch(state, bank, train_cfg, mb.x, mb.y, seen, generator, mb.items)
+            follow(mb.x, mb.y)
             done.extend(mb.rows.tolist())
         if args.final_only and len(done) < len(split.train_y):
             continue
