@@ -125,14 +125,22 @@ class ConfluentClient:
             raise BrokerUnavailableError(
                 f"cannot reach the Kafka brokers {conf['bootstrap.servers']}: {exc}"
             ) from exc
+        # The assignment changes only inside these callbacks (the binding applies it right
+        # after them): cached between rebalances, so the source's check after every poll
+        # does not build a TopicPartition list each time.
+        self._assignment: frozenset[TopicPartitionKey] | None = None
         self._consumer.subscribe(
             [config.topic],
-            on_assign=lambda _c, parts: self._rebalances.record("assigned", parts),
-            on_revoke=lambda _c, parts: self._rebalances.record("revoked", parts),
-            on_lost=lambda _c, parts: self._rebalances.record("lost", parts),
+            on_assign=lambda _c, parts: self._on_rebalance("assigned", parts),
+            on_revoke=lambda _c, parts: self._on_rebalance("revoked", parts),
+            on_lost=lambda _c, parts: self._on_rebalance("lost", parts),
         )
 
     # ---- callbacks (inside consume, on the consumer thread) -------------------------------
+
+    def _on_rebalance(self, kind: str, parts: list[TopicPartition]) -> None:
+        self._assignment = None
+        self._rebalances.record(kind, parts)
 
     def _on_stats(self, raw: str) -> None:
         brokers = json.loads(raw).get("brokers", {})
@@ -174,7 +182,11 @@ class ConfluentClient:
         return self._rebalances.drain()
 
     def assignment(self) -> frozenset[TopicPartitionKey]:
-        return frozenset((tp.topic, tp.partition) for tp in self._consumer.assignment())
+        if self._assignment is None:
+            self._assignment = frozenset(
+                (tp.topic, tp.partition) for tp in self._consumer.assignment()
+            )
+        return self._assignment
 
     def seek(self, key: TopicPartitionKey, offset: int) -> None:
         # The binding applied the assignment inside consume(), so the partition is assigned.
