@@ -57,6 +57,7 @@ ARMS = (
 )
 LEARNERS = tuple(arm.name for arm in ARMS)
 LEARNER_IDLE_EXIT_S = 6.0
+_LOG_PROGRESS_EVERY_S = 5.0  # progress lines into a log (no terminal): at most this often
 LEARNER_TIMEOUT_S = 200.0
 FINAL_METRICS_TIMEOUT_S = 60.0
 
@@ -111,6 +112,7 @@ def _progress(settings: Settings, stop_when: Any) -> None:
     cursors = dict.fromkeys(LEARNERS, "0-0")
     latest: dict[str, StepRecord] = {}
     tty = sys.stderr.isatty()
+    last_line, next_line_at = "", 0.0
     try:
         while not stop_when():
             for rec in reader.read(cursors, block_ms=1000, count=1000):
@@ -129,9 +131,13 @@ def _progress(settings: Settings, stop_when: Any) -> None:
                     else f"{name}: {p.events_total:>5} events, step {p.step:>5}"
                 )
             line = " | ".join(parts)
-            print(
-                ("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True
-            )
+            if tty:
+                print("\r" + line, end="", file=sys.stderr, flush=True)
+            elif line != last_line and time.monotonic() >= next_line_at:
+                # A log (no terminal): a new line only when something moved, every few seconds.
+                print(line, file=sys.stderr, flush=True)
+                next_line_at = time.monotonic() + _LOG_PROGRESS_EVERY_S
+            last_line = line
     finally:
         if tty:
             print(file=sys.stderr)
