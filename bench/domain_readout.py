@@ -48,7 +48,7 @@ from memory_bank.bank import MemoryBank
 from memory_bank.index import make_index
 from memory_bank.testing import InMemoryBankStore
 from pipeline.devtools.bench.compare import LabeledStream, load_scenario_stream, make_split
-from pipeline.devtools.bench.drift import RunningClassMeans
+from pipeline.devtools.bench.drift import DriftFollower, RunningClassMeans, follow_encoder
 from pipeline.devtools.bench.forgetting import (
     BenchConfig,
     _model_settings,
@@ -162,30 +162,7 @@ def main() -> None:
             for sigma in map(float, args.sdc_sigmas.split(","))
         },
     }
-    snapshot: dict[str, torch.Tensor] = {}  # bank event id -> its embedding at the last refresh
-
-    @torch.no_grad()
-    def embed(x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(model.embed(x).float(), dim=-1)
-
-    @torch.no_grad()
-    def follow(mb_x: torch.Tensor, mb_y: torch.Tensor) -> None:
-        """After a micro-batch is learned: re-encode the bank, move the running means by the
-        drift of the items it held before, then add the micro-batch under the new encoder."""
-        model.eval()
-        slots, bank_x, bank_y = bank.occupied()
-        ids = bank.slot_ids(slots)
-        after = embed(bank_x)
-        kept = [i for i, event in enumerate(ids) if event in snapshot]
-        if kept:
-            before = torch.stack([snapshot[str(ids[i])] for i in kept])
-            for means in running.values():
-                means.compensate(before, after[kept], bank_y[kept])
-        snapshot.clear()
-        snapshot.update({str(e): row for e, row in zip(ids, after, strict=True)})
-        h = embed(mb_x)
-        for means in running.values():
-            means.add(h, mb_y)
+    follower = DriftFollower(running)
 
     def per_domain(predicted: np.ndarray) -> dict[str, float]:
         """Mean over classes of the per-class accuracy, on each domain's test rows (the classes
@@ -227,7 +204,7 @@ def main() -> None:
         for mb in batches:
             seen[mb.y] = True
             learn_batch(state, bank, train_cfg, mb.x, mb.y, seen, generator, mb.items)
-            follow(mb.x, mb.y)
+            follow_encoder(follower, model, bank, mb.x, mb.y)
             done.extend(mb.rows.tolist())
         if args.final_only and len(done) < len(split.train_y):
             continue

@@ -10,12 +10,26 @@ drift ``delta_i = e'_i - e_i``; each class mean moves by a weighted mean of thos
   normalised over the items (``sigma=...``);
 - class-restricted: the mean delta of the bank items of class ``c`` (``sigma=None``).
 
-Screened by ``bench/domain_readout.py`` (docs/forgetting.md), not used by the learner.
+:class:`DriftFollower` keeps sets of such means in step with an online learner: after every
+micro-batch, the bank re-encoded by the updated encoder gives the drift of the items it held
+at the previous micro-batch, then the micro-batch's events join their means under the updated
+encoder. Read out by ``bench forgetting`` (``sdc``, ``sdc_class``: :data:`DRIFT_READOUTS`) and
+screened by ``bench/domain_readout.py`` (docs/forgetting.md); not used by the learner.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
+import torch.nn.functional as F  # noqa: N812
+
+from memory_bank.bank import MemoryBank
+from pipeline.learning.model import StreamNet
+
+# The read-outs ``bench forgetting`` scores beside NCM over the bank: name -> SDC's width
+# (on unit vectors; 0.3 led the screen of docs/forgetting.md), None for class-restricted.
+DRIFT_READOUTS: dict[str, float | None] = {"sdc": 0.3, "sdc_class": None}
 
 
 def drift_shift(
@@ -83,3 +97,63 @@ class RunningClassMeans:
         """(labels ``[k]``, means ``[k, d]``) of the classes with at least one embedding."""
         seen = torch.nonzero(self.counts > 0).squeeze(1)
         return seen, self.means[seen]
+
+
+class DriftFollower:
+    """Sets of running class means that follow an encoder through a memory it re-encodes.
+
+    :meth:`follow` is called after every encoder change with the memory's items embedded by
+    the new encoder; the items it also saw at the previous call measure the drift.
+    """
+
+    def __init__(self, means: Mapping[str, RunningClassMeans]) -> None:
+        self.means = dict(means)
+        self._previous: dict[str, torch.Tensor] = {}  # item id -> embedding at the last call
+
+    def follow(
+        self,
+        ids: Sequence[str],
+        items: torch.Tensor,
+        item_labels: torch.Tensor,
+        new: torch.Tensor,
+        new_labels: torch.Tensor,
+    ) -> None:
+        """Move every set of means by the drift of the items ``ids`` (embedded now as ``items``
+        ``[n, d]``) that were there at the last call, then add ``new`` ``[m, d]`` (embedded
+        by the same encoder) to their classes' means."""
+        kept = [i for i, item in enumerate(ids) if item in self._previous]
+        if kept:
+            before = torch.stack([self._previous[ids[i]] for i in kept])
+            for means in self.means.values():
+                means.compensate(before, items[kept], item_labels[kept])
+        self._previous = dict(zip(ids, items, strict=True))
+        for means in self.means.values():
+            means.add(new, new_labels)
+
+
+@torch.no_grad()
+def follow_encoder(
+    follower: DriftFollower,
+    model: StreamNet,
+    bank: MemoryBank,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> None:
+    """After the micro-batch ``x, y`` was learned: re-encode the bank with ``model``, move the
+    means by the drift of the items it held before, then add the micro-batch, all as
+    L2-normalised embeddings of the updated encoder. Reads the model, never trains it."""
+    model.eval()
+    slots, bank_x, bank_y = bank.occupied()
+    ids = [str(item) for item in bank.slot_ids(slots)]
+
+    def embed(features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(model.embed(features).float(), dim=-1)
+
+    follower.follow(ids, embed(bank_x), bank_y, embed(x), y)
+
+
+def drift_readouts(max_classes: int, dim: int) -> DriftFollower:
+    """The :data:`DRIFT_READOUTS` means of ``bench forgetting``, following no encoder yet."""
+    return DriftFollower(
+        {name: RunningClassMeans(max_classes, dim, sigma) for name, sigma in DRIFT_READOUTS.items()}
+    )

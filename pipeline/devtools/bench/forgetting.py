@@ -21,7 +21,10 @@ class-balanced memory, replay draw and steps per batch as SupCon) and SupCon + b
 offline joint bounds. On request: CE + ER with a reservoir memory and uniform replay, SupCon
 + bank with a reservoir memory, SupCon + FAISS hard negatives and asymmetric SupCon (Co2L).
 Replay per step never exceeds ``replay_size`` bank items, hard negatives included. Each run
-also reports its training wall time per event (compute parity).
+also reports its training wall time per event (compute parity), and the final accuracy of
+every read-out of the same network (:func:`readouts`): beside SupCon's NCM over the bank, NCM
+to running class means that follow the encoder (semantic drift compensation,
+:mod:`pipeline.devtools.bench.drift`), kept outside the training step and the timing.
 """
 
 from __future__ import annotations
@@ -34,13 +37,21 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
+import torch.nn.functional as F  # noqa: N812
 
 from memory_bank.bank import MemoryBank
 from memory_bank.index import make_index
 from memory_bank.testing import InMemoryBankStore
 from pipeline.config import BankSettings, ModelSettings, TrainSettings
+from pipeline.devtools.bench.drift import (
+    DRIFT_READOUTS,
+    DriftFollower,
+    drift_readouts,
+    follow_encoder,
+)
 from pipeline.learning.batch import learn_batch
 from pipeline.learning.inference import (
+    ClassMeans,
     class_means,
     predict_ensemble,
     predict_head,
@@ -246,9 +257,20 @@ Predictor = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Ten
 
 
 def _predictor(
-    classifier: str, model: StreamNet, bank_x: torch.Tensor, bank_y: torch.Tensor
+    classifier: str,
+    model: StreamNet,
+    bank_x: torch.Tensor,
+    bank_y: torch.Tensor,
+    drift: DriftFollower | None = None,
 ) -> Predictor:
-    """(labels, confidences) for the test rows, given the classes seen so far (bool mask)."""
+    """(labels, confidences) for the test rows, given the classes seen so far (bool mask).
+
+    ``drift`` holds the running class means of the :data:`DRIFT_READOUTS` read-outs.
+    """
+    if drift is not None and classifier in drift.means:
+        labels, rows = drift.means[classifier].seen()
+        stream_means = ClassMeans(labels, F.normalize(rows, dim=-1))
+        return lambda x, _seen: predict_ncm(model, x, stream_means)
     if classifier == "head":
         return lambda x, seen: predict_head(model, x, seen)
     means = class_means(model, bank_x, bank_y)
@@ -259,11 +281,17 @@ def _predictor(
 
 def readouts(train_cfg: TrainSettings) -> tuple[str, ...]:
     """The classifiers a run scores: its natural one first, then NCM over the bank, and, when
-    a head is trained beside a representation objective, the head and the ensemble of both."""
+    a head is trained beside a representation objective, the head and the ensemble of both.
+
+    A representation objective is also read by NCM to running class means of the stream that
+    follow the encoder (:data:`DRIFT_READOUTS`, semantic drift compensation): equal memory,
+    one vector per class, kept beside the run without changing it.
+    """
     natural = natural_classifier(train_cfg)
     head_trained = HEAD_TERMS & set(loss_weights(train_cfg))
     extra = ("head", "ensemble") if natural == "ncm" and head_trained else ()
-    return tuple(dict.fromkeys((natural, "ncm", *extra)))
+    drift = tuple(DRIFT_READOUTS) if natural == "ncm" else ()
+    return tuple(dict.fromkeys((natural, "ncm", *extra, *drift)))
 
 
 @dataclass(frozen=True)
@@ -331,12 +359,17 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
     final_ece: float | None = None  # the natural classifier's, at the latest evaluation
     final_per_class: dict[str, float] = {}
     train_s = 0.0
+    drift = (
+        drift_readouts(model_cfg.max_classes, model_cfg.embed_dim)
+        if set(DRIFT_READOUTS) & set(trackers)
+        else None
+    )
 
     def evaluate(task: str) -> None:
         nonlocal final_ece, final_per_class
         _, bank_x, bank_y = bank.occupied()
         for classifier, trk in trackers.items():
-            score = _score(_predictor(classifier, model, bank_x, bank_y), split, seen)
+            score = _score(_predictor(classifier, model, bank_x, bank_y, drift), split, seen)
             trk.update(score.per_class_accuracy, class_task=class_task, current_task=str(task))
             if trk is tracker:
                 final_ece, final_per_class = score.ece, score.per_class_accuracy
@@ -349,6 +382,8 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
             step_started = time.perf_counter()
             learn_batch(state, bank, train_cfg, mb.x, mb.y, seen, generator, mb.items)
             train_s += time.perf_counter() - step_started
+            if drift is not None:  # outside the timed step: a read-out's upkeep, not training
+                follow_encoder(drift, model, bank, mb.x, mb.y)
             events += len(mb.rows)
             if batch_no % cfg.eval_every == 0 or batch_no == len(batches):
                 evaluate(task)

@@ -11,7 +11,7 @@ import json
 import math
 import platform
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,8 @@ class Row:
     memory: int
     stats: dict[str, Stat | None]  # one per COLUMNS
     seconds: float
+    # Final accuracy of every read-out the runs scored (RunResult.readout_accuracy).
+    readouts: dict[str, Stat | None] = field(default_factory=dict)
 
 
 def summarise(results: Sequence[RunResult]) -> list[Row]:
@@ -81,7 +83,12 @@ def summarise(results: Sequence[RunResult]) -> list[Row]:
         for key in COLUMNS:
             values = [getattr(r, key) for r in runs if getattr(r, key) is not None]
             stats[key] = interval(values)
-        rows.append(Row(method, memory, stats, sum(r.seconds for r in runs)))
+        names = dict.fromkeys(name for r in runs for name in r.readout_accuracy)
+        readouts = {
+            name: interval([r.readout_accuracy[name] for r in runs if name in r.readout_accuracy])
+            for name in names
+        }
+        rows.append(Row(method, memory, stats, sum(r.seconds for r in runs), readouts))
     # CE fine-tune (no memory) first, then by memory, the joint bounds last.
     return sorted(
         rows,
@@ -131,8 +138,32 @@ def markdown(
         "and bank upkeep, no evaluation) per training event: the compute each method spent.\n\n"
         + head
         + body
+        + _readout_table(rows, cfg)
         + f"\n![accuracy over the stream]({png_name})\n"
         + (f"\n![final accuracy per class]({per_class_png})\n" if per_class_png else "")
+    )
+
+
+def _readout_table(rows: Sequence[Row], cfg: BenchConfig) -> str:
+    """Final accuracy of every read-out of the same runs, when some run has more than its
+    natural classifier and NCM (empty otherwise)."""
+    names = list(dict.fromkeys(name for row in rows for name in row.readouts))
+    if not set(names) - {"head", "ncm"}:
+        return ""
+    head = "| memory | method | " + " | ".join(names) + " |\n" + "|---:|---|" + "---|" * len(names)
+    body = "".join(
+        f"| {row.memory or '–'} | {label_of(row.method, cfg.extra_methods)} | "
+        + " | ".join(_cell(row.readouts.get(name)) for name in names)
+        + " |\n"
+        for row in rows
+        if row.readouts
+    )
+    return (
+        "\nFinal average accuracy of each read-out of the same runs (`readout_accuracy` in the "
+        "JSON): `head` the CE head, `ncm` NCM over the bank, `ensemble` the softmax average of "
+        "both, `sdc` / `sdc_class` NCM to running class means of the stream moved by semantic "
+        "drift compensation (σ 0.3 / the class's own bank items); the table above keeps each "
+        "method's natural classifier.\n\n" + head + "\n" + body
     )
 
 
@@ -168,15 +199,17 @@ def to_json(
                 "method": row.method,
                 "label": label_of(row.method, cfg.extra_methods),
                 "memory": row.memory,
-                **{
-                    k: (None if s is None else {"mean": s.mean, "ci95": s.half_width, "n": s.n})
-                    for k, s in row.stats.items()
-                },
+                **{k: _stat_json(s) for k, s in row.stats.items()},
+                "readouts": {k: _stat_json(s) for k, s in row.readouts.items()},
             }
             for row in rows
         ],
         "runs": [asdict(r) for r in results],
     }
+
+
+def _stat_json(s: Stat | None) -> dict[str, float] | None:
+    return None if s is None else {"mean": s.mean, "ci95": s.half_width, "n": s.n}
 
 
 def plot(results: Sequence[RunResult], cfg: BenchConfig, path: Path) -> None:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from pipeline.devtools.bench import forgetting
 from pipeline.devtools.bench.cli import bench_config
 from pipeline.devtools.bench.forgetting import (
     TEST_FRACTION,
@@ -71,16 +72,33 @@ def test_ce_fine_tune_falls_into_the_trap_and_supcon_with_a_bank_does_not(result
     assert events == sorted(events)
     assert events[-1] == len(digits_split(0).train_y)
     # Each run's own classifier, and NCM over the bank beside a head: CE's reads both.
-    assert supcon.readout_accuracy == {"ncm": supcon.final_accuracy}
+    # SupCon's is NCM over the bank; it is also read by NCM to class means of the stream that
+    # follow the encoder (semantic drift compensation), which is SupCon-level, not chance.
+    assert set(supcon.readout_accuracy) == {"ncm", "sdc", "sdc_class"}
+    assert supcon.readout_accuracy["ncm"] == supcon.final_accuracy
+    for name in ("sdc", "sdc_class"):
+        assert supcon.readout_accuracy[name] > ce.final_accuracy + 0.3
     assert set(ce.readout_accuracy) == {"head", "ncm"}
     assert ce.readout_accuracy["head"] == ce.final_accuracy
 
 
 def test_a_head_trained_beside_supcon_is_scored_alone_and_in_the_ensemble() -> None:
-    assert readouts(bench_train_settings()) == ("ncm",)
+    assert readouts(bench_train_settings()) == ("ncm", "sdc", "sdc_class")
     assert readouts(bench_train_settings(objective="ce")) == ("head", "ncm")
     ace = bench_train_settings(loss_terms={"supcon": 1.0, "proxy": 1.0, "ace": 1.0})
-    assert readouts(ace) == ("ncm", "head", "ensemble")
+    assert readouts(ace) == ("ncm", "head", "ensemble", "sdc", "sdc_class")
+
+
+def test_the_drift_readouts_leave_the_run_unchanged(results, monkeypatch) -> None:
+    """The same SupCon run without the means that follow the encoder trains and scores alike:
+    keeping them only reads the model (re-encodes the bank in eval mode, no gradient)."""
+    monkeypatch.setattr(forgetting, "readouts", lambda _cfg: ("ncm",))
+    split = digits_split(0)
+    alone = forgetting.run_online(forgetting.method_by_name("supcon"), 20, 0, TINY, split)
+    with_drift = next(r for r in results if r.method == "supcon")
+    assert alone.readout_accuracy == {"ncm": with_drift.final_accuracy}
+    assert alone.curve == with_drift.curve
+    assert alone.per_class == with_drift.per_class
 
 
 def test_report_files(results, tmp_path) -> None:
@@ -91,8 +109,15 @@ def test_report_files(results, tmp_path) -> None:
     assert "ECE ↓" in text
     assert "train ms/event |" in text
     assert "![accuracy over the stream](forgetting.png)" in text
+    # The read-outs of the same runs, in a table of their own (the one-seed interval is 0).
+    assert "| memory | method | head | ncm | sdc | sdc_class |" in text
+    supcon = next(r for r in results if r.method == "supcon")
+    assert f"| 20 | SupCon + bank | – | {supcon.readout_accuracy['ncm']:.3f} ± 0.000 |" in text
     report = json.loads(paths["json"].read_text())
     assert {row["method"] for row in report["summary"]} == {"ce_finetune", "supcon", "joint"}
+    summary = {row["method"]: row for row in report["summary"]}
+    assert summary["supcon"]["readouts"]["sdc"]["mean"] == supcon.readout_accuracy["sdc"]
+    assert summary["joint"]["readouts"] == {}
     assert len(report["runs"]) == 3
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

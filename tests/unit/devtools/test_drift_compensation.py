@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.devtools.bench.drift import RunningClassMeans, drift_shift
+from pipeline.devtools.bench.drift import DriftFollower, RunningClassMeans, drift_shift
 
 
 def test_class_restricted_shift_is_the_mean_drift_of_the_class_items():
@@ -68,3 +68,37 @@ def test_stale_means_ignore_the_drift():
     means.add(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
     means.compensate(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([0]))
     assert means.seen()[1].tolist() == [[1.0, 0.0]]
+
+
+def test_follower_moves_means_by_the_items_seen_at_the_last_call_then_adds_the_new_events():
+    follower = DriftFollower({"class": RunningClassMeans(max_classes=2, dim=2, sigma=None)})
+    means = follower.means["class"]
+    # first call: nothing to compare with, the event joins class 0
+    follower.follow(
+        ["a"],
+        torch.tensor([[1.0, 0.0]]),
+        torch.tensor([0]),
+        torch.tensor([[1.0, 0.0]]),
+        torch.tensor([0]),
+    )
+    assert means.seen()[1].tolist() == [[1.0, 0.0]]
+    # "a" moved by (-0.25, 0.25); "b" is new to the memory: no drift measured on it yet. The
+    # class 1 event joins after the move, as the encoder that embedded it is the new one.
+    follower.follow(
+        ["a", "b"],
+        torch.tensor([[0.75, 0.25], [5.0, 5.0]]),
+        torch.tensor([0, 0]),
+        torch.tensor([[0.0, 1.0]]),
+        torch.tensor([1]),
+    )
+    assert means.seen()[1].tolist() == [[0.75, 0.25], [0.0, 1.0]]
+    # "a" left the memory; "b" moved by (-1, 0) since the last call. Class 1 has no item.
+    follower.follow(
+        ["b"],
+        torch.tensor([[4.0, 5.0]]),
+        torch.tensor([0]),
+        torch.zeros(0, 2),
+        torch.zeros(0, dtype=torch.long),
+    )
+    assert means.seen()[1].tolist() == [[-0.25, 0.25], [0.0, 1.0]]
+    assert means.counts.tolist() == [1, 1]
