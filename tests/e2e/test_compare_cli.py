@@ -38,7 +38,10 @@ def test_compare_split_digits_reproduces_the_bench_forgetting_table(tmp_path):
     compare = _cli("compare", "split-digits", *TINY, *FAST, "--out", str(tmp_path / "cmp"))
     assert compare.returncode == 0, compare.stderr
     rows = _table(tmp_path / "bench" / "forgetting.md")
-    assert len(rows) == 4  # header, rule, CE fine-tune, SupCon + bank
+    # The main table (header, rule, CE fine-tune, SupCon + bank), then the read-outs of the
+    # same runs (header, rule, one row per arm; SupCon's adds the drift-compensated means).
+    assert len(rows) == 8
+    assert "| ncm | sdc " in rows[4]
     assert _table(tmp_path / "cmp" / "compare.md") == rows
 
 
