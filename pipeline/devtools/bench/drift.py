@@ -132,6 +132,7 @@ class DriftFollower:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def follow_encoder(
     follower: DriftFollower,
     model: StreamNet,
