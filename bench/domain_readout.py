@@ -80,10 +80,6 @@ def drift_stream(events: int) -> LabeledStream:
     return LabeledStream("gaussian-drift", np.asarray(rows, dtype=np.float32), labels, tasks, {})
 
 
-def normalised(labels: torch.Tensor, means: torch.Tensor) -> ClassMeans:
-    return ClassMeans(labels, F.normalize(means, dim=-1))
-
-
 def blend(a: ClassMeans, b: ClassMeans) -> ClassMeans:
     """The unit-vector average of two sets of class means; a class in one set only keeps its
     own mean."""
@@ -95,7 +91,8 @@ def blend(a: ClassMeans, b: ClassMeans) -> ClassMeans:
         }
     )
     labels = sorted(rows)
-    return normalised(torch.tensor(labels), torch.stack([rows[c] for c in labels]))
+    stacked = torch.stack([rows[c] for c in labels])
+    return ClassMeans(torch.tensor(labels), F.normalize(stacked, dim=-1))
 
 
 def main() -> None:
@@ -184,7 +181,7 @@ def main() -> None:
         means_bank = class_means(model, bank_x, bank_y)
         means_all = class_means(model, train_x, torch.from_numpy(train_y))
         probe = LogisticRegression(max_iter=300).fit(model.embed(train_x).numpy(), train_y)
-        stream_means = {name: normalised(*means.seen()) for name, means in running.items()}
+        stream_means = {name: means.class_means() for name, means in running.items()}
 
         def ncm(means: ClassMeans) -> dict[str, float]:
             return per_domain(predict_ncm(model, split.test_x, means)[0].numpy())

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from memory_bank.bank import MemoryBank
+from pipeline.learning.inference import ClassMeans
 from pipeline.learning.model import StreamNet
 
 # The read-outs ``bench forgetting`` scores beside NCM over the bank: name -> SDC's width
@@ -97,6 +98,11 @@ class RunningClassMeans:
         """(labels ``[k]``, means ``[k, d]``) of the classes with at least one embedding."""
         seen = torch.nonzero(self.counts > 0).squeeze(1)
         return seen, self.means[seen]
+
+    def class_means(self) -> ClassMeans:
+        """The seen classes' means as unit vectors: what :func:`predict_ncm` reads."""
+        labels, rows = self.seen()
+        return ClassMeans(labels, F.normalize(rows, dim=-1))
 
 
 class DriftFollower:

@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
-import torch.nn.functional as F  # noqa: N812
 
 from memory_bank.bank import MemoryBank
 from memory_bank.index import make_index
@@ -51,7 +50,6 @@ from pipeline.devtools.bench.drift import (
 )
 from pipeline.learning.batch import learn_batch
 from pipeline.learning.inference import (
-    ClassMeans,
     class_means,
     predict_ensemble,
     predict_head,
@@ -268,8 +266,7 @@ def _predictor(
     ``drift`` holds the running class means of the :data:`DRIFT_READOUTS` read-outs.
     """
     if drift is not None and classifier in drift.means:
-        labels, rows = drift.means[classifier].seen()
-        stream_means = ClassMeans(labels, F.normalize(rows, dim=-1))
+        stream_means = drift.means[classifier].class_means()
         return lambda x, _seen: predict_ncm(model, x, stream_means)
     if classifier == "head":
         return lambda x, seen: predict_head(model, x, seen)
