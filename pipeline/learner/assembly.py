@@ -106,7 +106,7 @@ def _assemble(
         # Join the consumer group while the bank loads: a restart then costs
         # max(group join, bank load), not their sum (docs/performance.md, "Restart").
         source.start(plan.offsets)
-    # After the join has started: the first Adam import is slow (torch._dynamo).
+    # After the join has started: on CUDA, torch.optim.Adam imports torch._dynamo (slow).
     model = StreamNet(settings.model).to(device)
     state = make_state(model, settings.train)
     registry = registry_from(ckpt, settings.model.max_classes)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from pipeline.config import TrainSettings
+from pipeline.learning.adam import CpuAdam
 from pipeline.learning.model import StreamNet
 from pipeline.learning.objectives import loss_weights, objective_loss
 
@@ -42,7 +43,7 @@ class TrainState:
     """
 
     model: StreamNet
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | CpuAdam
     step: int = 0
     skipped_settled: int = 0
     skips_on_device: torch.Tensor | None = None  # int64 0-d, skips not yet read back
@@ -113,24 +114,35 @@ class StepResult:
 
 
 def make_state(model: StreamNet, cfg: TrainSettings, *, fused: bool | None = None) -> TrainState:
-    """Model and Adam. On CUDA Adam is ``fused`` (default: on CUDA only) and ``capturable``: one
-    kernel for the update instead of a few per parameter, its step counter on the GPU, and a
-    non-finite step skipped by the kernel itself (``_guarded_step``), without a host round trip.
-    The CPU keeps the plain implementation, whose numerics the documented figures were taken
-    with; tests pass ``fused=True`` to run the CUDA path's skip on the CPU.
+    """Model and Adam. On CUDA Adam is ``torch.optim.Adam``, ``fused`` (default: on CUDA only)
+    and ``capturable``: one kernel for the update instead of a few per parameter, its step
+    counter on the GPU, and a non-finite step skipped by the kernel itself (``_guarded_step``),
+    without a host round trip. The CPU runs :class:`~pipeline.learning.adam.CpuAdam`: the
+    arithmetic of torch's plain implementation (whose numerics the documented figures were
+    taken with) without ``torch.optim``'s import of ``torch._dynamo``, which delayed a
+    restart's first trained batch (docs/performance.md, Restart). Tests pass ``fused=True``
+    to run the CUDA path's skip on the CPU.
     """
     on_cuda = next(model.parameters()).device.type == "cuda"
+    use_fused = on_cuda if fused is None else fused
+    if not on_cuda and not use_fused:
+        return TrainState(
+            model=model,
+            optimizer=CpuAdam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+        )
     optimizer = torch.optim.Adam(
         model.parameters(),
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         capturable=on_cuda,
-        fused=on_cuda if fused is None else fused,
+        fused=use_fused,
     )
     return TrainState(model=model, optimizer=optimizer)
 
 
-def match_optimizer_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+def match_optimizer_device(
+    optimizer: torch.optim.Optimizer | CpuAdam, device: torch.device
+) -> None:
     """Fit a restored optimizer to this learner's device.
 
     ``load_state_dict`` brings back the saved ``capturable`` flag: a CUDA checkpoint restored on
@@ -266,7 +278,9 @@ def _guarded_step(
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
     ok = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-    if all(group.get("fused") for group in optimizer.param_groups):
+    if isinstance(optimizer, torch.optim.Optimizer) and all(
+        group.get("fused") for group in optimizer.param_groups
+    ):
         _fused_skip_step(optimizer, ok)
     else:
         _undo_if_not_finite(state, params, ok)
@@ -312,7 +326,7 @@ def _undo_if_not_finite(
                 st[key].copy_(torch.where(ok, st[key], old_value))
         # State Adam created in this step (its first): zeros and step 0 when the step is undone,
         # which is exactly what a fresh Adam starts from (weight decay cannot leak into it).
-        for st in (optimizer.state[p] for p in stateless):
+        for st in (optimizer.state.get(p, {}) for p in stateless):
             for value in st.values():
                 if torch.is_tensor(value):
                     value.copy_(torch.where(ok, value, torch.zeros_like(value)))
