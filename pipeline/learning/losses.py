@@ -446,6 +446,30 @@ def proxy_mixup_loss(
     return _reduce(per_row, reduction)
 
 
+def cross_class_mixtures(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    lam: torch.Tensor,
+) -> torch.Tensor:
+    """Synthetic negatives: ``normalise(λ_k f_{first_k} + (1 − λ_k) f_{second_k})`` for the
+    pairs whose labels differ, detached (MoCHi, Kalantidis et al. 2020, mixes hard negatives
+    the same way and stops their gradient). A same-class pair would be a negative sitting
+    inside its own class, so it is dropped. ``features`` ``[n, d]`` L2-normalised, the other
+    four ``[n]`` / ``[k]``; returns ``[k', d]``, ``k' ≤ k``.
+    """
+    if features.dim() != 2:
+        raise ValueError(f"features must be [n, d], got shape {tuple(features.shape)}")
+    first, second, lam = first.reshape(-1), second.reshape(-1), lam.reshape(-1)
+    if not first.numel() == second.numel() == lam.numel():
+        raise ValueError(f"{first.numel()} / {second.numel()} / {lam.numel()} pair entries")
+    keep = labels[first] != labels[second]
+    f = features.detach().float()
+    weight = lam[keep].float().unsqueeze(1)
+    return F.normalize(weight * f[first[keep]] + (1.0 - weight) * f[second[keep]], dim=-1)
+
+
 def relation_distillation_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,

@@ -47,6 +47,7 @@ from pipeline.learning.losses import (
     asymmetric_supcon_loss,
     batch_hard_triplet_loss,
     combine,
+    cross_class_mixtures,
     cross_entropy_loss,
     focal_loss,
     proxy_contrastive_loss,
@@ -106,6 +107,15 @@ class MixPairs:
 
 
 @dataclass(frozen=True, slots=True)
+class NegativePairs:
+    """Pairs of rows of ``Views.h`` whose cross-class mixtures are SupCon's synthetic negatives."""
+
+    first: torch.Tensor  # [k] row indices
+    second: torch.Tensor  # [k] row indices
+    lam: torch.Tensor  # [k] mixing coefficients in [0, 1]
+
+
+@dataclass(frozen=True, slots=True)
 class Views:
     """``count`` augmented views of the contrasted set, encoded once and shared by every term."""
 
@@ -116,6 +126,7 @@ class Views:
     teacher_z: torch.Tensor | None = None  # [count·m, proj_dim] an earlier snapshot's projections
     count: int = 2  # views per item
     mix: MixPairs | None = None  # drawn only when the proxy_mixup term is weighted
+    negatives: NegativePairs | None = None  # drawn only when train.mix_negatives > 0
 
     @property
     def m(self) -> int:
@@ -152,6 +163,8 @@ def _projected(model: StreamNet, v: Views) -> torch.Tensor:
 
 def _supcon_term(model: StreamNet, v: Views, cfg: TrainSettings) -> torch.Tensor:
     feats = _projected(model, v)
+    if v.negatives is not None:
+        return _supcon_with_mixed_negatives(feats, v, cfg)
     per_anchor = supcon_loss(
         feats,
         _contrast_labels(v.labels),
@@ -161,6 +174,22 @@ def _supcon_term(model: StreamNet, v: Views, cfg: TrainSettings) -> torch.Tensor
         reduction="none",
     )
     return per_anchor if cfg.contrast_mode == "one" else v.per_item(per_anchor)
+
+
+def _supcon_with_mixed_negatives(feats: torch.Tensor, v: Views, cfg: TrainSettings) -> torch.Tensor:
+    """SupCon, every view an anchor, with the cross-class mixtures as extra contrast-only
+    negatives: each gets an identity of its own, below every item's, so it is nobody's positive.
+    """
+    assert v.negatives is not None
+    labels = _contrast_labels(v.labels)
+    rows = feats.transpose(0, 1).reshape(v.count * v.m, -1)
+    pairs = v.negatives
+    synthetic = cross_class_mixtures(rows, v.per_row(labels), pairs.first, pairs.second, pairs.lam)
+    ids = -2 - v.m - torch.arange(synthetic.shape[0], device=labels.device)
+    per_anchor = asymmetric_supcon_loss(
+        feats, labels, synthetic, ids, cfg.temperature, cfg.base_temperature, reduction="none"
+    )
+    return v.per_item(per_anchor)
 
 
 def _asym_supcon_term(model: StreamNet, v: Views, cfg: TrainSettings) -> torch.Tensor:
@@ -307,6 +336,21 @@ def draw_mix_pairs(
     return MixPairs(rows=rows, partner=partner, lam=lam)
 
 
+def draw_negative_pairs(
+    labels: torch.Tensor, views: int, pairs: int, generator: torch.Generator | None = None
+) -> NegativePairs | None:
+    """``pairs`` random pairs (with replacement) of labeled rows of ``views`` view-major copies
+    of ``labels``, each with λ ~ U(0, 1); None when no row is labeled."""
+    rows = (labels != UNLABELED).repeat(views).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return None
+    device = labels.device
+    first = rows[torch.randint(rows.numel(), (pairs,), generator=generator, device=device)]
+    second = rows[torch.randint(rows.numel(), (pairs,), generator=generator, device=device)]
+    lam = torch.rand(pairs, generator=generator, device=device)
+    return NegativePairs(first=first, second=second, lam=lam)
+
+
 def objective_loss(
     model: StreamNet,
     x: torch.Tensor,
@@ -334,7 +378,12 @@ def objective_loss(
     # Drawn after the views and only when weighted: without the term the generator's stream,
     # and so every earlier figure, is unchanged.
     mix = draw_mix_pairs(labels, cfg.views, generator) if "proxy_mixup" in weights else None
-    v = Views(n, labels, model.encode(views), seen_classes, teacher_z, cfg.views, mix)
+    negatives = (
+        draw_negative_pairs(labels, cfg.views, cfg.mix_negatives, generator)
+        if cfg.mix_negatives and "supcon" in weights
+        else None
+    )
+    v = Views(n, labels, model.encode(views), seen_classes, teacher_z, cfg.views, mix, negatives)
     per_term = {name: TERMS[name](model, v, cfg) for name in weights}
     total = combine({name: t.float().mean() for name, t in per_term.items()}, weights)
     batch = combine({name: t[:n].float() for name, t in per_term.items()}, weights)

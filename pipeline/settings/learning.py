@@ -99,6 +99,14 @@ class TrainSettings(_Frozen):
         "outputs of random pairs of labeled items mixed with λ ~ U(0, 1), soft targets "
         "against the class proxies) in the supcon preset; 0 is off.",
     )
+    mix_negatives: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="Random pairs of labeled views drawn per step whose cross-class "
+        "mixtures (projections, λ ~ U(0, 1), no gradient) join SupCon's contrast set as "
+        "negatives of every anchor (MoCHi-style synthetic negatives); 0 is off.",
+    )
     replay_sampling: Literal["class_balanced", "random"] = "class_balanced"
     train_unlabeled: bool = Field(
         False,
@@ -129,6 +137,8 @@ class TrainSettings(_Frozen):
                 raise ValueError(f"loss_terms.{name}: weight must be finite and >= 0")
         if self.loss_terms and not any(self.loss_terms.values()):
             raise ValueError("loss_terms: at least one weight must be > 0")
+        if self.mix_negatives and self.contrast_mode != "all":
+            raise ValueError("mix_negatives: needs contrast_mode all")
         return self
 
 

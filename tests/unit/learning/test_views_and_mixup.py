@@ -12,12 +12,18 @@ from pipeline.config import ModelSettings, TrainSettings, load_settings
 from pipeline.exceptions import ConfigError
 from pipeline.learning.losses import (
     asymmetric_supcon_loss,
+    cross_class_mixtures,
     proxy_contrastive_loss,
     proxy_mixup_loss,
     supcon_loss,
 )
 from pipeline.learning.model import StreamNet, augment
-from pipeline.learning.objectives import draw_mix_pairs, loss_weights, objective_loss
+from pipeline.learning.objectives import (
+    draw_mix_pairs,
+    draw_negative_pairs,
+    loss_weights,
+    objective_loss,
+)
 from pipeline.learning.step import StepInputs, make_state, train_step
 
 MODEL = ModelSettings(input_dim=8, hidden_dim=32, embed_dim=16, proj_dim=16, max_classes=5)
@@ -219,3 +225,49 @@ def test_a_step_with_several_views_and_mixup_trains() -> None:
     assert float(results[-1].loss_value) < float(results[0].loss_value)
     assert results[0].per_sample_loss.shape == (8,)
     assert results[0].batch_embeddings.shape == (8, MODEL.embed_dim)
+
+
+def test_cross_class_mixtures_by_hand() -> None:
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], requires_grad=True)
+    labels = torch.tensor([0, 1, 0])
+    first = torch.tensor([0, 0, 2])
+    second = torch.tensor([1, 2, 1])
+    lam = torch.tensor([0.5, 0.3, 0.25])
+    got = cross_class_mixtures(features, labels, first, second, lam)
+    # Pair (0, 2) is one class: dropped. (0, 1) at 1/2: (1, 1)/√2. (2, 1) at 1/4: (0.15, 0.95).
+    mixed = torch.tensor([0.15, 0.95])
+    expected = torch.stack([torch.tensor([1.0, 1.0]) / 2**0.5, mixed / mixed.norm()])
+    torch.testing.assert_close(got, expected)
+    assert not got.requires_grad
+
+
+def test_supcon_with_mixed_negatives_adds_them_as_contrast_only_negatives() -> None:
+    model, (x, y, seen) = _net(), _data()
+    y = y.clone()
+    y[4] = -1  # an unlabeled row is never mixed
+    plain = {"noise_std": 0.0, "mask_prob": 0.0}
+    cfg = TrainSettings(objective="supcon", proxy_weight=0.0, mix_negatives=20, **plain)
+    out = objective_loss(model, x, y, 8, seen, cfg, torch.Generator().manual_seed(2))
+    pairs = draw_negative_pairs(y, 2, 20, torch.Generator().manual_seed(2))
+    assert pairs is not None
+    assert not bool(torch.isin(pairs.first, torch.tensor([4, 16])).any())
+    z = model.project(model.embed(x))
+    rows = torch.cat([z, z])
+    synthetic = cross_class_mixtures(rows, y.repeat(2), pairs.first, pairs.second, pairs.lam)
+    assert 0 < synthetic.shape[0] < 20  # some pairs crossed classes, some did not
+    # Every anchor's denominator gains the synthetic rows; nothing else changes.
+    contrast_y = torch.where(y >= 0, y, torch.tensor(-6))
+    expected = asymmetric_supcon_loss(
+        torch.stack([z, z], dim=1),
+        contrast_y,
+        synthetic,
+        -100 - torch.arange(synthetic.shape[0]),
+    )
+    torch.testing.assert_close(out.loss, expected)
+    without = objective_loss(
+        model, x, y, 8, seen, TrainSettings(objective="supcon", proxy_weight=0.0, **plain)
+    )
+    assert out.loss > without.loss  # more negatives, larger denominators
+    assert draw_negative_pairs(torch.full((3,), -1), 2, 5) is None
+    with pytest.raises(ConfigError, match="mix_negatives"):
+        load_settings(None, ["train.mix_negatives=8", "train.contrast_mode=one"], environ={})
