@@ -5,7 +5,9 @@ preset of ``train.objective``, see :func:`loss_weights`). Every term sees the sa
 set, the micro-batch (its first ``n`` rows) followed by the replayed bank items, and the same
 ``train.views`` augmented views (2 by default):
 
-- ``supcon``: SupCon over batch ∪ replay, every item an anchor (SCR, Mai et al. 2021);
+- ``supcon``: SupCon over batch ∪ replay, every item an anchor (SCR, Mai et al. 2021); with
+  ``train.mix_negatives``, cross-class mixtures of the step's projections join its contrast
+  set as negatives only;
 - ``asym_supcon``: only batch items are anchors, replay items are contrast only (Co2L,
   Cha et al. 2021);
 - ``ce``: masked cross-entropy of the head on the encoder output, label smoothing optional;
@@ -25,7 +27,7 @@ set, the micro-batch (its first ``n`` rows) followed by the replayed bank items,
   labeled view (λ ~ U(0, 1)), with the two labels as soft targets (manifold mixup).
 
 Events without a label (label ``-1``) are handled by the contrastive terms as in SimCLR: each
-gets an identity of its own, so its only positive is its other view and every other item is
+gets an identity of its own, so its only positives are its other views and every other item is
 a negative: NT-Xent (Chen et al. 2020) inside the same softmax, at the same temperature. The
 head terms (CE, focal) skip them.
 
