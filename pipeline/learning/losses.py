@@ -401,6 +401,75 @@ def proxy_contrastive_loss(
     return F.cross_entropy(logits, labels, reduction=reduction)
 
 
+def proxy_mixup_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    partner: torch.Tensor,
+    lam: torch.Tensor,
+    proxies: torch.Tensor,
+    temperature: float = 0.07,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """PCR's proxy term on mixed features with soft targets (manifold mixup, Verma et al.
+    2019, in feature space; i-Mix, Lee et al. 2021, for the soft targets of a contrast).
+
+    ``features`` (``[n, d]``, L2-normalised) are mixed with a partner row each:
+    ``m_i = normalise(λ_i f_i + (1 − λ_i) f_{partner_i})``; the loss of row ``i`` is the
+    cross-entropy against the soft target ``λ_i · onehot(y_i) + (1 − λ_i) · onehot(y_partner_i)``,
+    ``−λ_i log p_i(y_i) − (1 − λ_i) log p_i(y_partner_i)``, with ``p_i = softmax(m_i·w_c / τ)``
+    over the classes present among ``labels`` only, as in :func:`proxy_contrastive_loss` (which
+    this is when ``λ = 1``). ``partner`` holds row indices, ``lam`` values in [0, 1]; labels
+    must be class indices ``>= 0``.
+    """
+    if features.dim() != 2 or proxies.dim() != 2 or features.shape[1] != proxies.shape[1]:
+        raise ValueError(
+            f"features [n, d] and proxies [C, d] expected, got {tuple(features.shape)} and "
+            f"{tuple(proxies.shape)}"
+        )
+    labels, partner, lam = labels.reshape(-1), partner.reshape(-1), lam.reshape(-1)
+    n = features.shape[0]
+    if labels.numel() != n or partner.numel() != n or lam.numel() != n:
+        raise ValueError(
+            f"{labels.numel()} labels, {partner.numel()} partners and {lam.numel()} "
+            f"coefficients for {n} rows"
+        )
+    f = features.float()
+    weight = lam.float().unsqueeze(1)
+    mixed = F.normalize(weight * f + (1.0 - weight) * f[partner], dim=-1)
+    present = torch.zeros(proxies.shape[0], dtype=torch.bool, device=features.device)
+    present[labels] = True
+    logits = (mixed @ proxies.float().T / temperature).masked_fill(~present, float("-inf"))
+    log_p = F.log_softmax(logits, dim=-1)
+    own = log_p.gather(1, labels.unsqueeze(1)).squeeze(1)
+    other = log_p.gather(1, labels[partner].unsqueeze(1)).squeeze(1)
+    per_row = -(lam.float() * own + (1.0 - lam.float()) * other)
+    return _reduce(per_row, reduction)
+
+
+def cross_class_mixtures(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    lam: torch.Tensor,
+) -> torch.Tensor:
+    """Synthetic negatives: ``normalise(λ_k f_{first_k} + (1 − λ_k) f_{second_k})`` for the
+    pairs whose labels differ, detached (MoCHi, Kalantidis et al. 2020, mixes hard negatives
+    the same way and stops their gradient). A same-class pair would be a negative sitting
+    inside its own class, so it is dropped. ``features`` ``[n, d]`` L2-normalised, the other
+    four ``[n]`` / ``[k]``; returns ``[k', d]``, ``k' ≤ k``.
+    """
+    if features.dim() != 2:
+        raise ValueError(f"features must be [n, d], got shape {tuple(features.shape)}")
+    first, second, lam = first.reshape(-1), second.reshape(-1), lam.reshape(-1)
+    if not first.numel() == second.numel() == lam.numel():
+        raise ValueError(f"{first.numel()} / {second.numel()} / {lam.numel()} pair entries")
+    keep = labels[first] != labels[second]
+    f = features.detach().float()
+    weight = lam[keep].float().unsqueeze(1)
+    return F.normalize(weight * f[first[keep]] + (1.0 - weight) * f[second[keep]], dim=-1)
+
+
 def relation_distillation_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,

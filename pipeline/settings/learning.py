@@ -33,13 +33,14 @@ Objective = Literal["supcon", "ce", "asym_supcon", "focal", "triplet"]
 # A loss term is an objective, the CE head trained on a detached encoder output, PCR's proxy
 # contrast (anchors against the head's normalised rows) or Co2L's relation distillation from
 # an earlier snapshot of the network (``distill``, snapshot every ``train.distill_every``) or
-# ER-ACE's asymmetric cross-entropy of the head (``ace``).
-LossTermName = Literal[Objective, "ce_detached", "proxy", "distill", "ace"]
+# ER-ACE's asymmetric cross-entropy of the head (``ace``) or the proxy term on mixed encoder
+# outputs of random pairs with soft targets (``proxy_mixup``, manifold mixup).
+LossTermName = Literal[Objective, "ce_detached", "proxy", "distill", "ace", "proxy_mixup"]
 OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
 LOSS_TERMS: tuple[LossTermName, ...] = get_args(LossTermName)
 # The terms that train the representation itself: replay is on by default for them.
 REPRESENTATION_TERMS: frozenset[LossTermName] = frozenset(
-    {"supcon", "asym_supcon", "triplet", "proxy", "distill"}
+    {"supcon", "asym_supcon", "triplet", "proxy", "distill", "proxy_mixup"}
 )
 
 
@@ -61,6 +62,13 @@ class TrainSettings(_Frozen):
     grad_clip: float | None = Field(5.0, gt=0)
     noise_std: float = Field(0.02, ge=0, description="Augmentation noise, in feature stds.")
     mask_prob: float = Field(0.05, ge=0, lt=1)
+    views: int = Field(
+        2,
+        ge=2,
+        le=16,
+        description="Augmented views of every contrasted item per step; every term sees "
+        "all of them (SupCon's positives include an item's other views).",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     seed: int = 0
@@ -83,6 +91,21 @@ class TrainSettings(_Frozen):
         0.0,
         ge=0,
         description="Weight of Co2L's relation distillation in the supcon preset; 0 is off.",
+    )
+    mixup_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the proxy-mixup term (``proxy_mixup``: normalised encoder "
+        "outputs of random pairs of labeled items mixed with λ ~ U(0, 1), soft targets "
+        "against the class proxies) in the supcon preset; 0 is off.",
+    )
+    mix_negatives: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="Random pairs of labeled views drawn per step whose cross-class "
+        "mixtures (projections, λ ~ U(0, 1), no gradient) join SupCon's contrast set as "
+        "negatives of every anchor (MoCHi-style synthetic negatives); 0 is off.",
     )
     replay_sampling: Literal["class_balanced", "random"] = "class_balanced"
     train_unlabeled: bool = Field(
@@ -114,6 +137,8 @@ class TrainSettings(_Frozen):
                 raise ValueError(f"loss_terms.{name}: weight must be finite and >= 0")
         if self.loss_terms and not any(self.loss_terms.values()):
             raise ValueError("loss_terms: at least one weight must be > 0")
+        if self.mix_negatives and self.contrast_mode != "all":
+            raise ValueError("mix_negatives: needs contrast_mode all")
         return self
 
 
