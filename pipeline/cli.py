@@ -228,6 +228,7 @@ def _bench_throughput(args: argparse.Namespace, settings: Settings) -> int:
         latency_rate=args.latency_rate,
         latency_seconds=args.latency_seconds,
         consumer_processes=args.consumer_processes,
+        ingest_events=args.ingest_events,
         ingest_rounds=args.ingest_rounds,
         out=args.out,
         config=args.config,

@@ -299,6 +299,12 @@ def _add_bench_throughput(bench_sub: argparse._SubParsersAction[_Parser]) -> Non
         help="also measure ingest-only with this many consumer processes (1 = skip)",
     )
     tp.add_argument(
+        "--ingest-events",
+        type=_positive_int,
+        default=200_000,
+        help="events per round of raw consume, parse floor and ingest-only (default 200000)",
+    )
+    tp.add_argument(
         "--ingest-rounds",
         type=_positive_int,
         default=3,

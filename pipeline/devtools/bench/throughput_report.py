@@ -196,7 +196,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"(crc32c: {m['crc32c']}), faiss {m['faiss']}; load average at start "
         f"{m['load_avg_at_start']}, at end {m['load_avg_at_end']}.",
         "",
-        f"Stream: {report['events']} synthetic events, {report['input_dim']} features, "
+        f"Stream: {report['events']} synthetic events end to end "
+        f"({report.get('ingest_events', report['events'])} per ingest round), "
+        f"{report['input_dim']} features, "
         f"{report['classes']} classes, {report['partitions']} partitions; "
         f"batch size {r['learner_only']['batch_size']}, replay {r['learner_only']['replay_size']}"
         f" + {r['learner_only']['hard_negatives']} hard negatives per step.",
