@@ -19,7 +19,16 @@ test set **per domain** (per task of the scenario) with several read-outs of the
   :mod:`pipeline.devtools.bench.drift`): the mean drift of the bank items of the class /
   SDC's Gaussian weights of width SIGMA over every bank item (``--sdc-sigmas``);
 - ``NAME_bank`` for each of those: its means averaged 50/50 (as unit vectors) with
-  ``ncm_bank``'s class means.
+  ``ncm_bank``'s class means;
+- ``sldaS[_hlH]``: streaming LDA (:mod:`pipeline.devtools.bench.slda`): the ``sdc0.3``
+  means and a shared within-class covariance of the stream's embeddings as they were learned,
+  shrunk by S towards a multiple of the identity (``--slda-shrinkages``: weights or ``oas``),
+  its old contributions halved every H events (``--slda-half-lives``; ``none``: never);
+  ``sldaS_stale``: the same on the stale means; ``sldaS_bankcov``: the covariance averaged
+  50/50 with the within-class covariance of the re-encoded bank;
+- ``lda_allS``: LDA with the class means and the shared within-class covariance of *every*
+  training event seen so far, re-encoded (not equal memory: what the discriminant can do with
+  a covariance and means that are not stale).
 
 Prints one line per task end and one JSON line at the end (``--json`` appends it to a file).
 
@@ -55,6 +64,7 @@ from pipeline.devtools.bench.forgetting import (
     method_by_name,
     task_batches,
 )
+from pipeline.devtools.bench.slda import RunningLDA, Shrinkage, discriminant, predict_lda
 from pipeline.learning.batch import learn_batch
 from pipeline.learning.inference import ClassMeans, class_means, predict_head, predict_ncm
 from pipeline.learning.model import StreamNet
@@ -110,6 +120,16 @@ def main() -> None:
         default="0.1,0.3,1",
         help="SDC's Gaussian widths (on unit vectors), one read-out column ``sdcSIGMA`` each",
     )
+    p.add_argument(
+        "--slda-shrinkages",
+        default="oas,0.1,0.3,0.5,0.7,0.9,1",
+        help="streaming LDA's shrinkage weights (or oas), one read-out column ``sldaS`` each",
+    )
+    p.add_argument(
+        "--slda-half-lives",
+        default="none,300,100",
+        help="streaming LDA's covariance half-lives in events (none: no forgetting)",
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
     overrides: dict[str, dict[str, Any]] = {"train": {}, "model": {}}
@@ -159,7 +179,19 @@ def main() -> None:
             for sigma in map(float, args.sdc_sigmas.split(","))
         },
     }
-    follower = DriftFollower(running)
+    dim = model_cfg.embed_dim
+    shrinkages: list[Shrinkage] = [
+        v if v == "oas" else float(v) for v in args.slda_shrinkages.split(",")
+    ]
+    half_lives = [None if h == "none" else float(h) for h in args.slda_half_lives.split(",")]
+    ldas = {
+        **{
+            f"_hl{h:g}" if h else "": RunningLDA(model_cfg.max_classes, dim, 0.3, h)
+            for h in half_lives
+        },
+        "_stale": RunningLDA(model_cfg.max_classes, dim, 0.3, compensate=False),
+    }
+    follower = DriftFollower({**running, **{f"lda{k}": v for k, v in ldas.items()}})
 
     def per_domain(predicted: np.ndarray) -> dict[str, float]:
         """Mean over classes of the per-class accuracy, on each domain's test rows (the classes
@@ -186,6 +218,43 @@ def main() -> None:
         def ncm(means: ClassMeans) -> dict[str, float]:
             return per_domain(predict_ncm(model, split.test_x, means)[0].numpy())
 
+        # the re-encoded bank's within-class covariance, for the ``_bankcov`` columns
+        bank_e = F.normalize(model.embed(bank_x).float(), dim=-1).double()
+        bank_scatter = torch.zeros(bank_e.shape[1], bank_e.shape[1], dtype=torch.float64)
+        for c in torch.unique(bank_y).tolist():
+            centred = bank_e[bank_y == c] - bank_e[bank_y == c].mean(dim=0)
+            bank_scatter += centred.T @ centred
+        bank_cov = bank_scatter / max(bank_e.shape[0], 1)
+
+        def lda_columns() -> dict[str, dict[str, float]]:
+            out = {}
+            everything = RunningLDA(model_cfg.max_classes, dim, None)
+            everything.add(
+                F.normalize(model.embed(train_x).float(), dim=-1), torch.from_numpy(train_y)
+            )
+            for s in ("oas", 0.3):
+                out[f"lda_all{s}"] = per_domain(
+                    predict_lda(model, split.test_x, everything.discriminant(s))[0].numpy()
+                )
+            for s in shrinkages:
+                for suffix, lda in ldas.items():
+                    if suffix == "_stale" and s != "oas":
+                        continue
+                    lda_s = lda.discriminant(s)
+                    out[f"slda{s}{suffix}"] = per_domain(
+                        predict_lda(model, split.test_x, lda_s)[0].numpy()
+                    )
+                base = ldas.get("")  # no forgetting: ``none`` among the half-lives
+                if base is None:
+                    continue
+                labels, means = base.class_means.seen()
+                cov = (base.covariance() + bank_cov) / 2
+                blended = discriminant(labels, means, cov, s, base.weight + bank_e.shape[0])
+                out[f"slda{s}_bankcov"] = per_domain(
+                    predict_lda(model, split.test_x, blended)[0].numpy()
+                )
+            return out
+
         return {
             "ncm_bank": per_domain(predict_ncm(model, split.test_x, means_bank)[0].numpy()),
             "head": per_domain(predict_head(model, split.test_x, seen)[0].numpy()),
@@ -193,6 +262,7 @@ def main() -> None:
             "probe": per_domain(probe.predict(model.embed(split.test_x).numpy())),
             **{name: ncm(means) for name, means in stream_means.items()},
             **{f"{name}_bank": ncm(blend(m, means_bank)) for name, m in stream_means.items()},
+            **lda_columns(),
         }
 
     history: list[dict[str, Any]] = []

@@ -20,6 +20,7 @@ screened by ``bench/domain_readout.py`` (docs/forgetting.md); not used by the le
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Generic, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -105,14 +106,29 @@ class RunningClassMeans:
         return ClassMeans(labels, F.normalize(rows, dim=-1))
 
 
-class DriftFollower:
+class FollowsEncoder(Protocol):
+    """Running statistics of embeddings that a :class:`DriftFollower` keeps in step: class
+    means (:class:`RunningClassMeans`), or means and a covariance
+    (:class:`pipeline.devtools.bench.slda.RunningLDA`)."""
+
+    def add(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None: ...
+
+    def compensate(
+        self, before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor
+    ) -> None: ...
+
+
+Follows = TypeVar("Follows", bound=FollowsEncoder)
+
+
+class DriftFollower(Generic[Follows]):
     """Sets of running class means that follow an encoder through a memory it re-encodes.
 
     :meth:`follow` is called after every encoder change with the memory's items embedded by
     the new encoder; the items it also saw at the previous call measure the drift.
     """
 
-    def __init__(self, means: Mapping[str, RunningClassMeans]) -> None:
+    def __init__(self, means: Mapping[str, Follows]) -> None:
         self.means = dict(means)
         self._previous: dict[str, torch.Tensor] = {}  # item id -> embedding at the last call
 
@@ -138,7 +154,6 @@ class DriftFollower:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def follow_encoder(
     follower: DriftFollower,
     model: StreamNet,
@@ -159,7 +174,7 @@ def follow_encoder(
     follower.follow(ids, embed(bank_x), bank_y, embed(x), y)
 
 
-def drift_readouts(max_classes: int, dim: int) -> DriftFollower:
+def drift_readouts(max_classes: int, dim: int) -> DriftFollower[RunningClassMeans]:
     """The :data:`DRIFT_READOUTS` means of ``bench forgetting``, following no encoder yet."""
     return DriftFollower(
         {name: RunningClassMeans(max_classes, dim, sigma) for name, sigma in DRIFT_READOUTS.items()}

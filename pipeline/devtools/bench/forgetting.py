@@ -45,6 +45,7 @@ from pipeline.config import BankSettings, ModelSettings, TrainSettings
 from pipeline.devtools.bench.drift import (
     DRIFT_READOUTS,
     DriftFollower,
+    RunningClassMeans,
     drift_readouts,
     follow_encoder,
 )
@@ -259,7 +260,7 @@ def _predictor(
     model: StreamNet,
     bank_x: torch.Tensor,
     bank_y: torch.Tensor,
-    drift: DriftFollower | None = None,
+    drift: DriftFollower[RunningClassMeans] | None = None,
 ) -> Predictor:
     """(labels, confidences) for the test rows, given the classes seen so far (bool mask).
 
