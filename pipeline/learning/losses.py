@@ -386,19 +386,27 @@ def proxy_contrastive_loss(
     nor pulled, so a new task cannot drag the old classes' proxies away. Labels must be
     class indices ``>= 0``.
     """
+    _check_proxy_shapes(features, proxies)
+    labels = labels.reshape(-1)
+    if labels.numel() != features.shape[0]:
+        raise ValueError(f"{labels.numel()} labels for {features.shape[0]} anchors")
+    logits = _present_classes_only(features.float() @ proxies.float().T / temperature, labels)
+    return F.cross_entropy(logits, labels, reduction=reduction)
+
+
+def _check_proxy_shapes(features: torch.Tensor, proxies: torch.Tensor) -> None:
     if features.dim() != 2 or proxies.dim() != 2 or features.shape[1] != proxies.shape[1]:
         raise ValueError(
             f"features [n, d] and proxies [C, d] expected, got {tuple(features.shape)} and "
             f"{tuple(proxies.shape)}"
         )
-    labels = labels.reshape(-1)
-    if labels.numel() != features.shape[0]:
-        raise ValueError(f"{labels.numel()} labels for {features.shape[0]} anchors")
-    present = torch.zeros(proxies.shape[0], dtype=torch.bool, device=features.device)
+
+
+def _present_classes_only(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[n, C]`` logits with the classes absent from ``labels`` at -inf (PCR's softmax)."""
+    present = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
     present[labels] = True
-    logits = features.float() @ proxies.float().T / temperature
-    logits = logits.masked_fill(~present, float("-inf"))
-    return F.cross_entropy(logits, labels, reduction=reduction)
+    return logits.masked_fill(~present, float("-inf"))
 
 
 def proxy_mixup_loss(
@@ -421,11 +429,7 @@ def proxy_mixup_loss(
     this is when ``λ = 1``). ``partner`` holds row indices, ``lam`` values in [0, 1]; labels
     must be class indices ``>= 0``.
     """
-    if features.dim() != 2 or proxies.dim() != 2 or features.shape[1] != proxies.shape[1]:
-        raise ValueError(
-            f"features [n, d] and proxies [C, d] expected, got {tuple(features.shape)} and "
-            f"{tuple(proxies.shape)}"
-        )
+    _check_proxy_shapes(features, proxies)
     labels, partner, lam = labels.reshape(-1), partner.reshape(-1), lam.reshape(-1)
     n = features.shape[0]
     if labels.numel() != n or partner.numel() != n or lam.numel() != n:
@@ -436,9 +440,7 @@ def proxy_mixup_loss(
     f = features.float()
     weight = lam.float().unsqueeze(1)
     mixed = F.normalize(weight * f + (1.0 - weight) * f[partner], dim=-1)
-    present = torch.zeros(proxies.shape[0], dtype=torch.bool, device=features.device)
-    present[labels] = True
-    logits = (mixed @ proxies.float().T / temperature).masked_fill(~present, float("-inf"))
+    logits = _present_classes_only(mixed @ proxies.float().T / temperature, labels)
     log_p = F.log_softmax(logits, dim=-1)
     own = log_p.gather(1, labels.unsqueeze(1)).squeeze(1)
     other = log_p.gather(1, labels[partner].unsqueeze(1)).squeeze(1)
