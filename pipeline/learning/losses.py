@@ -106,7 +106,7 @@ def masked_cross_entropy(
 # --------------------------------------------------------------------------------------------
 
 
-def _reduce(per_item: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+def reduce_per_item(per_item: torch.Tensor, reduction: Reduction) -> torch.Tensor:
     if reduction == "mean":
         return per_item.mean()
     if reduction == "none":
@@ -184,7 +184,7 @@ def asymmetric_supcon_loss(
     not_self[idx, idx] = False  # anchor i is contrast column i: the batch views come first
     positives = (anchor_y.unsqueeze(1) == contrast_y.unsqueeze(0)) & not_self
     per_anchor = -(temperature / base_temperature) * _mean_log_prob_pos(logits, not_self, positives)
-    return _reduce(per_anchor, reduction)
+    return reduce_per_item(per_anchor, reduction)
 
 
 def nt_xent_loss(
@@ -208,7 +208,7 @@ def nt_xent_loss(
     logits = logits.masked_fill(eye, float("-inf"))
     partner = torch.arange(2 * batch, device=z.device).roll(batch)
     per_view = F.cross_entropy(logits, partner, reduction="none")
-    return _reduce(per_view, reduction)
+    return reduce_per_item(per_view, reduction)
 
 
 def _masked_log_softmax(logits: torch.Tensor, seen_classes: torch.Tensor | None) -> torch.Tensor:
@@ -259,7 +259,7 @@ def cross_entropy_loss(
         per_sample = per_sample + label_smoothing / seen.sum() * smooth
     if reduction == "mean":
         return per_sample.sum() / target_weight.sum()
-    return _reduce(per_sample, reduction)
+    return reduce_per_item(per_sample, reduction)
 
 
 def focal_loss(
@@ -290,7 +290,7 @@ def focal_loss(
         per_sample = alpha.to(per_sample.device).float()[targets] * per_sample
     elif alpha is not None:
         per_sample = alpha * per_sample
-    return _reduce(per_sample, reduction)
+    return reduce_per_item(per_sample, reduction)
 
 
 def asymmetric_cross_entropy_loss(
@@ -330,7 +330,7 @@ def asymmetric_cross_entropy_loss(
     allowed = torch.where(incoming.unsqueeze(1), present.unsqueeze(0), seen.unsqueeze(0))
     log_p = F.log_softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=-1)
     per_row = -log_p.gather(1, targets.unsqueeze(1)).squeeze(1)
-    return _reduce(per_row, reduction)
+    return reduce_per_item(per_row, reduction)
 
 
 def batch_hard_triplet_loss(
@@ -366,110 +366,7 @@ def batch_hard_triplet_loss(
     valid = pos_mask.any(dim=1) & neg_mask.any(dim=1)
     hinge = F.relu(hardest_pos - hardest_neg + margin)
     per_anchor = torch.where(valid, hinge, torch.zeros_like(hinge))
-    return _reduce(per_anchor, reduction)
-
-
-def proxy_contrastive_loss(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    proxies: torch.Tensor,
-    temperature: float = 0.07,
-    reduction: Reduction = "mean",
-) -> torch.Tensor:
-    """Proxy-based contrastive replay (PCR, Lin et al. 2023).
-
-    Each anchor (``features``, ``[n, d]``, L2-normalised) is contrasted against class proxies
-    (``proxies``, ``[C, d]``, L2-normalised, e.g. the rows of the classifier's weight) rather
-    than against other samples: ``-log softmax(z·w_c / τ)`` at its own class, the softmax
-    taken **only over the classes present among ``labels``** (the batch with its replay). That
-    restriction is PCR's point: the proxies of classes absent from a step are neither pushed
-    nor pulled, so a new task cannot drag the old classes' proxies away. Labels must be
-    class indices ``>= 0``.
-    """
-    _check_proxy_shapes(features, proxies)
-    labels = labels.reshape(-1)
-    if labels.numel() != features.shape[0]:
-        raise ValueError(f"{labels.numel()} labels for {features.shape[0]} anchors")
-    logits = _present_classes_only(features.float() @ proxies.float().T / temperature, labels)
-    return F.cross_entropy(logits, labels, reduction=reduction)
-
-
-def _check_proxy_shapes(features: torch.Tensor, proxies: torch.Tensor) -> None:
-    if features.dim() != 2 or proxies.dim() != 2 or features.shape[1] != proxies.shape[1]:
-        raise ValueError(
-            f"features [n, d] and proxies [C, d] expected, got {tuple(features.shape)} and "
-            f"{tuple(proxies.shape)}"
-        )
-
-
-def _present_classes_only(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``[n, C]`` logits with the classes absent from ``labels`` at -inf (PCR's softmax)."""
-    present = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
-    present[labels] = True
-    return logits.masked_fill(~present, float("-inf"))
-
-
-def proxy_mixup_loss(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    partner: torch.Tensor,
-    lam: torch.Tensor,
-    proxies: torch.Tensor,
-    temperature: float = 0.07,
-    reduction: Reduction = "mean",
-) -> torch.Tensor:
-    """PCR's proxy term on mixed features with soft targets (manifold mixup, Verma et al.
-    2019, in feature space; i-Mix, Lee et al. 2021, for the soft targets of a contrast).
-
-    ``features`` (``[n, d]``, L2-normalised) are mixed with a partner row each:
-    ``m_i = normalise(λ_i f_i + (1 − λ_i) f_{partner_i})``; the loss of row ``i`` is the
-    cross-entropy against the soft target ``λ_i · onehot(y_i) + (1 − λ_i) · onehot(y_partner_i)``,
-    ``−λ_i log p_i(y_i) − (1 − λ_i) log p_i(y_partner_i)``, with ``p_i = softmax(m_i·w_c / τ)``
-    over the classes present among ``labels`` only, as in :func:`proxy_contrastive_loss` (which
-    this is when ``λ = 1``). ``partner`` holds row indices, ``lam`` values in [0, 1]; labels
-    must be class indices ``>= 0``.
-    """
-    _check_proxy_shapes(features, proxies)
-    labels, partner, lam = labels.reshape(-1), partner.reshape(-1), lam.reshape(-1)
-    n = features.shape[0]
-    if labels.numel() != n or partner.numel() != n or lam.numel() != n:
-        raise ValueError(
-            f"{labels.numel()} labels, {partner.numel()} partners and {lam.numel()} "
-            f"coefficients for {n} rows"
-        )
-    f = features.float()
-    weight = lam.float().unsqueeze(1)
-    mixed = F.normalize(weight * f + (1.0 - weight) * f[partner], dim=-1)
-    logits = _present_classes_only(mixed @ proxies.float().T / temperature, labels)
-    log_p = F.log_softmax(logits, dim=-1)
-    own = log_p.gather(1, labels.unsqueeze(1)).squeeze(1)
-    other = log_p.gather(1, labels[partner].unsqueeze(1)).squeeze(1)
-    per_row = -(lam.float() * own + (1.0 - lam.float()) * other)
-    return _reduce(per_row, reduction)
-
-
-def cross_class_mixtures(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    first: torch.Tensor,
-    second: torch.Tensor,
-    lam: torch.Tensor,
-) -> torch.Tensor:
-    """Synthetic negatives: ``normalise(λ_k f_{first_k} + (1 − λ_k) f_{second_k})`` for the
-    pairs whose labels differ, detached (MoCHi, Kalantidis et al. 2020, mixes hard negatives
-    the same way and stops their gradient). A same-class pair would be a negative sitting
-    inside its own class, so it is dropped. ``features`` ``[n, d]`` L2-normalised, the other
-    four ``[n]`` / ``[k]``; returns ``[k', d]``, ``k' ≤ k``.
-    """
-    if features.dim() != 2:
-        raise ValueError(f"features must be [n, d], got shape {tuple(features.shape)}")
-    first, second, lam = first.reshape(-1), second.reshape(-1), lam.reshape(-1)
-    if not first.numel() == second.numel() == lam.numel():
-        raise ValueError(f"{first.numel()} / {second.numel()} / {lam.numel()} pair entries")
-    keep = labels[first] != labels[second]
-    f = features.detach().float()
-    weight = lam[keep].float().unsqueeze(1)
-    return F.normalize(weight * f[first[keep]] + (1.0 - weight) * f[second[keep]], dim=-1)
+    return reduce_per_item(per_anchor, reduction)
 
 
 def relation_distillation_loss(
@@ -504,7 +401,7 @@ def relation_distillation_loss(
     # The diagonal: p_teacher is 0 there and log p_student is -inf; masked_fill, not 0·(-inf).
     log_p_student = torch.log_softmax(s_logits, dim=1).masked_fill(eye, 0.0)
     per_item = -(p_teacher * log_p_student).sum(dim=1)
-    return _reduce(per_item, reduction)
+    return reduce_per_item(per_item, reduction)
 
 
 def combine(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:

@@ -49,15 +49,17 @@ from pipeline.learning.losses import (
     asymmetric_supcon_loss,
     batch_hard_triplet_loss,
     combine,
-    cross_class_mixtures,
     cross_entropy_loss,
     focal_loss,
-    proxy_contrastive_loss,
-    proxy_mixup_loss,
     relation_distillation_loss,
     supcon_loss,
 )
 from pipeline.learning.model import StreamNet, augment
+from pipeline.learning.proxy_losses import (
+    cross_class_mixtures,
+    proxy_contrastive_loss,
+    proxy_mixup_loss,
+)
 from pipeline.settings.learning import LOSS_TERMS, REPRESENTATION_TERMS
 
 HEAD_TERMS = frozenset(LOSS_TERMS) - REPRESENTATION_TERMS

@@ -57,8 +57,8 @@ def test_supcon_term_is_the_reference_supcon_over_batch_and_replay() -> None:
 
 
 def test_supcon_preset_adds_the_weighted_proxy_term() -> None:
-    from pipeline.learning.losses import proxy_contrastive_loss
     from pipeline.learning.objectives import loss_weights
+    from pipeline.learning.proxy_losses import proxy_contrastive_loss
 
     model, (x, y, seen) = _net(), _data()
     cfg = TrainSettings(objective="supcon", proxy_weight=0.5, **PLAIN)

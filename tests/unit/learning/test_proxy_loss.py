@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.learning.losses import proxy_contrastive_loss
+from pipeline.learning.proxy_losses import proxy_contrastive_loss
 
 
 def _unit(*shape: int, seed: int) -> torch.Tensor:

@@ -10,19 +10,18 @@ import torch.nn.functional as F
 
 from pipeline.config import ModelSettings, TrainSettings, load_settings
 from pipeline.exceptions import ConfigError
-from pipeline.learning.losses import (
-    asymmetric_supcon_loss,
-    cross_class_mixtures,
-    proxy_contrastive_loss,
-    proxy_mixup_loss,
-    supcon_loss,
-)
+from pipeline.learning.losses import asymmetric_supcon_loss, supcon_loss
 from pipeline.learning.model import StreamNet, augment
 from pipeline.learning.objectives import (
     draw_mix_pairs,
     draw_negative_pairs,
     loss_weights,
     objective_loss,
+)
+from pipeline.learning.proxy_losses import (
+    cross_class_mixtures,
+    proxy_contrastive_loss,
+    proxy_mixup_loss,
 )
 from pipeline.learning.step import StepInputs, make_state, train_step
 
