@@ -13,7 +13,7 @@ import torch
 from pipeline.config import ModelSettings, TrainSettings
 from pipeline.learning.adam import CpuAdam
 from pipeline.learning.model import StreamNet
-from pipeline.learning.step import make_state
+from pipeline.learning.step import make_state, match_optimizer_device
 
 MODEL = ModelSettings(input_dim=8, hidden_dim=32, embed_dim=16, proj_dim=16, max_classes=5)
 
@@ -153,3 +153,22 @@ def test_a_cpu_learners_train_steps_never_import_torch_dynamo() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "no dynamo"
+
+
+def test_a_cuda_learners_checkpoint_continues_on_cpu_adam_after_matching() -> None:
+    """A CUDA learner writes fused / capturable flags; the CPU learner's match clears them."""
+    model = torch.nn.Linear(3, 2)
+    saved = _torch_adam(model, 0.1, 0.0)
+    _run(model, saved, range(1))
+    state = copy.deepcopy(saved.state_dict())
+    state["param_groups"][0]["capturable"] = True
+    state["param_groups"][0]["fused"] = True
+    restored = CpuAdam(model.parameters(), lr=0.1)
+    restored.load_state_dict(state)
+    match_optimizer_device(restored, torch.device("cpu"))
+    assert restored.param_groups[0]["capturable"] is False
+    assert restored.param_groups[0]["fused"] is False
+    before = model.weight.detach().clone()
+    _run(model, restored, range(1, 2))
+    assert not torch.equal(model.weight, before)
+    assert restored.state[model.weight]["step"].item() == 2.0
