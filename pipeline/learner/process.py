@@ -209,6 +209,12 @@ def _train_on(
     names = [batch.labels[i] or "" for i in rows]
     tasks = [batch.tasks[i] for i in rows]
     cfg = ctx.settings.train if turn is None else turn.train_settings(ctx.settings.train)
+    ledger = ctx.ledger
+
+    def record_trained() -> None:  # after the steps, before the bank holds the batch
+        if ledger is not None:
+            ledger.record(ctx.state.step, ids)
+
     outcome = learn_batch(
         ctx.state,
         ctx.bank,
@@ -220,14 +226,13 @@ def _train_on(
         (ids, names, tasks),
         weight=1.0 if turn is None else turn.weight,
         offer=turn is None,
+        trained=record_trained,
     )
     if turn is not None and outcome.embeddings is not None:
         k = len(ids)
         turn.offer = BankOffer(
             ids, x[:k].cpu(), y[:k].cpu(), names, tasks, outcome.embeddings.cpu()
         )
-    if ctx.ledger is not None:
-        ctx.ledger.record(ctx.state.step, ids)
     losses, per_sample = outcome.losses, outcome.per_sample_loss
     per_class: dict[str, float] = {}
     if per_sample is not None:

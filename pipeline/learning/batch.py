@@ -14,7 +14,7 @@ the bank items of other classes nearest to the batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +97,7 @@ def learn_batch(
     *,
     weight: float = 1.0,
     offer: bool = True,
+    trained: Callable[[], None] | None = None,
 ) -> BatchOutcome:
     """Train ``iters_per_batch`` steps on batch ∪ replay, then offer the batch to the bank.
 
@@ -105,6 +106,11 @@ def learn_batch(
     on (NT-Xent in the contrastive terms) but never offered to the bank. ``weight`` is this
     rank's share of a data-parallel step (:mod:`pipeline.distributed.replicas`); with
     ``offer=False`` the batch is not offered here, its embeddings come back instead.
+
+    ``trained`` is called once the steps are taken and before the batch reaches the bank: the
+    learner appends the batch's ids to its ledger there. INVARIANT: an item in the bank has
+    its ledger line, even when the process is killed between the two writes (the other order
+    left bank items no ledger line proved trained).
     """
     losses: list[float] = []
     per_sample: torch.Tensor | None = None
@@ -133,6 +139,8 @@ def learn_batch(
             last_applied = done
     if last_applied is not None:
         per_sample = last_applied.per_sample_loss  # one copy to the host, of the last step
+    if trained is not None:
+        trained()
     ids, names, tasks = bank_items
     k = len(ids)
     if not offer:

@@ -213,6 +213,31 @@ def test_learn_batch_trains_on_unlabeled_rows_but_banks_only_labeled_ones() -> N
     assert bool((out.per_sample_loss[8:] > 0).all())  # NT-Xent of the unlabeled rows
 
 
+@pytest.mark.parametrize("offer", [True, False])
+def test_learn_batch_reports_trained_after_the_steps_and_before_the_bank(offer: bool) -> None:
+    """The learner's ledger line is written there: a bank item always has one."""
+    x, y, seen = _data()
+    cfg = TrainSettings(objective="supcon", iters_per_batch=2)
+    state = make_state(_net(), cfg)
+    bank = MemoryBank(InMemoryBankStore(), TorchIndex(MODEL.embed_dim), 50, 8, 16, "cpu")
+    ids = [f"e{i}" for i in range(len(y))]
+    seen_then: list[tuple[int, list[str]]] = []
+    learn_batch(
+        state,
+        bank,
+        cfg,
+        x,
+        y,
+        seen,
+        None,
+        (ids, [str(int(c)) for c in y], [None] * len(y)),
+        offer=offer,
+        trained=lambda: seen_then.append((state.step, sorted(bank.ids()))),
+    )
+    assert seen_then == [(2, [])]  # both steps taken, nothing of the batch banked yet
+    assert sorted(bank.ids()) == (sorted(ids) if offer else [])
+
+
 def test_objective_names_come_from_one_place() -> None:
     """config.LOSS_TERMS is the one list; the registry, the term kinds and the CLI follow it."""
     from pipeline.cli_parser import build_parser
