@@ -234,6 +234,7 @@ def _add_compare(sub: argparse._SubParsersAction[_Parser]) -> None:
     compare.add_argument("--methods", help="comma-separated subset (default: per source)")
     compare.add_argument("--out", type=Path, default=Path("runs/compare"), help="report folder")
     compare.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+    _add_ema_decay(compare)
     compare.add_argument(
         "--from", dest="start_from", metavar="POSITION", help="topic:NAME slice start"
     )
@@ -256,6 +257,17 @@ def _add_bench_forgetting(bench_sub: argparse._SubParsersAction[_Parser]) -> Non
     forgetting.add_argument("--out", type=Path, default=Path("runs/bench"), help="report folder")
     forgetting.add_argument(
         "--threads", type=_positive_int, default=1, help="torch threads (tiny MLP: 1 is fastest)"
+    )
+    _add_ema_decay(forgetting)
+
+
+def _add_ema_decay(parser: _Parser) -> None:
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        metavar="D",
+        help="also score each online run with an exponential moving average of its weights "
+        "(per-step decay D in (0, 1)): the 'ema' read-out; the run itself is unchanged",
     )
 
 

@@ -90,6 +90,13 @@ def _model_overrides(overrides: list[str]) -> dict[str, Any]:
     return model
 
 
+def _ema_decay(args: argparse.Namespace) -> float | None:
+    decay: float | None = getattr(args, "ema_decay", None)
+    if decay is not None and not 0.0 < decay < 1.0:
+        raise ConfigError(f"--ema-decay: must be in (0, 1), got {decay}")
+    return decay
+
+
 def bench_config(args: argparse.Namespace) -> BenchConfig:
     try:
         train = bench_train_settings(**_train_overrides(args.overrides))
@@ -101,6 +108,7 @@ def bench_config(args: argparse.Namespace) -> BenchConfig:
         methods=_methods(args.methods),
         train=train,
         model=_model_overrides(args.overrides),
+        ema_decay=_ema_decay(args),
     )
 
 
@@ -189,6 +197,7 @@ def run_compare(args: argparse.Namespace, settings: Settings) -> int:
         data=lambda seed: first if seed == 0 else make_split(stream, seed),
         data_name=stream.name,
         extra_methods=extra,
+        ema_decay=_ema_decay(args),
     )
     if "loss_terms" in cfg.methods and not extra:
         raise ConfigError("--methods loss_terms needs train.loss_terms (-c or --set)")

@@ -42,6 +42,7 @@ from memory_bank.bank import MemoryBank
 from memory_bank.index import make_index
 from memory_bank.testing import InMemoryBankStore
 from pipeline.config import BankSettings, ModelSettings, TrainSettings
+from pipeline.devtools.bench.averaging import WeightAverage
 from pipeline.devtools.bench.drift import (
     DRIFT_READOUTS,
     DriftFollower,
@@ -69,6 +70,9 @@ DEFAULT_MEMORIES = (20, 50, 100, 200)
 DEFAULT_SEEDS = 5
 JOINT = "joint"
 JOINT_SUPCON = "joint_supcon"
+# The read-out of the weight average (``BenchConfig.ema_decay``): the natural classifier, read
+# with the averaged weights.
+EMA_READOUT = "ema"
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,8 @@ class BenchConfig:
     data: Callable[[int], Split] = field(default=lambda seed: digits_split(seed))  # noqa: PLW0108
     data_name: str = "split-digits"
     extra_methods: tuple[Method, ...] = ()  # compare's loss_terms presets
+    # Per-step decay of the weight average read as the ``ema`` read-out; None: no average.
+    ema_decay: float | None = None
 
 
 def digits_split(seed: int) -> Split:
@@ -351,6 +357,9 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
     natural, *others = readouts(train_cfg)
     tracker = ForgettingTracker()
     trackers = {natural: tracker, **{name: ForgettingTracker() for name in others}}
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+    if average is not None:
+        trackers[EMA_READOUT] = ForgettingTracker()
     class_task = split.class_task
     curve: list[tuple[int, float]] = []
     events = 0
@@ -367,7 +376,10 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
         nonlocal final_ece, final_per_class
         _, bank_x, bank_y = bank.occupied()
         for classifier, trk in trackers.items():
-            score = _score(_predictor(classifier, model, bank_x, bank_y, drift), split, seen)
+            net, read = (model, classifier)
+            if classifier == EMA_READOUT and average is not None:
+                net, read = average.model, natural
+            score = _score(_predictor(read, net, bank_x, bank_y, drift), split, seen)
             trk.update(score.per_class_accuracy, class_task=class_task, current_task=str(task))
             if trk is tracker:
                 final_ece, final_per_class = score.ece, score.per_class_accuracy
@@ -382,6 +394,8 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
             train_s += time.perf_counter() - step_started
             if drift is not None:  # outside the timed step: a read-out's upkeep, not training
                 follow_encoder(drift, model, bank, mb.x, mb.y)
+            if average is not None:
+                average.update(model, train_cfg.iters_per_batch)
             events += len(mb.rows)
             if batch_no % cfg.eval_every == 0 or batch_no == len(batches):
                 evaluate(task)

@@ -162,8 +162,9 @@ def _readout_table(rows: Sequence[Row], cfg: BenchConfig) -> str:
         "\nFinal average accuracy of each read-out of the same runs (`readout_accuracy` in the "
         "JSON): `head` the CE head, `ncm` NCM over the bank, `ensemble` the softmax average of "
         "both, `sdc` / `sdc_class` NCM to running class means of the stream moved by semantic "
-        "drift compensation (σ 0.3 / the class's own bank items); the table above keeps each "
-        "method's natural classifier.\n\n" + head + "\n" + body
+        "drift compensation (σ 0.3 / the class's own bank items), `ema` the natural "
+        "classifier read with an exponential moving average of the weights (`--ema-decay`); "
+        "the table above keeps each method's natural classifier.\n\n" + head + "\n" + body
     )
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
 
+from pipeline.cli_parser import build_parser
 from pipeline.devtools.bench import forgetting
 from pipeline.devtools.bench.cli import bench_config
 from pipeline.devtools.bench.forgetting import (
@@ -101,6 +103,22 @@ def test_the_drift_readouts_leave_the_run_unchanged(results, monkeypatch) -> Non
     assert alone.per_class == with_drift.per_class
 
 
+def test_the_weight_average_readout_leaves_the_run_unchanged_and_reads_other_weights(
+    results,
+) -> None:
+    """``--ema-decay``: the run trains and scores exactly as without it; the ``ema`` column
+    reads the same classifier through the averaged weights, which differ from the trained
+    ones (a decay near 1 keeps them near the start, so the read-out falls well below)."""
+    split = digits_split(0)
+    cfg = dataclasses.replace(TINY, ema_decay=0.999)
+    run = forgetting.run_online(forgetting.method_by_name("supcon"), 20, 0, cfg, split)
+    plain = next(r for r in results if r.method == "supcon")
+    assert run.curve == plain.curve
+    assert run.per_class == plain.per_class
+    assert {k: v for k, v in run.readout_accuracy.items() if k != "ema"} == (plain.readout_accuracy)
+    assert run.readout_accuracy["ema"] < plain.final_accuracy - 0.1
+
+
 def test_report_files(results, tmp_path) -> None:
     paths = write_report(results, TINY, tmp_path, wall_s=1.0)
     text = paths["markdown"].read_text()
@@ -144,6 +162,13 @@ def test_bench_arguments() -> None:
     assert cfg.train.iters_per_batch == 2
     # The default set: the three arms (trap, baseline, product) and the offline bounds.
     assert cfg.methods == ("ce_finetune", "ce_er", "supcon", "joint", "joint_supcon")
+    assert cfg.ema_decay is None
+    parsed = build_parser().parse_args(["bench", "forgetting", "--ema-decay", "0.99"])
+    assert bench_config(parsed).ema_decay == 0.99
+    compare = build_parser().parse_args(["compare", "domain-digits", "--ema-decay", "0.98"])
+    assert compare.ema_decay == 0.98
+    with pytest.raises(ConfigError, match="--ema-decay"):
+        bench_config(_args(ema_decay=1.0))
     with pytest.raises(ConfigError, match="--memories"):
         bench_config(_args(memories="20,x"))
     with pytest.raises(ConfigError, match="unknown"):
