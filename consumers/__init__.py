@@ -9,6 +9,8 @@ Knows Kafka and nothing of torch or Redis. Modules:
 - ``config``: ``SourceConfig`` and ``ConsumerTuning`` (the consumer knobs and their bounds);
 - ``source``: ``KafkaBatchSource`` (one consumer thread, hand-off queue, backpressure);
 - ``group``: what that thread does as a group member (rebalance events, offset commits);
+- ``partitions``: ``PartitionTracker`` (that thread's assignment, fetch positions, lag, and
+  how its buffers follow rebalances);
 - ``broker_watch``: ``BrokerWatch`` (reports a lost broker connection);
 - ``producer``: ``JsonProducer`` (acks=all, flush that raises, recreate on a broken client);
 - ``admin``: ``ensure_topics``;

@@ -13,7 +13,8 @@ Order of a commit (each step waits for the previous one):
 
 Rebalances: the clients' callbacks only record what happened
 (:class:`~consumers.client.RebalanceRecorder`); the consumer thread drains the record after
-every ``poll`` and reconciles its buffers. Commits never run inside a callback.
+every ``poll`` and reconciles its buffers (:mod:`consumers.partitions`). Commits never run
+inside a callback.
 """
 
 from __future__ import annotations

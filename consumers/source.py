@@ -22,15 +22,8 @@ Only a learner that has taken nothing for ``poll_timeout_ms`` (or a queue full f
 assigned partition and keep polling briefly (so the member stays in the group) until the
 learner makes room (:mod:`consumers.backpressure` says why). A batch is never dropped.
 
-Rebalances: the clients' callbacks only record what happened (kafka-python runs its listener
-on its network thread, librdkafka inside ``consume``; neither may commit there). The consumer
-thread then reconciles after every ``poll``: buffered records of partitions that are no longer
-assigned are dropped (nothing of theirs was committed, so their next owner reads them again).
-A partition revoked and re-assigned to this same member is NOT dropped: kafka-python 3.x keeps
-its fetch position across the rebalance, so dropping its buffered records would skip them
-until the next restart (seen in tests). librdkafka instead restarts such a partition from the
-committed offset: ``_ingest`` sees the position go back and drops the copies it would
-otherwise deliver twice.
+Rebalances (the clients' callbacks only record them; the consumer thread reconciles its
+buffers after every ``poll``), fetch positions and lag: :mod:`consumers.partitions`.
 
 Start position (resume offsets, known at start or handed over later):
 :mod:`consumers.start_position`.
@@ -57,7 +50,8 @@ from consumers.dead_letters import send_dead_letters
 from consumers.decode import decode_batch
 from consumers.events import EventBatch, SourceRecord, TopicPartitionKey
 from consumers.exceptions import BrokerUnavailableError, ConsumerError, SourceClosedError
-from consumers.group import CommitRequest, OffsetCommitter, partition_labels
+from consumers.group import CommitRequest, OffsetCommitter
+from consumers.partitions import PartitionTracker
 from consumers.producer import JsonProducer
 from consumers.protocols import NO_OFFSETS, STAT_COUNTERS, labelled
 from consumers.start_position import StartPosition
@@ -110,15 +104,12 @@ class KafkaBatchSource:
         self._paused = False
         self._start = StartPosition(self._log)
         self._poll_failing = False  # the last poll raised TransientPollError
-        self._positions: dict[TopicPartitionKey, int] = {}
         # Shared with readers of stats()/assignment(), guarded by _stats_lock.
         self._stats_lock = threading.Lock()
         self._counters: Counter[str] = Counter()
-        self._lag: dict[TopicPartitionKey, int] = {}
-        self._assigned: frozenset[TopicPartitionKey] = frozenset()
-        # time.monotonic() of the last completed join and of the last revoke (or loss).
-        self._assigned_at: float | None = None
-        self._revoked_at: float | None = None
+        self._partitions = PartitionTracker(
+            self._batcher, self._start, self._log, self._stats_lock, self._counters
+        )
         self._offsets = OffsetCommitter(config, dlq_producer, self._log, self._count)
 
     # ---- EventSource ----------------------------------------------------------------------
@@ -214,13 +205,13 @@ class KafkaBatchSource:
                 **{name: self._counters[name] for name in STAT_COUNTERS},
                 "paused": self._paused,
                 "committed": labelled(self._offsets.committed()),
-                "lag": labelled(self._lag),
+                "lag": labelled(self._partitions.lag),
                 "queue_depth": self._queue.qsize(),
             }
 
     def assignment(self) -> set[TopicPartitionKey]:
         with self._stats_lock:
-            return set(self._assigned)
+            return set(self._partitions.assigned)
 
     def rebalance_times(self) -> tuple[float | None, float | None]:
         """``time.monotonic()`` when this member last completed a rebalance (was handed its
@@ -229,7 +220,7 @@ class KafkaBatchSource:
         clock is system-wide, so another process can compare it with its own
         (:mod:`consumers.process_source`)."""
         with self._stats_lock:
-            return self._assigned_at, self._revoked_at
+            return self._partitions.assigned_at, self._partitions.revoked_at
 
     # ---- caller-side helpers --------------------------------------------------------------
 
@@ -330,8 +321,8 @@ class KafkaBatchSource:
                     timeout_ms = min(timeout_ms, max(1, int(until_ready * 1000) + 1))
             polled = self._poll(consumer, timeout_ms)
             if polled:
-                self._ingest(polled)
-                self._update_lag(consumer)
+                self._partitions.ingest(polled)
+                self._partitions.update_lag(consumer)
 
     def _poll(self, consumer: ConsumerClient, timeout_ms: int) -> Polled | None:
         """One poll, its rebalance acted on; what it returned, less what came for partitions
@@ -346,7 +337,7 @@ class KafkaBatchSource:
         self._broker.observe(consumer, got_records=bool(polled))
         # Rebalance callbacks ran during poll(); act on them before buffering what it
         # returned, which belongs to the new assignment.
-        sought = self._reconcile_assignment(consumer)
+        sought = self._partitions.reconcile(consumer)
         if sought and polled:
             polled = [(key, records) for key, records in polled if key not in sought]
         return polled
@@ -371,11 +362,11 @@ class KafkaBatchSource:
         if self._start.known.is_set():
             self._start.apply_late()
             # Held records of a partition sought now came from the old position: dropped.
-            self._seek_start(consumer, consumer.assignment())
+            self._partitions.seek_start(consumer, consumer.assignment())
             consumer.resume_all()
             return True
         timeout_ms = cfg.poll_timeout_ms
-        if self._assigned:
+        if self._partitions.assigned:
             consumer.pause_all()
             if self._wake.wait(cfg.poll_timeout_ms / 1000):
                 self._wake.clear()
@@ -385,38 +376,10 @@ class KafkaBatchSource:
         if polled is None:
             return False
         if polled:
-            self._ingest(polled)
-        if self._assigned:
+            self._partitions.ingest(polled)
+        if self._partitions.assigned:
             consumer.pause_all()
         return False
-
-    def _ingest(self, polled: Polled) -> None:
-        polled_count = skipped = 0
-        for key, records in polled:
-            first = records[0].offset
-            expected = self._positions.get(key)
-            if expected is not None and first < expected:
-                # The fetch position went back (re-fetch from the committed offset after a
-                # rebalance): drop the buffered copies of what is coming again.
-                dropped = self._batcher.drop_from(key, first)
-                self._log.info(
-                    "fetch position went back; dropped buffered copies",
-                    partition=key[1],
-                    expected=expected,
-                    got=first,
-                    dropped=dropped,
-                )
-            polled_count += len(records)
-            self._positions[key] = records[-1].offset + 1
-            floor = self._start.floor.get(key, -1)
-            kept = records
-            if floor > first:  # covered by the learner's restored checkpoint: trained on
-                kept = [r for r in records if r.offset >= floor]
-                skipped += len(records) - len(kept)
-            self._batcher.add(kept)
-        with self._stats_lock:
-            self._counters["polled"] += polled_count
-            self._counters["skipped"] += skipped
 
     def _emit_ready(self) -> int:
         """Decode the ready batches there is room for, then hand them over together; the
@@ -472,62 +435,6 @@ class KafkaBatchSource:
         consumer.resume_all()
         self._paused = False
         self._log.info("backpressure released: partitions resumed")
-
-    def _reconcile_assignment(self, consumer: ConsumerClient) -> set[TopicPartitionKey]:
-        """Act on a rebalance that happened during poll() (see the module docstring).
-
-        Returns the partitions just sought to their start position: what the same poll
-        returned for them came from the old position and must be dropped.
-        """
-        events = consumer.drain_rebalances()
-        for kind, partitions in events:
-            if partitions:
-                self._log.info("partitions " + kind, partitions=partition_labels(partitions))
-        current = consumer.assignment()
-        if not events and current == self._assigned:
-            return set()
-        sought = self._seek_start(consumer, current)
-        gone = [key for key in self._positions if key not in current]
-        dropped = self._batcher.drop_partitions(gone)
-        for key in gone:
-            del self._positions[key]
-        if gone:
-            self._log.info(
-                "dropped buffered records of partitions no longer assigned",
-                partitions=partition_labels(gone),
-                dropped=dropped,
-            )
-        with self._stats_lock:
-            self._assigned = current
-            for kind, _ in events:  # oldest first: the last one tells the state
-                if kind == "assigned":
-                    self._assigned_at = time.monotonic()
-                else:
-                    self._revoked_at = time.monotonic()
-            self._counters["revoked_dropped"] += dropped
-            for key in gone:
-                self._lag.pop(key, None)
-        return sought
-
-    def _seek_start(
-        self, consumer: ConsumerClient, assigned: frozenset[TopicPartitionKey]
-    ) -> set[TopicPartitionKey]:
-        """Seek partitions assigned for the first time to their resume offset."""
-
-        def drop(key: TopicPartitionKey) -> int:
-            self._positions.pop(key, None)
-            return self._batcher.drop_partitions([key])
-
-        return self._start.seek(consumer, assigned, drop)
-
-    def _update_lag(self, consumer: ConsumerClient) -> None:
-        lag: dict[TopicPartitionKey, int] = {}
-        for key, position in self._positions.items():
-            highwater = consumer.highwater(key)
-            if highwater is not None:
-                lag[key] = max(0, highwater - position)
-        with self._stats_lock:
-            self._lag.update(lag)
 
     def _count(self, name: str) -> None:
         with self._stats_lock:

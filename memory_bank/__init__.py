@@ -4,6 +4,7 @@ Knows Redis, FAISS and torch, and nothing of Kafka or the pipeline. FAISS is imp
 when a :class:`~memory_bank.index.FaissIndex` is built. Modules:
 
 - ``bank``: ``MemoryBank``, the facade the learner uses (add, sample, search, flush);
+- ``mirror``: ``Mirror``, the bank's slot-addressed tensors on the learner's device;
 - ``reservoir``: which items stay (class-balanced or reservoir policy, pure);
 - ``replay``: ``ReplaySampler``, the replay draw from the mirror;
 - ``search``: index refresh schedule, hard negatives, kNN over the mirror;

@@ -1,9 +1,9 @@
 """The memory bank: an in-process mirror of past examples, written through to a durable store.
 
 The learner samples replay, looks up hard negatives and computes class means every step, so
-those read the mirror (preallocated tensors on the learner's device), never Redis: a Redis
-round trip per step would cap a GPU learner far below what it can train. Redis (a
-:class:`~memory_bank.protocols.BankStore`) is written once per :meth:`MemoryBank.add`, at
+those read the mirror (:mod:`memory_bank.mirror`, tensors on the learner's device), never
+Redis: a Redis round trip per step would cap a GPU learner far below what it can train. Redis
+(a :class:`~memory_bank.protocols.BankStore`) is written once per :meth:`MemoryBank.add`, at
 checkpoints (:meth:`MemoryBank.flush`) and read once, at start (:meth:`MemoryBank.open`).
 
 INVARIANTS
@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 
 from memory_bank.ids import ClassNames, RecentIds
+from memory_bank.mirror import Mirror
 from memory_bank.protocols import BankSnapshot, BankStore, StoredItem, VectorIndex
 from memory_bank.replay import Replay, ReplaySampler
 from memory_bank.reservoir import POLICIES, class_balanced_subset
@@ -104,16 +105,7 @@ class MemoryBank:
         self.policy = policy
         self._reservoir = POLICIES[policy](capacity, seed)
 
-        # Preallocated once: adds write rows in place, nothing reallocates per step.
-        dev = self.device
-        self._features = torch.zeros((capacity, input_dim), dtype=torch.float32, device=dev)
-        self._embeddings = torch.zeros((capacity, embed_dim), dtype=torch.float32, device=dev)
-        self._labels = torch.full((capacity,), -1, dtype=torch.int64, device=dev)
-        # Bumped whenever a slot gets a new item: guards late embedding write-backs.
-        self._versions = torch.zeros(capacity, dtype=torch.int64, device=dev)
-        # Embeddings refreshed in the mirror but not yet written to the store.
-        self._dirty = torch.zeros(capacity, dtype=torch.bool, device=dev)
-        self._tasks: list[str | None] = [None] * capacity
+        self._mirror = mirror = Mirror(capacity, input_dim, embed_dim, self.device)
 
         self._names = ClassNames()
         self._recent = RecentIds(recent_ids)
@@ -121,12 +113,12 @@ class MemoryBank:
         # Replay and hard-negative draws: ``draw_seed`` (default ``seed``). What the bank
         # holds depends on ``seed`` alone, so mirrors that draw differently hold the same items.
         draws = seed if draw_seed is None else draw_seed
-        self._generator = torch.Generator(device=dev)
+        self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(draws)
         self._replay = ReplaySampler(
-            self._features,
-            self._labels,
-            self._versions,
+            mirror.features,
+            mirror.labels,
+            mirror.versions,
             self._reservoir,
             lambda: max(1, self._names.bound()),
             self._generator,
@@ -134,8 +126,8 @@ class MemoryBank:
         )
         self._search = MirrorSearch(
             index,
-            self._embeddings,
-            self._labels,
+            mirror.embeddings,
+            mirror.labels,
             self.__len__,
             self._generator,
             refresh_steps=index_refresh_steps,
@@ -234,17 +226,8 @@ class MemoryBank:
             rows = np.asarray(order, dtype=np.int64)
             features = np.asarray(snapshot.features, dtype=np.float32)[rows]
             embeddings = np.asarray(snapshot.embeddings, dtype=np.float32)[rows]
-            if features.shape[1] != self.input_dim or embeddings.shape[1] != self.embed_dim:
-                raise ValueError(
-                    f"stored items have dims {features.shape[1]}/{embeddings.shape[1]}, "
-                    f"the bank expects {self.input_dim}/{self.embed_dim}"
-                )
-            dst = torch.tensor(slots, dtype=torch.int64, device=self.device)
-            self._features[dst] = torch.from_numpy(features).to(self.device)
-            self._embeddings[dst] = F.normalize(torch.from_numpy(embeddings).to(self.device), dim=1)
-            self._labels[dst] = torch.tensor(labels, dtype=torch.int64, device=self.device)
-            for slot, row in zip(slots, order, strict=True):
-                self._tasks[slot] = snapshot.tasks[row]
+            tasks = [snapshot.tasks[row] for row in order]
+            self._mirror.load(slots, features, embeddings, labels, tasks)
         self._replay.invalidate()
         self.refresh_index()
 
@@ -265,7 +248,9 @@ class MemoryBank:
         Redis, ``embeddings`` the encoder outputs (normalised here).
         """
         n = len(ids)
-        self._check_batch(n, features, labels, embeddings, names_and_tasks=(label_names, tasks))
+        self._mirror.check_rows(n, features, labels, embeddings)
+        if len(label_names) != n or len(tasks) != n:
+            raise ValueError(f"{n} ids, {len(label_names)} label names, {len(tasks)} tasks")
         if n == 0:
             return AddResult(0, 0, 0, 0)
         labels_host: list[int] = labels.detach().to("cpu", torch.int64).tolist()  # one sync
@@ -315,13 +300,9 @@ class MemoryBank:
             raise
 
         if placed:
-            self._features[dst] = new_features
-            self._embeddings[dst] = new_embeddings
-            self._labels[dst] = labels.detach()[src.to(labels.device)].to(self.device, torch.int64)
-            self._versions[dst] += 1
-            self._dirty[dst] = False
-            for slot, p in placed:
-                self._tasks[slot] = tasks[p]
+            new_labels = labels.detach()[src.to(labels.device)].to(self.device, torch.int64)
+            slot_tasks = [(slot, tasks[p]) for slot, p in placed]
+            self._mirror.place(dst, new_features, new_embeddings, new_labels, slot_tasks)
         for p in fresh:
             if ids[p] not in self._reservoir:
                 self._recent.add(ids[p])  # declined, or accepted and evicted in this call
@@ -343,24 +324,12 @@ class MemoryBank:
         """
         if slots.numel() == 0:
             return
-        if embeddings.shape != (slots.shape[0], self.embed_dim):
-            raise ValueError(
-                f"embeddings must be [{slots.shape[0]}, {self.embed_dim}], "
-                f"got {tuple(embeddings.shape)}"
-            )
-        slots = slots.to(self.device, torch.int64)
-        fresh = F.normalize(embeddings.detach().to(self.device, torch.float32), dim=1)
-        valid = self._labels[slots] >= 0
-        if versions is not None:
-            valid &= self._versions[slots] == versions.to(self.device)
-        # Masked on the device rather than by filtering the slots: filtering needs a sync.
-        self._embeddings[slots] = torch.where(valid[:, None], fresh, self._embeddings[slots])
-        self._dirty[slots] = self._dirty[slots] | valid
+        self._mirror.write_back(slots, embeddings, versions)
         self._search.mark_stale()
 
     def flush(self) -> int:
         """Write dirty embeddings to the store in one batched call; returns how many."""
-        dirty = torch.nonzero(self._dirty & (self._labels >= 0)).squeeze(1)
+        dirty = self._mirror.dirty_slots()
         if dirty.numel() == 0:
             return 0
         ids: list[str] = []
@@ -369,8 +338,8 @@ class MemoryBank:
             if event_id is None:  # labels >= 0 exactly where the reservoir holds an item
                 raise RuntimeError(f"bank mirror out of sync with its bookkeeping at slot {slot}")
             ids.append(event_id)
-        self._store.write_embeddings(ids, self._embeddings[dirty].cpu().numpy())
-        self._dirty[dirty] = False
+        self._store.write_embeddings(ids, self._mirror.embeddings[dirty].cpu().numpy())
+        self._mirror.dirty[dirty] = False
         log.debug("memory_bank_flushed", embeddings=len(ids))
         return len(ids)
 
@@ -431,33 +400,18 @@ class MemoryBank:
         ``embeddings``, when given, are fresh encodings aligned with :meth:`occupied`'s slots
         (re-encoded at evaluation); otherwise the mirror's embeddings are used.
         """
-        slots = torch.nonzero(self._labels >= 0).squeeze(1)
-        source = self._embeddings[slots] if embeddings is None else embeddings
-        if source.shape[0] != slots.shape[0]:
-            raise ValueError(f"{source.shape[0]} embeddings for {slots.shape[0]} stored items")
-        if slots.numel() == 0:
-            return (
-                torch.empty(0, dtype=torch.int64, device=self.device),
-                torch.empty((0, source.shape[1]), device=self.device),
-            )
-        source = source.to(self.device, torch.float32)
-        classes, inverse = torch.unique(self._labels[slots], return_inverse=True)
-        sums = torch.zeros((classes.shape[0], source.shape[1]), device=self.device)
-        sums.index_add_(0, inverse, F.normalize(source, dim=1))
-        return classes, F.normalize(sums, dim=1)
+        return self._mirror.class_means(embeddings)
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(features, labels, versions) of ``slots``, e.g. of :meth:`hard_negatives`' result.
 
         Pass the versions to :meth:`update_embeddings` as with a :class:`Replay`.
         """
-        slots = slots.to(self.device, torch.int64)
-        return self._features[slots], self._labels[slots], self._versions[slots]
+        return self._mirror.gather(slots)
 
     def occupied(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(slots ascending, features, labels) of every stored item, for re-encoding."""
-        slots = torch.nonzero(self._labels >= 0).squeeze(1)
-        return slots, self._features[slots], self._labels[slots]
+        return self._mirror.occupied()
 
     def __len__(self) -> int:
         return len(self._reservoir)
@@ -478,24 +432,3 @@ class MemoryBank:
     def slot_ids(self, slots: torch.Tensor) -> list[str | None]:
         """Event ids held by ``slots`` (None for empty slots)."""
         return [self._reservoir.id_at(slot) for slot in slots.tolist()]
-
-    # -- internals -------------------------------------------------------------------------
-
-    def _check_batch(
-        self,
-        n: int,
-        features: torch.Tensor,
-        labels: torch.Tensor,
-        embeddings: torch.Tensor,
-        *,
-        names_and_tasks: tuple[Sequence[str], Sequence[str | None]],
-    ) -> None:
-        label_names, tasks = names_and_tasks
-        if features.shape != (n, self.input_dim):
-            raise ValueError(f"features must be [{n}, {self.input_dim}], got {features.shape}")
-        if embeddings.shape != (n, self.embed_dim):
-            raise ValueError(f"embeddings must be [{n}, {self.embed_dim}], got {embeddings.shape}")
-        if labels.shape != (n,):
-            raise ValueError(f"labels must be [{n}], got {tuple(labels.shape)}")
-        if len(label_names) != n or len(tasks) != n:
-            raise ValueError(f"{n} ids, {len(label_names)} label names, {len(tasks)} tasks")

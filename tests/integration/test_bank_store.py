@@ -154,7 +154,7 @@ def test_bank_over_store_survives_a_restart(store: BankStore) -> None:
 
     def rows(bank: MemoryBank) -> dict[str | None, tuple[list[float], int, list[float]]]:
         slots, features, labels = bank.occupied()
-        embeddings = bank._embeddings[slots]
+        embeddings = bank._mirror.embeddings[slots]
         return {
             event_id: (f.tolist(), label, e.tolist())
             for event_id, f, label, e in zip(
