@@ -16,6 +16,8 @@ set, the micro-batch (its first ``n`` rows) followed by the replayed bank items,
 - ``focal``: focal loss of the head (``focal_gamma``, ``focal_alpha``);
 - ``ace``: ER-ACE's asymmetric cross-entropy of the head (Caccia et al. 2022): a batch row's
   softmax over the classes present in the batch, a replayed row's over every seen class;
+- ``ace_detached``: the same on a detached encoder output: the head learns to read the
+  representation without the recency bias of plain CE and without shaping the encoder;
 - ``triplet``: batch-hard triplet loss on the normalised projection;
 - ``distill``: instance-wise relation distillation (Co2L's IRD) of the projections of the
   contrasted set towards those of an earlier snapshot of the network (``teacher``); 0 while
@@ -247,12 +249,13 @@ def _focal_term(model: StreamNet, v: Views, cfg: TrainSettings) -> torch.Tensor:
     return _labeled_only(per_view, v)
 
 
-def _ace_term(model: StreamNet, v: Views, _cfg: TrainSettings) -> torch.Tensor:
+def _ace_term(model: StreamNet, v: Views, detach: bool) -> torch.Tensor:
     labeled = v.per_row(v.labels != UNLABELED)
     incoming = v.per_row(torch.arange(v.m, device=v.labels.device) < v.n)
+    h = v.h.detach() if detach else v.h
     per_view = v.h.new_zeros(v.h.shape[0], dtype=torch.float32)
     per_view[labeled] = asymmetric_cross_entropy_loss(
-        model.logits(v.h[labeled]),
+        model.logits(h[labeled]),
         v.per_row(v.labels)[labeled],
         incoming[labeled],
         v.seen_classes,
@@ -315,7 +318,8 @@ TERMS: dict[str, TermFn] = {
     "ce": lambda model, v, cfg: _ce_term(model, v, cfg, detach=False),
     "ce_detached": lambda model, v, cfg: _ce_term(model, v, cfg, detach=True),
     "focal": _focal_term,
-    "ace": _ace_term,
+    "ace": lambda model, v, _cfg: _ace_term(model, v, detach=False),
+    "ace_detached": lambda model, v, _cfg: _ace_term(model, v, detach=True),
     "triplet": _triplet_term,
     "proxy": _proxy_term,
     "proxy_mixup": _proxy_mixup_term,

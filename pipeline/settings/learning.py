@@ -33,9 +33,12 @@ Objective = Literal["supcon", "ce", "asym_supcon", "focal", "triplet"]
 # A loss term is an objective, the CE head trained on a detached encoder output, PCR's proxy
 # contrast (anchors against the head's normalised rows) or Co2L's relation distillation from
 # an earlier snapshot of the network (``distill``, snapshot every ``train.distill_every``) or
-# ER-ACE's asymmetric cross-entropy of the head (``ace``) or the proxy term on mixed encoder
-# outputs of random pairs with soft targets (``proxy_mixup``, manifold mixup).
-LossTermName = Literal[Objective, "ce_detached", "proxy", "distill", "ace", "proxy_mixup"]
+# ER-ACE's asymmetric cross-entropy of the head (``ace``; ``ace_detached`` on a detached encoder
+# output, training the head alone) or the proxy term on mixed encoder outputs of random pairs
+# with soft targets (``proxy_mixup``, manifold mixup).
+LossTermName = Literal[
+    Objective, "ce_detached", "proxy", "distill", "ace", "ace_detached", "proxy_mixup"
+]
 OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
 LOSS_TERMS: tuple[LossTermName, ...] = get_args(LossTermName)
 # The terms that train the representation itself: replay is on by default for them.

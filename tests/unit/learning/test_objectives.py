@@ -134,6 +134,28 @@ def test_ace_term_is_er_aces_cross_entropy_of_the_head_and_trains_the_encoder() 
     assert natural_classifier(TrainSettings(loss_terms={"ace": 1.0})) == "head"
 
 
+def test_ace_detached_is_the_same_loss_and_trains_the_head_alone() -> None:
+    model, (x, y, seen) = _net(), _data()
+    n = 8
+    attached = objective_loss(
+        model, x, y, n, seen, TrainSettings(loss_terms={"supcon": 1.0, "ace": 0.5}, **PLAIN)
+    )
+    spared = _net()
+    cfg = TrainSettings(loss_terms={"supcon": 1.0, "ace_detached": 0.5}, **PLAIN)
+    detached = objective_loss(spared, x, y, n, seen, cfg)
+    torch.testing.assert_close(detached.loss, attached.loss)  # same value, other gradient
+    detached.loss.backward()
+    plain = _net()
+    objective_loss(
+        plain, x, y, n, seen, TrainSettings(loss_terms={"supcon": 1.0}, **PLAIN)
+    ).loss.backward()
+    for p1, p2 in zip(plain.encoder.parameters(), spared.encoder.parameters(), strict=True):
+        torch.testing.assert_close(p1.grad, p2.grad)  # ACE reached the head only
+    assert spared.head.weight.grad is not None
+    assert spared.head.weight.grad.abs().sum() > 0
+    assert natural_classifier(cfg) == "ncm"
+
+
 def test_unlabeled_events_get_nt_xent() -> None:
     model, (x, _, seen) = _net(), _data()
     unlabeled = torch.full((12,), -1)
