@@ -34,12 +34,16 @@ import structlog
 import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 
+from memory_bank.eviction import mean_preserving_victim
 from memory_bank.ids import ClassNames, RecentIds
 from memory_bank.mirror import Mirror
 from memory_bank.protocols import BankSnapshot, BankStore, StoredItem, VectorIndex
 from memory_bank.replay import Replay, ReplaySampler
-from memory_bank.reservoir import POLICIES, class_balanced_subset
+from memory_bank.reservoir import POLICIES, Plan, class_balanced_subset
 from memory_bank.search import MirrorSearch
+
+# Which item of a class leaves when the class gives up a slot (memory_bank/eviction.py).
+EVICTIONS = ("random", "mean_preserving")
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +85,7 @@ class MemoryBank:
         policy: str = "class_balanced",
         hard_negative_every: int = 1,
         draw_seed: int | None = None,
+        eviction: str = "random",
     ) -> None:
         if capacity < 1 or input_dim < 1 or embed_dim < 1:
             raise ValueError(f"need capacity, input_dim, embed_dim >= 1: {capacity=}")
@@ -104,6 +109,16 @@ class MemoryBank:
             raise ValueError(f"unknown bank policy {policy!r}; known: {sorted(POLICIES)}")
         self.policy = policy
         self._reservoir = POLICIES[policy](capacity, seed)
+        if eviction not in EVICTIONS:
+            raise ValueError(f"unknown eviction {eviction!r}; known: {list(EVICTIONS)}")
+        if eviction == "mean_preserving" and policy != "class_balanced":
+            raise ValueError("eviction 'mean_preserving' needs the class_balanced policy")
+        self.eviction = eviction
+        # Normalised embeddings of the items of the batch being offered, by id: the chooser
+        # weighs items placed earlier in the same batch before the mirror holds them.
+        self._joining: dict[str, torch.Tensor] = {}
+        if eviction == "mean_preserving":
+            self._reservoir.victim_chooser = self._mean_preserving_victim
 
         self._mirror = mirror = Mirror(capacity, input_dim, embed_dim, self.device)
 
@@ -156,6 +171,7 @@ class MemoryBank:
         hard_negative_every: int = 1,
         snapshot: BankSnapshot | None = None,
         draw_seed: int | None = None,
+        eviction: str = "random",
     ) -> MemoryBank:
         """Load the store's snapshot and rebuild the mirror and the index from it.
 
@@ -181,6 +197,7 @@ class MemoryBank:
             policy=policy,
             hard_negative_every=hard_negative_every,
             draw_seed=draw_seed,
+            eviction=eviction,
         )
         bank._restore(snapshot if snapshot is not None else store.load(), label_index)
         log.info(
@@ -231,6 +248,33 @@ class MemoryBank:
         self._replay.invalidate()
         self.refresh_index()
 
+    def _offer(
+        self,
+        ids: Sequence[str],
+        fresh: list[int],
+        labels: list[int],
+        embeddings: torch.Tensor,
+    ) -> Plan:
+        """The reservoir's plan for the batch positions ``fresh``; under mean-preserving
+        eviction its chooser sees their embeddings while it decides."""
+        if self.eviction == "mean_preserving":
+            joining = F.normalize(embeddings.detach().to(self.device, torch.float32), dim=1)
+            self._joining = {ids[p]: joining[p] for p in fresh}
+        try:
+            return self._reservoir.offer_batch([(ids[p], labels[p]) for p in fresh])
+        finally:
+            self._joining = {}
+
+    def _mean_preserving_victim(self, slots: Sequence[int], joining_id: str | None) -> int:
+        """The reservoir's victim chooser under ``eviction="mean_preserving"``."""
+        rows = self._mirror.embeddings[torch.tensor(list(slots), device=self.device)]
+        for row, slot in enumerate(slots):
+            placed_now = self._joining.get(self._reservoir.id_at(slot) or "")
+            if placed_now is not None:  # offered earlier in this batch: not in the mirror yet
+                rows[row] = placed_now
+        joining = None if joining_id is None else self._joining[joining_id]
+        return mean_preserving_victim(rows, joining)
+
     # -- writes ----------------------------------------------------------------------------
 
     def add(
@@ -267,7 +311,7 @@ class MemoryBank:
         if not fresh:
             return AddResult(0, 0, duplicates, 0)
 
-        plan = self._reservoir.offer_batch([(ids[p], labels_host[p]) for p in fresh])
+        plan = self._offer(ids, fresh, labels_host, embeddings)
         placed = sorted((slot, fresh[j]) for slot, j in plan.placements.items())
         dst = torch.tensor([slot for slot, _ in placed], dtype=torch.int64, device=self.device)
         src = torch.tensor([p for _, p in placed], dtype=torch.int64, device=features.device)

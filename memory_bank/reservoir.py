@@ -18,6 +18,11 @@ Policy, for an item of class ``c`` offered to a bank of capacity ``C``:
 The paper's "full class" is sticky (once largest, always full); here "largest" is the current
 state, which can be rebuilt exactly from the stored items after a restart.
 
+Which item of the victim class leaves (steps 2 and 3) is a random one, or, with a
+:data:`VictimChooser` (the bank's ``eviction="mean_preserving"``), the one that chooser names
+among the class's slots (at most :data:`MAX_VICTIM_CANDIDATES` of them, drawn at random from a
+larger class); the chooser sees embeddings, this module does not.
+
 The accept draw in step 3 is a hash of the event id (blake2b, salted with the seed), not a
 generator draw, so a re-delivered event tends to get the same decision it got the first time.
 Victims come from a seeded ``random.Random``.
@@ -31,11 +36,19 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 _U64 = float(1 << 64)
+
+# A chooser weighs at most this many items of the victim class (a random subset of a larger
+# class), which bounds its cost per eviction whatever the bank size.
+MAX_VICTIM_CANDIDATES = 1024
+
+# (the victim class's candidate slots, the id of the incoming item when it joins that class,
+# None when it belongs to another class) -> the position in the list of the slot to evict.
+VictimChooser = Callable[[Sequence[int], str | None], int]
 
 
 def uniform_from_id(event_id: str, salt: int = 0) -> float:
@@ -112,6 +125,7 @@ class ClassBalancedReservoir:
         # (size -> number of classes of that size): the policy asks for it on every offer.
         self._max_count = 0
         self._size_hist: dict[int, int] = {}
+        self.victim_chooser: VictimChooser | None = None  # None: a random item of the class
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -257,7 +271,15 @@ class ClassBalancedReservoir:
                 return None
             victim_class = label
         slots = self._class_slots[victim_class]
-        return slots[self._rng.randrange(len(slots))]
+        if self.victim_chooser is None or len(slots) == 1:
+            return slots[self._rng.randrange(len(slots))]
+        candidates = (
+            slots
+            if len(slots) <= MAX_VICTIM_CANDIDATES
+            else self._rng.sample(slots, MAX_VICTIM_CANDIDATES)
+        )
+        joining = event_id if victim_class == label else None
+        return candidates[self.victim_chooser(candidates, joining)]
 
     def _occupy(
         self,

@@ -141,6 +141,7 @@ def _assemble(
         hard_negative_every=b.hard_negative_interval,
         label_index=label_index,
         policy=b.policy,
+        eviction=b.eviction,
         snapshot=opened.snapshot.result() if opened.snapshot is not None else None,
     )
     log.info("memory bank loaded", items=len(bank), seconds=round(time.monotonic() - started, 3))

@@ -190,6 +190,7 @@ def _bank_items(settings: Settings, labels: list[str]) -> tuple[torch.Tensor, to
             seed=settings.train.seed,
             label_index=label_index,
             policy=b.policy,
+            eviction=b.eviction,
         )
         _, feats, bank_labels = bank.occupied()
     finally:

@@ -150,6 +150,11 @@ class BankSettings(_Frozen):
     policy: Literal["class_balanced", "reservoir"] = Field(
         "class_balanced", description="Admission/eviction: class-balanced or plain reservoir."
     )
+    eviction: Literal["random", "mean_preserving"] = Field(
+        "random",
+        description="Which item of a class leaves when it gives up a slot: a random one, or "
+        "the one whose removal moves the class's mean embedding least (class_balanced only).",
+    )
     index_refresh_steps: int = Field(10, ge=1)
     hard_negative_queries: int = Field(32, ge=1)
     use_gpu: Literal["auto", "never"] = "auto"
@@ -164,6 +169,12 @@ class BankSettings(_Frozen):
         description="Search the index for hard negatives every N train iterations; None = "
         "ceil(capacity * hard_negative_queries / 16384), see hard_negative_interval.",
     )
+
+    @model_validator(mode="after")
+    def _check_eviction(self) -> BankSettings:
+        if self.eviction == "mean_preserving" and self.policy != "class_balanced":
+            raise ValueError("bank.eviction mean_preserving needs bank.policy class_balanced")
+        return self
 
     @property
     def hard_negative_interval(self) -> int:

@@ -13,6 +13,7 @@ import structlog
 import torch
 import yaml
 
+from pipeline.config import BankSettings
 from pipeline.devtools.bench.compare import (
     COMPARE_MEMORIES,
     COMPARE_METHODS,
@@ -97,12 +98,22 @@ def _ema_decay(args: argparse.Namespace) -> float | None:
     return decay
 
 
+def _bank_overrides(overrides: list[str]) -> BankSettings:
+    """``--set bank.KEY=VALUE`` items (e.g. ``bank.eviction``); the capacity is each run's
+    memory, whatever is set here."""
+    try:
+        return BankSettings(**_train_overrides(overrides, "bank"))
+    except ValueError as exc:
+        raise ConfigError(f"--set bank.*: {exc}") from None
+
+
 def bench_config(args: argparse.Namespace) -> BenchConfig:
     try:
         train = bench_train_settings(**_train_overrides(args.overrides))
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise ConfigError(f"--set train.*: {exc}") from None
     return BenchConfig(
+        bank=_bank_overrides(args.overrides),
         memories=_memories(args.memories) if args.memories else DEFAULT_MEMORIES,
         seeds=args.seeds,
         methods=_methods(args.methods),
@@ -188,6 +199,7 @@ def run_compare(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(f"--set train.*: {exc}") from None
     first = make_split(stream, 0)
     cfg = BenchConfig(
+        bank=_bank_overrides(args.overrides),
         memories=_memories(args.memories) if args.memories else COMPARE_MEMORIES,
         seeds=args.seeds or COMPARE_SEEDS,
         methods=_methods(args.methods, default_methods),

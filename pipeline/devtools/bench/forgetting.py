@@ -352,6 +352,7 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
         index_refresh_steps=cfg.bank.index_refresh_steps,
         hard_negative_queries=cfg.bank.hard_negative_queries,
         policy=method.bank_policy,
+        eviction=cfg.bank.eviction if method.bank_policy == "class_balanced" else "random",
     )
     seen = torch.zeros(model_cfg.max_classes, dtype=torch.bool)
     natural, *others = readouts(train_cfg)

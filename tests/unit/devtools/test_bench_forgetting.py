@@ -163,6 +163,11 @@ def test_bench_arguments() -> None:
     # The default set: the three arms (trap, baseline, product) and the offline bounds.
     assert cfg.methods == ("ce_finetune", "ce_er", "supcon", "joint", "joint_supcon")
     assert cfg.ema_decay is None
+    assert cfg.bank.eviction == "random"
+    mean = bench_config(_args(overrides=["bank.eviction=mean_preserving"]))
+    assert mean.bank.eviction == "mean_preserving"
+    with pytest.raises(ConfigError, match="--set bank"):
+        bench_config(_args(overrides=["bank.eviction=oldest"]))
     parsed = build_parser().parse_args(["bench", "forgetting", "--ema-decay", "0.99"])
     assert bench_config(parsed).ema_decay == 0.99
     compare = build_parser().parse_args(["compare", "domain-digits", "--ema-decay", "0.98"])

@@ -1,0 +1,138 @@
+"""Mean-preserving eviction: the rule, the reservoir's use of a chooser, the bank's wiring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memory_bank.bank import MemoryBank
+from memory_bank.eviction import mean_preserving_victim
+from memory_bank.index import TorchIndex
+from memory_bank.reservoir import MAX_VICTIM_CANDIDATES, ClassBalancedReservoir
+from memory_bank.testing import InMemoryBankStore
+from pipeline.config import BankSettings
+
+DIM = 2
+
+
+def _least_shift(rows: torch.Tensor, joining: torch.Tensor | None) -> int:
+    """Brute force: remove each row in turn, keep the removal that moves the mean least."""
+    every = rows if joining is None else torch.cat([rows, joining[None]])
+    shifts = [
+        float((torch.cat([every[:v], every[v + 1 :]]).mean(dim=0) - every.mean(dim=0)).norm())
+        for v in range(len(rows))
+    ]
+    return shifts.index(min(shifts))
+
+
+def test_the_victim_is_the_row_whose_removal_moves_the_mean_least() -> None:
+    rows = torch.tensor([[0.0, 0.0], [1.0, 0.0], [4.0, 0.0], [-2.0, 3.0]])
+    assert mean_preserving_victim(rows, None) == _least_shift(rows, None) == 1
+    # A newcomer joins the mean it is weighed against: far to the right, it pulls the mean
+    # there, and (4, 0), now the row nearest the mean, is the one that leaves.
+    joining = torch.tensor([20.0, 0.0])
+    assert mean_preserving_victim(rows, joining) == _least_shift(rows, joining) == 2
+    torch.manual_seed(0)
+    for _ in range(20):
+        rows, joining = torch.randn(7, 3), torch.randn(3)
+        assert mean_preserving_victim(rows, joining) == _least_shift(rows, joining)
+
+
+def test_the_reservoir_asks_the_chooser_for_both_kinds_of_victim_and_rolls_back() -> None:
+    asked: list[tuple[list[int], str | None]] = []
+
+    def last(slots, joining):  # evicts the last candidate, whatever it is
+        asked.append((list(slots), joining))
+        return len(slots) - 1
+
+    reservoir = ClassBalancedReservoir(capacity=4, seed=3)
+    reservoir.victim_chooser = last
+    reservoir.offer_batch([(f"a{i}", 0) for i in range(4)])
+    assert asked == []  # free slots: nobody is evicted
+    # A new class takes a slot from the largest class: the chooser weighs class 0, no joiner.
+    plan = reservoir.offer_batch([("b0", 1)])
+    assert asked == [([0, 1, 2, 3], None)]
+    assert reservoir.id_at(3) == "b0"  # the last candidate's slot now holds the newcomer
+    reservoir.rollback(plan)
+    assert reservoir.class_counts() == {0: 4}
+    assert reservoir.id_at(3) == "a3"
+    # Within a full class the newcomer joins the class it is weighed against.
+    asked.clear()
+    accepted = next(f"c{i}" for i in range(1000) if reservoir.offer_batch([(f"c{i}", 0)]).added)
+    assert asked == [([0, 1, 2, 3], accepted)]
+
+
+def test_a_large_class_is_weighed_on_a_bounded_random_subset() -> None:
+    sizes: list[int] = []
+
+    def first(slots, _joining):
+        sizes.append(len(slots))
+        return 0
+
+    capacity = MAX_VICTIM_CANDIDATES + 10
+    reservoir = ClassBalancedReservoir(capacity=capacity, seed=0)
+    reservoir.victim_chooser = first
+    reservoir.offer_batch([(f"a{i}", 0) for i in range(capacity)])
+    reservoir.offer_batch([("b", 1)])
+    assert sizes == [MAX_VICTIM_CANDIDATES]
+
+
+def _bank(eviction: str, capacity: int, seed: int = 0) -> MemoryBank:
+    return MemoryBank(
+        InMemoryBankStore(), TorchIndex(DIM), capacity, 1, DIM, "cpu", seed=seed, eviction=eviction
+    )
+
+
+def _add(bank: MemoryBank, ids: list[str], labels: list[int], points: list[list[float]]) -> None:
+    n = len(ids)
+    bank.add(
+        ids,
+        torch.zeros(n, 1),
+        torch.tensor(labels),
+        [f"c{c}" for c in labels],
+        torch.tensor(points),
+        [None] * n,
+    )
+
+
+def test_the_bank_evicts_the_item_whose_removal_moves_its_class_mean_least() -> None:
+    """Four unit vectors of class 0; a class-1 newcomer takes one of their slots. The random
+    rule evicts one that depends on the seed; the mean-preserving one always the same."""
+    angles = torch.tensor([0.0, 0.9, -0.6, 1.6])
+    points = torch.stack([angles.cos(), angles.sin()], dim=1)
+    expected = f"a{_least_shift(points, None)}"
+    left_by_seed = set()
+    for seed in range(6):
+        bank = _bank("mean_preserving", capacity=4, seed=seed)
+        _add(bank, ["a0", "a1", "a2", "a3"], [0] * 4, points.tolist())
+        _add(bank, ["b0"], [1], [[0.0, -1.0]])
+        assert set(bank.ids()) == {"a0", "a1", "a2", "a3", "b0"} - {expected}
+        plain = _bank("random", capacity=4, seed=seed)
+        _add(plain, ["a0", "a1", "a2", "a3"], [0] * 4, points.tolist())
+        _add(plain, ["b0"], [1], [[0.0, -1.0]])
+        left_by_seed |= {"a0", "a1", "a2", "a3", "b0"} - set(plain.ids())
+    assert len(left_by_seed) > 1
+    # Items placed earlier in the same batch are weighed with their own embeddings.
+    bank = _bank("mean_preserving", capacity=3)
+    batch = [[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [-1.0, 0.0]]
+    _add(bank, ["a0", "a1", "a2", "b0"], [0, 0, 0, 1], batch)
+    assert set(bank.ids()) == {"a0", "a1", "b0"}  # (0.7, 0.7) sits on the class's mean
+
+
+def test_mean_preserving_eviction_needs_the_class_balanced_policy() -> None:
+    with pytest.raises(ValueError, match="class_balanced"):
+        MemoryBank(
+            InMemoryBankStore(),
+            TorchIndex(DIM),
+            4,
+            1,
+            DIM,
+            "cpu",
+            policy="reservoir",
+            eviction="mean_preserving",
+        )
+    with pytest.raises(ValueError, match="unknown eviction"):
+        _bank("herding", capacity=4)
+    with pytest.raises(ValueError, match="class_balanced"):
+        BankSettings(policy="reservoir", eviction="mean_preserving")
+    assert BankSettings().eviction == "random"
