@@ -259,7 +259,9 @@ class MemoryBank:
         eviction its chooser sees their embeddings while it decides."""
         if self.eviction == "mean_preserving":
             joining = F.normalize(embeddings.detach().to(self.device, torch.float32), dim=1)
-            self._joining = {ids[p]: joining[p] for p in fresh}
+            self._joining = dict(
+                zip([ids[p] for p in fresh], joining[fresh].unbind(0), strict=True)
+            )
         try:
             return self._reservoir.offer_batch([(ids[p], labels[p]) for p in fresh])
         finally:
@@ -267,11 +269,19 @@ class MemoryBank:
 
     def _mean_preserving_victim(self, slots: Sequence[int], joining_id: str | None) -> int:
         """The reservoir's victim chooser under ``eviction="mean_preserving"``."""
-        rows = self._mirror.embeddings[torch.tensor(list(slots), device=self.device)]
-        for row, slot in enumerate(slots):
-            placed_now = self._joining.get(self._reservoir.id_at(slot) or "")
-            if placed_now is not None:  # offered earlier in this batch: not in the mirror yet
-                rows[row] = placed_now
+        where = torch.tensor(list(slots), device=self.device)
+        rows = self._mirror.embeddings[where]
+        # Items offered earlier in this batch are not in the mirror yet: their own embeddings.
+        # Looked up from the batch's side (its size), not the candidates' (up to 256).
+        placed = {
+            slot: embedding
+            for event_id, embedding in self._joining.items()
+            if (slot := self._reservoir.slot_of(event_id)) is not None
+        }
+        if placed:
+            placed_slots = torch.tensor(list(placed), device=self.device)
+            row, which = torch.nonzero(where[:, None] == placed_slots[None, :], as_tuple=True)
+            rows[row] = torch.stack(list(placed.values()))[which]
         joining = None if joining_id is None else self._joining[joining_id]
         return mean_preserving_victim(rows, joining)
 

@@ -20,8 +20,8 @@ state, which can be rebuilt exactly from the stored items after a restart.
 
 Which item of the victim class leaves (steps 2 and 3) is a random one, or, with a
 :data:`VictimChooser` (the bank's ``eviction="mean_preserving"``), the one that chooser names
-among the class's slots (at most :data:`MAX_VICTIM_CANDIDATES` of them, drawn at random from a
-larger class); the chooser sees embeddings, this module does not.
+among the class's slots (at most :data:`MAX_VICTIM_CANDIDATES` of them, evenly spaced over a
+larger class's list from a random start); the chooser sees embeddings, this module does not.
 
 The accept draw in step 3 is a hash of the event id (blake2b, salted with the seed), not a
 generator draw, so a re-delivered event tends to get the same decision it got the first time.
@@ -44,7 +44,7 @@ _U64 = float(1 << 64)
 
 # A chooser weighs at most this many items of the victim class (a random subset of a larger
 # class), which bounds its cost per eviction whatever the bank size.
-MAX_VICTIM_CANDIDATES = 1024
+MAX_VICTIM_CANDIDATES = 256
 
 # (the victim class's candidate slots, the id of the incoming item when it joins that class,
 # None when it belongs to another class) -> the position in the list of the slot to evict.
@@ -273,13 +273,16 @@ class ClassBalancedReservoir:
         slots = self._class_slots[victim_class]
         if self.victim_chooser is None or len(slots) == 1:
             return slots[self._rng.randrange(len(slots))]
-        candidates = (
-            slots
-            if len(slots) <= MAX_VICTIM_CANDIDATES
-            else self._rng.sample(slots, MAX_VICTIM_CANDIDATES)
-        )
+        candidates = slots if len(slots) <= MAX_VICTIM_CANDIDATES else self._spread(slots)
         joining = event_id if victim_class == label else None
         return candidates[self.victim_chooser(candidates, joining)]
+
+    def _spread(self, slots: list[int]) -> list[int]:
+        """:data:`MAX_VICTIM_CANDIDATES` slots evenly spaced over a class's list from a random
+        start: one draw of the generator, not one per candidate (a large bank evicts often)."""
+        step = len(slots) / MAX_VICTIM_CANDIDATES
+        start = self._rng.random() * step
+        return [slots[int(start + i * step)] for i in range(MAX_VICTIM_CANDIDATES)]
 
     def _occupy(
         self,

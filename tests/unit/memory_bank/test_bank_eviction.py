@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -62,19 +64,26 @@ def test_the_reservoir_asks_the_chooser_for_both_kinds_of_victim_and_rolls_back(
     assert asked == [([0, 1, 2, 3], accepted)]
 
 
-def test_a_large_class_is_weighed_on_a_bounded_random_subset() -> None:
-    sizes: list[int] = []
+def test_a_large_class_is_weighed_on_evenly_spread_candidates() -> None:
+    seen: list[list[int]] = []
 
     def first(slots, _joining):
-        sizes.append(len(slots))
+        seen.append(list(slots))
         return 0
 
-    capacity = MAX_VICTIM_CANDIDATES + 10
+    capacity = 3 * MAX_VICTIM_CANDIDATES + 10
     reservoir = ClassBalancedReservoir(capacity=capacity, seed=0)
     reservoir.victim_chooser = first
     reservoir.offer_batch([(f"a{i}", 0) for i in range(capacity)])
+    class_list = list(reservoir._class_slots[0])  # the order the candidates are spread over
     reservoir.offer_batch([("b", 1)])
-    assert sizes == [MAX_VICTIM_CANDIDATES]
+    (candidates,) = seen
+    assert len(candidates) == len(set(candidates)) == MAX_VICTIM_CANDIDATES
+    positions = [class_list.index(slot) for slot in candidates]
+    step = capacity / MAX_VICTIM_CANDIDATES
+    assert positions[0] < step  # the whole list is spanned, evenly
+    assert positions[-1] >= capacity - step
+    assert all(step - 1 <= b - a <= step + 1 for a, b in itertools.pairwise(positions))
 
 
 def _bank(eviction: str, capacity: int, seed: int = 0) -> MemoryBank:
