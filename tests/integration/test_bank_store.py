@@ -127,9 +127,13 @@ def test_large_batches_cross_every_chunk_boundary(store: BankStore) -> None:
         assert np.array_equal(loaded[f"e{i}"].embedding, -embeddings[i])
 
 
-def test_bank_over_store_survives_a_restart(store: BankStore) -> None:
-    """What one bank wrote, a bank opened later on the same store sees, byte for byte."""
-    first = MemoryBank(store, TorchIndex(EMB_DIM), 30, IN_DIM, EMB_DIM, "cpu", seed=1)
+@pytest.mark.parametrize("eviction", ["random", "mean_preserving"])
+def test_bank_over_store_survives_a_restart(store: BankStore, eviction: str) -> None:
+    """What one bank wrote, a bank opened later on the same store sees, byte for byte, and
+    goes on writing through (either victim rule)."""
+    first = MemoryBank(
+        store, TorchIndex(EMB_DIM), 30, IN_DIM, EMB_DIM, "cpu", seed=1, eviction=eviction
+    )
     gen = torch.Generator().manual_seed(0)
     names = ["cat", "dog", "eel"]
     for step in range(6):
@@ -147,7 +151,15 @@ def test_bank_over_store_survives_a_restart(store: BankStore) -> None:
     first.flush()
 
     second = MemoryBank.open(
-        store, TorchIndex(EMB_DIM), 30, IN_DIM, EMB_DIM, "cpu", names.index, seed=1
+        store,
+        TorchIndex(EMB_DIM),
+        30,
+        IN_DIM,
+        EMB_DIM,
+        "cpu",
+        names.index,
+        seed=1,
+        eviction=eviction,
     )
     assert sorted(second.ids()) == sorted(first.ids())
     assert second.seen_counts() == first.seen_counts()
@@ -167,3 +179,19 @@ def test_bank_over_store_survives_a_restart(store: BankStore) -> None:
         assert second_rows[event_id][0] == features
         assert second_rows[event_id][1] == label
         assert np.allclose(second_rows[event_id][2], embedding, atol=1e-6)
+
+    # The reopened bank keeps writing through: after more batches (a fourth class growing in,
+    # and the three full classes admitting their own), the store holds exactly its items.
+    for step in range(6, 9):
+        labels = torch.randint(0, 4, (20,), generator=gen)
+        result = second.add(
+            [f"s{step}-{i}" for i in range(20)],
+            torch.randn(20, IN_DIM, generator=gen),
+            labels,
+            [[*names, "fox"][label] for label in labels.tolist()],
+            torch.randn(20, EMB_DIM, generator=gen),
+            [None] * 20,
+        )
+        assert result.evicted > 0
+    assert sorted(by_id(store)) == sorted(second.ids())
+    assert len(second) == 30
