@@ -43,24 +43,13 @@ from memory_bank.index import make_index
 from memory_bank.testing import InMemoryBankStore
 from pipeline.config import BankSettings, ModelSettings, TrainSettings
 from pipeline.devtools.bench.averaging import WeightAverage
-from pipeline.devtools.bench.drift import (
-    DRIFT_READOUTS,
-    DriftFollower,
-    RunningClassMeans,
-    drift_readouts,
-    follow_encoder,
-)
+from pipeline.devtools.bench.drift import DRIFT_READOUTS, drift_readouts, follow_encoder
+from pipeline.devtools.bench.readouts import EMA_READOUT, predictor, readouts, score_test_set
 from pipeline.learning.batch import learn_batch
-from pipeline.learning.inference import (
-    class_means,
-    predict_ensemble,
-    predict_head,
-    predict_ncm,
-)
 from pipeline.learning.model import StreamNet
-from pipeline.learning.objectives import HEAD_TERMS, loss_weights, natural_classifier
+from pipeline.learning.objectives import natural_classifier
 from pipeline.learning.step import StepInputs, make_state, train_step
-from pipeline.quality import ForgettingTracker, expected_calibration_error
+from pipeline.quality import ForgettingTracker
 from pipeline.streams.scenarios import SPLIT_DIGITS_TASKS
 
 log = structlog.get_logger(__name__)
@@ -70,9 +59,6 @@ DEFAULT_MEMORIES = (20, 50, 100, 200)
 DEFAULT_SEEDS = 5
 JOINT = "joint"
 JOINT_SUPCON = "joint_supcon"
-# The read-out of the weight average (``BenchConfig.ema_decay``): the natural classifier, read
-# with the averaged weights.
-EMA_READOUT = "ema"
 
 
 @dataclass(frozen=True)
@@ -258,62 +244,6 @@ def _model_settings(split: Split, cfg: BenchConfig) -> ModelSettings:
     )
 
 
-Predictor = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def _predictor(
-    classifier: str,
-    model: StreamNet,
-    bank_x: torch.Tensor,
-    bank_y: torch.Tensor,
-    drift: DriftFollower[RunningClassMeans] | None = None,
-) -> Predictor:
-    """(labels, confidences) for the test rows, given the classes seen so far (bool mask).
-
-    ``drift`` holds the running class means of the :data:`DRIFT_READOUTS` read-outs.
-    """
-    if drift is not None and classifier in drift.means:
-        stream_means = drift.means[classifier].class_means()
-        return lambda x, _seen: predict_ncm(model, x, stream_means)
-    if classifier == "head":
-        return lambda x, seen: predict_head(model, x, seen)
-    means = class_means(model, bank_x, bank_y)
-    if classifier == "ensemble":
-        return lambda x, seen: predict_ensemble(model, x, means, seen)
-    return lambda x, _seen: predict_ncm(model, x, means)
-
-
-def readouts(train_cfg: TrainSettings) -> tuple[str, ...]:
-    """The classifiers a run scores: its natural one first, then NCM over the bank, and, when
-    a head is trained beside a representation objective, the head and the ensemble of both.
-
-    A representation objective is also read by NCM to running class means of the stream that
-    follow the encoder (:data:`DRIFT_READOUTS`, semantic drift compensation): equal memory,
-    one vector per class, kept beside the run without changing it.
-    """
-    natural = natural_classifier(train_cfg)
-    head_trained = HEAD_TERMS & set(loss_weights(train_cfg))
-    extra = ("head", "ensemble") if natural == "ncm" and head_trained else ()
-    drift = tuple(DRIFT_READOUTS) if natural == "ncm" else ()
-    return tuple(dict.fromkeys((natural, "ncm", *extra, *drift)))
-
-
-@dataclass(frozen=True)
-class Score:
-    per_class_accuracy: dict[str, float]
-    ece: float | None  # expected calibration error of the predictions (Guo et al. 2017)
-
-
-def _score(predict: Predictor, split: Split, seen: torch.Tensor) -> Score:
-    """Per-class accuracy and ECE on the test rows of the classes seen so far."""
-    rows = seen[split.test_y]
-    x, y = split.test_x[rows], split.test_y[rows]
-    predicted, confidence = predict(x, seen)
-    correct = predicted == y
-    acc = {str(c): float(correct[y == c].float().mean()) for c in torch.unique(y).tolist()}
-    return Score(acc, expected_calibration_error(confidence.tolist(), correct.tolist()))
-
-
 def _task_of() -> dict[str, str]:
     return {str(c): str(t) for t, classes in enumerate(SPLIT_DIGITS_TASKS) for c in classes}
 
@@ -380,7 +310,8 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
             net, read = (model, classifier)
             if classifier == EMA_READOUT and average is not None:
                 net, read = average.model, natural
-            score = _score(_predictor(read, net, bank_x, bank_y, drift), split, seen)
+            predict = predictor(read, net, bank_x, bank_y, drift)
+            score = score_test_set(predict, split.test_x, split.test_y, seen)
             trk.update(score.per_class_accuracy, class_task=class_task, current_task=str(task))
             if trk is tracker:
                 final_ece, final_per_class = score.ece, score.per_class_accuracy
@@ -448,8 +379,10 @@ def run_joint(name: str, seed: int, cfg: BenchConfig, split: Split) -> RunResult
             inputs = StepInputs(x_all[idx], y_all[idx], empty_x, empty_y, seen)
             train_step(state, inputs, train_cfg, generator)
     natural = natural_classifier(train_cfg)
-    score = _score(_predictor(natural, model, x_all, y_all), split, seen)
-    ncm = _score(_predictor("ncm", model, x_all, y_all), split, seen)
+    score = score_test_set(
+        predictor(natural, model, x_all, y_all), split.test_x, split.test_y, seen
+    )
+    ncm = score_test_set(predictor("ncm", model, x_all, y_all), split.test_x, split.test_y, seen)
     final = float(np.mean(list(score.per_class_accuracy.values())))
     return RunResult(
         method=name,
