@@ -42,8 +42,8 @@ from typing import Any
 
 _U64 = float(1 << 64)
 
-# A chooser weighs at most this many items of the victim class (a random subset of a larger
-# class), which bounds its cost per eviction whatever the bank size.
+# A chooser weighs at most this many items of the victim class (evenly spaced over a larger
+# class's list, see _spread), which bounds its cost per eviction whatever the bank size.
 MAX_VICTIM_CANDIDATES = 256
 
 # (the victim class's candidate slots, the id of the incoming item when it joins that class,
