@@ -16,7 +16,7 @@ test set **per domain** (per task of the scenario) with several read-outs of the
   learned (equal memory: one vector per class), never re-encoded;
 - ``sdc_class`` / ``sdcSIGMA``: the same running means moved, after every micro-batch, by the
   drift of the re-encoded bank (semantic drift compensation,
-  :mod:`pipeline.devtools.bench.drift`): the mean drift of the bank items of the class /
+  :mod:`pipeline.learning.drift`): the mean drift of the bank items of the class /
   SDC's Gaussian weights of width SIGMA over every bank item (``--sdc-sigmas``);
 - ``NAME_bank`` for each of those: its means averaged 50/50 (as unit vectors) with
   ``ncm_bank``'s class means;
@@ -57,7 +57,6 @@ from memory_bank.bank import MemoryBank
 from memory_bank.index import make_index
 from memory_bank.testing import InMemoryBankStore
 from pipeline.devtools.bench.compare import LabeledStream, load_scenario_stream, make_split
-from pipeline.devtools.bench.drift import DriftFollower, RunningClassMeans, follow_encoder
 from pipeline.devtools.bench.forgetting import (
     BenchConfig,
     _model_settings,
@@ -66,6 +65,7 @@ from pipeline.devtools.bench.forgetting import (
 )
 from pipeline.devtools.bench.slda import RunningLDA, Shrinkage, discriminant, predict_lda
 from pipeline.learning.batch import learn_batch
+from pipeline.learning.drift import DriftFollower, RunningClassMeans, follow_encoder
 from pipeline.learning.inference import ClassMeans, class_means, predict_head, predict_ncm
 from pipeline.learning.model import StreamNet
 from pipeline.learning.objectives import natural_classifier

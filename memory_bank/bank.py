@@ -34,16 +34,13 @@ import structlog
 import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 
-from memory_bank.eviction import mean_preserving_victim
+from memory_bank.eviction import EVICTIONS, EmbeddingVictims, TargetMeans
 from memory_bank.ids import ClassNames, RecentIds
 from memory_bank.mirror import Mirror
 from memory_bank.protocols import BankSnapshot, BankStore, StoredItem, VectorIndex
 from memory_bank.replay import Replay, ReplaySampler
 from memory_bank.reservoir import POLICIES, Plan, class_balanced_subset
 from memory_bank.search import MirrorSearch
-
-# Which item of a class leaves when the class gives up a slot (memory_bank/eviction.py).
-EVICTIONS = ("random", "mean_preserving")
 
 log = structlog.get_logger(__name__)
 
@@ -111,16 +108,18 @@ class MemoryBank:
         self._reservoir = POLICIES[policy](capacity, seed)
         if eviction not in EVICTIONS:
             raise ValueError(f"unknown eviction {eviction!r}; known: {list(EVICTIONS)}")
-        if eviction == "mean_preserving" and policy != "class_balanced":
-            raise ValueError("eviction 'mean_preserving' needs the class_balanced policy")
+        if eviction != "random" and policy != "class_balanced":
+            raise ValueError(f"eviction {eviction!r} needs the class_balanced policy")
         self.eviction = eviction
-        # Normalised embeddings of the items of the batch being offered, by id: the chooser
-        # weighs items placed earlier in the same batch before the mirror holds them.
-        self._joining: dict[str, torch.Tensor] = {}
-        if eviction == "mean_preserving":
-            self._reservoir.victim_chooser = self._mean_preserving_victim
-
         self._mirror = mirror = Mirror(capacity, input_dim, embed_dim, self.device)
+        # Which item of a class leaves when the class gives up a slot (memory_bank/eviction.py)
+        self._victims = (
+            EmbeddingVictims(eviction, mirror, self._reservoir.slot_of)
+            if eviction != "random"
+            else None
+        )
+        if self._victims is not None:
+            self._reservoir.victim_chooser = self._victims
 
         self._names = ClassNames()
         self._recent = RecentIds(recent_ids)
@@ -255,35 +254,21 @@ class MemoryBank:
         labels: list[int],
         embeddings: torch.Tensor,
     ) -> Plan:
-        """The reservoir's plan for the batch positions ``fresh``; under mean-preserving
-        eviction its chooser sees their embeddings while it decides."""
-        if self.eviction == "mean_preserving":
-            joining = F.normalize(embeddings.detach().to(self.device, torch.float32), dim=1)
-            self._joining = dict(
-                zip([ids[p] for p in fresh], joining[fresh].unbind(0), strict=True)
-            )
+        """The reservoir's plan for the batch positions ``fresh``; an embedding-aware victim
+        chooser sees their embeddings while it decides."""
+        if self._victims is not None:
+            self._victims.offering([ids[p] for p in fresh], embeddings[fresh])
         try:
             return self._reservoir.offer_batch([(ids[p], labels[p]) for p in fresh])
         finally:
-            self._joining = {}
+            if self._victims is not None:
+                self._victims.offered()
 
-    def _mean_preserving_victim(self, slots: Sequence[int], joining_id: str | None) -> int:
-        """The reservoir's victim chooser under ``eviction="mean_preserving"``."""
-        where = torch.tensor(list(slots), device=self.device)
-        rows = self._mirror.embeddings[where]
-        # Items offered earlier in this batch are not in the mirror yet: their own embeddings.
-        # Looked up from the batch's side (its size), not the candidates' (up to 256).
-        placed = {
-            slot: embedding
-            for event_id, embedding in self._joining.items()
-            if (slot := self._reservoir.slot_of(event_id)) is not None
-        }
-        if placed:
-            placed_slots = torch.tensor(list(placed), device=self.device)
-            row, which = torch.nonzero(where[:, None] == placed_slots[None, :], as_tuple=True)
-            rows[row] = torch.stack(list(placed.values()))[which]
-        joining = None if joining_id is None else self._joining[joining_id]
-        return mean_preserving_victim(rows, joining)
+    def set_eviction_target(self, target: TargetMeans | None) -> None:
+        """``eviction="stream_mean"``: the target mean embedding per class (the learner's stream
+        class means); without one, a class's victim is chosen mean-preserving."""
+        if self._victims is not None:
+            self._victims.set_target(target)
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -463,9 +448,11 @@ class MemoryBank:
         """
         return self._mirror.gather(slots)
 
-    def occupied(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(slots ascending, features, labels) of every stored item, for re-encoding."""
-        return self._mirror.occupied()
+    def occupied(self, below: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slots ascending, features, labels) of every stored item, for re-encoding; with
+        ``below``, of the items in the first ``below`` slots only (a bounded, stable subset:
+        an item keeps its slot until it is evicted)."""
+        return self._mirror.occupied(below)
 
     def __len__(self) -> int:
         return len(self._reservoir)

@@ -1,18 +1,38 @@
-"""Mean-preserving eviction: which item of a class leaves the bank (``eviction="mean_preserving"``).
+"""Which item of a class leaves the bank when the class gives up a slot (``bank.eviction``).
 
 When a class must give up a slot (a new class grows into the bank, or the class's own reservoir
-draw admits a newcomer), the default evicts a random item of it. Mean-preserving eviction
-evicts the item whose removal moves the mean embedding of the class's items (the newcomer
-included when it joins that class) least: the item closest to that mean, since removing row
-``j`` of ``k`` moves the mean by ``(mean - e_j) / (k - 1)``. Repeated, this is herding by
-elimination (the kept items' mean follows the mean of every item the class held), so a small
-bank's class means, which NCM reads, stay close to what a larger sample would give.
-Measured in docs/forgetting.md ("What was tried"): not the default.
+draw admits a newcomer), the default (``random``) evicts a random item of it. The other rules
+weigh the candidates' embeddings (:class:`EmbeddingVictims`, the reservoir's victim chooser):
+
+- ``mean_preserving`` evicts the item whose removal moves the mean embedding of the class's
+  items (the newcomer included when it joins that class) least: the item closest to that
+  mean, since removing row ``j`` of ``k`` moves the mean by ``(mean - e_j) / (k - 1)``.
+  Repeated, this is herding by elimination (the kept items' mean follows the mean of every
+  item the class held).
+- ``stream_mean`` evicts the item whose removal brings the mean of the class's remaining items
+  closest to a *target*: the class's running mean over the whole stream, which the learner
+  keeps under ``eval.class_means: stream`` (pipeline/learning/drift.py) and hands the bank
+  with :meth:`EmbeddingVictims.set_target`; a class without a target falls back to
+  ``mean_preserving``. With two items per class the mean-preserving rule always evicts the
+  most central of three and keeps the two least typical; the stream's mean keeps the pair
+  that summarises the class best.
+
+Measured in docs/forgetting.md ("Which items a class keeps").
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
+import torch.nn.functional as F  # noqa: N812 (the conventional alias)
+
+from memory_bank.mirror import Mirror
+
+EVICTIONS = ("random", "mean_preserving", "stream_mean")
+
+# A class index -> its target mean embedding [d], or None when there is none (yet).
+TargetMeans = Callable[[int], "torch.Tensor | None"]
 
 
 def mean_preserving_victim(embeddings: torch.Tensor, joining: torch.Tensor | None) -> int:
@@ -25,3 +45,71 @@ def mean_preserving_victim(embeddings: torch.Tensor, joining: torch.Tensor | Non
         count += 1
     mean = total / count
     return int(((embeddings - mean) ** 2).sum(dim=1).argmin())
+
+
+def target_victim(
+    embeddings: torch.Tensor, joining: torch.Tensor | None, target: torch.Tensor
+) -> int:
+    """Row of ``embeddings`` ``[k, d]`` whose removal leaves the rows (and ``joining`` ``[d]``
+    when given) with the mean nearest ``target`` ``[d]``."""
+    total = embeddings.sum(dim=0)
+    count = embeddings.shape[0]
+    if joining is not None:
+        total = total + joining
+        count += 1
+    if count < 2:
+        return 0
+    kept = (total[None, :] - embeddings) / (count - 1)
+    return int(((kept - target[None, :]) ** 2).sum(dim=1).argmin())
+
+
+class EmbeddingVictims:
+    """The reservoir's victim chooser under ``mean_preserving`` and ``stream_mean``.
+
+    Candidate slots in, the position of the victim out (the reservoir stays tensor-free). The
+    candidates' embeddings are the mirror's; items placed earlier in the batch being offered
+    are not in the mirror yet, so :meth:`offering` names the batch's normalised embeddings
+    while the reservoir decides.
+    """
+
+    def __init__(self, rule: str, mirror: Mirror, slot_of: Callable[[str], int | None]) -> None:
+        if rule not in EVICTIONS[1:]:
+            raise ValueError(f"no embedding victims for eviction {rule!r}")
+        self.rule = rule
+        self._mirror = mirror
+        self._slot_of = slot_of
+        self._joining: dict[str, torch.Tensor] = {}
+        self._target: TargetMeans | None = None
+
+    def set_target(self, target: TargetMeans | None) -> None:
+        """``stream_mean``'s target mean per class (None: mean-preserving for every class)."""
+        self._target = target
+
+    def offering(self, ids: Sequence[str], embeddings: torch.Tensor) -> None:
+        """The batch being offered: its ids and raw embeddings (normalised here)."""
+        rows = F.normalize(embeddings.detach().to(self._mirror.device, torch.float32), dim=1)
+        self._joining = dict(zip(ids, rows.unbind(0), strict=True))
+
+    def offered(self) -> None:
+        self._joining = {}
+
+    def __call__(self, slots: Sequence[int], joining_id: str | None) -> int:
+        where = torch.tensor(list(slots), device=self._mirror.device)
+        rows = self._mirror.embeddings[where]
+        # Looked up from the batch's side (its size), not the candidates' (up to 256).
+        placed = {
+            slot: embedding
+            for event_id, embedding in self._joining.items()
+            if (slot := self._slot_of(event_id)) is not None
+        }
+        if placed:
+            placed_slots = torch.tensor(list(placed), device=self._mirror.device)
+            row, which = torch.nonzero(where[:, None] == placed_slots[None, :], as_tuple=True)
+            rows[row] = torch.stack(list(placed.values()))[which]
+        joining = None if joining_id is None else self._joining[joining_id]
+        target = None
+        if self.rule == "stream_mean" and self._target is not None:
+            target = self._target(int(self._mirror.labels[where[0]]))
+        if target is None:
+            return mean_preserving_victim(rows, joining)
+        return target_victim(rows, joining, target.to(rows.device, torch.float32))

@@ -116,9 +116,11 @@ class Mirror:
     def occupied_slots(self) -> torch.Tensor:
         return torch.nonzero(self.labels >= 0).squeeze(1)
 
-    def occupied(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(slots ascending, features, labels) of every stored item."""
-        slots = self.occupied_slots()
+    def occupied(self, below: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slots ascending, features, labels) of every stored item; with ``below``, of the
+        items in the slots ``0 .. below - 1`` only."""
+        labels = self.labels if below is None else self.labels[:below]
+        slots = torch.nonzero(labels >= 0).squeeze(1)
         return slots, self.features[slots], self.labels[slots]
 
     def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -269,6 +269,10 @@ class Settings(_Frozen):
     def _check_cross_fields(self) -> Settings:
         if self.model.proj_dim > 4096 or self.model.embed_dim > 4096:
             raise ValueError("model dimensions above 4096 are not supported")
+        if self.bank.eviction == "stream_mean" and self.eval.class_means != "stream":
+            raise ValueError(
+                "bank.eviction stream_mean needs eval.class_means stream (its target means)"
+            )
         return self
 
     @property

@@ -15,6 +15,7 @@ rule. The learner keeps it with a fixed cadence, one round of votes per loop tur
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -83,8 +84,13 @@ def broadcast_object(obj: T, src: int = 0) -> T:
 
 def model_digest(model: torch.nn.Module) -> str:
     """A short hash of every parameter's bytes: equal on every rank of a healthy group."""
+    return state_digest(model.state_dict())
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """A short hash of named tensors' values (e.g. the stream class means of each rank)."""
     h = hashlib.blake2b(digest_size=8)
-    for name, value in sorted(model.state_dict().items()):
+    for name, value in sorted(state.items()):
         h.update(name.encode())
         h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()

@@ -29,6 +29,7 @@ from pipeline.learner.exposition import LearnerExposition
 from pipeline.learner.health import stop_quietly
 from pipeline.learner.ledger import TrainedLedger, ledger_path
 from pipeline.learner.opening import Opened, learner_bank_store, open_io, wait_for_redis
+from pipeline.learner.predictions import make_stream_means
 from pipeline.learner.probes import ProbeSet
 from pipeline.learner.sharing import FollowerStore
 from pipeline.learner.start import NO_REQUEST, StartRequest, plan_start
@@ -172,6 +173,7 @@ def _assemble(
         if settings.health.http_port is not None
         else None,
         rank=rank,
+        stream_means=make_stream_means(settings, device),
     )
     if settings.checkpoint.ledger:
         ctx.ledger = TrainedLedger(ledger_path(settings.checkpoint_dir, rank.rank))
@@ -180,7 +182,8 @@ def _assemble(
     health.progress(start=plan.start)
     if ckpt is not None:
         apply_checkpoint(ctx, ckpt)
-    elif plan.offsets:
+    restore_stream_means(ctx, ckpt)
+    if ckpt is None and plan.offsets:
         # A new lineage at --from: its start is durable before any event is trained, so a
         # crash before the first checkpoint resumes there, not at the group's offsets.
         ctx.checkpointer.restore(plan.offsets)
@@ -233,6 +236,29 @@ def apply_checkpoint(ctx: LearnerContext, ckpt: Checkpoint) -> None:
     if ckpt.temperature is not None:
         ctx.temperature = float(ckpt.temperature)
     ctx.last_metrics = dict(ckpt.metrics)
+
+
+def restore_stream_means(ctx: LearnerContext, ckpt: Checkpoint | None) -> None:
+    """The stream class means from the checkpoint; without saved ones (a checkpoint written
+    before them or under ``eval.class_means: bank``, or a bank that outlived its checkpoints)
+    they start from the bank's items under the restored encoder. The bank's ``stream_mean``
+    eviction aims at them."""
+    means = ctx.stream_means
+    if means is None:
+        return
+    ctx.bank.set_eviction_target(means.target)  # bank.eviction stream_mean aims at them
+    saved = ckpt.class_means if ckpt is not None else None
+    if saved is not None:
+        try:
+            means.load_state_dict(saved)
+            return
+        except (KeyError, ValueError) as exc:
+            log.warning("saved class means not usable; rebuilt from the bank", error=str(exc))
+            means.running.counts.zero_()
+            means.running.means.zero_()
+    means.seed(ctx.state.model, ctx.bank)
+    if len(means):
+        log.info("class means seeded from the bank", classes=len(means), items=len(ctx.bank))
 
 
 def _rank_counters(ckpt: Checkpoint, rank: RankInfo) -> dict[str, float]:

@@ -49,6 +49,10 @@ class Checkpoint:
     # A data-parallel group's checkpoint: per rank, {"counters": ...} (rank order; empty for a
     # single learner). Model, optimizer and offsets above are the group's.
     ranks: list[dict[str, Any]] = field(default_factory=list)
+    # eval.class_means: stream: the running class means, their counts and the bank items'
+    # embeddings at the last micro-batch (pipeline/learning/drift.py); None otherwise and in
+    # older files
+    class_means: dict[str, Any] | None = None
 
     def to_payload(self) -> dict[str, Any]:
         return {
@@ -65,6 +69,7 @@ class Checkpoint:
             "metrics": dict(self.metrics),
             "start": dict(self.start),
             "ranks": list(self.ranks),
+            "class_means": self.class_means,
         }
 
     @classmethod
@@ -84,6 +89,7 @@ class Checkpoint:
             metrics=dict(raw.get("metrics") or {}),
             start=dict(raw.get("start", {})),  # absent in checkpoints written before --from
             ranks=list(raw.get("ranks", [])),  # absent but for data-parallel groups
+            class_means=raw.get("class_means"),  # absent before the stream class means
         )
 
 

@@ -164,6 +164,7 @@ class Checkpointer:
             metrics=dict(ctx.last_metrics),
             start=dict(self.start),
             ranks=list(ranks or []),
+            class_means=ctx.stream_means.state_dict() if ctx.stream_means is not None else None,
         )
         path = save_checkpoint(self.directory, ckpt, self.keep)
         if ctx.health is not None:

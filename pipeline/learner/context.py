@@ -22,6 +22,7 @@ from pipeline.learner.exposition import LearnerExposition
 from pipeline.learner.health import HealthBoard
 from pipeline.learner.ledger import TrainedLedger
 from pipeline.learner.probes import ProbeSet
+from pipeline.learning.drift import StreamClassMeans
 from pipeline.learning.inference import NCM_TEMPERATURE, ClassMeans
 from pipeline.learning.labels import LabelRegistry
 from pipeline.learning.step import TrainState
@@ -73,6 +74,8 @@ class LearnerContext:
     counters: Counters = field(default_factory=Counters)
     means: ClassMeans | None = None
     means_step: int = -1
+    # eval.class_means: stream (NCM's class means follow the stream; in the checkpoint)
+    stream_means: StreamClassMeans | None = None
     current_task: str | None = None
     started: float = field(default_factory=time.monotonic)
     ledger: TrainedLedger | None = None  # checkpoint.ledger: ids of every trained event

@@ -2,8 +2,9 @@
 
 INVARIANT: a bundle never covers more than a durable checkpoint. The automatic export runs
 right after a checkpoint is saved (``Checkpointer.commit``) with that checkpoint's offsets;
-the ``export`` command reads the newest checkpoint. Both compute the NCM class means the way
-the learner does at evaluation (the current encoder over every bank item), publish the next
+the ``export`` command reads the newest checkpoint. Both bundle the NCM class means the
+learner reads: the stream class means (``eval.class_means: stream``, the running learner's or
+the checkpoint's), or the current encoder over every bank item (``bank``); publish the next
 version into the registry folder ``<export.dir>/<learner>`` and announce it on
 ``<prefix>.models``. A failed export is logged and never stops training.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import structlog
 import torch
+import torch.nn.functional as F  # noqa: N812
 
 from consumers.events import TopicPartitionKey
 from consumers.exceptions import ProducerError
@@ -25,7 +27,7 @@ from pipeline.exceptions import CheckpointError
 from pipeline.learner.checkpoint import Checkpoint, load_latest
 from pipeline.learner.context import LearnerContext
 from pipeline.learner.predictions import refresh_means
-from pipeline.learning.inference import class_means
+from pipeline.learning.inference import ClassMeans, class_means
 from pipeline.learning.model import StreamNet
 from pipeline.learning.objectives import chosen_classifier
 from pipeline.serving.announce import announcement
@@ -109,7 +111,9 @@ def export_context(
 
 
 def export_checkpoint(settings: Settings, registry: Path) -> Published:
-    """The newest checkpoint of ``settings``' learner, with class means over its Redis bank."""
+    """The newest checkpoint of ``settings``' learner, with the class means the learner reads:
+    the checkpoint's stream means (``eval.class_means: stream``, classes the bank holds but
+    the means never saw from the bank), or the means of its Redis bank."""
     ckpt = load_latest(settings.checkpoint_dir)
     if ckpt is None:
         raise CheckpointError(
@@ -126,6 +130,8 @@ def export_checkpoint(settings: Settings, registry: Path) -> Published:
     labels = list(ckpt.labels)
     feats, bank_labels = _bank_items(settings, labels)
     means = class_means(model, feats, bank_labels)
+    if settings.eval.class_means == "stream" and ckpt.class_means is not None:
+        means = with_stream_means(means, ckpt.class_means)
     origin = Provenance(
         learner=settings.learner_name,
         objective=settings.train.objective,
@@ -148,6 +154,19 @@ def export_checkpoint(settings: Settings, registry: Path) -> Published:
         origin,
     )
     return publish(registry, manifest, tensors, settings.export.keep)
+
+
+def with_stream_means(bank_means: ClassMeans, saved: Mapping[str, torch.Tensor]) -> ClassMeans:
+    """The saved stream means of every class they hold, the bank's for the others."""
+    counts, rows = saved["counts"], saved["means"]
+    stream = torch.nonzero(counts > 0).squeeze(1)
+    extra = [i for i, label in enumerate(bank_means.labels.tolist()) if counts[label] == 0]
+    labels = torch.cat([stream, bank_means.labels[extra].cpu()])
+    means = torch.cat(
+        [F.normalize(rows[stream].float(), dim=-1), bank_means.means[extra].float().cpu()]
+    )
+    order = torch.argsort(labels)
+    return ClassMeans(labels[order], means[order])
 
 
 def _class_task(ckpt: Checkpoint, labels: list[str]) -> dict[str, str | None]:

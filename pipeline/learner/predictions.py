@@ -1,7 +1,11 @@
 """The learner's classifier at serving time: class means, NCM / head / kNN, published predictions.
 
 ``eval.classifier`` picks the classifier (by default the objective's natural one: NCM, the
-head for ce and focal). Predictions of unlabeled events go to ``kafka.predictions_topic``.
+head for ce and focal). NCM's class means are, under ``eval.class_means: stream`` (the
+default), running means of the stream that follow the encoder (:func:`follow_stream` after
+every learned micro-batch, :mod:`pipeline.learning.drift`); under ``bank``, the bank's items
+re-encoded every ``eval.prediction_refresh_steps``. Predictions of unlabeled events go to
+``kafka.predictions_topic``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from consumers.events import EventBatch
+from pipeline.config import Settings
+from pipeline.learning.drift import StreamClassMeans
 from pipeline.learning.inference import ClassMeans, class_means, predict_head, predict_ncm
 from pipeline.learning.objectives import chosen_classifier
 
@@ -20,8 +26,31 @@ if TYPE_CHECKING:
 PREDICTION_MEANS_ITEMS = 4096  # bank items re-encoded for the class means of predictions
 
 
+def make_stream_means(settings: Settings, device: torch.device) -> StreamClassMeans | None:
+    """The learner's stream class means, when its classifier is NCM over them or the bank's
+    eviction aims at them (``bank.eviction: stream_mean``)."""
+    e = settings.eval
+    ncm = chosen_classifier(settings.train, e.classifier) == "ncm"
+    if e.class_means != "stream" or not (ncm or settings.bank.eviction == "stream_mean"):
+        return None
+    m = settings.model
+    return StreamClassMeans(m.max_classes, m.embed_dim, e.drift_sigma, e.drift_probe_items, device)
+
+
+def follow_stream(ctx: LearnerContext, x: torch.Tensor, y: torch.Tensor) -> None:
+    """After the labeled rows ``x, y`` were learned and offered to the bank: the stream means
+    move by the encoder's drift, then take in the rows (``eval.class_means: stream``)."""
+    if ctx.stream_means is not None and y.numel():
+        ctx.stream_means.follow(ctx.state.model, ctx.bank, x, y)
+
+
 def refresh_means(ctx: LearnerContext, force: bool = False) -> ClassMeans:
-    """Class means of the current encoder, recomputed every ``eval.prediction_refresh_steps``."""
+    """NCM's class means: the stream means as they are (kept current by :func:`follow_stream`),
+    or the bank's re-encoded by the current encoder every ``eval.prediction_refresh_steps``."""
+    if ctx.stream_means is not None and len(ctx.stream_means):
+        ctx.means = ctx.stream_means.means()
+        ctx.means_step = ctx.state.step
+        return ctx.means
     every = ctx.settings.eval.prediction_refresh_steps
     if force or ctx.means is None or ctx.state.step - ctx.means_step >= every:
         if not force and len(ctx.bank) > PREDICTION_MEANS_ITEMS:

@@ -21,7 +21,7 @@ import torch
 from consumers.decode import dead_letter_payload
 from consumers.events import DeadLetter, EventBatch, SourceRecord
 from pipeline.learner.context import LearnerContext
-from pipeline.learner.predictions import predict, publish_predictions
+from pipeline.learner.predictions import follow_stream, predict, publish_predictions
 from pipeline.learner.probes import is_probe
 from pipeline.learner.sharing import BankOffer, GroupTurn
 from pipeline.learning.batch import learn_batch, with_unlabeled
@@ -228,6 +228,8 @@ def _train_on(
         offer=turn is None,
         trained=record_trained,
     )
+    if turn is None:  # a group's ranks follow every rank's rows (sharing.apply_shared)
+        follow_stream(ctx, x[: len(rows)], y[: len(rows)])
     if turn is not None and outcome.embeddings is not None:
         k = len(ids)
         turn.offer = BankOffer(

@@ -42,7 +42,13 @@ import structlog
 from consumers.events import EventBatch, TopicPartitionKey, restrict
 from consumers.positions import OffsetProbe
 from pipeline.config import Settings, TrainSettings
-from pipeline.distributed.group import gather_objects, join_group, leave_group, model_digest
+from pipeline.distributed.group import (
+    gather_objects,
+    join_group,
+    leave_group,
+    model_digest,
+    state_digest,
+)
 from pipeline.distributed.rank_info import RankInfo
 from pipeline.distributed.shares import rank_share, split
 from pipeline.exceptions import SupconStreamError
@@ -202,6 +208,8 @@ def _run(ctx: LearnerContext, stop: threading.Event, limits: RunLimits) -> Learn
             end = {"events_total": consumed, "world_size": ctx.rank.world_size}
             emit_end(ctx, {**end, "model_digest": digest})
     group = {**ctx.rank.as_dict(), "model_digest": model_digest(ctx.state.model)}
+    if ctx.stream_means is not None:  # equal on every rank, as the model
+        group["means_digest"] = state_digest(ctx.stream_means.running.state_dict())
     return summarize(ctx, idle, start_consumed, committed_at, group)
 
 

@@ -27,6 +27,7 @@ import torch
 from memory_bank.protocols import BankSnapshot, BankStore, StoredItem
 from pipeline.config import TrainSettings
 from pipeline.learner.context import LearnerContext
+from pipeline.learner.predictions import follow_stream
 
 
 @dataclass
@@ -102,8 +103,11 @@ def rank_totals(ctx: LearnerContext) -> dict[str, int]:
 
 
 def apply_shared(ctx: LearnerContext, turns: Sequence[GroupTurn]) -> None:
-    """Offer every rank's rows to this rank's bank and probe set, in rank order."""
+    """Offer every rank's rows to this rank's bank and probe set, in rank order; then the
+    stream class means follow the encoder and take in every rank's rows (the same model, bank
+    and rows on every rank: the same means)."""
     device = ctx.device
+    offers = [t.offer for t in turns if t.offer is not None and t.offer.ids]
     for turn in turns:
         for event_id, features, label in turn.probes:
             ctx.probes.add(event_id, features.to(device), label)
@@ -117,6 +121,12 @@ def apply_shared(ctx: LearnerContext, turns: Sequence[GroupTurn]) -> None:
             o.names,
             o.embeddings.to(device),
             o.tasks,
+        )
+    if offers:
+        follow_stream(
+            ctx,
+            torch.cat([o.features for o in offers]).to(device),
+            torch.cat([o.labels for o in offers]).to(device),
         )
 
 

@@ -150,10 +150,12 @@ class BankSettings(_Frozen):
     policy: Literal["class_balanced", "reservoir"] = Field(
         "class_balanced", description="Admission/eviction: class-balanced or plain reservoir."
     )
-    eviction: Literal["random", "mean_preserving"] = Field(
+    eviction: Literal["random", "mean_preserving", "stream_mean"] = Field(
         "random",
-        description="Which item of a class leaves when it gives up a slot: a random one, or "
-        "the one whose removal moves the class's mean embedding least (class_balanced only).",
+        description="Which item of a class leaves when it gives up a slot: a random one; the "
+        "one whose removal moves the class's mean embedding least (mean_preserving); or the "
+        "one whose removal brings the class's bank mean nearest its stream class mean "
+        "(stream_mean, needs eval.class_means: stream). class_balanced only.",
     )
     index_refresh_steps: int = Field(10, ge=1)
     hard_negative_queries: int = Field(32, ge=1)
@@ -172,8 +174,8 @@ class BankSettings(_Frozen):
 
     @model_validator(mode="after")
     def _check_eviction(self) -> BankSettings:
-        if self.eviction == "mean_preserving" and self.policy != "class_balanced":
-            raise ValueError("bank.eviction mean_preserving needs bank.policy class_balanced")
+        if self.eviction != "random" and self.policy != "class_balanced":
+            raise ValueError(f"bank.eviction {self.eviction} needs bank.policy class_balanced")
         return self
 
     @property
@@ -203,3 +205,22 @@ class EvalSettings(_Frozen):
         "head for ce/focal, NCM otherwise.",
     )
     knn_k: int = Field(10, ge=1, description="Neighbours of the kNN classifier.")
+    class_means: Literal["stream", "bank"] = Field(
+        "stream",
+        description="The class means NCM reads. stream: per class, the running mean of every "
+        "trained event's embedding, moved after each micro-batch by the drift the re-encoded "
+        "bank measures (semantic drift compensation), kept in the checkpoint; bank: the "
+        "mean of the bank's items re-encoded by the current encoder (SCR).",
+    )
+    drift_sigma: float | None = Field(
+        0.3,
+        gt=0,
+        description="Width of SDC's Gaussian weights of the bank items around a class mean "
+        "(on unit vectors); null: a class moves by the mean drift of its own bank items.",
+    )
+    drift_probe_items: int = Field(
+        1024,
+        ge=1,
+        description="Bank items re-encoded after each micro-batch to measure the drift (those "
+        "of the first this many slots): bounds the cost on a large bank.",
+    )

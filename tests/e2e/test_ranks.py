@@ -83,6 +83,8 @@ def test_two_ranks_train_one_model_as_well_as_one_learner(
     assert [s["rank"] for s in ranks] == [0, 1]
     assert {s["world_size"] for s in ranks} == {2}
     assert ranks[0]["model_digest"] == ranks[1]["model_digest"]
+    # NCM's stream class means took in every rank's rows and followed the one encoder
+    assert ranks[0]["means_digest"] == ranks[1]["means_digest"]
     assert ranks[0]["steps"] == ranks[1]["steps"]  # every rank took every step of the group
     assert sum(s["consumed"] for s in ranks) == produced
     assert sum(s["trained"] + s["held_out"] for s in ranks) == produced

@@ -13,7 +13,7 @@ import structlog
 import torch
 import yaml
 
-from pipeline.config import BankSettings
+from pipeline.config import BankSettings, EvalSettings
 from pipeline.devtools.bench.compare import (
     COMPARE_MEMORIES,
     COMPARE_METHODS,
@@ -107,13 +107,31 @@ def _bank_overrides(overrides: list[str]) -> BankSettings:
         raise ConfigError(f"--set bank.*: {exc}") from None
 
 
+def _eval_overrides(overrides: list[str]) -> EvalSettings:
+    """``--set eval.KEY=VALUE`` items (e.g. ``eval.class_means=bank``): the class means the
+    SupCon arms' NCM reads, as the learner would."""
+    try:
+        return EvalSettings(**_train_overrides(overrides, "eval"))
+    except ValueError as exc:
+        raise ConfigError(f"--set eval.*: {exc}") from None
+
+
+def _bank_and_eval(overrides: list[str]) -> tuple[BankSettings, EvalSettings]:
+    bank, evaluation = _bank_overrides(overrides), _eval_overrides(overrides)
+    if bank.eviction == "stream_mean" and evaluation.class_means != "stream":
+        raise ConfigError("--set bank.eviction=stream_mean needs eval.class_means stream")
+    return bank, evaluation
+
+
 def bench_config(args: argparse.Namespace) -> BenchConfig:
     try:
         train = bench_train_settings(**_train_overrides(args.overrides))
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise ConfigError(f"--set train.*: {exc}") from None
+    bank, evaluation = _bank_and_eval(args.overrides)
     return BenchConfig(
-        bank=_bank_overrides(args.overrides),
+        bank=bank,
+        eval=evaluation,
         memories=_memories(args.memories) if args.memories else DEFAULT_MEMORIES,
         seeds=args.seeds,
         methods=_methods(args.methods),
@@ -198,8 +216,10 @@ def run_compare(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         raise ConfigError(f"--set train.*: {exc}") from None
     first = make_split(stream, 0)
+    bank, evaluation = _bank_and_eval(args.overrides)
     cfg = BenchConfig(
-        bank=_bank_overrides(args.overrides),
+        bank=bank,
+        eval=evaluation,
         memories=_memories(args.memories) if args.memories else COMPARE_MEMORIES,
         seeds=args.seeds or COMPARE_SEEDS,
         methods=_methods(args.methods, default_methods),

@@ -22,9 +22,10 @@ offline joint bounds. On request: CE + ER with a reservoir memory and uniform re
 + bank with a reservoir memory, SupCon + FAISS hard negatives and asymmetric SupCon (Co2L).
 Replay per step never exceeds ``replay_size`` bank items, hard negatives included. Each run
 also reports its training wall time per event (compute parity), and the final accuracy of
-every read-out of the same network (:func:`readouts`): beside SupCon's NCM over the bank, NCM
-to running class means that follow the encoder (semantic drift compensation,
-:mod:`pipeline.devtools.bench.drift`), kept outside the training step and the timing.
+every read-out of the same network (:func:`readouts`). SupCon's classifier is the learner's:
+NCM to running class means of the stream that follow the encoder (``eval.class_means:
+stream``, :mod:`pipeline.learning.drift`), kept in step after every micro-batch inside the
+timed work, as the learner does; NCM over the re-encoded bank is a read-out beside it.
 """
 
 from __future__ import annotations
@@ -41,11 +42,17 @@ import torch
 from memory_bank.bank import MemoryBank
 from memory_bank.index import make_index
 from memory_bank.testing import InMemoryBankStore
-from pipeline.config import BankSettings, ModelSettings, TrainSettings
+from pipeline.config import BankSettings, EvalSettings, ModelSettings, TrainSettings
 from pipeline.devtools.bench.averaging import WeightAverage
-from pipeline.devtools.bench.drift import DRIFT_READOUTS, drift_readouts, follow_encoder
-from pipeline.devtools.bench.readouts import EMA_READOUT, predictor, readouts, score_test_set
+from pipeline.devtools.bench.readouts import (
+    EMA_READOUT,
+    drift_sets,
+    predictor,
+    readouts,
+    score_test_set,
+)
 from pipeline.learning.batch import learn_batch
+from pipeline.learning.drift import DriftFollower, RunningClassMeans, follow_encoder
 from pipeline.learning.model import StreamNet
 from pipeline.learning.objectives import natural_classifier
 from pipeline.learning.step import StepInputs, make_state, train_step
@@ -157,6 +164,7 @@ class BenchConfig:
     train: TrainSettings = field(default_factory=bench_train_settings)
     model: dict[str, Any] = field(default_factory=dict)  # e.g. {"standardize": False}
     bank: BankSettings = field(default_factory=BankSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)  # class_means, drift_sigma, ...
     # The stream: the split of each seed (split-digits by default) and its name in reports.
     data: Callable[[int], Split] = field(default=lambda seed: digits_split(seed))  # noqa: PLW0108
     data_name: str = "split-digits"
@@ -285,7 +293,7 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
         eviction=cfg.bank.eviction if method.bank_policy == "class_balanced" else "random",
     )
     seen = torch.zeros(model_cfg.max_classes, dtype=torch.bool)
-    natural, *others = readouts(train_cfg)
+    natural, *others = readouts(train_cfg, cfg.eval)
     tracker = ForgettingTracker()
     trackers = {natural: tracker, **{name: ForgettingTracker() for name in others}}
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay is not None else None
@@ -297,20 +305,18 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
     final_ece: float | None = None  # the natural classifier's, at the latest evaluation
     final_per_class: dict[str, float] = {}
     train_s = 0.0
-    drift = (
-        drift_readouts(model_cfg.max_classes, model_cfg.embed_dim)
-        if set(DRIFT_READOUTS) & set(trackers)
-        else None
-    )
+    drift, timed_upkeep, upkeep = _drift_upkeep(tuple(trackers), cfg, model_cfg, model, bank)
 
     def evaluate(task: str) -> None:
         nonlocal final_ece, final_per_class
         _, bank_x, bank_y = bank.occupied()
         for classifier, trk in trackers.items():
-            net, read = (model, classifier)
+            net, read, means = (model, classifier, drift)
             if classifier == EMA_READOUT and average is not None:
-                net, read = average.model, natural
-            predict = predictor(read, net, bank_x, bank_y, drift)
+                # the stream means follow the trained encoder, not the average: NCM re-encodes
+                # the bank with the averaged weights
+                net, read, means = average.model, natural, None
+            predict = predictor(read, net, bank_x, bank_y, means)
             score = score_test_set(predict, split.test_x, split.test_y, seen)
             trk.update(score.per_class_accuracy, class_task=class_task, current_task=str(task))
             if trk is tracker:
@@ -323,9 +329,9 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
             seen[mb.y] = True
             step_started = time.perf_counter()
             learn_batch(state, bank, train_cfg, mb.x, mb.y, seen, generator, mb.items)
+            timed_upkeep(mb.x, mb.y)
             train_s += time.perf_counter() - step_started
-            if drift is not None:  # outside the timed step: a read-out's upkeep, not training
-                follow_encoder(drift, model, bank, mb.x, mb.y)
+            upkeep(mb.x, mb.y)
             if average is not None:
                 average.update(model, train_cfg.iters_per_batch)
             events += len(mb.rows)
@@ -351,6 +357,48 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
         train_ms_per_event=1000.0 * train_s / max(events, 1),
         readout_accuracy=finals,
     )
+
+
+@dataclass(frozen=True)
+class StreamTarget:
+    """``bank.eviction: stream_mean``'s target, the run's stream class means, as the learner's
+    :meth:`~pipeline.learning.drift.StreamClassMeans.target`."""
+
+    means: RunningClassMeans
+
+    def __call__(self, label: int) -> torch.Tensor | None:
+        return self.means.means[label] if int(self.means.counts[label]) else None
+
+
+def _drift_upkeep(
+    names: tuple[str, ...],
+    cfg: BenchConfig,
+    model_cfg: ModelSettings,
+    model: StreamNet,
+    bank: MemoryBank,
+) -> tuple[
+    DriftFollower[RunningClassMeans] | None,
+    Callable[[torch.Tensor, torch.Tensor], None],
+    Callable[[torch.Tensor, torch.Tensor], None],
+]:
+    """The running class means the read-outs ``names`` need, and the two calls that keep them
+    in step after each micro-batch: (means, timed, untimed). The learner follows the encoder
+    when its classifier (the first read-out) reads stream means: part of its work per
+    micro-batch, timed with the training step; a read-out's upkeep alone is not timed."""
+    drift = drift_sets(names, cfg.eval, model_cfg.max_classes, model_cfg.embed_dim)
+    if drift is not None and "ncm" in drift.means:  # the learner's means: stream_mean's target
+        bank.set_eviction_target(StreamTarget(drift.means["ncm"]))
+
+    def follow(x: torch.Tensor, y: torch.Tensor) -> None:
+        if drift is not None:
+            follow_encoder(drift, model, bank, x, y, cfg.eval.drift_probe_items)
+
+    def skip(_x: torch.Tensor, _y: torch.Tensor) -> None:
+        return None
+
+    if drift is not None and names[0] in drift.means:
+        return drift, follow, skip
+    return drift, skip, follow
 
 
 def run_joint(name: str, seed: int, cfg: BenchConfig, split: Split) -> RunResult:

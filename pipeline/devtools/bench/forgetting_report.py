@@ -132,10 +132,11 @@ def markdown(
         f"({platform.machine()}, torch threads {_threads()}).\n\n"
         "CE fine-tune has no memory (its row is memory-independent); the joint rows are "
         "offline upper bounds. Accuracies use each method's natural classifier (the head "
-        "for CE, NCM over the bank for SupCon); the NCM column applies NCM to every method; "
-        "ECE is the final expected calibration error of the natural classifier (15 bins); "
-        "train ms/event is the wall time of the learner's batch function (training, replay "
-        "and bank upkeep, no evaluation) per training event: the compute each method spent.\n\n"
+        f"for CE, NCM for SupCon, to the {_means_kind(cfg)}); the NCM column applies NCM to "
+        "every method; ECE is the final expected calibration error of the natural classifier "
+        "(15 bins); train ms/event is the wall time of the learner's batch function "
+        "(training, replay, bank upkeep and, for NCM to stream means, following the encoder; "
+        "no evaluation) per training event: the compute each method spent.\n\n"
         + head
         + body
         + _readout_table(rows, cfg)
@@ -160,12 +161,20 @@ def _readout_table(rows: Sequence[Row], cfg: BenchConfig) -> str:
     )
     return (
         "\nFinal average accuracy of each read-out of the same runs (`readout_accuracy` in the "
-        "JSON): `head` the CE head, `ncm` NCM over the bank, `ensemble` the softmax average of "
-        "both, `sdc` / `sdc_class` NCM to running class means of the stream moved by semantic "
-        "drift compensation (σ 0.3 / the class's own bank items), `ema` the natural "
-        "classifier read with an exponential moving average of the weights (`--ema-decay`); "
-        "the table above keeps each method's natural classifier.\n\n" + head + "\n" + body
+        "JSON): `head` the CE head, `ncm` NCM to the learner's class means (`eval.class_means`: "
+        "by default running class means of the stream moved by semantic drift compensation), "
+        "`ncm_bank` / `ncm_stream` NCM to the other kind (the bank re-encoded / the stream "
+        "means), `sdc_class` stream means moved by the drift of the class's own bank items, "
+        "`ensemble` the softmax average of the head and NCM, `ema` the natural classifier "
+        "read with an exponential moving average of the weights (`--ema-decay`; NCM over the "
+        "bank); the table above keeps each method's natural classifier.\n\n" + head + "\n" + body
     )
+
+
+def _means_kind(cfg: BenchConfig) -> str:
+    if cfg.eval.class_means == "stream":
+        return "class means of the stream that follow the encoder, `eval.class_means: stream`"
+    return "class means of the re-encoded bank, `eval.class_means: bank`"
 
 
 def _title(cfg: BenchConfig) -> str:

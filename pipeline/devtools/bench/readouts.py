@@ -1,10 +1,11 @@
 """The classifiers a benchmark run is scored with (its read-outs) and the scoring itself.
 
 A run of ``bench forgetting`` / ``compare`` is read by its natural classifier (the table's
-figure) and, beside it, by other classifiers of the same network (:func:`readouts`): NCM over
-the bank, the head and the ensemble of both when a head trains beside a representation
-objective, class means that follow the encoder (:mod:`pipeline.devtools.bench.drift`) and,
-with ``--ema-decay``, the natural classifier through averaged weights (:data:`EMA_READOUT`).
+figure) and, beside it, by other classifiers of the same network (:func:`readouts`): NCM (with
+the learner's class means, ``eval.class_means``), the other kind of class means, the head and
+the ensemble of both when a head trains beside a representation objective, class-restricted
+drift compensation (:mod:`pipeline.learning.drift`) and, with ``--ema-decay``, the natural
+classifier through averaged weights (:data:`EMA_READOUT`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.config import TrainSettings
-from pipeline.devtools.bench.drift import DRIFT_READOUTS, DriftFollower, RunningClassMeans
+from pipeline.config import EvalSettings, TrainSettings
+from pipeline.learning.drift import DriftFollower, RunningClassMeans
 from pipeline.learning.inference import class_means, predict_ensemble, predict_head, predict_ncm
 from pipeline.learning.model import StreamNet
 from pipeline.learning.objectives import HEAD_TERMS, loss_weights, natural_classifier
@@ -24,6 +25,13 @@ from pipeline.quality import expected_calibration_error
 # The read-out of the weight average (``BenchConfig.ema_decay``): the natural classifier, read
 # with the averaged weights.
 EMA_READOUT = "ema"
+
+# NCM over the bank re-encoded by the current encoder, beside the learner's stream means
+BANK_READOUT = "ncm_bank"
+# NCM over the stream means, beside the bank's, when the learner reads the bank
+STREAM_READOUT = "ncm_stream"
+# NCM over stream means moved by the drift of the class's own bank items only
+CLASS_DRIFT_READOUT = "sdc_class"
 
 Predictor = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -37,32 +45,57 @@ def predictor(
 ) -> Predictor:
     """(labels, confidences) for the test rows, given the classes seen so far (bool mask).
 
-    ``drift`` holds the running class means of the :data:`DRIFT_READOUTS` read-outs.
+    ``drift`` holds the running class means of the read-outs that read them (:func:`drift_sets`,
+    ``ncm`` among them under ``eval.class_means: stream``); NCM's other read-outs re-encode the
+    bank.
     """
-    if drift is not None and classifier in drift.means:
-        stream_means = drift.means[classifier].class_means()
+    stream = drift.means if drift is not None else {}
+    if classifier in stream:
+        stream_means = stream[classifier].class_means()
         return lambda x, _seen: predict_ncm(model, x, stream_means)
     if classifier == "head":
         return lambda x, seen: predict_head(model, x, seen)
-    means = class_means(model, bank_x, bank_y)
+    means = stream["ncm"].class_means() if "ncm" in stream else class_means(model, bank_x, bank_y)
     if classifier == "ensemble":
         return lambda x, seen: predict_ensemble(model, x, means, seen)
-    return lambda x, _seen: predict_ncm(model, x, means)
+    bank_means = class_means(model, bank_x, bank_y)
+    return lambda x, _seen: predict_ncm(model, x, bank_means)
 
 
-def readouts(train_cfg: TrainSettings) -> tuple[str, ...]:
-    """The classifiers a run scores: its natural one first, then NCM over the bank, and, when
-    a head is trained beside a representation objective, the head and the ensemble of both.
+def readouts(train_cfg: TrainSettings, eval_cfg: EvalSettings) -> tuple[str, ...]:
+    """The classifiers a run scores: its natural one first, then NCM, and, when a head is
+    trained beside a representation objective, the head and the ensemble of both.
 
-    A representation objective is also read by NCM to running class means of the stream that
-    follow the encoder (:data:`DRIFT_READOUTS`, semantic drift compensation): equal memory,
-    one vector per class, kept beside the run without changing it.
+    ``ncm`` reads the class means the learner reads (``eval.class_means``). A representation
+    objective is also read with the other kind (``ncm_bank`` or ``ncm_stream``) and with the
+    class-restricted drift compensation (``sdc_class``), without changing the run.
     """
     natural = natural_classifier(train_cfg)
     head_trained = HEAD_TERMS & set(loss_weights(train_cfg))
-    extra = ("head", "ensemble") if natural == "ncm" and head_trained else ()
-    drift = tuple(DRIFT_READOUTS) if natural == "ncm" else ()
-    return tuple(dict.fromkeys((natural, "ncm", *extra, *drift)))
+    extra: tuple[str, ...] = ()
+    if natural == "ncm":
+        other = BANK_READOUT if eval_cfg.class_means == "stream" else STREAM_READOUT
+        extra = (other, CLASS_DRIFT_READOUT, *(("head", "ensemble") if head_trained else ()))
+    return tuple(dict.fromkeys((natural, "ncm", *extra)))
+
+
+def drift_sets(
+    names: tuple[str, ...], eval_cfg: EvalSettings, max_classes: int, dim: int
+) -> DriftFollower[RunningClassMeans] | None:
+    """The running class means the read-outs ``names`` need, following no encoder yet; None
+    when none does."""
+    sigmas: dict[str, float | None] = {}
+    if eval_cfg.class_means == "stream" and "ncm" in names:
+        sigmas["ncm"] = eval_cfg.drift_sigma
+    if STREAM_READOUT in names:
+        sigmas[STREAM_READOUT] = eval_cfg.drift_sigma
+    if CLASS_DRIFT_READOUT in names:
+        sigmas[CLASS_DRIFT_READOUT] = None
+    if not sigmas:
+        return None
+    return DriftFollower(
+        {name: RunningClassMeans(max_classes, dim, sigma) for name, sigma in sigmas.items()}
+    )
 
 
 @dataclass(frozen=True)

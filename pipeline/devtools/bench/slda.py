@@ -13,7 +13,7 @@ clusters lands in the shared covariance and the discriminant discounts it, which
 Euclidean/cosine distance cannot.
 
 The encoder drifts under the stream: the means are moved by semantic drift compensation
-(:class:`pipeline.devtools.bench.drift.RunningClassMeans`); the scatter is accumulated as each
+(:class:`pipeline.learning.drift.RunningClassMeans`); the scatter is accumulated as each
 event's deviation from its class mean was when it was learned (SDC moves a class by a
 translation, which leaves a covariance unchanged), optionally with an exponential forgetting
 of old contributions (``half_life`` in events). Shrinkage towards ``(tr S / d) I``: a fixed
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from pipeline.devtools.bench.drift import RunningClassMeans
+from pipeline.learning.drift import RunningClassMeans
 from pipeline.learning.model import StreamNet
 
 # A shrinkage is a weight in [0, 1] or "oas" (Oracle Approximating Shrinkage, from the data).

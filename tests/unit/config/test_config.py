@@ -144,3 +144,10 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
     cfg.write_text("train:\n  lr: 0.1\ntrain:\n  seed: 3\n")
     with pytest.raises(ConfigError, match=r"line 3: key 'train' is given twice"):
         load_settings(cfg, environ={})
+
+
+def test_stream_mean_eviction_needs_the_stream_class_means():
+    pairs = ["bank.eviction=stream_mean"]
+    assert load_settings(None, pairs, environ={}).bank.eviction == "stream_mean"
+    with pytest.raises(ConfigError, match="stream_mean needs eval.class_means stream"):
+        load_settings(None, [*pairs, "eval.class_means=bank"], environ={})

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from pipeline.cli_parser import build_parser
+from pipeline.config import EvalSettings
 from pipeline.devtools.bench import forgetting
 from pipeline.devtools.bench.cli import bench_config
 from pipeline.devtools.bench.forgetting import (
@@ -73,28 +74,44 @@ def test_ce_fine_tune_falls_into_the_trap_and_supcon_with_a_bank_does_not(result
     events = [e for e, _ in supcon.curve]
     assert events == sorted(events)
     assert events[-1] == len(digits_split(0).train_y)
-    # Each run's own classifier, and NCM over the bank beside a head: CE's reads both.
-    # SupCon's is NCM over the bank; it is also read by NCM to class means of the stream that
-    # follow the encoder (semantic drift compensation), which is SupCon-level, not chance.
-    assert set(supcon.readout_accuracy) == {"ncm", "sdc", "sdc_class"}
+    # Each run's own classifier, and NCM beside a head: CE's reads both. SupCon's is the
+    # learner's NCM (class means of the stream that follow the encoder); it is also read by NCM
+    # over the re-encoded bank and by class-restricted drift compensation, SupCon-level both.
+    assert set(supcon.readout_accuracy) == {"ncm", "ncm_bank", "sdc_class"}
     assert supcon.readout_accuracy["ncm"] == supcon.final_accuracy
-    for name in ("sdc", "sdc_class"):
+    for name in ("ncm_bank", "sdc_class"):
         assert supcon.readout_accuracy[name] > ce.final_accuracy + 0.3
     assert set(ce.readout_accuracy) == {"head", "ncm"}
     assert ce.readout_accuracy["head"] == ce.final_accuracy
 
 
 def test_a_head_trained_beside_supcon_is_scored_alone_and_in_the_ensemble() -> None:
-    assert readouts(bench_train_settings()) == ("ncm", "sdc", "sdc_class")
-    assert readouts(bench_train_settings(objective="ce")) == ("head", "ncm")
+    stream, bank = EvalSettings(), EvalSettings(class_means="bank")
+    assert readouts(bench_train_settings(), stream) == ("ncm", "ncm_bank", "sdc_class")
+    assert readouts(bench_train_settings(), bank) == ("ncm", "ncm_stream", "sdc_class")
+    assert readouts(bench_train_settings(objective="ce"), stream) == ("head", "ncm")
     ace = bench_train_settings(loss_terms={"supcon": 1.0, "proxy": 1.0, "ace": 1.0})
-    assert readouts(ace) == ("ncm", "head", "ensemble", "sdc", "sdc_class")
+    assert readouts(ace, stream) == ("ncm", "ncm_bank", "sdc_class", "head", "ensemble")
+
+
+def test_the_stream_means_only_read_the_run(results) -> None:
+    """``eval.class_means: bank`` trains the same run: its NCM is the stream-means run's
+    ``ncm_bank`` read-out, and its ``ncm_stream`` read-out is that run's NCM."""
+    stream_run = next(r for r in results if r.method == "supcon")
+    cfg = dataclasses.replace(TINY, eval=EvalSettings(class_means="bank"))
+    bank_run = forgetting.run_online(
+        forgetting.method_by_name("supcon"), 20, 0, cfg, digits_split(0)
+    )
+    assert bank_run.final_accuracy == stream_run.readout_accuracy["ncm_bank"]
+    assert bank_run.readout_accuracy["ncm_stream"] == stream_run.final_accuracy
+    assert bank_run.readout_accuracy["sdc_class"] == stream_run.readout_accuracy["sdc_class"]
+    assert bank_run.final_accuracy != stream_run.final_accuracy  # two classifiers, not one
 
 
 def test_the_drift_readouts_leave_the_run_unchanged(results, monkeypatch) -> None:
     """The same SupCon run without the means that follow the encoder trains and scores alike:
     keeping them only reads the model (re-encodes the bank in eval mode, no gradient)."""
-    monkeypatch.setattr(forgetting, "readouts", lambda _cfg: ("ncm",))
+    monkeypatch.setattr(forgetting, "readouts", lambda _cfg, _eval: ("ncm",))
     split = digits_split(0)
     alone = forgetting.run_online(forgetting.method_by_name("supcon"), 20, 0, TINY, split)
     with_drift = next(r for r in results if r.method == "supcon")
@@ -128,13 +145,13 @@ def test_report_files(results, tmp_path) -> None:
     assert "train ms/event |" in text
     assert "![accuracy over the stream](forgetting.png)" in text
     # The read-outs of the same runs, in a table of their own (the one-seed interval is 0).
-    assert "| memory | method | head | ncm | sdc | sdc_class |" in text
+    assert "| memory | method | head | ncm | ncm_bank | sdc_class |" in text
     supcon = next(r for r in results if r.method == "supcon")
     assert f"| 20 | SupCon + bank | – | {supcon.readout_accuracy['ncm']:.3f} ± 0.000 |" in text
     report = json.loads(paths["json"].read_text())
     assert {row["method"] for row in report["summary"]} == {"ce_finetune", "supcon", "joint"}
     summary = {row["method"]: row for row in report["summary"]}
-    assert summary["supcon"]["readouts"]["sdc"]["mean"] == supcon.readout_accuracy["sdc"]
+    assert summary["supcon"]["readouts"]["ncm_bank"]["mean"] == supcon.readout_accuracy["ncm_bank"]
     assert summary["joint"]["readouts"] == {}
     assert len(report["runs"]) == 3
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -7,8 +7,8 @@ import torch
 from sklearn.covariance import oas
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-from pipeline.devtools.bench.drift import DriftFollower
 from pipeline.devtools.bench.slda import RunningLDA, discriminant, oas_weight, shrunk
+from pipeline.learning.drift import DriftFollower
 
 
 def _within_class_scatter(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

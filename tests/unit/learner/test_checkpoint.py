@@ -119,3 +119,25 @@ def test_calibration_and_metrics_round_trip_and_older_files_load(tmp_path):
     older = Checkpoint.from_payload(payload)
     assert older.temperature is None
     assert older.metrics == {}
+
+
+def test_stream_class_means_round_trip_and_older_files_have_none(tmp_path):
+    from pipeline.learning.drift import StreamClassMeans
+
+    means = StreamClassMeans(max_classes=3, dim=2, sigma=0.3)
+    means.running.add(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 2]))
+    means.follower.load_previous_state({"ids": ["x", "y"], "embeddings": torch.eye(2)}, "cpu")
+    ckpt = _ckpt(1)
+    ckpt.class_means = means.state_dict()
+    save_checkpoint(tmp_path, ckpt, keep=2)  # weights_only loading must accept the payload
+    restored = load_latest(tmp_path)
+    assert restored is not None
+    assert restored.class_means is not None
+    again = StreamClassMeans(max_classes=3, dim=2, sigma=0.3)
+    again.load_state_dict(restored.class_means)
+    assert again.means().labels.tolist() == [0, 2]
+    assert torch.equal(again.means().means, means.means().means)
+    assert again.follower.previous_state()["ids"] == ["x", "y"]
+    payload = _ckpt(2).to_payload()
+    del payload["class_means"]  # written before the stream class means
+    assert Checkpoint.from_payload(payload).class_means is None

@@ -117,6 +117,7 @@ def _context(rec: _Recorder, step: int = 7) -> SimpleNamespace:
         counters=Counters(consumed=40, trained=30),
         temperature=0.042,
         last_metrics={"ece": 0.1},
+        stream_means=None,
         exporter=SimpleNamespace(after_checkpoint=rec.export),
     )
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from memory_bank.bank import MemoryBank
-from memory_bank.eviction import mean_preserving_victim
+from memory_bank.eviction import mean_preserving_victim, target_victim
 from memory_bank.index import TorchIndex
 from memory_bank.reservoir import MAX_VICTIM_CANDIDATES, ClassBalancedReservoir
 from memory_bank.testing import InMemoryBankStore
@@ -128,6 +128,50 @@ def test_the_bank_evicts_the_item_whose_removal_moves_its_class_mean_least() -> 
     assert set(bank.ids()) == {"a0", "a1", "b0"}  # (0.7, 0.7) sits on the class's mean
 
 
+def _nearest_target(rows: torch.Tensor, joining: torch.Tensor | None, target: torch.Tensor) -> int:
+    """Brute force: remove each row in turn, keep the removal whose mean is nearest target."""
+    every = rows if joining is None else torch.cat([rows, joining[None]])
+    gaps = [
+        float((torch.cat([every[:v], every[v + 1 :]]).mean(dim=0) - target).norm())
+        for v in range(len(rows))
+    ]
+    return gaps.index(min(gaps))
+
+
+def test_the_stream_mean_victim_leaves_the_kept_mean_nearest_the_target() -> None:
+    # Two typical items near the class's stream mean and one outlier: the mean-preserving
+    # rule evicts the most central item of the three (keeping the outlier); aiming at the
+    # stream's mean, the outlier leaves.
+    rows = torch.tensor([[1.0, 0.1], [1.0, -0.1], [-0.2, 1.0]])
+    stream = torch.tensor([0.95, 0.0])
+    assert mean_preserving_victim(rows, None) != 2
+    assert target_victim(rows, None, stream) == _nearest_target(rows, None, stream) == 2
+    torch.manual_seed(0)
+    for _ in range(20):
+        rows, joining, target = torch.randn(6, 3), torch.randn(3), torch.randn(3)
+        assert target_victim(rows, joining, target) == _nearest_target(rows, joining, target)
+        assert target_victim(rows, None, target) == _nearest_target(rows, None, target)
+
+
+def test_the_bank_aims_stream_mean_eviction_at_the_target_it_is_given() -> None:
+    """Class 0 holds two typical items and an outlier; a class-1 newcomer takes one slot.
+    Without a target the rule is mean-preserving; with the class's stream mean, the outlier
+    leaves; a class without a target (None) falls back to mean-preserving."""
+    points = [[1.0, 0.1], [1.0, -0.1], [-0.2, 1.0]]
+    expected_mp = f"a{mean_preserving_victim(torch.tensor(points), None)}"
+    targets = {
+        None: expected_mp,
+        (lambda label: torch.tensor([0.95, 0.0]) if label == 0 else None): "a2",
+        (lambda _label: None): expected_mp,
+    }
+    for target, leaves in targets.items():
+        bank = _bank("stream_mean", capacity=3)
+        bank.set_eviction_target(target)
+        _add(bank, ["a0", "a1", "a2"], [0, 0, 0], points)
+        _add(bank, ["b0"], [1], [[0.0, -1.0]])
+        assert set(bank.ids()) == {"a0", "a1", "a2", "b0"} - {leaves}
+
+
 def test_mean_preserving_eviction_needs_the_class_balanced_policy() -> None:
     with pytest.raises(ValueError, match="class_balanced"):
         MemoryBank(
@@ -144,4 +188,6 @@ def test_mean_preserving_eviction_needs_the_class_balanced_policy() -> None:
         _bank("herding", capacity=4)
     with pytest.raises(ValueError, match="class_balanced"):
         BankSettings(policy="reservoir", eviction="mean_preserving")
+    with pytest.raises(ValueError, match="class_balanced"):
+        BankSettings(policy="reservoir", eviction="stream_mean")
     assert BankSettings().eviction == "random"

@@ -13,14 +13,16 @@ drift ``delta_i = e'_i - e_i``; each class mean moves by a weighted mean of thos
 :class:`DriftFollower` keeps sets of such means in step with an online learner: after every
 micro-batch, the bank re-encoded by the updated encoder gives the drift of the items it held
 at the previous micro-batch, then the micro-batch's events join their means under the updated
-encoder. Read out by ``bench forgetting`` (``sdc``, ``sdc_class``: :data:`DRIFT_READOUTS`) and
-screened by ``bench/domain_readout.py`` (docs/forgetting.md); not used by the learner.
+encoder (:func:`follow_encoder`). :class:`StreamClassMeans` is the learner's: the class means
+NCM reads under ``eval.class_means: stream`` (the default), saved in the checkpoint since they
+summarise the whole stream and cannot be rebuilt from the bank. ``bench forgetting`` reads the
+same class (docs/forgetting.md, "Class means that follow the encoder").
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -29,9 +31,9 @@ from memory_bank.bank import MemoryBank
 from pipeline.learning.inference import ClassMeans
 from pipeline.learning.model import StreamNet
 
-# The read-outs ``bench forgetting`` scores beside NCM over the bank: name -> SDC's width
-# (on unit vectors; 0.3 led the screen of docs/forgetting.md), None for class-restricted.
-DRIFT_READOUTS: dict[str, float | None] = {"sdc": 0.3, "sdc_class": None}
+# Bank items re-encoded per micro-batch to measure the drift: the items of the first this many
+# slots (all of a bank of up to this many items), so a large bank's cost stays bounded.
+DRIFT_PROBE_ITEMS = 1024
 
 
 def drift_shift(
@@ -71,17 +73,25 @@ class RunningClassMeans:
     """
 
     def __init__(
-        self, max_classes: int, dim: int, sigma: float | None, compensate: bool = True
+        self,
+        max_classes: int,
+        dim: int,
+        sigma: float | None,
+        compensate: bool = True,
+        device: torch.device | str = "cpu",
     ) -> None:
-        self.means = torch.zeros(max_classes, dim)
-        self.counts = torch.zeros(max_classes, dtype=torch.long)
+        self.means = torch.zeros(max_classes, dim, device=device)
+        self.counts = torch.zeros(max_classes, dtype=torch.long, device=device)
         self.sigma = sigma
         self.compensate_drift = compensate
 
     def add(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         """Fold embeddings ``[n, d]`` of classes ``labels [n]`` into their classes' means."""
+        if labels.numel() == 0:
+            return
+        labels = labels.to(self.counts.device)
         sums = self.means * self.counts[:, None]
-        sums.index_add_(0, labels, embeddings.float())
+        sums.index_add_(0, labels, embeddings.float().to(self.means.device))
         self.counts.index_add_(0, labels, torch.ones_like(labels))
         seen = self.counts > 0
         self.means[seen] = sums[seen] / self.counts[seen, None]
@@ -91,8 +101,14 @@ class RunningClassMeans:
         if not self.compensate_drift:
             return
         seen = torch.nonzero(self.counts > 0).squeeze(1)
+        device = self.means.device
         self.means[seen] += drift_shift(
-            self.means[seen], seen, before.float(), after.float(), labels, self.sigma
+            self.means[seen],
+            seen,
+            before.float().to(device),
+            after.float().to(device),
+            labels.to(device),
+            self.sigma,
         )
 
     def seen(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,6 +120,19 @@ class RunningClassMeans:
         """The seen classes' means as unit vectors: what :func:`predict_ncm` reads."""
         labels, rows = self.seen()
         return ClassMeans(labels, F.normalize(rows, dim=-1))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"means": self.means.cpu().clone(), "counts": self.counts.cpu().clone()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        means, counts = state["means"], state["counts"]
+        if tuple(means.shape) != tuple(self.means.shape) or counts.shape != self.counts.shape:
+            raise ValueError(
+                f"saved class means of shape {tuple(means.shape)} do not fit "
+                f"{tuple(self.means.shape)} (model.max_classes x model.embed_dim)"
+            )
+        self.means.copy_(means)
+        self.counts.copy_(counts)
 
 
 class FollowsEncoder(Protocol):
@@ -152,6 +181,16 @@ class DriftFollower(Generic[Follows]):
         for means in self.means.values():
             means.add(new, new_labels)
 
+    def previous_state(self) -> dict[str, Any]:
+        """The items embedded at the last call (ids and ``[n, d]`` embeddings, on the CPU)."""
+        ids = list(self._previous)
+        rows = torch.stack([self._previous[i] for i in ids]).cpu() if ids else torch.zeros(0)
+        return {"ids": ids, "embeddings": rows}
+
+    def load_previous_state(self, state: Mapping[str, Any], device: torch.device | str) -> None:
+        rows = state["embeddings"].to(device)
+        self._previous = {str(i): rows[n] for n, i in enumerate(state["ids"])}
+
 
 @torch.no_grad()
 def follow_encoder(
@@ -160,12 +199,14 @@ def follow_encoder(
     bank: MemoryBank,
     x: torch.Tensor,
     y: torch.Tensor,
+    probe_items: int = DRIFT_PROBE_ITEMS,
 ) -> None:
-    """After the micro-batch ``x, y`` was learned: re-encode the bank with ``model``, move the
-    means by the drift of the items it held before, then add the micro-batch, all as
-    L2-normalised embeddings of the updated encoder. Reads the model, never trains it."""
+    """After the micro-batch ``x, y`` was learned: re-encode the bank's items of its first
+    ``probe_items`` slots with ``model``, move the means by the drift of the items it held
+    before, then add the micro-batch, all as L2-normalised embeddings of the updated encoder.
+    Reads the model, never trains it."""
     model.eval()
-    slots, bank_x, bank_y = bank.occupied()
+    slots, bank_x, bank_y = bank.occupied(below=probe_items)
     ids = [str(item) for item in bank.slot_ids(slots)]
 
     def embed(features: torch.Tensor) -> torch.Tensor:
@@ -174,8 +215,58 @@ def follow_encoder(
     follower.follow(ids, embed(bank_x), bank_y, embed(x), y)
 
 
-def drift_readouts(max_classes: int, dim: int) -> DriftFollower[RunningClassMeans]:
-    """The :data:`DRIFT_READOUTS` means of ``bench forgetting``, following no encoder yet."""
-    return DriftFollower(
-        {name: RunningClassMeans(max_classes, dim, sigma) for name, sigma in DRIFT_READOUTS.items()}
-    )
+class StreamClassMeans:
+    """The learner's class means under ``eval.class_means: stream``: per class, the running
+    mean of every trained event's embedding, moved by SDC (``sigma``) after each micro-batch.
+
+    :meth:`follow` is called once the micro-batch is learned and in the bank; :meth:`means`
+    is what NCM reads. :meth:`state_dict` goes into the checkpoint, so a restarted learner
+    resumes with the means of the stream it covers (the events after it are trained again and
+    added again, exactly once in the means as in the model).
+    """
+
+    def __init__(
+        self,
+        max_classes: int,
+        dim: int,
+        sigma: float | None,
+        probe_items: int = DRIFT_PROBE_ITEMS,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.running = RunningClassMeans(max_classes, dim, sigma, device=device)
+        self.follower: DriftFollower[RunningClassMeans] = DriftFollower({"stream": self.running})
+        self.probe_items = probe_items
+        self.device = device
+
+    def follow(self, model: StreamNet, bank: MemoryBank, x: torch.Tensor, y: torch.Tensor) -> None:
+        """After ``x, y`` (labeled rows only) were learned: see :func:`follow_encoder`."""
+        follow_encoder(self.follower, model, bank, x, y, self.probe_items)
+
+    @torch.no_grad()
+    def seed(self, model: StreamNet, bank: MemoryBank) -> None:
+        """Start from the bank's items under ``model`` (a learner resuming without saved
+        means: a checkpoint written before they existed, or a bank kept across a reset)."""
+        _, feats, labels = bank.occupied()
+        if labels.numel():
+            model.eval()
+            self.running.add(F.normalize(model.embed(feats).float(), dim=-1), labels)
+
+    def means(self) -> ClassMeans:
+        return self.running.class_means()
+
+    def target(self, label: int) -> torch.Tensor | None:
+        """Class ``label``'s running mean (not normalised), or None before its first event:
+        the target of the bank's ``stream_mean`` eviction."""
+        if int(self.running.counts[label]) == 0:
+            return None
+        return self.running.means[label]
+
+    def __len__(self) -> int:
+        return int((self.running.counts > 0).sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.running.state_dict(), "previous": self.follower.previous_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.running.load_state_dict(state)
+        self.follower.load_previous_state(state["previous"], self.device)

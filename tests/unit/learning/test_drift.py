@@ -1,0 +1,210 @@
+"""Semantic drift compensation of running class means: the arithmetic, and the learner's
+stream class means over a real (in-memory) bank."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memory_bank.bank import MemoryBank
+from memory_bank.index import TorchIndex
+from memory_bank.testing import InMemoryBankStore
+from pipeline.config import ModelSettings
+from pipeline.learning.drift import DriftFollower, RunningClassMeans, StreamClassMeans, drift_shift
+from pipeline.learning.inference import class_means
+from pipeline.learning.model import StreamNet
+
+
+def test_class_restricted_shift_is_the_mean_drift_of_the_class_items():
+    means = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    mean_labels = torch.tensor([0, 1, 2])
+    before = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    after = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 0.0]])
+    item_labels = torch.tensor([0, 0, 1])
+    shift = drift_shift(means, mean_labels, before, after, item_labels, sigma=None)
+    # class 0: mean of (0, 2) and (2, 0); class 1: (0, -1); class 2 has no item: no move
+    assert shift.tolist() == [[1.0, 1.0], [0.0, -1.0], [0.0, 0.0]]
+
+
+def test_gaussian_shift_weighs_items_by_their_distance_to_the_mean():
+    means = torch.tensor([[0.0, 0.0]])
+    before = torch.tensor([[0.3, 0.0], [0.0, 0.6]])  # squared distances 0.09 and 0.36
+    after = before + torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    sigma = 0.3
+    w1, w2 = math.exp(-0.09 / (2 * sigma**2)), math.exp(-0.36 / (2 * sigma**2))
+    shift = drift_shift(means, torch.tensor([0]), before, after, torch.tensor([1, 1]), sigma)
+    # labels play no part: both items weigh in, the nearer more
+    assert shift[0].tolist() == pytest.approx([w1 / (w1 + w2), w2 / (w1 + w2)], rel=1e-5)
+
+
+def test_gaussian_shift_of_equally_distant_items_is_their_mean_drift_even_far_away():
+    means = torch.tensor([[0.0, 0.0]])
+    before = torch.tensor([[10.0, 0.0], [-10.0, 0.0]])  # exp(-100 / 0.18) underflows
+    after = before + torch.tensor([[0.0, 2.0], [0.0, 4.0]])
+    shift = drift_shift(means, torch.tensor([0]), before, after, torch.tensor([0, 0]), 0.3)
+    assert shift[0].tolist() == pytest.approx([0.0, 3.0])
+
+
+def test_no_items_no_shift():
+    means = torch.ones(2, 3)
+    empty = torch.zeros(0, 3)
+    for sigma in (None, 0.3):
+        shift = drift_shift(means, torch.tensor([0, 1]), empty, empty, torch.zeros(0), sigma)
+        assert shift.tolist() == torch.zeros(2, 3).tolist()
+
+
+def test_running_means_average_what_was_added_and_move_by_the_drift():
+    means = RunningClassMeans(max_classes=3, dim=2, sigma=None)
+    means.add(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))
+    means.add(torch.tensor([[2.0, 2.0]]), torch.tensor([2]))
+    labels, rows = means.seen()
+    assert labels.tolist() == [0, 2]
+    assert rows.tolist() == [[0.5, 0.5], [2.0, 2.0]]
+
+    means.compensate(torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, -1.0]]), torch.tensor([0]))
+    assert means.seen()[1].tolist() == [[1.5, -0.5], [2.0, 2.0]]  # class 2 has no item
+    means.add(torch.tensor([[0.0, 0.5]]), torch.tensor([0]))  # a third event of class 0
+    assert means.seen()[1][0].tolist() == pytest.approx([1.0, -1 / 6])
+    assert means.counts.tolist() == [3, 0, 1]
+
+
+def test_stale_means_ignore_the_drift():
+    means = RunningClassMeans(max_classes=1, dim=2, sigma=0.3, compensate=False)
+    means.add(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
+    means.compensate(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([0]))
+    assert means.seen()[1].tolist() == [[1.0, 0.0]]
+
+
+def test_follower_moves_means_by_the_items_seen_at_the_last_call_then_adds_the_new_events():
+    follower = DriftFollower({"class": RunningClassMeans(max_classes=2, dim=2, sigma=None)})
+    means = follower.means["class"]
+    # first call: nothing to compare with, the event joins class 0
+    follower.follow(
+        ["a"],
+        torch.tensor([[1.0, 0.0]]),
+        torch.tensor([0]),
+        torch.tensor([[1.0, 0.0]]),
+        torch.tensor([0]),
+    )
+    assert means.seen()[1].tolist() == [[1.0, 0.0]]
+    # "a" moved by (-0.25, 0.25); "b" is new to the memory: no drift measured on it yet. The
+    # class 1 event joins after the move, as the encoder that embedded it is the new one.
+    follower.follow(
+        ["a", "b"],
+        torch.tensor([[0.75, 0.25], [5.0, 5.0]]),
+        torch.tensor([0, 0]),
+        torch.tensor([[0.0, 1.0]]),
+        torch.tensor([1]),
+    )
+    assert means.seen()[1].tolist() == [[0.75, 0.25], [0.0, 1.0]]
+    # "a" left the memory; "b" moved by (-1, 0) since the last call. Class 1 has no item.
+    follower.follow(
+        ["b"],
+        torch.tensor([[4.0, 5.0]]),
+        torch.tensor([0]),
+        torch.zeros(0, 2),
+        torch.zeros(0, dtype=torch.long),
+    )
+    assert means.seen()[1].tolist() == [[-0.25, 0.25], [0.0, 1.0]]
+    assert means.counts.tolist() == [1, 1]
+
+
+def test_running_means_round_trip_their_state_and_refuse_another_shape():
+    means = RunningClassMeans(max_classes=3, dim=2, sigma=0.3)
+    means.add(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 2]))
+    copy = RunningClassMeans(max_classes=3, dim=2, sigma=0.3)
+    copy.load_state_dict(means.state_dict())
+    assert copy.means.tolist() == means.means.tolist()
+    assert copy.counts.tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match="do not fit"):
+        RunningClassMeans(max_classes=4, dim=2, sigma=0.3).load_state_dict(means.state_dict())
+
+
+INPUT = 4
+
+
+def _bank(capacity: int) -> MemoryBank:
+    return MemoryBank(InMemoryBankStore(), TorchIndex(8), capacity, INPUT, 8, "cpu", seed=0)
+
+
+def _offer(bank: MemoryBank, model: StreamNet, start: int, labels: list[int]) -> torch.Tensor:
+    x = torch.randn(len(labels), INPUT, generator=torch.Generator().manual_seed(start))
+    ids = [f"e{start + i}" for i in range(len(labels))]
+    with torch.no_grad():
+        bank.add(
+            ids,
+            x,
+            torch.tensor(labels),
+            [f"c{c}" for c in labels],
+            model.embed(x),
+            [None] * len(labels),
+        )
+    return x
+
+
+def _model(seed: int) -> StreamNet:
+    torch.manual_seed(seed)
+    return StreamNet(
+        ModelSettings(input_dim=INPUT, hidden_dim=16, embed_dim=8, proj_dim=8, max_classes=3)
+    )
+
+
+def _embed(model: StreamNet, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return F.normalize(model.embed(x), dim=-1)
+
+
+def test_stream_means_measure_the_drift_on_the_first_slots_only_and_take_in_the_batch():
+    model = _model(0)
+    bank = _bank(capacity=6)
+    means = StreamClassMeans(max_classes=3, dim=8, sigma=None, probe_items=2)
+    x0 = _offer(bank, model, 0, [0, 0, 1, 1])
+    means.follow(model, bank, x0, torch.tensor([0, 0, 1, 1]))
+    first = _embed(model, x0)
+    assert means.means().labels.tolist() == [0, 1]
+    assert torch.allclose(
+        means.running.means[:2], torch.stack([first[:2].mean(0), first[2:].mean(0)])
+    )
+    # Only the items of slots 0 and 1 (both class 0) are re-encoded as the drift's probe.
+    assert list(means.follower.previous_state()["ids"]) == ["e0", "e1"]
+
+    moved = _model(1)  # "the encoder after the next micro-batch"
+    x1 = _offer(bank, moved, 10, [1])
+    means.follow(moved, bank, x1, torch.tensor([1]))
+    drift = (_embed(moved, x0[:2]) - first[:2]).mean(0)  # class-restricted: class 0's items
+    assert torch.allclose(means.running.means[0], first[:2].mean(0) + drift, atol=1e-6)
+    # class 1 has no probe item: it does not move, and takes in the new event
+    expected_1 = (first[2:].sum(0) + _embed(moved, x1)[0]) / 3
+    assert torch.allclose(means.running.means[1], expected_1, atol=1e-6)
+    assert means.running.counts.tolist() == [2, 3, 0]
+
+
+def test_stream_means_resume_from_their_state_as_if_never_stopped():
+    model, moved = _model(0), _model(1)
+    bank = _bank(capacity=8)
+    x0 = _offer(bank, model, 0, [0, 1, 2, 0])
+    y0 = torch.tensor([0, 1, 2, 0])
+    kept = StreamClassMeans(max_classes=3, dim=8, sigma=0.3)
+    kept.follow(model, bank, x0, y0)
+    resumed = StreamClassMeans(max_classes=3, dim=8, sigma=0.3)
+    resumed.load_state_dict(kept.state_dict())
+    x1 = _offer(bank, moved, 10, [2, 1])
+    for means in (kept, resumed):
+        means.follow(moved, bank, x1, torch.tensor([2, 1]))
+    assert torch.equal(kept.means().means, resumed.means().means)
+    assert torch.equal(kept.means().labels, resumed.means().labels)
+
+
+def test_stream_means_seeded_from_the_bank_are_its_class_means():
+    model = _model(0)
+    bank = _bank(capacity=8)
+    x = _offer(bank, model, 0, [0, 1, 1, 2])
+    means = StreamClassMeans(max_classes=3, dim=8, sigma=0.3)
+    means.seed(model, bank)
+    seeded = means.means()
+    bank_means = class_means(model, x, torch.tensor([0, 1, 1, 2]))
+    assert seeded.labels.tolist() == bank_means.labels.tolist() == [0, 1, 2]
+    assert torch.allclose(seeded.means, bank_means.means, atol=1e-6)
