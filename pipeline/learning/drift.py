@@ -34,6 +34,9 @@ from pipeline.learning.model import StreamNet
 # Bank items re-encoded per micro-batch to measure the drift: the items of the first this many
 # slots (all of a bank of up to this many items), so a large bank's cost stays bounded.
 DRIFT_PROBE_ITEMS = 1024
+# Bank items a learner without saved means seeds them from (the first this many slots: the
+# same on every rank, no draw), so a restart on a large bank does not re-encode all of it.
+SEED_ITEMS = 4096
 
 
 def drift_shift(
@@ -245,8 +248,9 @@ class StreamClassMeans:
     @torch.no_grad()
     def seed(self, model: StreamNet, bank: MemoryBank) -> None:
         """Start from the bank's items under ``model`` (a learner resuming without saved
-        means: a checkpoint written before they existed, or a bank kept across a reset)."""
-        _, feats, labels = bank.occupied()
+        means: a checkpoint written before they existed, or a bank kept across a reset); from
+        those of the first :data:`SEED_ITEMS` slots of a larger bank."""
+        _, feats, labels = bank.occupied(below=SEED_ITEMS)
         if labels.numel():
             model.eval()
             self.running.add(F.normalize(model.embed(feats).float(), dim=-1), labels)
