@@ -149,5 +149,5 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
 def test_stream_mean_eviction_needs_the_stream_class_means():
     pairs = ["bank.eviction=stream_mean"]
     assert load_settings(None, pairs, environ={}).bank.eviction == "stream_mean"
-    with pytest.raises(ConfigError, match="stream_mean needs eval.class_means stream"):
+    with pytest.raises(ConfigError, match=r"stream_mean needs eval\.class_means stream"):
         load_settings(None, [*pairs, "eval.class_means=bank"], environ={})
