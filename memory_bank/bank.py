@@ -114,7 +114,7 @@ class MemoryBank:
         self._mirror = mirror = Mirror(capacity, input_dim, embed_dim, self.device)
         # Which item of a class leaves when the class gives up a slot (memory_bank/eviction.py)
         self._victims = (
-            EmbeddingVictims(eviction, mirror, self._reservoir.slot_of)
+            EmbeddingVictims(eviction, mirror, self._reservoir.slot_of, self._reservoir.id_at)
             if eviction != "random"
             else None
         )

@@ -72,12 +72,19 @@ class EmbeddingVictims:
     while the reservoir decides.
     """
 
-    def __init__(self, rule: str, mirror: Mirror, slot_of: Callable[[str], int | None]) -> None:
+    def __init__(
+        self,
+        rule: str,
+        mirror: Mirror,
+        slot_of: Callable[[str], int | None],
+        id_at: Callable[[int], str | None],
+    ) -> None:
         if rule not in EVICTIONS[1:]:
             raise ValueError(f"no embedding victims for eviction {rule!r}")
         self.rule = rule
         self._mirror = mirror
         self._slot_of = slot_of
+        self._id_at = id_at
         self._joining: dict[str, torch.Tensor] = {}
         self._target: TargetMeans | None = None
 
@@ -96,20 +103,32 @@ class EmbeddingVictims:
     def __call__(self, slots: Sequence[int], joining_id: str | None) -> int:
         where = torch.tensor(list(slots), device=self._mirror.device)
         rows = self._mirror.embeddings[where]
-        # Looked up from the batch's side (its size), not the candidates' (up to 256).
-        placed = {
-            slot: embedding
-            for event_id, embedding in self._joining.items()
-            if (slot := self._slot_of(event_id)) is not None
-        }
+        placed = self._placed(slots)
         if placed:
             placed_slots = torch.tensor(list(placed), device=self._mirror.device)
             row, which = torch.nonzero(where[:, None] == placed_slots[None, :], as_tuple=True)
             rows[row] = torch.stack(list(placed.values()))[which]
         joining = None if joining_id is None else self._joining[joining_id]
-        target = None
+        target: torch.Tensor | None = None
         if self.rule == "stream_mean" and self._target is not None:
             target = self._target(int(self._mirror.labels[where[0]]))
         if target is None:
             return mean_preserving_victim(rows, joining)
         return target_victim(rows, joining, target.to(rows.device, torch.float32))
+
+    def _placed(self, slots: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Slot -> offered embedding of the batch's items already placed, among ``slots`` or
+        beyond them: looked up from the smaller side, the batch's items or the candidates (at
+        most 256), so one eviction never walks a large batch."""
+        if len(self._joining) <= len(slots):
+            return {
+                slot: embedding
+                for event_id, embedding in self._joining.items()
+                if (slot := self._slot_of(event_id)) is not None
+            }
+        placed: dict[int, torch.Tensor] = {}
+        for slot in slots:
+            event_id = self._id_at(slot)
+            if event_id is not None and (embedding := self._joining.get(event_id)) is not None:
+                placed[slot] = embedding
+        return placed
