@@ -35,14 +35,19 @@ EVICTIONS = ("random", "mean_preserving", "stream_mean")
 TargetMeans = Callable[[int], "torch.Tensor | None"]
 
 
+def _sum_and_count(
+    embeddings: torch.Tensor, joining: torch.Tensor | None
+) -> tuple[torch.Tensor, int]:
+    """The sum and number of the rows of ``embeddings``, and of ``joining`` when given."""
+    if joining is None:
+        return embeddings.sum(dim=0), embeddings.shape[0]
+    return embeddings.sum(dim=0) + joining, embeddings.shape[0] + 1
+
+
 def mean_preserving_victim(embeddings: torch.Tensor, joining: torch.Tensor | None) -> int:
     """Row of ``embeddings`` ``[k, d]`` (k >= 1) whose removal moves the mean of the rows, and
     of ``joining`` ``[d]`` when given, least."""
-    total = embeddings.sum(dim=0)
-    count = embeddings.shape[0]
-    if joining is not None:
-        total = total + joining
-        count += 1
+    total, count = _sum_and_count(embeddings, joining)
     mean = total / count
     return int(((embeddings - mean) ** 2).sum(dim=1).argmin())
 
@@ -52,11 +57,7 @@ def target_victim(
 ) -> int:
     """Row of ``embeddings`` ``[k, d]`` whose removal leaves the rows (and ``joining`` ``[d]``
     when given) with the mean nearest ``target`` ``[d]``."""
-    total = embeddings.sum(dim=0)
-    count = embeddings.shape[0]
-    if joining is not None:
-        total = total + joining
-        count += 1
+    total, count = _sum_and_count(embeddings, joining)
     if count < 2:
         return 0
     kept = (total[None, :] - embeddings) / (count - 1)

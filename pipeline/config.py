@@ -25,7 +25,13 @@ from consumers.config import ConsumerTuning
 from pipeline.exceptions import ConfigError
 from pipeline.redaction import redact_tree
 from pipeline.settings.frozen import Frozen as _Frozen
-from pipeline.settings.learning import BankSettings, EvalSettings, ModelSettings, TrainSettings
+from pipeline.settings.learning import (
+    BankSettings,
+    EvalSettings,
+    ModelSettings,
+    TrainSettings,
+    eviction_target_problem,
+)
 from pipeline.settings.serving import ExportSettings, ServeSettings
 from pipeline.strict_yaml import DuplicateKeyError, load_yaml
 
@@ -269,10 +275,8 @@ class Settings(_Frozen):
     def _check_cross_fields(self) -> Settings:
         if self.model.proj_dim > 4096 or self.model.embed_dim > 4096:
             raise ValueError("model dimensions above 4096 are not supported")
-        if self.bank.eviction == "stream_mean" and self.eval.class_means != "stream":
-            raise ValueError(
-                "bank.eviction stream_mean needs eval.class_means stream (its target means)"
-            )
+        if problem := eviction_target_problem(self.bank, self.eval):
+            raise ValueError(problem)
         return self
 
     @property

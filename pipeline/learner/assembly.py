@@ -254,8 +254,7 @@ def restore_stream_means(ctx: LearnerContext, ckpt: Checkpoint | None) -> None:
             return
         except (KeyError, ValueError) as exc:
             log.warning("saved class means not usable; rebuilt from the bank", error=str(exc))
-            means.running.counts.zero_()
-            means.running.means.zero_()
+            means.running.reset()
     means.seed(ctx.state.model, ctx.bank)
     if len(means):
         log.info("class means seeded from the bank", classes=len(means), items=len(ctx.bank))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from memory_bank.bank import MemoryBank
-from pipeline.learning.inference import ClassMeans
+from pipeline.learning.inference import ClassMeans, unit_embeddings
 from pipeline.learning.model import StreamNet
 
 # Bank items re-encoded per micro-batch to measure the drift: the items of the first this many
@@ -124,6 +124,15 @@ class RunningClassMeans:
         labels, rows = self.seen()
         return ClassMeans(labels, F.normalize(rows, dim=-1))
 
+    def mean_of(self, label: int) -> torch.Tensor | None:
+        """Class ``label``'s running mean (not normalised), or None before its first event:
+        the target of the bank's ``stream_mean`` eviction."""
+        return self.means[label] if int(self.counts[label]) else None
+
+    def reset(self) -> None:
+        self.means.zero_()
+        self.counts.zero_()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"means": self.means.cpu().clone(), "counts": self.counts.cpu().clone()}
 
@@ -211,11 +220,7 @@ def follow_encoder(
     model.eval()
     slots, bank_x, bank_y = bank.occupied(below=probe_items)
     ids = [str(item) for item in bank.slot_ids(slots)]
-
-    def embed(features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(model.embed(features).float(), dim=-1)
-
-    follower.follow(ids, embed(bank_x), bank_y, embed(x), y)
+    follower.follow(ids, unit_embeddings(model, bank_x), bank_y, unit_embeddings(model, x), y)
 
 
 class StreamClassMeans:
@@ -253,17 +258,14 @@ class StreamClassMeans:
         _, feats, labels = bank.occupied(below=SEED_ITEMS)
         if labels.numel():
             model.eval()
-            self.running.add(F.normalize(model.embed(feats).float(), dim=-1), labels)
+            self.running.add(unit_embeddings(model, feats), labels)
 
     def means(self) -> ClassMeans:
         return self.running.class_means()
 
     def target(self, label: int) -> torch.Tensor | None:
-        """Class ``label``'s running mean (not normalised), or None before its first event:
-        the target of the bank's ``stream_mean`` eviction."""
-        if int(self.running.counts[label]) == 0:
-            return None
-        return self.running.means[label]
+        """The bank's ``stream_mean`` eviction target: :meth:`RunningClassMeans.mean_of`."""
+        return self.running.mean_of(label)
 
     def __len__(self) -> int:
         return int((self.running.counts > 0).sum())

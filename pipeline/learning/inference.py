@@ -25,13 +25,18 @@ class ClassMeans:
         return int(self.labels.numel())
 
 
+def unit_embeddings(model: StreamNet, features: torch.Tensor) -> torch.Tensor:
+    """The encoder output of ``features`` as float32 unit vectors: what NCM compares."""
+    return F.normalize(model.embed(features).float(), dim=-1)
+
+
 @torch.no_grad()
 def class_means(model: StreamNet, features: torch.Tensor, labels: torch.Tensor) -> ClassMeans:
     """Class means of the *current* encoder over the bank (SCR re-encodes the memory)."""
     if features.numel() == 0:
         return ClassMeans(labels.new_empty(0), features.new_empty(0, 0))
     model.eval()
-    h = F.normalize(model.embed(features).float(), dim=-1)
+    h = unit_embeddings(model, features)
     classes, inverse = torch.unique(labels, return_inverse=True)
     sums = torch.zeros(classes.numel(), h.shape[1], device=h.device).index_add_(0, inverse, h)
     return ClassMeans(classes, F.normalize(sums, dim=-1))
@@ -41,7 +46,7 @@ def class_means(model: StreamNet, features: torch.Tensor, labels: torch.Tensor) 
 def ncm_logits(model: StreamNet, features: torch.Tensor, means: ClassMeans) -> torch.Tensor:
     """Cosines ``[n, k]`` between the embeddings and the ``k`` class means (NCM's logits)."""
     model.eval()
-    h = F.normalize(model.embed(features).float(), dim=-1)
+    h = unit_embeddings(model, features)
     return h @ means.means.T
 
 

@@ -224,3 +224,11 @@ class EvalSettings(_Frozen):
         description="Bank items re-encoded after each micro-batch to measure the drift (those "
         "of the first this many slots): bounds the cost on a large bank.",
     )
+
+
+def eviction_target_problem(bank: BankSettings, evaluation: EvalSettings) -> str | None:
+    """Why ``bank`` and ``evaluation`` cannot go together, or None: ``stream_mean`` eviction
+    aims at the stream class means, which only ``eval.class_means: stream`` keeps."""
+    if bank.eviction == "stream_mean" and evaluation.class_means != "stream":
+        return "bank.eviction stream_mean needs eval.class_means stream (its target means)"
+    return None

@@ -40,6 +40,7 @@ from pipeline.devtools.bench.forgetting import (
 )
 from pipeline.devtools.bench.forgetting_report import summarise, write_report
 from pipeline.exceptions import ConfigError
+from pipeline.settings.learning import eviction_target_problem
 from pipeline.streams.scenarios import SCENARIOS
 
 if TYPE_CHECKING:
@@ -118,8 +119,8 @@ def _eval_overrides(overrides: list[str]) -> EvalSettings:
 
 def _bank_and_eval(overrides: list[str]) -> tuple[BankSettings, EvalSettings]:
     bank, evaluation = _bank_overrides(overrides), _eval_overrides(overrides)
-    if bank.eviction == "stream_mean" and evaluation.class_means != "stream":
-        raise ConfigError("--set bank.eviction=stream_mean needs eval.class_means stream")
+    if problem := eviction_target_problem(bank, evaluation):
+        raise ConfigError(f"--set: {problem}")
     return bank, evaluation
 
 

@@ -359,17 +359,6 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
     )
 
 
-@dataclass(frozen=True)
-class StreamTarget:
-    """``bank.eviction: stream_mean``'s target, the run's stream class means, as the learner's
-    :meth:`~pipeline.learning.drift.StreamClassMeans.target`."""
-
-    means: RunningClassMeans
-
-    def __call__(self, label: int) -> torch.Tensor | None:
-        return self.means.means[label] if int(self.means.counts[label]) else None
-
-
 def _drift_upkeep(
     names: tuple[str, ...],
     cfg: BenchConfig,
@@ -387,7 +376,7 @@ def _drift_upkeep(
     micro-batch, timed with the training step; a read-out's upkeep alone is not timed."""
     drift = drift_sets(names, cfg.eval, model_cfg.max_classes, model_cfg.embed_dim)
     if drift is not None and "ncm" in drift.means:  # the learner's means: stream_mean's target
-        bank.set_eviction_target(StreamTarget(drift.means["ncm"]))
+        bank.set_eviction_target(drift.means["ncm"].mean_of)
 
     def follow(x: torch.Tensor, y: torch.Tensor) -> None:
         if drift is not None:
