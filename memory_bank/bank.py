@@ -34,7 +34,7 @@ import structlog
 import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 
-from memory_bank.eviction import EVICTIONS, EmbeddingVictims, TargetMeans
+from memory_bank.eviction import ADAPTIVE_ITEMS, EVICTIONS, EmbeddingVictims, TargetMeans
 from memory_bank.ids import ClassNames, RecentIds
 from memory_bank.mirror import Mirror
 from memory_bank.protocols import BankSnapshot, BankStore, StoredItem, VectorIndex
@@ -83,6 +83,7 @@ class MemoryBank:
         hard_negative_every: int = 1,
         draw_seed: int | None = None,
         eviction: str = "random",
+        adaptive_items: int = ADAPTIVE_ITEMS,
     ) -> None:
         if capacity < 1 or input_dim < 1 or embed_dim < 1:
             raise ValueError(f"need capacity, input_dim, embed_dim >= 1: {capacity=}")
@@ -114,7 +115,9 @@ class MemoryBank:
         self._mirror = mirror = Mirror(capacity, input_dim, embed_dim, self.device)
         # Which item of a class leaves when the class gives up a slot (memory_bank/eviction.py)
         self._victims = (
-            EmbeddingVictims(eviction, mirror, self._reservoir.slot_of, self._reservoir.id_at)
+            EmbeddingVictims(
+                eviction, mirror, self._reservoir.slot_of, self._reservoir.id_at, adaptive_items
+            )
             if eviction != "random"
             else None
         )
@@ -171,6 +174,7 @@ class MemoryBank:
         snapshot: BankSnapshot | None = None,
         draw_seed: int | None = None,
         eviction: str = "random",
+        adaptive_items: int = ADAPTIVE_ITEMS,
     ) -> MemoryBank:
         """Load the store's snapshot and rebuild the mirror and the index from it.
 
@@ -197,6 +201,7 @@ class MemoryBank:
             hard_negative_every=hard_negative_every,
             draw_seed=draw_seed,
             eviction=eviction,
+            adaptive_items=adaptive_items,
         )
         bank._restore(snapshot if snapshot is not None else store.load(), label_index)
         log.info(
@@ -265,8 +270,9 @@ class MemoryBank:
                 self._victims.offered()
 
     def set_eviction_target(self, target: TargetMeans | None) -> None:
-        """``eviction="stream_mean"``: the target mean embedding per class (the learner's stream
-        class means); without one, a class's victim is chosen mean-preserving."""
+        """``eviction="stream_mean"`` / ``"adaptive"``: the target mean embedding per class (the
+        learner's stream class means); without one, a class's victim is chosen
+        mean-preserving."""
         if self._victims is not None:
             self._victims.set_target(target)
 

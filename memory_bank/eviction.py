@@ -16,6 +16,13 @@ weigh the candidates' embeddings (:class:`EmbeddingVictims`, the reservoir's vic
   ``mean_preserving``. With two items per class the mean-preserving rule always evicts the
   most central of three and keeps the two least typical; the stream's mean keeps the pair
   that summarises the class best.
+- ``adaptive`` (the product's default) is ``stream_mean`` while the class has few candidates
+  (its items and the newcomer: at most ``adaptive_items``, 6 by default), where the kept
+  items' own mean is a poor summary of the class, ``mean_preserving`` above, where keeping
+  the class's spread matters more than its centre, and a random item once the class holds
+  more than :data:`~memory_bank.reservoir.MAX_VICTIM_CANDIDATES` items: the chooser would see
+  only a sample of it, a random victim moves the mean of so many items little, and a large
+  bank admitting events fast would otherwise weigh candidates at every admission.
 
 Measured in docs/forgetting.md ("Which items a class keeps").
 """
@@ -28,8 +35,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 
 from memory_bank.mirror import Mirror
+from memory_bank.reservoir import MAX_VICTIM_CANDIDATES
 
-EVICTIONS = ("random", "mean_preserving", "stream_mean")
+EVICTIONS = ("random", "mean_preserving", "stream_mean", "adaptive")
+# Evictions that aim at a target class mean (the learner's stream class means)
+TARGETED_EVICTIONS = frozenset({"stream_mean", "adaptive"})
+# ``adaptive``: the most candidates (a class's items and the newcomer) it aims at the target
+ADAPTIVE_ITEMS = 6
 
 # A class index -> its target mean embedding [d], or None when there is none (yet).
 TargetMeans = Callable[[int], "torch.Tensor | None"]
@@ -65,7 +77,7 @@ def target_victim(
 
 
 class EmbeddingVictims:
-    """The reservoir's victim chooser under ``mean_preserving`` and ``stream_mean``.
+    """The reservoir's victim chooser under every rule but ``random``.
 
     Candidate slots in, the position of the victim out (the reservoir stays tensor-free). The
     candidates' embeddings are the mirror's; items placed earlier in the batch being offered
@@ -79,10 +91,14 @@ class EmbeddingVictims:
         mirror: Mirror,
         slot_of: Callable[[str], int | None],
         id_at: Callable[[int], str | None],
+        adaptive_items: int = ADAPTIVE_ITEMS,
     ) -> None:
         if rule not in EVICTIONS[1:]:
             raise ValueError(f"no embedding victims for eviction {rule!r}")
+        if adaptive_items < 2:
+            raise ValueError(f"need adaptive_items >= 2: {adaptive_items=}")
         self.rule = rule
+        self.adaptive_items = adaptive_items
         self._mirror = mirror
         self._slot_of = slot_of
         self._id_at = id_at
@@ -90,7 +106,8 @@ class EmbeddingVictims:
         self._target: TargetMeans | None = None
 
     def set_target(self, target: TargetMeans | None) -> None:
-        """``stream_mean``'s target mean per class (None: mean-preserving for every class)."""
+        """The target mean per class of ``stream_mean`` and ``adaptive`` (None:
+        mean-preserving for every class)."""
         self._target = target
 
     def offering(self, ids: Sequence[str], embeddings: torch.Tensor) -> None:
@@ -101,6 +118,11 @@ class EmbeddingVictims:
     def offered(self) -> None:
         self._joining = {}
 
+    def weighs(self, class_items: int) -> bool:
+        """Every rule weighs a class's candidates, but ``adaptive`` not those of a class of more
+        than :data:`MAX_VICTIM_CANDIDATES` items (the reservoir then draws a random one)."""
+        return self.rule != "adaptive" or class_items <= MAX_VICTIM_CANDIDATES
+
     def __call__(self, slots: Sequence[int], joining_id: str | None) -> int:
         where = torch.tensor(list(slots), device=self._mirror.device)
         rows = self._mirror.embeddings[where]
@@ -110,12 +132,20 @@ class EmbeddingVictims:
             row, which = torch.nonzero(where[:, None] == placed_slots[None, :], as_tuple=True)
             rows[row] = torch.stack(list(placed.values()))[which]
         joining = None if joining_id is None else self._joining[joining_id]
-        target: torch.Tensor | None = None
-        if self.rule == "stream_mean" and self._target is not None:
-            target = self._target(int(self._mirror.labels[where[0]]))
+        candidates = rows.shape[0] + (joining is not None)
+        target = self._target_of(int(self._mirror.labels[where[0]]), candidates)
         if target is None:
             return mean_preserving_victim(rows, joining)
         return target_victim(rows, joining, target.to(rows.device, torch.float32))
+
+    def _target_of(self, label: int, candidates: int) -> torch.Tensor | None:
+        """The mean the victim's removal aims at for class ``label`` with ``candidates``
+        candidates, or None for the mean-preserving victim."""
+        if self.rule not in TARGETED_EVICTIONS or self._target is None:
+            return None
+        if self.rule == "adaptive" and candidates > self.adaptive_items:
+            return None
+        return self._target(label)
 
     def _placed(self, slots: Sequence[int]) -> dict[int, torch.Tensor]:
         """Slot -> offered embedding of the batch's items already placed, among ``slots`` or

@@ -19,9 +19,10 @@ The paper's "full class" is sticky (once largest, always full); here "largest" i
 state, which can be rebuilt exactly from the stored items after a restart.
 
 Which item of the victim class leaves (steps 2 and 3) is a random one, or, with a
-:data:`VictimChooser` (the bank's ``eviction="mean_preserving"``), the one that chooser names
-among the class's slots (at most :data:`MAX_VICTIM_CANDIDATES` of them, evenly spaced over a
-larger class's list from a random start); the chooser sees embeddings, this module does not.
+:data:`VictimChooser` (the bank's evictions but ``random``), the one that chooser names among
+the class's slots (at most :data:`MAX_VICTIM_CANDIDATES` of them, evenly spaced over a larger
+class's list from a random start), or a random one where it names none; the chooser sees
+embeddings, this module does not.
 
 The accept draw in step 3 is a hash of the event id (blake2b, salted with the seed), not a
 generator draw, so a re-delivered event tends to get the same decision it got the first time.
@@ -36,9 +37,9 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 _U64 = float(1 << 64)
 
@@ -46,9 +47,19 @@ _U64 = float(1 << 64)
 # class's list, see _spread), which bounds its cost per eviction whatever the bank size.
 MAX_VICTIM_CANDIDATES = 256
 
-# (the victim class's candidate slots, the id of the incoming item when it joins that class,
-# None when it belongs to another class) -> the position in the list of the slot to evict.
-VictimChooser = Callable[[Sequence[int], str | None], int]
+
+class VictimChooser(Protocol):
+    """Names the item a class gives up (the bank's evictions but ``random``)."""
+
+    def weighs(self, class_items: int) -> bool:
+        """Whether it chooses within a class of ``class_items`` items (else: a random one)."""
+        ...
+
+    def __call__(self, candidates: Sequence[int], joining: str | None, /) -> int:
+        """The position in ``candidates`` (the victim class's slots) of the slot to evict;
+        ``joining`` is the incoming item's id when it joins that class, None when it belongs
+        to another."""
+        ...
 
 
 def uniform_from_id(event_id: str, salt: int = 0) -> float:
@@ -271,11 +282,12 @@ class ClassBalancedReservoir:
                 return None
             victim_class = label
         slots = self._class_slots[victim_class]
-        if self.victim_chooser is None or len(slots) == 1:
+        chooser = self.victim_chooser
+        if chooser is None or len(slots) == 1 or not chooser.weighs(len(slots)):
             return slots[self._rng.randrange(len(slots))]
         candidates = slots if len(slots) <= MAX_VICTIM_CANDIDATES else self._spread(slots)
         joining = event_id if victim_class == label else None
-        return candidates[self.victim_chooser(candidates, joining)]
+        return candidates[chooser(candidates, joining)]
 
     def _spread(self, slots: list[int]) -> list[int]:
         """:data:`MAX_VICTIM_CANDIDATES` slots evenly spaced over a class's list from a random

@@ -142,7 +142,8 @@ def _assemble(
         hard_negative_every=b.hard_negative_interval,
         label_index=label_index,
         policy=b.policy,
-        eviction=b.eviction,
+        eviction=b.victim_rule,
+        adaptive_items=b.adaptive_items,
         snapshot=opened.snapshot.result() if opened.snapshot is not None else None,
     )
     log.info("memory bank loaded", items=len(bank), seconds=round(time.monotonic() - started, 3))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from consumers.events import EventBatch
+from memory_bank.eviction import TARGETED_EVICTIONS
 from pipeline.config import Settings
 from pipeline.learning.drift import StreamClassMeans
 from pipeline.learning.inference import ClassMeans, class_means, predict_head, predict_ncm
@@ -28,10 +29,11 @@ PREDICTION_MEANS_ITEMS = 4096  # bank items re-encoded for the class means of pr
 
 def make_stream_means(settings: Settings, device: torch.device) -> StreamClassMeans | None:
     """The learner's stream class means, when its classifier is NCM over them or the bank's
-    eviction aims at them (``bank.eviction: stream_mean``)."""
+    eviction aims at them (``bank.eviction: stream_mean`` or ``adaptive``)."""
     e = settings.eval
     ncm = chosen_classifier(settings.train, e.classifier) == "ncm"
-    if e.class_means != "stream" or not (ncm or settings.bank.eviction == "stream_mean"):
+    targeted = settings.bank.victim_rule in TARGETED_EVICTIONS
+    if e.class_means != "stream" or not (ncm or targeted):
         return None
     m = settings.model
     return StreamClassMeans(m.max_classes, m.embed_dim, e.drift_sigma, e.drift_probe_items, device)

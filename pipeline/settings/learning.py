@@ -150,12 +150,22 @@ class BankSettings(_Frozen):
     policy: Literal["class_balanced", "reservoir"] = Field(
         "class_balanced", description="Admission/eviction: class-balanced or plain reservoir."
     )
-    eviction: Literal["random", "mean_preserving", "stream_mean"] = Field(
-        "random",
+    eviction: Literal["random", "mean_preserving", "stream_mean", "adaptive"] = Field(
+        "adaptive",
         description="Which item of a class leaves when it gives up a slot: a random one; the "
-        "one whose removal moves the class's mean embedding least (mean_preserving); or the "
+        "one whose removal moves the class's mean embedding least (mean_preserving); the "
         "one whose removal brings the class's bank mean nearest its stream class mean "
-        "(stream_mean, needs eval.class_means: stream). class_balanced only.",
+        "(stream_mean); or stream_mean's while the class has at most adaptive_items "
+        "candidates (its items and the newcomer), mean_preserving's above, a random one for a "
+        "class of more than 256 items (adaptive). "
+        "stream_mean needs eval.class_means: stream; adaptive without it is mean_preserving. "
+        "class_balanced only; under policy reservoir the victim is random.",
+    )
+    adaptive_items: int = Field(
+        6,  # memory_bank.eviction.ADAPTIVE_ITEMS (the settings load no torch)
+        ge=2,
+        description="eviction adaptive: the most candidates (a class's items and the "
+        "newcomer) for which the victim aims at the stream class mean.",
     )
     index_refresh_steps: int = Field(10, ge=1)
     hard_negative_queries: int = Field(32, ge=1)
@@ -174,9 +184,20 @@ class BankSettings(_Frozen):
 
     @model_validator(mode="after")
     def _check_eviction(self) -> BankSettings:
-        if self.eviction != "random" and self.policy != "class_balanced":
+        # The default eviction is class-balanced's; only a rule asked for conflicts.
+        if (
+            "eviction" in self.model_fields_set
+            and self.eviction != "random"
+            and self.policy != "class_balanced"
+        ):
             raise ValueError(f"bank.eviction {self.eviction} needs bank.policy class_balanced")
         return self
+
+    @property
+    def victim_rule(self) -> str:
+        """The eviction the bank runs: ``eviction``, or ``random`` under ``policy: reservoir``
+        (whose victim is any item, not one of a class)."""
+        return self.eviction if self.policy == "class_balanced" else "random"
 
     @property
     def hard_negative_interval(self) -> int:
@@ -213,7 +234,7 @@ class EvalSettings(_Frozen):
         "mean of the bank's items re-encoded by the current encoder (SCR).",
     )
     drift_sigma: float | None = Field(
-        0.3,
+        0.5,
         gt=0,
         description="Width of SDC's Gaussian weights of the bank items around a class mean "
         "(on unit vectors); null: a class moves by the mean drift of its own bank items.",
@@ -228,7 +249,8 @@ class EvalSettings(_Frozen):
 
 def eviction_target_problem(bank: BankSettings, evaluation: EvalSettings) -> str | None:
     """Why ``bank`` and ``evaluation`` cannot go together, or None: ``stream_mean`` eviction
-    aims at the stream class means, which only ``eval.class_means: stream`` keeps."""
-    if bank.eviction == "stream_mean" and evaluation.class_means != "stream":
+    aims at the stream class means, which only ``eval.class_means: stream`` keeps
+    (``adaptive`` without them chooses as ``mean_preserving`` does)."""
+    if bank.victim_rule == "stream_mean" and evaluation.class_means != "stream":
         return "bank.eviction stream_mean needs eval.class_means stream (its target means)"
     return None

@@ -127,10 +127,10 @@ def test_large_batches_cross_every_chunk_boundary(store: BankStore) -> None:
         assert np.array_equal(loaded[f"e{i}"].embedding, -embeddings[i])
 
 
-@pytest.mark.parametrize("eviction", ["random", "mean_preserving"])
+@pytest.mark.parametrize("eviction", ["random", "mean_preserving", "adaptive"])
 def test_bank_over_store_survives_a_restart(store: BankStore, eviction: str) -> None:
     """What one bank wrote, a bank opened later on the same store sees, byte for byte, and
-    goes on writing through (either victim rule)."""
+    goes on writing through (any victim rule)."""
     first = MemoryBank(
         store, TorchIndex(EMB_DIM), 30, IN_DIM, EMB_DIM, "cpu", seed=1, eviction=eviction
     )

@@ -40,6 +40,7 @@ import structlog
 import torch
 
 from memory_bank.bank import MemoryBank
+from memory_bank.eviction import TARGETED_EVICTIONS
 from memory_bank.index import make_index
 from memory_bank.testing import InMemoryBankStore
 from pipeline.config import BankSettings, EvalSettings, ModelSettings, TrainSettings
@@ -270,6 +271,27 @@ def _task_forgetting(tracker: ForgettingTracker, split: Split) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
+def _arm_bank(
+    bank: BankSettings, method: Method, memory: int, seed: int, model_cfg: ModelSettings
+) -> MemoryBank:
+    """The arm's memory: ``memory`` items under its policy, in memory, on the CPU."""
+    arm = bank.model_copy(update={"policy": method.bank_policy})
+    return MemoryBank(
+        InMemoryBankStore(),
+        make_index("faiss", model_cfg.embed_dim, "cpu", "never"),
+        capacity=memory,
+        input_dim=model_cfg.input_dim,
+        embed_dim=model_cfg.embed_dim,
+        device="cpu",
+        seed=seed,
+        index_refresh_steps=arm.index_refresh_steps,
+        hard_negative_queries=arm.hard_negative_queries,
+        policy=arm.policy,
+        eviction=arm.victim_rule,
+        adaptive_items=arm.adaptive_items,
+    )
+
+
 def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: Split) -> RunResult:
     """One online pass of ``method`` over the stream of ``seed``."""
     started = time.perf_counter()
@@ -279,19 +301,7 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
     model = StreamNet(model_cfg)
     state = make_state(model, train_cfg)
     generator = torch.Generator().manual_seed(seed)
-    bank = MemoryBank(
-        InMemoryBankStore(),
-        make_index("faiss", model_cfg.embed_dim, "cpu", "never"),
-        capacity=memory,
-        input_dim=model_cfg.input_dim,
-        embed_dim=model_cfg.embed_dim,
-        device="cpu",
-        seed=seed,
-        index_refresh_steps=cfg.bank.index_refresh_steps,
-        hard_negative_queries=cfg.bank.hard_negative_queries,
-        policy=method.bank_policy,
-        eviction=cfg.bank.eviction if method.bank_policy == "class_balanced" else "random",
-    )
+    bank = _arm_bank(cfg.bank, method, memory, seed, model_cfg)
     seen = torch.zeros(model_cfg.max_classes, dtype=torch.bool)
     natural, *others = readouts(train_cfg, cfg.eval)
     tracker = ForgettingTracker()
@@ -372,11 +382,15 @@ def _drift_upkeep(
 ]:
     """The running class means the read-outs ``names`` need, and the two calls that keep them
     in step after each micro-batch: (means, timed, untimed). The learner follows the encoder
-    when its classifier (the first read-out) reads stream means: part of its work per
-    micro-batch, timed with the training step; a read-out's upkeep alone is not timed."""
+    when its classifier (the first read-out) reads stream means or its bank's eviction aims at
+    them (``adaptive``, ``stream_mean``; a CE learner keeps them for that alone): part of its
+    work per micro-batch, timed with the training step; a read-out's upkeep alone is not
+    timed."""
     drift = drift_sets(names, cfg.eval, model_cfg.max_classes, model_cfg.embed_dim)
-    if drift is not None and "ncm" in drift.means:  # the learner's means: stream_mean's target
+    aimed = False
+    if drift is not None and "ncm" in drift.means:  # the learner's means: the eviction's target
         bank.set_eviction_target(drift.means["ncm"].mean_of)
+        aimed = bank.eviction in TARGETED_EVICTIONS
 
     def follow(x: torch.Tensor, y: torch.Tensor) -> None:
         if drift is not None:
@@ -385,7 +399,7 @@ def _drift_upkeep(
     def skip(_x: torch.Tensor, _y: torch.Tensor) -> None:
         return None
 
-    if drift is not None and names[0] in drift.means:
+    if drift is not None and (names[0] in drift.means or aimed):
         return drift, follow, skip
     return drift, skip, follow
 

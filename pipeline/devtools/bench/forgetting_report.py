@@ -135,8 +135,9 @@ def markdown(
         f"for CE, NCM for SupCon, to the {_means_kind(cfg)}); the NCM column applies NCM to "
         "every method; ECE is the final expected calibration error of the natural classifier "
         "(15 bins); train ms/event is the wall time of the learner's batch function "
-        "(training, replay, bank upkeep and, for NCM to stream means, following the encoder; "
-        "no evaluation) per training event: the compute each method spent.\n\n"
+        "(training, replay, bank upkeep and, when the learner keeps stream class means (its "
+        "NCM reads them or its bank's eviction aims at them), following the encoder; no "
+        "evaluation) per training event: the compute each method spent.\n\n"
         + head
         + body
         + _readout_table(rows, cfg)

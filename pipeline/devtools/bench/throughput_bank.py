@@ -165,6 +165,10 @@ def measure_bank(settings: Settings, data: Synthetic, items: int) -> dict[str, A
         index_refresh_steps=s.bank.index_refresh_steps,
         hard_negative_queries=s.bank.hard_negative_queries,
         hard_negative_every=every,
+        policy=s.bank.policy,
+        # the learner's victim rule (no stream means here: adaptive chooses mean-preserving)
+        eviction=s.bank.victim_rule,
+        adaptive_items=s.bank.adaptive_items,
     )
     rng = np.random.default_rng(1)
     bs = s.consumer.batch_size

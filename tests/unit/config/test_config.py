@@ -151,3 +151,21 @@ def test_stream_mean_eviction_needs_the_stream_class_means():
     assert load_settings(None, pairs, environ={}).bank.eviction == "stream_mean"
     with pytest.raises(ConfigError, match=r"stream_mean needs eval\.class_means stream"):
         load_settings(None, [*pairs, "eval.class_means=bank"], environ={})
+
+
+def test_the_default_adaptive_eviction_keeps_stream_means_even_for_a_head_classifier():
+    """The default eviction aims at the stream class means, so the learner keeps them whatever
+    its classifier; under ``eval.class_means: bank`` it loads and chooses mean-preserving."""
+    import torch
+
+    from pipeline.learner.predictions import make_stream_means
+
+    cpu = torch.device("cpu")
+    ce = load_settings(None, ["train.objective=ce"], environ={})
+    assert ce.bank.eviction == "adaptive"
+    assert make_stream_means(ce, cpu) is not None
+    random_ce = load_settings(None, ["train.objective=ce", "bank.eviction=random"], environ={})
+    assert make_stream_means(random_ce, cpu) is None
+    bank_means = load_settings(None, ["eval.class_means=bank"], environ={})
+    assert bank_means.bank.eviction == "adaptive"
+    assert make_stream_means(bank_means, cpu) is None

@@ -7,9 +7,13 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
+from memory_bank.bank import MemoryBank
+from memory_bank.index import TorchIndex
+from memory_bank.testing import InMemoryBankStore
 from pipeline.cli_parser import build_parser
-from pipeline.config import EvalSettings
+from pipeline.config import BankSettings, EvalSettings, ModelSettings
 from pipeline.devtools.bench import forgetting
 from pipeline.devtools.bench.cli import bench_config
 from pipeline.devtools.bench.forgetting import (
@@ -23,6 +27,7 @@ from pipeline.devtools.bench.forgetting import (
 )
 from pipeline.devtools.bench.forgetting_report import interval, write_report
 from pipeline.exceptions import ConfigError
+from pipeline.learning.model import StreamNet
 
 TINY = BenchConfig(
     memories=(20,),
@@ -94,14 +99,16 @@ def test_a_head_trained_beside_supcon_is_scored_alone_and_in_the_ensemble() -> N
     assert readouts(ace, stream) == ("ncm", "ncm_bank", "sdc_class", "head", "ensemble")
 
 
-def test_the_stream_means_only_read_the_run(results) -> None:
-    """``eval.class_means: bank`` trains the same run: its NCM is the stream-means run's
-    ``ncm_bank`` read-out, and its ``ncm_stream`` read-out is that run's NCM."""
-    stream_run = next(r for r in results if r.method == "supcon")
-    cfg = dataclasses.replace(TINY, eval=EvalSettings(class_means="bank"))
-    bank_run = forgetting.run_online(
-        forgetting.method_by_name("supcon"), 20, 0, cfg, digits_split(0)
-    )
+def test_the_stream_means_only_read_the_run() -> None:
+    """With a random victim (the default ``adaptive`` eviction aims at the stream means, so
+    they steer the bank), ``eval.class_means: bank`` trains the same run: its NCM is the
+    stream-means run's ``ncm_bank`` read-out, and its ``ncm_stream`` read-out is that run's
+    NCM."""
+    random_victim = dataclasses.replace(TINY, bank=BankSettings(eviction="random"))
+    supcon, split = forgetting.method_by_name("supcon"), digits_split(0)
+    stream_run = forgetting.run_online(supcon, 20, 0, random_victim, split)
+    cfg = dataclasses.replace(random_victim, eval=EvalSettings(class_means="bank"))
+    bank_run = forgetting.run_online(supcon, 20, 0, cfg, split)
     assert bank_run.final_accuracy == stream_run.readout_accuracy["ncm_bank"]
     assert bank_run.readout_accuracy["ncm_stream"] == stream_run.final_accuracy
     assert bank_run.readout_accuracy["sdc_class"] == stream_run.readout_accuracy["sdc_class"]
@@ -133,7 +140,7 @@ def test_the_weight_average_readout_leaves_the_run_unchanged_and_reads_other_wei
     assert run.curve == plain.curve
     assert run.per_class == plain.per_class
     assert {k: v for k, v in run.readout_accuracy.items() if k != "ema"} == (plain.readout_accuracy)
-    assert run.readout_accuracy["ema"] < plain.final_accuracy - 0.1
+    assert run.readout_accuracy["ema"] < plain.final_accuracy - 0.05
 
 
 def test_report_files(results, tmp_path) -> None:
@@ -180,7 +187,7 @@ def test_bench_arguments() -> None:
     # The default set: the three arms (trap, baseline, product) and the offline bounds.
     assert cfg.methods == ("ce_finetune", "ce_er", "supcon", "joint", "joint_supcon")
     assert cfg.ema_decay is None
-    assert cfg.bank.eviction == "random"
+    assert cfg.bank.eviction == "adaptive"
     mean = bench_config(_args(overrides=["bank.eviction=mean_preserving"]))
     assert mean.bank.eviction == "mean_preserving"
     with pytest.raises(ConfigError, match="--set bank"):
@@ -202,3 +209,33 @@ def test_bench_arguments() -> None:
     }
     with pytest.raises(ConfigError, match="model"):
         bench_config(_args(overrides=["model.hidden_dim=0"]))
+
+
+@pytest.mark.parametrize(
+    ("eviction", "timed"), [("adaptive", True), ("stream_mean", True), ("random", False)]
+)
+def test_a_ce_learner_pays_for_the_stream_means_its_eviction_aims_at(eviction, timed) -> None:
+    """CE + ER reads its head; its stream means are a read-out, untimed, unless the bank's
+    eviction aims at them: then the learner keeps them as the product's CE learner does, and
+    following them is part of its timed work."""
+
+    model_cfg = ModelSettings(input_dim=4, max_classes=3)
+    bank = MemoryBank(
+        InMemoryBankStore(),
+        TorchIndex(model_cfg.embed_dim),
+        8,
+        4,
+        model_cfg.embed_dim,
+        "cpu",
+        eviction=eviction,
+    )
+    model = StreamNet(model_cfg)
+    drift, timed_call, untimed_call = forgetting._drift_upkeep(
+        ("head", "ncm"), TINY, model_cfg, model, bank
+    )
+    assert drift is not None
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    (timed_call if timed else untimed_call)(x, y)
+    assert int(drift.means["ncm"].counts.sum()) == 5
+    (untimed_call if timed else timed_call)(x, y)  # the other one does nothing
+    assert int(drift.means["ncm"].counts.sum()) == 5

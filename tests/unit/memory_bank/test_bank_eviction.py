@@ -1,4 +1,5 @@
-"""Mean-preserving eviction: the rule, the reservoir's use of a chooser, the bank's wiring."""
+"""Evictions that weigh embeddings (mean-preserving, stream-mean, adaptive): the rules, the
+reservoir's use of a chooser, the bank's wiring."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from memory_bank.bank import MemoryBank
-from memory_bank.eviction import mean_preserving_victim, target_victim
+from memory_bank.eviction import ADAPTIVE_ITEMS, mean_preserving_victim, target_victim
 from memory_bank.index import TorchIndex
 from memory_bank.reservoir import MAX_VICTIM_CANDIDATES, ClassBalancedReservoir
 from memory_bank.testing import InMemoryBankStore
@@ -43,12 +44,16 @@ def test_the_victim_is_the_row_whose_removal_moves_the_mean_least() -> None:
 def test_the_reservoir_asks_the_chooser_for_both_kinds_of_victim_and_rolls_back() -> None:
     asked: list[tuple[list[int], str | None]] = []
 
-    def last(slots, joining):  # evicts the last candidate, whatever it is
-        asked.append((list(slots), joining))
-        return len(slots) - 1
+    class Last:  # evicts the last candidate, whatever it is
+        def weighs(self, class_items: int) -> bool:
+            return True
+
+        def __call__(self, slots, joining):
+            asked.append((list(slots), joining))
+            return len(slots) - 1
 
     reservoir = ClassBalancedReservoir(capacity=4, seed=3)
-    reservoir.victim_chooser = last
+    reservoir.victim_chooser = Last()
     reservoir.offer_batch([(f"a{i}", 0) for i in range(4)])
     assert asked == []  # free slots: nobody is evicted
     # A new class takes a slot from the largest class: the chooser weighs class 0, no joiner.
@@ -66,18 +71,25 @@ def test_the_reservoir_asks_the_chooser_for_both_kinds_of_victim_and_rolls_back(
 
 def test_a_large_class_is_weighed_on_evenly_spread_candidates() -> None:
     seen: list[list[int]] = []
+    sizes: list[int] = []
 
-    def first(slots, _joining):
-        seen.append(list(slots))
-        return 0
+    class First:
+        def weighs(self, class_items: int) -> bool:
+            sizes.append(class_items)
+            return True
+
+        def __call__(self, slots, _joining):
+            seen.append(list(slots))
+            return 0
 
     capacity = 3 * MAX_VICTIM_CANDIDATES + 10
     reservoir = ClassBalancedReservoir(capacity=capacity, seed=0)
-    reservoir.victim_chooser = first
+    reservoir.victim_chooser = First()
     reservoir.offer_batch([(f"a{i}", 0) for i in range(capacity)])
     class_list = list(reservoir._class_slots[0])  # the order the candidates are spread over
     reservoir.offer_batch([("b", 1)])
     (candidates,) = seen
+    assert sizes == [capacity]  # asked about the class's size, not only the sample's
     assert len(candidates) == len(set(candidates)) == MAX_VICTIM_CANDIDATES
     positions = [class_list.index(slot) for slot in candidates]
     step = capacity / MAX_VICTIM_CANDIDATES
@@ -86,9 +98,17 @@ def test_a_large_class_is_weighed_on_evenly_spread_candidates() -> None:
     assert all(step - 1 <= b - a <= step + 1 for a, b in itertools.pairwise(positions))
 
 
-def _bank(eviction: str, capacity: int, seed: int = 0) -> MemoryBank:
+def _bank(eviction: str, capacity: int, seed: int = 0, adaptive_items: int = 6) -> MemoryBank:
     return MemoryBank(
-        InMemoryBankStore(), TorchIndex(DIM), capacity, 1, DIM, "cpu", seed=seed, eviction=eviction
+        InMemoryBankStore(),
+        TorchIndex(DIM),
+        capacity,
+        1,
+        DIM,
+        "cpu",
+        seed=seed,
+        eviction=eviction,
+        adaptive_items=adaptive_items,
     )
 
 
@@ -190,4 +210,51 @@ def test_mean_preserving_eviction_needs_the_class_balanced_policy() -> None:
         BankSettings(policy="reservoir", eviction="mean_preserving")
     with pytest.raises(ValueError, match="class_balanced"):
         BankSettings(policy="reservoir", eviction="stream_mean")
-    assert BankSettings().eviction == "random"
+    # The default (adaptive) is the class-balanced policy's; under the plain reservoir the
+    # victim is any item, so the bank runs the random rule.
+    assert BankSettings().eviction == "adaptive"
+    assert BankSettings().victim_rule == "adaptive"
+    assert BankSettings(policy="reservoir").victim_rule == "random"
+    with pytest.raises(ValueError, match="class_balanced"):
+        BankSettings(policy="reservoir", eviction="adaptive")
+    with pytest.raises(ValueError, match="adaptive_items"):
+        _bank("adaptive", capacity=4, adaptive_items=1)
+
+
+def test_adaptive_eviction_aims_at_the_target_only_for_a_class_of_few_candidates() -> None:
+    """Class 0 holds two typical items and an outlier, with its stream mean among the typical
+    ones; a class-1 newcomer takes one of its slots, so the class has 3 candidates. Up to
+    ``adaptive_items`` candidates the victim is stream_mean's (the outlier), above it
+    mean_preserving's (the most central item); a class without a target is mean-preserving."""
+    points = [[1.0, 0.1], [1.0, -0.1], [-0.2, 1.0]]
+    expected_mp = f"a{mean_preserving_victim(torch.tensor(points), None)}"
+    assert expected_mp != "a2"
+    target = lambda label: torch.tensor([0.95, 0.0]) if label == 0 else None  # noqa: E731
+    cases = [(3, target, "a2"), (2, target, expected_mp), (3, None, expected_mp)]
+    for adaptive_items, aim, leaves in cases:
+        bank = _bank("adaptive", capacity=3, adaptive_items=adaptive_items)
+        bank.set_eviction_target(aim)
+        _add(bank, ["a0", "a1", "a2"], [0, 0, 0], points)
+        _add(bank, ["b0"], [1], [[0.0, -1.0]])
+        assert set(bank.ids()) == {"a0", "a1", "a2", "b0"} - {leaves}, (adaptive_items, aim)
+    assert BankSettings().adaptive_items == ADAPTIVE_ITEMS  # the bank's default is the product's
+
+
+def test_adaptive_eviction_takes_a_random_victim_from_a_class_larger_than_it_weighs() -> None:
+    """Above MAX_VICTIM_CANDIDATES items a class loses a random item under ``adaptive`` (the
+    chooser names none, no embedding is read), which one depending on the seed; up to it the
+    chooser decides, the same item for every seed; ``mean_preserving`` weighs any size."""
+
+    def evicted(eviction: str, capacity: int, seed: int) -> set[str]:
+        bank = _bank(eviction, capacity=capacity, seed=seed)
+        ids = [f"a{i}" for i in range(capacity)]
+        angles = torch.linspace(-1.0, 1.0, capacity)
+        _add(bank, ids, [0] * capacity, torch.stack([angles.cos(), angles.sin()], 1).tolist())
+        _add(bank, ["b0"], [1], [[0.0, -1.0]])
+        return set(ids) - set(bank.ids())
+
+    large = MAX_VICTIM_CANDIDATES + 1
+    assert len({frozenset(evicted("adaptive", large, seed)) for seed in range(4)}) > 1
+    assert len({frozenset(evicted("mean_preserving", large, seed)) for seed in range(4)}) == 1
+    small = MAX_VICTIM_CANDIDATES
+    assert len({frozenset(evicted("adaptive", small, seed)) for seed in range(4)}) == 1
