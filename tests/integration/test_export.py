@@ -136,7 +136,11 @@ def test_exported_bundle_predicts_what_the_learner_publishes(
     bundle = json.loads(loaded.stdout)
     assert bundle["version"] == exported["version"]
     assert bundle["labels"] == [published[q["id"]]["label"] for q in queries]
-    assert bundle["confidence"] == [published[q["id"]]["confidence"] for q in queries]
+    # The same weights and means, but the learner scores these rows inside its micro-batches
+    # and the bundle all at once: the float sums may round differently in the last place,
+    # which a 6-decimal payload shows at a rounding boundary (seen once: 0.991721 vs 0.991722).
+    expected = [published[q["id"]]["confidence"] for q in queries]
+    assert bundle["confidence"] == pytest.approx(expected, abs=2e-6)
     assert len(set(bundle["labels"])) == 3  # a real model, not a constant answer
 
     # Batch scoring of a labeled file the learner never saw: accuracy and ECE, both ways.
