@@ -33,6 +33,7 @@ then restarts the whole group, which resumes from the last complete cut.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from dataclasses import dataclass
@@ -172,11 +173,18 @@ def run_group_learner(
 ) -> LearnerSummary:
     """:func:`~pipeline.learner.loop.run_learner` for one rank of a group (module doc)."""
     join_group(rank, resolve_device(settings.train.device))
+    ctx: LearnerContext | None = None
     try:
         settings = rank_settings(settings, rank)
         ctx = build_context(settings, stop, start_source=True, request=start, rank=rank)
         return _run(ctx, stop, limits)
     finally:
+        if ctx is not None:
+            # The DDP wrapper goes before its process group: freed after it, its reducer
+            # left a gloo thread that aborted the process at exit (SIGABRT, "terminate called
+            # without an active exception"; one run in four of tests/integration/test_ddp_step).
+            ctx.state.replicated = None
+            gc.collect()
         leave_group()
 
 

@@ -8,6 +8,7 @@ process group (no broker needed), so it sits with the integration tests.
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,10 @@ def _rank(rank: int, init_file: str, out: str) -> None:
                 inputs = StepInputs(none, no_labels, none, no_labels, seen, weight=0.0)
             train_step(state, inputs, cfg)
         torch.save(state.model.state_dict(), Path(out) / f"rank{rank}.pt")
+        # as the learner does (pipeline/learner/ranks.py): the DDP wrapper goes before its
+        # process group, or the rank may abort at exit
+        state.replicated = None
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
