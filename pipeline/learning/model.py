@@ -12,6 +12,8 @@ labels need no re-allocation; unseen classes are masked in the loss and at predi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
@@ -21,15 +23,28 @@ from pipeline.learning.standardise import RunningStandardiser
 
 
 class StreamNet(nn.Module):
+    input_gain: torch.Tensor
+
     def __init__(self, cfg: ModelSettings) -> None:
         super().__init__()
         self.standardize = cfg.standardize
         self.standardiser = RunningStandardiser(cfg.input_dim)
+        first = nn.Linear(cfg.input_dim, cfg.hidden_dim)
         self.encoder = nn.Sequential(
-            nn.Linear(cfg.input_dim, cfg.hidden_dim),
+            first,
             nn.ReLU(inplace=True),
             nn.Linear(cfg.hidden_dim, cfg.embed_dim),
         )
+        # The input layer computes W' (gain · z), W' initialised to W / gain: the same function
+        # at the start, but Adam's step on W' (invariant to the gradient's scale) moves the
+        # effective weight gain · W' by gain × lr, as per-layer rates of lr × 64 / input_dim
+        # would (model.reference_input_dim; docs/forgetting.md, "Inputs of any scale").
+        gain = cfg.input_gain
+        self.register_buffer("input_gain", torch.tensor(gain, dtype=torch.float32))
+        if gain != 1.0:
+            with torch.no_grad():
+                first.weight.div_(gain)
+        self._register_load_state_dict_pre_hook(self._fill_missing_gain)
         self.projection = nn.Sequential(
             nn.Linear(cfg.embed_dim, cfg.embed_dim),
             nn.ReLU(inplace=True),
@@ -48,11 +63,11 @@ class StreamNet(nn.Module):
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         """Encoder output of already standardised (and perhaps augmented) inputs."""
-        return self.encoder(z)
+        return self.encoder(z * self.input_gain)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder output (the representation used by NCM / kNN and stored in the bank)."""
-        return self.encoder(self.standardise(x))
+        return self.encode(self.standardise(x))
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """L2-normalised projection of encoder outputs, the space SupCon contrasts in."""
@@ -60,6 +75,10 @@ class StreamNet(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h)
+
+    def _fill_missing_gain(self, state_dict: dict[str, Any], prefix: str, *_args: Any) -> None:
+        """A state saved before the input layer had a gain holds a plain layer: gain 1."""
+        state_dict.setdefault(prefix + "input_gain", torch.ones_like(self.input_gain))
 
 
 def augment(

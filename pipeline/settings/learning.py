@@ -24,6 +24,20 @@ class ModelSettings(_Frozen):
         description="Standardise each input feature with running mean/variance of the "
         "training events (kept in the checkpoint); augmentation is relative to that scale.",
     )
+    reference_input_dim: int | None = Field(
+        64,
+        ge=1,
+        description="The input width train.lr is set for: the input layer is parametrised "
+        "so that Adam changes a hidden unit per step as much as with this many inputs "
+        "(gain reference_input_dim / input_dim, kept in the checkpoint); None: plain layer.",
+    )
+
+    @property
+    def input_gain(self) -> float:
+        """The input layer's gain: ``reference_input_dim / input_dim`` (1 without one)."""
+        if self.reference_input_dim is None:
+            return 1.0
+        return self.reference_input_dim / self.input_dim
 
 
 # Objective names are written here once: settings validate against them, the CLI's --objective
