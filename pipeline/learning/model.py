@@ -38,7 +38,7 @@ class StreamNet(nn.Module):
         # The input layer computes W' (gain · z), W' initialised to W / gain: the same function
         # at the start, but Adam's step on W' (invariant to the gradient's scale) moves the
         # effective weight gain · W' by gain × lr, as per-layer rates of lr × 64 / input_dim
-        # would (model.reference_input_dim; docs/forgetting.md, "Inputs of any scale").
+        # would (model.reference_input_dim; docs/forgetting.md, "Inputs of any width").
         gain = cfg.input_gain
         self.register_buffer("input_gain", torch.tensor(gain, dtype=torch.float32))
         if gain != 1.0:
