@@ -19,6 +19,8 @@ parameter times zero, so its gradient is zero and the all-reduce completes.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -26,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.config import TrainSettings
 from pipeline.learning.model import StreamNet
 from pipeline.learning.objectives import HEAD_TERMS, loss_weights, objective_loss
-from pipeline.learning.step import ReplicatedLoss
+from pipeline.learning.step import ReplicatedLoss, TrainState
 from pipeline.settings.learning import REPRESENTATION_TERMS
 
 
@@ -73,6 +75,15 @@ def replicate(
         # gradient, under CE alone the projection; DDP must then look for unused parameters.
         find_unused_parameters=not _trains_every_part(cfg),
     )
+
+
+def release(state: TrainState) -> None:
+    """Drop ``state``'s DDP wrapper, before its process group is destroyed: a wrapper that
+    outlived its group left a gloo thread that aborted the process at exit (SIGABRT,
+    "terminate called without an active exception"; one two-rank run in four of
+    tests/integration/test_ddp_step.py before this order)."""
+    state.replicated = None
+    gc.collect()
 
 
 def _trains_every_part(cfg: TrainSettings) -> bool:

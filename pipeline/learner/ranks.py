@@ -33,7 +33,6 @@ then restarts the whole group, which resumes from the last complete cut.
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from pipeline.distributed.group import (
     state_digest,
 )
 from pipeline.distributed.rank_info import RankInfo
+from pipeline.distributed.replicas import release
 from pipeline.distributed.shares import rank_share, split
 from pipeline.exceptions import SupconStreamError
 from pipeline.learner.assembly import build_context, resolve_device
@@ -180,11 +180,7 @@ def run_group_learner(
         return _run(ctx, stop, limits)
     finally:
         if ctx is not None:
-            # The DDP wrapper goes before its process group: freed after it, its reducer
-            # left a gloo thread that aborted the process at exit (SIGABRT, "terminate called
-            # without an active exception"; one run in four of tests/integration/test_ddp_step).
-            ctx.state.replicated = None
-            gc.collect()
+            release(ctx.state)  # the DDP wrapper goes before its process group
         leave_group()
 
 

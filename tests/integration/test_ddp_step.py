@@ -8,7 +8,6 @@ process group (no broker needed), so it sits with the integration tests.
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.config import ModelSettings, TrainSettings
-from pipeline.distributed.replicas import replicate
+from pipeline.distributed.replicas import release, replicate
 from pipeline.learning.model import StreamNet
 from pipeline.learning.step import StepInputs, TrainState, make_state, train_step
 
@@ -55,10 +54,7 @@ def _rank(rank: int, init_file: str, out: str) -> None:
                 inputs = StepInputs(none, no_labels, none, no_labels, seen, weight=0.0)
             train_step(state, inputs, cfg)
         torch.save(state.model.state_dict(), Path(out) / f"rank{rank}.pt")
-        # as the learner does (pipeline/learner/ranks.py): the DDP wrapper goes before its
-        # process group, or the rank may abort at exit
-        state.replicated = None
-        gc.collect()
+        release(state)  # as the learner does: the DDP wrapper goes before its process group
     finally:
         dist.destroy_process_group()
 
