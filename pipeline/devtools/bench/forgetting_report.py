@@ -25,6 +25,7 @@ from pipeline.devtools.bench.forgetting import (
     Method,
     RunResult,
 )
+from pipeline.devtools.bench.margins import RESAMPLES, Margin, versus_baseline
 from pipeline.exceptions import ConfigError
 
 METRICS = ("final_accuracy", "forgetting", "anytime_accuracy", "min_accuracy")
@@ -110,6 +111,7 @@ def markdown(
     wall_s: float,
     png_name: str,
     per_class_png: str | None = None,
+    margins: Sequence[Margin] = (),
 ) -> str:
     head = (
         "| memory | method | final avg accuracy | forgetting ↓ | anytime accuracy | "
@@ -141,6 +143,7 @@ def markdown(
         + head
         + body
         + _readout_table(rows, cfg)
+        + _margin_table(margins)
         + f"\n![accuracy over the stream]({png_name})\n"
         + (f"\n![final accuracy per class]({per_class_png})\n" if per_class_png else "")
     )
@@ -172,6 +175,43 @@ def _readout_table(rows: Sequence[Row], cfg: BenchConfig) -> str:
     )
 
 
+def _margin_table(margins: Sequence[Margin]) -> str:
+    """SupCon + bank against CE + ER per memory (empty when the two did not both run)."""
+    if not margins:
+        return ""
+    body = "".join(
+        f"| {m.memory} | {len(m.seeds)} | {_points(m)} | {min(m.per_seed):+.1f} to "
+        f"{max(m.per_seed):+.1f} | {_share_text(m)} |\n"
+        for m in margins
+    )
+    return (
+        "\nSupCon + bank against CE + ER (`versus_ce_er` in the JSON), over the seeds both ran: "
+        "the paired margin in accuracy points (mean ± 95% t-interval of the per-seed "
+        "differences, and the lowest and highest seed), and the share of CE + ER's gap to the "
+        "offline joint bound that SupCon closes, (SupCon − CE + ER) / (joint − CE + ER) over "
+        f"the means, with a 95% interval from resampling the seeds ({RESAMPLES:,} draws); "
+        "the bound is SupCon's own where it ran, else CE's (– where neither ran on those "
+        "seeds).\n\n"
+        "| memory | seeds | margin (points) | per seed | share of the gap closed |\n"
+        "|---:|---:|---|---|---|\n" + body
+    )
+
+
+def _points(m: Margin) -> str:
+    stat = interval(m.per_seed)
+    return "–" if stat is None else f"{stat.mean:+.1f} ± {stat.half_width:.1f}"
+
+
+def _share_text(m: Margin) -> str:
+    if m.share is None:
+        return "–"
+    share = m.share
+    bound = label_of(share.joint)
+    if share.resamples == 0:
+        return f"{100 * share.value:.1f}% ({bound}; one seed: no interval)"
+    return f"{100 * share.value:.1f}% ({100 * share.low:.0f}-{100 * share.high:.0f}%; {bound})"
+
+
 def _means_kind(cfg: BenchConfig) -> str:
     if cfg.eval.class_means == "stream":
         return "class means of the stream that follow the encoder, `eval.class_means: stream`"
@@ -191,7 +231,11 @@ def _threads() -> int:
 
 
 def to_json(
-    rows: Sequence[Row], results: Sequence[RunResult], cfg: BenchConfig, wall_s: float
+    rows: Sequence[Row],
+    results: Sequence[RunResult],
+    cfg: BenchConfig,
+    wall_s: float,
+    margins: Sequence[Margin] = (),
 ) -> dict[str, Any]:
     return {
         "config": {
@@ -215,7 +259,28 @@ def to_json(
             }
             for row in rows
         ],
+        "versus_ce_er": [_margin_json(m) for m in margins],
         "runs": [asdict(r) for r in results],
+    }
+
+
+def _margin_json(m: Margin) -> dict[str, Any]:
+    stat = interval(m.per_seed)
+    return {
+        "memory": m.memory,
+        "seeds": list(m.seeds),
+        "margin_points": _stat_json(stat),
+        "per_seed_points": list(m.per_seed),
+        # NaN is not JSON: a one-seed share has null bounds.
+        "gap_closed": None
+        if m.share is None
+        else {
+            "share": m.share.value,
+            "ci95_low": None if m.share.resamples == 0 else m.share.low,
+            "ci95_high": None if m.share.resamples == 0 else m.share.high,
+            "joint": m.share.joint,
+            "resamples": m.share.resamples,
+        },
     }
 
 
@@ -287,6 +352,9 @@ def write_report(
         paths["per_class_png"] = out_dir / f"{stem}-per-class.png"
         plot_per_class(results, cfg, class_names, paths["per_class_png"])
     per_class_name = paths["per_class_png"].name if "per_class_png" in paths else None
-    paths["markdown"].write_text(markdown(rows, cfg, wall_s, paths["png"].name, per_class_name))
-    paths["json"].write_text(json.dumps(to_json(rows, results, cfg, wall_s), indent=1))
+    margins = versus_baseline(results)
+    paths["markdown"].write_text(
+        markdown(rows, cfg, wall_s, paths["png"].name, per_class_name, margins)
+    )
+    paths["json"].write_text(json.dumps(to_json(rows, results, cfg, wall_s, margins), indent=1))
     return paths

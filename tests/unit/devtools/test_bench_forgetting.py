@@ -161,6 +161,8 @@ def test_report_files(results, tmp_path) -> None:
     assert summary["supcon"]["readouts"]["ncm_bank"]["mean"] == supcon.readout_accuracy["ncm_bank"]
     assert summary["joint"]["readouts"] == {}
     assert len(report["runs"]) == 3
+    assert report["versus_ce_er"] == []  # no CE + ER arm in this grid: nothing to compare
+    assert "share of the gap closed" not in text
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
