@@ -97,7 +97,11 @@ def test_two_ranks_train_one_model_as_well_as_one_learner(
     assert alone is not None
     assert together is not None
     assert together.metrics["probes"] == alone.metrics["probes"]  # one probe set, all ranks'
-    assert abs(together.metrics["avg_accuracy"] - alone.metrics["avg_accuracy"]) <= 0.02
+    # Which rows a turn of the group holds depends on when each rank's rows arrive, so the
+    # group's accuracy varies from run to run where the single learner's does not: within
+    # 1.7 points in 12 groups on a quiet machine, 2.4 once with the machine loaded by three
+    # other learners (docs/performance.md, "Data-parallel group: step semantics").
+    assert abs(together.metrics["avg_accuracy"] - alone.metrics["avg_accuracy"]) <= 0.035
     assert len(together.ranks) == 2
 
     # The sidecar sees one learner: rank 0 reports every turn of the group, with its totals.
