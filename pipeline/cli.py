@@ -179,7 +179,14 @@ def _cmd_topics(_args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.devtools.demo import run_demo
 
-    run_demo(settings, args.config, args.overrides, args.out, keep_stack=args.keep_stack)
+    run_demo(
+        settings,
+        args.config,
+        args.overrides,
+        args.out,
+        keep_stack=args.keep_stack,
+        source=args.data,
+    )
     return EXIT_OK
 
 

@@ -130,9 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     topics = sub.add_parser("topics", help="create the pipeline's topics if missing")
     _common(topics)
 
-    demo = sub.add_parser("demo", help="devstack + split-digits through supcon and ce learners")
+    demo = sub.add_parser(
+        "demo", help="devstack + one stream through ce, ce + replay and supcon + bank learners"
+    )
     _common(demo)
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="report folder")
+    demo.add_argument(
+        "--data",
+        default="split-digits",
+        metavar="SOURCE",
+        help="the stream: a built-in scenario or a labeled JSONL, CSV, NPZ or Parquet file "
+        "(label and optional task and id columns, as replay reads them); the learners' "
+        "model.input_dim is set to its width (default: split-digits)",
+    )
     demo.add_argument(
         "--keep-stack",
         action="store_true",

@@ -1,9 +1,10 @@
 """``supcon-stream demo``: the cross-entropy trap on one stream, end to end, on the devstack.
 
 Steps: devstack up → topics → sidecar and three learners as separate processes in separate
-consumer groups → ``split-digits`` replayed once → progress while they learn → the sidecar's
-final forgetting records are read back from Kafka → a table with a row per learner, also
-written to ``<out>/report.json``.
+consumer groups → the stream replayed once (``split-digits``, or ``--data``: another built-in
+scenario or a labeled file, the learners' ``model.input_dim`` set to its width) → progress
+while they learn → the sidecar's final forgetting records are read back from Kafka → a table
+with a row per learner, also written to ``<out>/report.json``.
 
 The three learners (:data:`ARMS`) are the honest comparison: ``ce`` without replay (the
 cross-entropy trap), ``ce_replay`` (cross-entropy with experience replay) and ``supcon`` with
@@ -34,11 +35,12 @@ import structlog
 from pipeline.config import Settings, load_settings
 from pipeline.devtools.devstack import Devstack, free_port, stop_process
 from pipeline.devtools.spawn import cli_command, set_args, spawn
-from pipeline.exceptions import SupconStreamError
+from pipeline.exceptions import ConfigError, SupconStreamError
+from pipeline.streams.scenarios import Scenario
 
 log = structlog.get_logger(__name__)
 
-SCENARIO = "split-digits"
+SCENARIO = "split-digits"  # the stream the demo replays unless given ``--data``
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ LEARNERS = tuple(arm.name for arm in ARMS)
 LEARNER_IDLE_EXIT_S = 6.0
 _LOG_PROGRESS_EVERY_S = 5.0  # progress lines into a log (no terminal): at most this often
 LEARNER_TIMEOUT_S = 200.0
+# A longer stream gets this much more time per event (20 events/s, far below any learner's
+# measured rate), so ``--data`` with a large file is not cut short.
+LEARNER_TIMEOUT_PER_EVENT_S = 0.05
 FINAL_METRICS_TIMEOUT_S = 60.0
 
 
@@ -73,6 +78,26 @@ def _start_child(name: str, command: str, args: list[str], out_dir: Path) -> Chi
     log_path = out_dir / f"{name}.log"
     proc = spawn(cli_command(command, *args), log_path, append=False, threads=1)
     return Child(name, proc, log_path)
+
+
+def _start_learner(arm: Arm, base: list[str], http_port: int, out_dir: Path) -> Child:
+    """One arm's learner: the shared settings ``base``, then its objective and replay."""
+    args = [
+        *base,
+        "--objective",
+        arm.objective,
+        "--name",
+        arm.name,
+        "--set",
+        f"train.replay={str(arm.replay).lower()}",
+        "--set",
+        "train.torch_threads=1",
+        "--set",
+        f"health.http_port={http_port}",
+        "--exit-when-idle",
+        str(LEARNER_IDLE_EXIT_S),
+    ]
+    return _start_child(arm.name, "learn", args, out_dir)
 
 
 def _endpoints(ports: dict[str, int]) -> str:
@@ -264,17 +289,72 @@ def format_table(report: dict[str, Any]) -> str:
     )
 
 
+def learner_timeout_s(events: int) -> float:
+    """How long the demo waits for its learners to finish a stream of ``events``."""
+    return max(LEARNER_TIMEOUT_S, events * LEARNER_TIMEOUT_PER_EVENT_S)
+
+
+def check_fits(settings: Settings, stream: Scenario, source: str) -> None:
+    """A clear error before anything starts when the learners could not take the stream (every
+    event would otherwise be dead-lettered for its width, or its label refused)."""
+    m = settings.model
+    input_dim, classes = stream.input_dim, len(stream.classes)
+    if m.input_dim != input_dim:
+        raise ConfigError(
+            f"{source} has {input_dim} features per event but model.input_dim is "
+            f"{m.input_dim}: drop the setting (the demo takes the stream's width) or match it"
+        )
+    if classes > m.max_classes:
+        raise ConfigError(
+            f"{source} has {classes} classes but model.max_classes is {m.max_classes}: "
+            f"set --set model.max_classes={classes} or more"
+        )
+
+
+def _report(
+    learners: dict[str, Child],
+    settings: Settings,
+    stream_name: str,
+    out_dir: Path,
+    started_at: float,
+) -> dict[str, Any]:
+    """Once the learners are done: their summaries and the sidecar's final records, as the
+    table printed and ``<out>/report.json``."""
+    for child in learners.values():
+        code = child.proc.poll()
+        if code != 0:
+            raise SupconStreamError(
+                f"learner {child.name} exited with {code}; see {child.log_path}"
+            )
+    results = {n: _learner_result(c) for n, c in learners.items()}
+    report = build_report(_final_metrics(settings), results, stream_name)
+    report["elapsed_s"] = round(time.monotonic() - started_at, 1)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(format_table(report))
+    print(
+        f"\nreport: {out_dir / 'report.json'}   logs: {out_dir}/*.log   "
+        f"({report['elapsed_s']:.0f} s)"
+    )
+    return report
+
+
 def run_demo(
     settings: Settings,
     config_path: Path | None,
     user_overrides: Sequence[str],
     out_dir: Path,
     keep_stack: bool = False,
+    source: str = SCENARIO,
 ) -> dict[str, Any]:
     from consumers.admin import ensure_topics
-    from pipeline.streams.playback import run_replay
+    from pipeline.streams.playback import labeled_source, run_replay
 
     started_at = time.monotonic()
+    # Read and checked before the devstack starts: a bad file or a width the learners would
+    # refuse fails here, in a second, with nothing to stop.
+    stream = labeled_source(source)
+    width = f"model.input_dim={stream.input_dim}"
+    check_fits(load_settings(config_path, [width, *user_overrides]), stream, source)
     d = settings.devstack
     stack = Devstack(d.dir, d.broker_port, d.redis_port)
     already_running = all(s["running"] for s in stack.status().values())
@@ -296,6 +376,8 @@ def run_demo(
         # times over, and CE would seem not to forget (measured: CE without replay 0.884).
         # The user's own --set kafka.partitions still wins.
         "kafka.partitions=1",
+        # The stream's width; a user's own --set model.input_dim comes later and must match.
+        width,
         *user_overrides,
         f"kafka.bootstrap_servers={state.bootstrap_servers}",
         f"kafka.topic_prefix={prefix}",
@@ -316,35 +398,13 @@ def run_demo(
         ports = {name: free_port() for name in ("sidecar", *LEARNERS)}
         sidecar_port = ["--set", f"sidecar.http_port={ports['sidecar']}"]
         children.append(_start_child("sidecar", "sidecar", [*base, *sidecar_port], out_dir))
-        learners = {
-            arm.name: _start_child(
-                arm.name,
-                "learn",
-                [
-                    *base,
-                    "--objective",
-                    arm.objective,
-                    "--name",
-                    arm.name,
-                    "--set",
-                    f"train.replay={str(arm.replay).lower()}",
-                    "--set",
-                    "train.torch_threads=1",
-                    "--set",
-                    f"health.http_port={ports[arm.name]}",
-                    "--exit-when-idle",
-                    str(LEARNER_IDLE_EXIT_S),
-                ],
-                out_dir,
-            )
-            for arm in ARMS
-        }
+        learners = {arm.name: _start_learner(arm, base, ports[arm.name], out_dir) for arm in ARMS}
         children.extend(learners.values())
         log.info("demo running", prefix=prefix, logs=str(out_dir))
         print(_endpoints(ports), flush=True)
-        replayed = run_replay(run_settings, SCENARIO, rate=None, limit=None, seed=0, progress=None)
-        log.info("scenario replayed", scenario=SCENARIO, events=replayed.as_dict())
-        deadline = time.monotonic() + LEARNER_TIMEOUT_S
+        replayed = run_replay(run_settings, source, rate=None, limit=None, seed=0, progress=None)
+        log.info("stream replayed", source=source, events=replayed.as_dict())
+        deadline = time.monotonic() + learner_timeout_s(len(stream))
         _progress(
             run_settings,
             lambda: (
@@ -352,23 +412,7 @@ def run_demo(
                 or time.monotonic() > deadline
             ),
         )
-        for child in learners.values():
-            code = child.proc.poll()
-            if code != 0:
-                raise SupconStreamError(
-                    f"learner {child.name} exited with {code}; see {child.log_path}"
-                )
-        results = {n: _learner_result(c) for n, c in learners.items()}
-        metrics = _final_metrics(run_settings)
-        report = build_report(metrics, results, SCENARIO)
-        report["elapsed_s"] = round(time.monotonic() - started_at, 1)
-        (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(format_table(report))
-        print(
-            f"\nreport: {out_dir / 'report.json'}   logs: {out_dir}/*.log   "
-            f"({report['elapsed_s']:.0f} s)"
-        )
-        return report
+        return _report(learners, run_settings, stream.name, out_dir, started_at)
     finally:
         for child in children:
             stop_process(child.proc.pid, timeout_s=15.0)

@@ -114,17 +114,27 @@ def _key_of(line: bytes) -> str | None:
     return None
 
 
+def labeled_source(source: str, seed: int = 0) -> Scenario:
+    """The :class:`Scenario` of a built-in scenario's name or a labeled file (JSONL, CSV, NPZ,
+    Parquet), read and checked: what a caller needs to know of a stream before replaying
+    it (its width, classes, tasks and length)."""
+    if source in SCENARIOS:
+        return get_scenario(source, seed)
+    if Path(source).is_file():
+        return load_labeled_file(source)
+    known = ", ".join(sorted(SCENARIOS))
+    raise ConfigError(f"{source!r} is neither a built-in scenario ({known}) nor a readable file")
+
+
 def open_source(source: str, seed: int) -> tuple[Iterator[tuple[bytes, str | None]], int | None]:
     """The (value, key) messages of ``source`` and their number (None for JSONL, not counted).
 
     ``source`` is a built-in scenario's name or a file path; a labeled file (CSV, NPZ,
     Parquet) is read and checked here, a JSONL file is only opened.
     """
-    if source in SCENARIOS:
-        return _scenario_messages(get_scenario(source, seed))
     path = Path(source)
-    if path.is_file() and path.suffix.lower() in LABELED_SUFFIXES:
-        return _scenario_messages(load_labeled_file(path))
+    if source in SCENARIOS or (path.is_file() and path.suffix.lower() in LABELED_SUFFIXES):
+        return _scenario_messages(labeled_source(source, seed))
     if path.is_file():
         # load_jsonl opens eagerly: an unreadable file fails here, before any topic work.
         lines = load_jsonl(path)

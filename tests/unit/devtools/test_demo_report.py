@@ -4,7 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.devtools.demo import ARMS, LEARNERS, build_report, format_table
+import pytest
+
+from pipeline.config import load_settings
+from pipeline.devtools.demo import (
+    ARMS,
+    LEARNER_TIMEOUT_PER_EVENT_S,
+    LEARNER_TIMEOUT_S,
+    LEARNERS,
+    build_report,
+    check_fits,
+    format_table,
+    learner_timeout_s,
+)
+from pipeline.exceptions import ConfigError
+from pipeline.streams.scenarios import Scenario
 
 
 def _metrics(acc: float) -> dict[str, Any]:
@@ -61,3 +75,22 @@ def test_a_learner_that_measured_no_rate_has_no_time_per_event() -> None:
     report = build_report({"ce": _metrics(0.3)}, {"ce": _result(0.0)}, "split-digits")
     assert report["learners"]["ce"]["wall_ms_per_event"] is None
     assert format_table(report).splitlines()[3].split()[-1] == "–"
+
+
+def test_a_long_stream_gets_more_time_and_a_short_one_the_floor() -> None:
+    assert learner_timeout_s(100) == LEARNER_TIMEOUT_S
+    assert learner_timeout_s(100_000) == 100_000 * LEARNER_TIMEOUT_PER_EVENT_S
+
+
+def test_a_stream_the_learners_cannot_take_is_refused_with_the_setting_to_change() -> None:
+    fits = load_settings(None, ["model.input_dim=784"])
+    check_fits(fits, _stream(784, 10), "mnist.npz")  # no error
+    with pytest.raises(ConfigError, match=r"mnist.npz has 784 features .* model.input_dim is 64"):
+        check_fits(load_settings(None, []), _stream(784, 10), "mnist.npz")
+    with pytest.raises(ConfigError, match=r"120 classes .* model.max_classes=120"):
+        check_fits(fits, _stream(784, 120), "mnist.npz")
+
+
+def _stream(width: int, classes: int) -> Scenario:
+    labels = tuple(range(classes))
+    return Scenario("mnist.npz", width, 0, labels, (labels,), lambda: iter(()))
