@@ -105,5 +105,12 @@ bench-mnist: setup
 	$(BIN)/supcon-stream compare runs/wide/split-mnist5k.npz --methods ce_er,supcon --seeds 5 \
 		--memories 20,50,100 --out runs/wide/mnist5k
 
+# The same MNIST stream through the product: the demo's three learners on the devstack.
+.PHONY: demo-mnist
+demo-mnist: setup
+	PYTHONPATH=. $(PY) bench/wide_inputs.py --out runs/wide
+	$(BIN)/supcon-stream demo --config configs/local.yaml --data runs/wide/split-mnist5k.npz \
+		--out runs/demo-mnist
+
 clean:
 	rm -rf runs .devstack .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
