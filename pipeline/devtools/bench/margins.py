@@ -51,6 +51,14 @@ def _by_seed(results: Sequence[RunResult], method: str, memory: int | None) -> d
     }
 
 
+def _shares(means: np.ndarray) -> np.ndarray:
+    """Per row of (contender, baseline, joint) means ``[k, 3]``: the share of the gap closed,
+    NaN where the bound is not above the baseline."""
+    c, b, j = means.T
+    gap = j - b
+    return np.where(gap > 0, (c - b) / np.where(gap > 0, gap, 1.0), np.nan)
+
+
 def _gap_share(
     seeds: Sequence[int],
     contender: dict[int, float],
@@ -64,18 +72,13 @@ def _gap_share(
     else:
         return None
     table = np.array([[contender[s], baseline[s], joint[s]] for s in seeds])
-
-    def share(rows: np.ndarray) -> float:
-        c, b, j = rows.mean(axis=0)
-        return float((c - b) / (j - b)) if j > b else float("nan")
-
-    value = share(table)
+    value = float(_shares(table.mean(axis=0, keepdims=True))[0])
     if math.isnan(value):  # the bound at or below CE + ER: no gap to close
         return None
     if len(seeds) < 2:
         return GapShare(value, float("nan"), float("nan"), bound, 0)
     draws = np.random.default_rng(0).integers(0, len(seeds), size=(RESAMPLES, len(seeds)))
-    shares = np.array([share(table[d]) for d in draws])
+    shares = _shares(table[draws].mean(axis=1))  # [RESAMPLES, 3] means of each draw's seeds
     shares = shares[~np.isnan(shares)]
     low, high = np.percentile(shares, [2.5, 97.5])
     return GapShare(value, float(low), float(high), bound, int(shares.size))
