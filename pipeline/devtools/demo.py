@@ -402,7 +402,8 @@ def run_demo(
         children.extend(learners.values())
         log.info("demo running", prefix=prefix, logs=str(out_dir))
         print(_endpoints(ports), flush=True)
-        replayed = run_replay(run_settings, source, rate=None, limit=None, seed=0, progress=None)
+        # The stream read and checked above, produced as it is (its file is not read twice).
+        replayed = run_replay(run_settings, stream, rate=None, limit=None, seed=0, progress=None)
         log.info("stream replayed", source=source, events=replayed.as_dict())
         deadline = time.monotonic() + learner_timeout_s(len(stream))
         _progress(

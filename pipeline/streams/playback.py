@@ -117,32 +117,34 @@ def _key_of(line: bytes) -> str | None:
 def labeled_source(source: str, seed: int = 0) -> Scenario:
     """The :class:`Scenario` of a built-in scenario's name or a labeled file (JSONL, CSV, NPZ,
     Parquet), read and checked: what a caller needs to know of a stream before replaying
-    it (its width, classes, tasks and length)."""
+    it (its width, classes, tasks and length); :func:`run_replay` takes it as it is."""
     if source in SCENARIOS:
         return get_scenario(source, seed)
     if Path(source).is_file():
         return load_labeled_file(source)
     known = ", ".join(sorted(SCENARIOS))
-    raise ConfigError(f"{source!r} is neither a built-in scenario ({known}) nor a readable file")
+    raise ConfigError(
+        f"source {source!r} is neither a built-in scenario ({known}) nor a readable file"
+    )
 
 
-def open_source(source: str, seed: int) -> tuple[Iterator[tuple[bytes, str | None]], int | None]:
+def open_source(
+    source: str | Scenario, seed: int
+) -> tuple[Iterator[tuple[bytes, str | None]], int | None]:
     """The (value, key) messages of ``source`` and their number (None for JSONL, not counted).
 
-    ``source`` is a built-in scenario's name or a file path; a labeled file (CSV, NPZ,
-    Parquet) is read and checked here, a JSONL file is only opened.
+    ``source`` is a built-in scenario's name, a file path or an already-read
+    :class:`Scenario`; a labeled file (CSV, NPZ, Parquet) is read and checked here, a JSONL
+    file is only opened.
     """
+    if isinstance(source, Scenario):
+        return _scenario_messages(source)
     path = Path(source)
-    if source in SCENARIOS or (path.is_file() and path.suffix.lower() in LABELED_SUFFIXES):
-        return _scenario_messages(labeled_source(source, seed))
-    if path.is_file():
+    if source not in SCENARIOS and path.is_file() and path.suffix.lower() not in LABELED_SUFFIXES:
         # load_jsonl opens eagerly: an unreadable file fails here, before any topic work.
         lines = load_jsonl(path)
         return ((line, _key_of(line)) for line in lines), None
-    known = ", ".join(sorted(SCENARIOS))
-    raise ConfigError(
-        f"replay source {source!r} is neither a built-in scenario ({known}) nor a readable file"
-    )
+    return _scenario_messages(labeled_source(source, seed))
 
 
 @contextlib.contextmanager
@@ -163,14 +165,16 @@ def acknowledged(producer: JsonProducer) -> Iterator[JsonProducer]:
 
 def run_replay(
     settings: Settings,
-    source: str,
+    source: str | Scenario,
     *,
     rate: float | None = None,
     limit: int | None = None,
     seed: int = 0,
     progress: ProgressFn | None = None,
 ) -> ReplayReport:
-    """Produce ``source`` to the events topic at ``rate`` events/s (None: unpaced)."""
+    """Produce ``source`` to the events topic at ``rate`` events/s (None: unpaced); a
+    :class:`Scenario` already read (:func:`labeled_source`) is produced without reading its
+    file again."""
     from consumers.admin import ensure_topics
     from consumers.producer import JsonProducer
 
@@ -179,6 +183,7 @@ def run_replay(
     if limit is not None and limit < 0:
         raise ConfigError(f"replay limit must be >= 0, got {limit}")
     messages, total = open_source(source, seed)
+    name = source.name if isinstance(source, Scenario) else source
     if limit is not None and total is not None:
         total = min(total, limit)
     kafka = settings.kafka
@@ -186,7 +191,7 @@ def run_replay(
     options = kafka.client_options()
     ensure_topics(options, [topic], kafka.partitions, kafka.replication_factor, timeout_s=30.0)
     bucket = TokenBucket(rate, rate * BURST_S) if rate is not None else None
-    log.info("replay starting", source=source, topic=topic, rate=rate, limit=limit, total=total)
+    log.info("replay starting", source=name, topic=topic, rate=rate, limit=limit, total=total)
 
     started = time.monotonic()
     next_progress = started + PROGRESS_EVERY_S
@@ -194,7 +199,7 @@ def run_replay(
 
     def report(done: bool) -> ReplayReport:
         elapsed = time.monotonic() - started
-        return ReplayReport(source, topic, sent, total, unkeyed, round(elapsed, 3), done)
+        return ReplayReport(name, topic, sent, total, unkeyed, round(elapsed, 3), done)
 
     with acknowledged(JsonProducer(options)) as producer:
         for value, key in messages:
