@@ -8,8 +8,12 @@ test set **per domain** (per task of the scenario) with several read-outs of the
 - ``ncm_bank``: nearest class mean over the bank, re-encoded (SupCon's natural classifier);
 - ``head``: the network's head (CE's natural classifier; under the ``supcon`` preset it is the
   PCR proxy head);
+- ``learner``: NCM to the learner's own class means (``eval.class_means: stream``: a running
+  mean per class and task, ``eval.means_per_class``, moved by SDC of width
+  ``eval.drift_sigma``), which the bank's eviction aims at;
 - ``ncm_all``: nearest class mean over *every* training event seen so far (not equal memory:
-  what a bank without a size limit would give);
+  what a bank without a size limit would give); ``ncm_all_task``: the same with a mean per
+  class and task (the nearest decides);
 - ``probe``: a logistic regression fitted on the encoder output of every training event seen
   so far (not equal memory: how much the representation still separates);
 - ``stale``: NCM to running class means of the embedding each stream event had when it was
@@ -65,7 +69,12 @@ from pipeline.devtools.bench.forgetting import (
 )
 from pipeline.devtools.bench.slda import RunningLDA, Shrinkage, discriminant, predict_lda
 from pipeline.learning.batch import learn_batch
-from pipeline.learning.drift import DriftFollower, RunningClassMeans, follow_encoder
+from pipeline.learning.drift import (
+    DriftFollower,
+    RunningClassMeans,
+    TaskClassMeans,
+    follow_encoder,
+)
 from pipeline.learning.inference import ClassMeans, class_means, predict_head, predict_ncm
 from pipeline.learning.model import StreamNet
 from pipeline.learning.objectives import natural_classifier
@@ -192,6 +201,14 @@ def main() -> None:
         "_stale": RunningLDA(model_cfg.max_classes, dim, 0.3, compensate=False),
     }
     follower = DriftFollower({**running, **{f"lda{k}": v for k, v in ldas.items()}})
+    # the learner's own class means (a mean per class and task, eval.means_per_class), which
+    # the bank's eviction aims at, as in the benchmark
+    learner_means = TaskClassMeans(
+        model_cfg.max_classes, dim, cfg.eval.drift_sigma, cfg.eval.means_per_class
+    )
+    follower.means["learner"] = learner_means
+    bank.set_eviction_target(learner_means.mean_of)
+    task_index = {t: i for i, t in enumerate(names)}
 
     def per_domain(predicted: np.ndarray) -> dict[str, float]:
         """Mean over classes of the per-class accuracy, on each domain's test rows (the classes
@@ -255,7 +272,11 @@ def main() -> None:
                 )
             return out
 
+        k = model_cfg.max_classes
+        keyed = class_means(model, train_x, torch.from_numpy(train_y + np.asarray(done_task) * k))
         return {
+            "learner": ncm(learner_means.class_means()),
+            "ncm_all_task": ncm(ClassMeans(keyed.labels % k, keyed.means)),
             "ncm_bank": per_domain(predict_ncm(model, split.test_x, means_bank)[0].numpy()),
             "head": per_domain(predict_head(model, split.test_x, seen)[0].numpy()),
             "ncm_all": per_domain(predict_ncm(model, split.test_x, means_all)[0].numpy()),
@@ -267,12 +288,16 @@ def main() -> None:
 
     history: list[dict[str, Any]] = []
     done: list[int] = []
+    done_task: list[int] = []
     for task, batches in task_batches(split, args.seed, cfg.stream_batch):
         for mb in batches:
             seen[mb.y] = True
             learn_batch(state, bank, train_cfg, mb.x, mb.y, seen, generator, mb.items)
-            follow_encoder(follower, model, bank, mb.x, mb.y)
+            follow_encoder(
+                follower, model, bank, mb.x, mb.y, cfg.eval.drift_probe_items, mb.items[2]
+            )
             done.extend(mb.rows.tolist())
+            done_task.extend([task_index[task]] * len(mb.rows))
         if args.final_only and len(done) < len(split.train_y):
             continue
         scores = evaluate(np.asarray(done))

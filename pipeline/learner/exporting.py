@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 import torch
@@ -156,16 +157,20 @@ def export_checkpoint(settings: Settings, registry: Path) -> Published:
     return publish(registry, manifest, tensors, settings.export.keep)
 
 
-def with_stream_means(bank_means: ClassMeans, saved: Mapping[str, torch.Tensor]) -> ClassMeans:
-    """The saved stream means of every class they hold, the bank's for the others."""
+def with_stream_means(bank_means: ClassMeans, saved: Mapping[str, Any]) -> ClassMeans:
+    """The saved stream means (one or more per class) of every class they hold, the bank's
+    for the others."""
     counts, rows = saved["counts"], saved["means"]
-    stream = torch.nonzero(counts > 0).squeeze(1)
-    extra = [i for i, label in enumerate(bank_means.labels.tolist()) if counts[label] == 0]
+    per_class = int(saved.get("per_class", 1))  # 1: a checkpoint of one mean per class
+    held = torch.nonzero(counts > 0).squeeze(1)
+    stream = held // per_class
+    known = set(stream.tolist())
+    extra = [i for i, label in enumerate(bank_means.labels.tolist()) if label not in known]
     labels = torch.cat([stream, bank_means.labels[extra].cpu()])
     means = torch.cat(
-        [F.normalize(rows[stream].float(), dim=-1), bank_means.means[extra].float().cpu()]
+        [F.normalize(rows[held].float(), dim=-1), bank_means.means[extra].float().cpu()]
     )
-    order = torch.argsort(labels)
+    order = torch.argsort(labels, stable=True)
     return ClassMeans(labels[order], means[order])
 
 

@@ -10,6 +10,7 @@ re-encoded every ``eval.prediction_refresh_steps``. Predictions of unlabeled eve
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,14 +37,24 @@ def make_stream_means(settings: Settings, device: torch.device) -> StreamClassMe
     if e.class_means != "stream" or not (ncm or targeted):
         return None
     m = settings.model
-    return StreamClassMeans(m.max_classes, m.embed_dim, e.drift_sigma, e.drift_probe_items, device)
+    return StreamClassMeans(
+        m.max_classes,
+        m.embed_dim,
+        e.drift_sigma,
+        e.drift_probe_items,
+        device,
+        per_class=e.means_per_class,
+    )
 
 
-def follow_stream(ctx: LearnerContext, x: torch.Tensor, y: torch.Tensor) -> None:
-    """After the labeled rows ``x, y`` were learned and offered to the bank: the stream means
-    move by the encoder's drift, then take in the rows (``eval.class_means: stream``)."""
+def follow_stream(
+    ctx: LearnerContext, x: torch.Tensor, y: torch.Tensor, tasks: Sequence[str | None]
+) -> None:
+    """After the labeled rows ``x, y`` (of the tasks ``tasks``) were learned and offered to
+    the bank: the stream means move by the encoder's drift, then take in the rows
+    (``eval.class_means: stream``; a mean per class and task)."""
     if ctx.stream_means is not None and y.numel():
-        ctx.stream_means.follow(ctx.state.model, ctx.bank, x, y)
+        ctx.stream_means.follow(ctx.state.model, ctx.bank, x, y, tasks)
 
 
 def refresh_means(ctx: LearnerContext, force: bool = False) -> ClassMeans:

@@ -146,7 +146,7 @@ def calibrate_ncm(
     if len(means) < 2 or feats.shape[0] == 0:
         return None
     cosines = ncm_logits(ctx.state.model, feats, means)
-    keep, columns = targets_in(means.labels, truth)
+    keep, columns = targets_in(means.classes, truth)
     fit = fit_temperature(cosines[keep], columns, ctx.temperature)
     if fit is None:
         return None

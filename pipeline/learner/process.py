@@ -229,7 +229,7 @@ def _train_on(
         trained=record_trained,
     )
     if turn is None:  # a group's ranks follow every rank's rows (sharing.apply_shared)
-        follow_stream(ctx, x[: len(rows)], y[: len(rows)])
+        follow_stream(ctx, x[: len(rows)], y[: len(rows)], tasks[: len(rows)])
     if turn is not None and outcome.embeddings is not None:
         k = len(ids)
         turn.offer = BankOffer(

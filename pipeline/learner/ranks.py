@@ -213,7 +213,7 @@ def _run(ctx: LearnerContext, stop: threading.Event, limits: RunLimits) -> Learn
             emit_end(ctx, {**end, "model_digest": digest})
     group = {**ctx.rank.as_dict(), "model_digest": model_digest(ctx.state.model)}
     if ctx.stream_means is not None:  # equal on every rank, as the model
-        group["means_digest"] = state_digest(ctx.stream_means.running.state_dict())
+        group["means_digest"] = state_digest(ctx.stream_means.running.tensors())
     return summarize(ctx, idle, start_consumed, committed_at, group)
 
 

@@ -127,6 +127,7 @@ def apply_shared(ctx: LearnerContext, turns: Sequence[GroupTurn]) -> None:
             ctx,
             torch.cat([o.features for o in offers]).to(device),
             torch.cat([o.labels for o in offers]).to(device),
+            [task for o in offers for task in o.tasks],
         )
 
 

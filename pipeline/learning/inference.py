@@ -18,11 +18,35 @@ NCM_TEMPERATURE = 0.1  # softmax temperature turning cosine similarities into a 
 
 @dataclass(frozen=True, slots=True)
 class ClassMeans:
-    labels: torch.Tensor  # [k] class indices
-    means: torch.Tensor  # [k, embed_dim], L2-normalised
+    """NCM's prototypes: unit rows ``means [p, embed_dim]``, row ``i`` of class ``labels[i]``.
+    A class may own several rows (its means per task, :class:`pipeline.learning.drift.
+    TaskClassMeans`); NCM scores a class by its nearest row."""
+
+    labels: torch.Tensor  # [p] class indices
+    means: torch.Tensor  # [p, embed_dim], L2-normalised
 
     def __len__(self) -> int:
         return int(self.labels.numel())
+
+    @property
+    def classes(self) -> torch.Tensor:
+        """The classes the rows hold, once each: ``labels`` itself when no class owns two
+        rows (its order kept), else sorted. The columns of :func:`ncm_logits`."""
+        classes = torch.unique(self.labels)
+        return self.labels if classes.numel() == self.labels.numel() else classes
+
+
+def class_cosines(cosines: torch.Tensor, means: ClassMeans) -> torch.Tensor:
+    """Per-row cosines ``[n, p]`` to per-class ones ``[n, k]`` (columns ``means.classes``): a
+    class's cosine is its nearest row's."""
+    classes = means.classes
+    if classes.numel() == cosines.shape[1]:
+        return cosines
+    column = torch.searchsorted(classes, means.labels)
+    out = torch.full(
+        (cosines.shape[0], classes.numel()), -2.0, dtype=cosines.dtype, device=cosines.device
+    )
+    return out.scatter_reduce(1, column.expand_as(cosines), cosines, "amax")
 
 
 def unit_embeddings(model: StreamNet, features: torch.Tensor) -> torch.Tensor:
@@ -44,18 +68,20 @@ def class_means(model: StreamNet, features: torch.Tensor, labels: torch.Tensor) 
 
 @torch.no_grad()
 def ncm_logits(model: StreamNet, features: torch.Tensor, means: ClassMeans) -> torch.Tensor:
-    """Cosines ``[n, k]`` between the embeddings and the ``k`` class means (NCM's logits)."""
+    """Cosines ``[n, k]`` between the embeddings and the ``k`` classes of ``means`` (columns
+    ``means.classes``; a class's nearest row): NCM's logits."""
     model.eval()
     h = unit_embeddings(model, features)
-    return h @ means.means.T
+    return class_cosines(h @ means.means.T, means)
 
 
 def ncm_from_logits(
     cosines: torch.Tensor, means: ClassMeans, temperature: float = NCM_TEMPERATURE
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(class index [n], confidence [n]): the nearest mean, ``max softmax(cosine / T)``."""
+    """(class index [n], confidence [n]) from :func:`ncm_logits`: the nearest class,
+    ``max softmax(cosine / T)``."""
     conf, idx = torch.softmax(cosines / temperature, dim=1).max(dim=1)
-    return means.labels[idx], conf
+    return means.classes[idx], conf
 
 
 @torch.no_grad()
@@ -111,9 +137,9 @@ def predict_ensemble(
     logits = model.logits(h).float().masked_fill(~seen_classes, torch.finfo(torch.float32).min)
     p = torch.softmax(logits, dim=1)
     if len(means) > 0:
-        cosines = F.normalize(h, dim=-1) @ means.means.T
+        cosines = class_cosines(F.normalize(h, dim=-1) @ means.means.T, means)
         p_ncm = torch.zeros_like(p).index_add_(
-            1, means.labels, torch.softmax(cosines / temperature, dim=1)
+            1, means.classes, torch.softmax(cosines / temperature, dim=1)
         )
         p = 0.5 * (p + p_ncm)
     conf, idx = p.max(dim=1)

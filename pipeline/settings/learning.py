@@ -253,6 +253,14 @@ class EvalSettings(_Frozen):
         description="Width of SDC's Gaussian weights of the bank items around a class mean "
         "(on unit vectors); null: a class moves by the mean drift of its own bank items.",
     )
+    means_per_class: int = Field(
+        8,
+        ge=1,
+        description="Under class_means stream, the means a class keeps: one per task its "
+        "events name (the event's task), so a class seen again in a new domain is read by "
+        "its nearest mean rather than one average of its domains; a class brought by more "
+        "tasks merges its two nearest means. 1: one mean per class.",
+    )
     drift_probe_items: int = Field(
         1024,
         ge=1,

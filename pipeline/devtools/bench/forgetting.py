@@ -31,7 +31,7 @@ timed work, as the learner does; NCM over the re-encoded bank is a read-out besi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +53,12 @@ from pipeline.devtools.bench.readouts import (
     score_test_set,
 )
 from pipeline.learning.batch import learn_batch
-from pipeline.learning.drift import DriftFollower, RunningClassMeans, follow_encoder
+from pipeline.learning.drift import (
+    DriftFollower,
+    RunningClassMeans,
+    TaskClassMeans,
+    follow_encoder,
+)
 from pipeline.learning.model import StreamNet
 from pipeline.learning.objectives import natural_classifier
 from pipeline.learning.step import StepInputs, make_state, train_step
@@ -339,9 +344,9 @@ def run_online(method: Method, memory: int, seed: int, cfg: BenchConfig, split: 
             seen[mb.y] = True
             step_started = time.perf_counter()
             learn_batch(state, bank, train_cfg, mb.x, mb.y, seen, generator, mb.items)
-            timed_upkeep(mb.x, mb.y)
+            timed_upkeep(mb.x, mb.y, mb.items[2])
             train_s += time.perf_counter() - step_started
-            upkeep(mb.x, mb.y)
+            upkeep(mb.x, mb.y, mb.items[2])
             if average is not None:
                 average.update(model, train_cfg.iters_per_batch)
             events += len(mb.rows)
@@ -376,9 +381,9 @@ def _drift_upkeep(
     model: StreamNet,
     bank: MemoryBank,
 ) -> tuple[
-    DriftFollower[RunningClassMeans] | None,
-    Callable[[torch.Tensor, torch.Tensor], None],
-    Callable[[torch.Tensor, torch.Tensor], None],
+    DriftFollower[RunningClassMeans | TaskClassMeans] | None,
+    Callable[[torch.Tensor, torch.Tensor, Sequence[str | None]], None],
+    Callable[[torch.Tensor, torch.Tensor, Sequence[str | None]], None],
 ]:
     """The running class means the read-outs ``names`` need, and the two calls that keep them
     in step after each micro-batch: (means, timed, untimed). The learner follows the encoder
@@ -392,11 +397,11 @@ def _drift_upkeep(
         bank.set_eviction_target(drift.means["ncm"].mean_of)
         aimed = bank.eviction in TARGETED_EVICTIONS
 
-    def follow(x: torch.Tensor, y: torch.Tensor) -> None:
+    def follow(x: torch.Tensor, y: torch.Tensor, tasks: Sequence[str | None]) -> None:
         if drift is not None:
-            follow_encoder(drift, model, bank, x, y, cfg.eval.drift_probe_items)
+            follow_encoder(drift, model, bank, x, y, cfg.eval.drift_probe_items, tasks)
 
-    def skip(_x: torch.Tensor, _y: torch.Tensor) -> None:
+    def skip(_x: torch.Tensor, _y: torch.Tensor, _tasks: Sequence[str | None]) -> None:
         return None
 
     if drift is not None and (names[0] in drift.means or aimed):

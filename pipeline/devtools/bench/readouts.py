@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import EvalSettings, TrainSettings
-from pipeline.learning.drift import DriftFollower, RunningClassMeans
+from pipeline.learning.drift import DriftFollower, RunningClassMeans, TaskClassMeans
 from pipeline.learning.inference import class_means, predict_ensemble, predict_head, predict_ncm
 from pipeline.learning.model import StreamNet
 from pipeline.learning.objectives import HEAD_TERMS, loss_weights, natural_classifier
@@ -41,7 +41,7 @@ def predictor(
     model: StreamNet,
     bank_x: torch.Tensor,
     bank_y: torch.Tensor,
-    drift: DriftFollower[RunningClassMeans] | None = None,
+    drift: DriftFollower[RunningClassMeans | TaskClassMeans] | None = None,
 ) -> Predictor:
     """(labels, confidences) for the test rows, given the classes seen so far (bool mask).
 
@@ -81,7 +81,7 @@ def readouts(train_cfg: TrainSettings, eval_cfg: EvalSettings) -> tuple[str, ...
 
 def drift_sets(
     names: tuple[str, ...], eval_cfg: EvalSettings, max_classes: int, dim: int
-) -> DriftFollower[RunningClassMeans] | None:
+) -> DriftFollower[RunningClassMeans | TaskClassMeans] | None:
     """The running class means the read-outs ``names`` need, following no encoder yet; None
     when none does."""
     sigmas: dict[str, float | None] = {}
@@ -93,9 +93,14 @@ def drift_sets(
         sigmas[CLASS_DRIFT_READOUT] = None
     if not sigmas:
         return None
-    return DriftFollower(
-        {name: RunningClassMeans(max_classes, dim, sigma) for name, sigma in sigmas.items()}
-    )
+    sets: dict[str, RunningClassMeans | TaskClassMeans] = {
+        name: RunningClassMeans(max_classes, dim, sigma) for name, sigma in sigmas.items()
+    }
+    if "ncm" in sets:  # the learner's own: a mean per class and task
+        sets["ncm"] = TaskClassMeans(
+            max_classes, dim, eval_cfg.drift_sigma, eval_cfg.means_per_class
+        )
+    return DriftFollower(sets)
 
 
 @dataclass(frozen=True)

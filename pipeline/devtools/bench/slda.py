@@ -24,6 +24,7 @@ weight, or the parameter-free Oracle Approximating Shrinkage (Chen et al. 2010, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -103,7 +104,12 @@ class RunningLDA:
         self.weight = 0.0  # sum of the (decayed) weights of the events in the scatter
         self.decay = 1.0 if half_life is None else 2 ** (-1 / half_life)
 
-    def add(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+    def add(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        tasks: Sequence[str | None] | None = None,
+    ) -> None:
         """Fold embeddings ``[n, d]`` of classes ``labels [n]`` into the scatter and the means.
 
         Per class, the exact pooled update (Chan et al.): the batch's own scatter plus

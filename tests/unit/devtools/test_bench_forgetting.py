@@ -237,7 +237,23 @@ def test_a_ce_learner_pays_for_the_stream_means_its_eviction_aims_at(eviction, t
     )
     assert drift is not None
     x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
-    (timed_call if timed else untimed_call)(x, y)
+    tasks = ["0"] * 5
+    (timed_call if timed else untimed_call)(x, y, tasks)
     assert int(drift.means["ncm"].counts.sum()) == 5
-    (untimed_call if timed else timed_call)(x, y)  # the other one does nothing
+    (untimed_call if timed else timed_call)(x, y, tasks)  # the other one does nothing
     assert int(drift.means["ncm"].counts.sum()) == 5
+
+
+def test_the_benchmarks_learner_keeps_a_mean_per_class_and_task() -> None:
+    """As the product's learner: a class back under a new task (domain-digits) gets a second
+    mean, which NCM reads beside the first."""
+    model_cfg = ModelSettings(input_dim=4, max_classes=3)
+    bank = MemoryBank(
+        InMemoryBankStore(), TorchIndex(model_cfg.embed_dim), 8, 4, model_cfg.embed_dim, "cpu"
+    )
+    drift, follow, _ = forgetting._drift_upkeep(
+        ("ncm",), TINY, model_cfg, StreamNet(model_cfg), bank
+    )
+    assert drift is not None
+    follow(torch.randn(5, 4), torch.tensor([0, 1, 0, 0, 1]), ["a", "a", "b", "b", "a"])
+    assert drift.means["ncm"].class_means().labels.tolist() == [0, 0, 1]

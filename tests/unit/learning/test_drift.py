@@ -13,7 +13,13 @@ from memory_bank.bank import MemoryBank
 from memory_bank.index import TorchIndex
 from memory_bank.testing import InMemoryBankStore
 from pipeline.config import ModelSettings
-from pipeline.learning.drift import DriftFollower, RunningClassMeans, StreamClassMeans, drift_shift
+from pipeline.learning.drift import (
+    DriftFollower,
+    RunningClassMeans,
+    StreamClassMeans,
+    TaskClassMeans,
+    drift_shift,
+)
 from pipeline.learning.inference import class_means
 from pipeline.learning.model import StreamNet
 
@@ -208,3 +214,112 @@ def test_stream_means_seeded_from_the_bank_are_its_class_means():
     bank_means = class_means(model, x, torch.tensor([0, 1, 1, 2]))
     assert seeded.labels.tolist() == bank_means.labels.tolist() == [0, 1, 2]
     assert torch.allclose(seeded.means, bank_means.means, atol=1e-6)
+
+
+def test_task_means_of_one_task_a_class_are_the_running_means_exactly():
+    torch.manual_seed(0)
+    single = RunningClassMeans(max_classes=3, dim=4, sigma=0.3)
+    per_task = TaskClassMeans(max_classes=3, dim=4, sigma=0.3, per_class=4)
+    for _step in range(3):
+        x = F.normalize(torch.randn(6, 4), dim=-1)
+        y = torch.tensor([0, 1, 2, 0, 1, 2])
+        before = F.normalize(torch.randn(5, 4), dim=-1)
+        after = F.normalize(before + 0.1 * torch.randn(5, 4), dim=-1)
+        for means in (single, per_task):
+            means.compensate(before, after, torch.tensor([0, 0, 1, 2, 2]))
+            # each class under its own task, as in a class-incremental stream
+            means.add(x, y, [f"t{c}" for c in y.tolist()])
+    labels, rows = per_task.seen()
+    assert labels.tolist() == [0, 1, 2]
+    assert torch.equal(rows, single.means)
+    for c in range(3):
+        assert torch.equal(per_task.mean_of(c), single.mean_of(c))
+
+
+def test_a_class_back_under_a_new_task_gets_a_mean_of_its_own():
+    means = TaskClassMeans(max_classes=2, dim=2, sigma=0.3, per_class=3)
+    means.add(
+        torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0, 1]), ["a"] * 3
+    )
+    means.add(torch.tensor([[0.0, 1.0]]), torch.tensor([0]), ["b"])
+    read = means.class_means()
+    assert read.labels.tolist() == [0, 0, 1]  # class 0 twice: its task a and task b means
+    assert read.means.tolist() == [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
+    assert means.classes() == 2
+    # the eviction's target is the class's mean over every event, whatever the task
+    assert means.mean_of(0).tolist() == pytest.approx([2 / 3, 1 / 3])
+    assert means.mean_of(1).tolist() == [0.0, 1.0]
+    # events without a task keep one mean of their own
+    means.add(torch.tensor([[1.0, 1.0]]), torch.tensor([1]))
+    assert means.class_means().labels.tolist() == [0, 0, 1, 1]
+
+
+def test_a_class_over_its_limit_merges_its_two_nearest_means_to_make_room():
+    means = TaskClassMeans(max_classes=1, dim=3, sigma=0.3, per_class=3)
+    events = {"a": [[1.0, 0.0, 0.0]] * 2, "b": [[0.0, 1.0, 0.0]], "c": [[0.8, 0.6, 0.0]]}
+    for task, rows in events.items():
+        means.add(torch.tensor(rows), torch.zeros(len(rows), dtype=torch.long), [task] * len(rows))
+    means.add(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([0]), ["d"])
+    # a (2 events) and c were nearest (cosine 0.8 against b's 0.6 to c and 0 to a): merged
+    assert means.counts.tolist() == [3, 1, 1]
+    assert means.means[0].tolist() == pytest.approx([(2 * 1.0 + 0.8) / 3, 0.6 / 3, 0.0])
+    assert means.means[2].tolist() == [0.0, 0.0, 1.0]  # task d in the freed row
+    # task c's events now join the merged mean
+    means.add(torch.tensor([[0.8, 0.6, 0.0]]), torch.tensor([0]), ["c"])
+    assert means.counts.tolist() == [4, 1, 1]
+    assert len(means.class_means()) == 3
+
+
+def test_class_restricted_drift_moves_every_mean_of_the_class_by_its_items():
+    means = TaskClassMeans(max_classes=2, dim=2, sigma=None, per_class=2)
+    means.add(
+        torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), torch.tensor([0, 0, 1]), ["a", "b", "a"]
+    )
+    before = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    after = torch.tensor([[1.0, 2.0], [0.0, 1.0]])
+    means.compensate(before, after, torch.tensor([0, 1]))
+    _, rows = means.seen()
+    # both of class 0's means move by its item's drift (0, 2); class 1's item did not move
+    assert rows.tolist() == [[1.0, 2.0], [0.0, 3.0], [1.0, 1.0]]
+
+
+def test_task_means_round_trip_and_read_a_state_of_one_mean_per_class():
+    means = TaskClassMeans(max_classes=3, dim=2, sigma=0.3, per_class=2)
+    means.add(
+        torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0]]),
+        torch.tensor([0, 0, 2]),
+        ["a", "b", None],
+    )
+    copy = TaskClassMeans(max_classes=3, dim=2, sigma=0.3, per_class=2)
+    copy.load_state_dict(means.state_dict())
+    assert torch.equal(copy.means, means.means)
+    assert copy.keys == means.keys
+    copy.add(torch.tensor([[0.0, 1.0]]), torch.tensor([0]), ["b"])
+    assert copy.counts.tolist() == [1, 2, 0, 0, 1, 0]
+    with pytest.raises(ValueError, match="do not fit"):
+        TaskClassMeans(max_classes=3, dim=2, sigma=0.3, per_class=3).load_state_dict(
+            means.state_dict()
+        )
+    # a checkpoint of one mean per class (before means were kept per task)
+    old = RunningClassMeans(max_classes=3, dim=2, sigma=0.3)
+    old.add(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 2]))
+    upgraded = TaskClassMeans(max_classes=3, dim=2, sigma=0.3, per_class=2)
+    upgraded.load_state_dict(old.state_dict())
+    assert upgraded.class_means().labels.tolist() == [0, 2]
+    assert upgraded.mean_of(2).tolist() == [0.0, 2.0]
+    upgraded.add(torch.tensor([[0.0, 4.0]]), torch.tensor([2]))  # unnamed: joins it
+    assert upgraded.mean_of(2).tolist() == [0.0, 3.0]
+
+
+def test_stream_means_keep_a_mean_per_class_and_task():
+    model = _model(0)
+    bank = _bank(capacity=8)
+    means = StreamClassMeans(max_classes=3, dim=8, sigma=0.3, per_class=4)
+    x = _offer(bank, model, 0, [0, 0, 1, 0])
+    means.follow(model, bank, x, torch.tensor([0, 0, 1, 0]), ["d0", "d0", "d0", "d1"])
+    read = means.means()
+    assert read.labels.tolist() == [0, 0, 1]
+    assert len(means) == 2
+    e = _embed(model, x)
+    assert torch.allclose(read.means[0], F.normalize(e[:2].mean(0), dim=0), atol=1e-6)
+    assert torch.allclose(read.means[1], e[3], atol=1e-6)

@@ -37,9 +37,16 @@ def publish_model(
     keep: int = 5,
     config: ModelSettings = CONFIG,
     classifier: str = "ncm",
+    per_task: bool = False,
 ) -> tuple[Published, StreamNet, ClassMeans, torch.Tensor]:
+    """``per_task``: class 0 has a second mean (the learner's means per class and task)."""
     model = make_model(seed, config)
     means, queries = make_means(model, seed)
+    if per_task:
+        extra = torch.nn.functional.normalize(torch.randn(1, means.means.shape[1]), dim=-1)
+        means = ClassMeans(
+            torch.cat([means.labels[:1], means.labels]), torch.cat([extra, means.means])
+        )
     manifest, tensors = bundle_parts(
         model,
         config,

@@ -31,6 +31,17 @@ def test_predictor_gives_the_learners_ncm_predictions(tmp_path: Path) -> None:
     assert np.array_equal(raw.confidences, predict_ncm(model, queries, means)[1].numpy())
 
 
+def test_a_class_with_several_means_is_served_as_the_learner_reads_it(tmp_path: Path) -> None:
+    published, model, means, queries = publish_model(tmp_path, per_task=True)
+    assert means.labels.tolist() == [0, 0, 1, 2]
+    bundle = read_bundle(published.path)
+    assert bundle.manifest["prototypes"]["classes"] == ["cat", "cat", "dog", "7"]
+    out = Predictor.load(published.path).predict(queries)
+    idx, conf = predict_ncm(model, queries, means, 0.05)
+    assert out.class_index.tolist() == idx.tolist()
+    assert np.array_equal(out.confidences, conf.numpy())
+
+
 def test_head_bundle_predicts_with_the_head(tmp_path: Path) -> None:
     published, model, _, queries = publish_model(tmp_path, classifier="head")
     out = Predictor.load(published.path).predict(queries)
