@@ -10,13 +10,17 @@ drift ``delta_i = e'_i - e_i``; each class mean moves by a weighted mean of thos
   normalised over the items (``sigma=...``);
 - class-restricted: the mean delta of the bank items of class ``c`` (``sigma=None``).
 
+:class:`TaskClassMeans` keeps such a mean per class and task (the events' ``task``), so a
+class that comes back in a new domain is not read through one average of its domains.
+
 :class:`DriftFollower` keeps sets of such means in step with an online learner: after every
 micro-batch, the bank re-encoded by the updated encoder gives the drift of the items it held
 at the previous micro-batch, then the micro-batch's events join their means under the updated
 encoder (:func:`follow_encoder`). :class:`StreamClassMeans` is the learner's: the class means
-NCM reads under ``eval.class_means: stream`` (the default), saved in the checkpoint since they
-summarise the whole stream and cannot be rebuilt from the bank. ``bench forgetting`` reads the
-same class (docs/forgetting.md, "Class means that follow the encoder").
+(per class and task) NCM reads under ``eval.class_means: stream`` (the default), saved in the
+checkpoint since they summarise the whole stream and cannot be rebuilt from the bank.
+``bench forgetting`` reads the same class (docs/forgetting.md, "Class means that follow the
+encoder", "A mean per class and task").
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from pipeline.learning.model import StreamNet
 # Bank items re-encoded per micro-batch to measure the drift: the items of the first this many
 # slots (all of a bank of up to this many items), so a large bank's cost stays bounded.
 DRIFT_PROBE_ITEMS = 1024
+# Task names a class remembers per mean it may keep (TaskClassMeans): a stream that names a new
+# task every day does not grow the key map, or the checkpoint, without bound.
+TASK_KEYS_PER_MEAN = 4
 # Bank items a learner without saved means seeds them from (the first this many slots: the
 # same on every rank, no draw), so a restart on a large bank does not re-encode all of it.
 SEED_ITEMS = 4096
@@ -164,7 +171,9 @@ class TaskClassMeans:
     means: when another task brings it, its two nearest means merge (weighted by their
     counts) to make room, and both tasks' events then join the merged one. Means are stored in
     one block of ``per_class`` rows per class, so memory is bounded by ``max_classes ×
-    per_class × dim`` whatever the number of tasks.
+    per_class × dim`` whatever the number of tasks; a class remembers which row holds which of
+    its tasks for its latest ``TASK_KEYS_PER_MEAN × per_class`` tasks (an older task that comes
+    back is placed as a new one: it opens a row or joins by a merge).
     """
 
     def __init__(
@@ -190,12 +199,18 @@ class TaskClassMeans:
         if row is not None:
             return row
         base = label * self.per_class
-        used = {r for (c, _), r in self.keys.items() if c == label}
-        free = next((base + j for j in range(self.per_class) if base + j not in used), None)
-        if free is None:
-            free = self._merge_nearest(sorted(used))
-        self.keys[(label, task)] = free
-        return free
+        block = range(base, base + self.per_class)
+        mine = [key for key in self.keys if key[0] == label]
+        if len(mine) >= TASK_KEYS_PER_MEAN * self.per_class:
+            del self.keys[mine.pop(0)]  # the class's oldest task name; its row keeps its mean
+        named = {self.keys[key] for key in mine}  # rows opened in this batch have no count yet
+        row = next((r for r in block if r not in named and int(self.counts[r]) == 0), None)
+        if row is None:
+            held = [r for r in block if int(self.counts[r]) > 0]
+            # one mean a class (per_class 1) or a block opened by this batch alone: join it
+            row = self._merge_nearest(held) if len(held) > 1 else (held or [base])[0]
+        self.keys[(label, task)] = row
+        return row
 
     def _merge_nearest(self, rows: list[int]) -> int:
         """Merge the two rows of one class whose means are nearest (cosine); the freed row."""
@@ -226,11 +241,14 @@ class TaskClassMeans:
         if labels.numel() == 0:
             return
         named = tasks if tasks is not None else [None] * labels.numel()
+        keys = list(zip(labels.tolist(), named, strict=True))
+        for key in dict.fromkeys(keys):  # open rows first: a merge re-points earlier keys
+            self._row(*key)
         rows = torch.tensor(
-            [self._row(c, t) for c, t in zip(labels.tolist(), named, strict=True)],
-            dtype=torch.long,
-            device=self.counts.device,
+            [self.keys.get(key, -1) for key in keys], dtype=torch.long, device=self.counts.device
         )
+        if bool((rows < 0).any()):  # a batch naming more new tasks of a class than it keeps
+            rows = torch.tensor([self._row(*key) for key in keys], device=self.counts.device)
         sums = self.means * self.counts[:, None]
         sums.index_add_(0, rows, embeddings.float().to(self.means.device))
         self.counts.index_add_(0, rows, torch.ones_like(rows))

@@ -13,6 +13,7 @@ from kafka import KafkaProducer
 from consumers.admin import ensure_topics
 from consumers.testing import read_topic_json
 from pipeline.config import Settings, load_settings
+from pipeline.learner.checkpoint import load_latest
 from pipeline.learner.loop import RunLimits, run_learner
 
 pytestmark = pytest.mark.integration
@@ -50,12 +51,12 @@ def _settings(bootstrap: str, redis_url: str, unique: str, tmp_path, **extra: st
     return load_settings(None, [f"{k}={v}" for k, v in overrides.items()], environ={})
 
 
-def _event(i: int, label: object = "auto", dim: int = DIM) -> dict:
+def _event(i: int, label: object = "auto", dim: int = DIM, task: int = 0) -> dict:
     return {
         "id": f"e{i}",
         "features": [((i * 7 + j) % 11) / 11 for j in range(dim)],
         "label": (i % 3) if label == "auto" else label,
-        "task": 0,
+        "task": task,
     }
 
 
@@ -142,13 +143,26 @@ def test_restart_resumes_from_checkpoint_without_retraining(bootstrap, redis_url
     first = run_learner(settings, threading.Event(), _until(120))
     assert first.counters["consumed"] == 120
 
+    saved = load_latest(settings.checkpoint_dir)
+    assert saved is not None
+    assert saved.class_means is not None
+    assert sorted(key[:2] for key in saved.class_means["keys"]) == [[0, "0"], [1, "0"], [2, "0"]]
+
     time.sleep(0.5)  # stagger group membership changes (broker quirk, see DESIGN.md)
-    _produce(bootstrap, k.events_topic, [orjson.dumps(_event(i)) for i in range(120, 180)])
+    # the same classes come back under a new task (a new domain of the stream)
+    later = [orjson.dumps(_event(i, task=1)) for i in range(120, 180)]
+    _produce(bootstrap, k.events_topic, later)
     second = run_learner(settings, threading.Event(), _until(60))
     # Counters continue from the checkpoint; only the 60 new events were consumed.
     assert second.counters["consumed"] == 180
     assert second.steps > first.steps
     assert second.bank_size <= 64
+    # the resumed class means kept task 0's and opened one per class for task 1
+    resumed = load_latest(settings.checkpoint_dir)
+    assert resumed is not None
+    assert resumed.class_means is not None
+    keys = sorted(key[:2] for key in resumed.class_means["keys"])
+    assert keys == [[c, t] for c in range(3) for t in ("0", "1")]
 
 
 def test_configured_objective_policy_and_unlabeled_training(

@@ -124,8 +124,12 @@ def test_calibration_and_metrics_round_trip_and_older_files_load(tmp_path):
 def test_stream_class_means_round_trip_and_older_files_have_none(tmp_path):
     from pipeline.learning.drift import StreamClassMeans
 
-    means = StreamClassMeans(max_classes=3, dim=2, sigma=0.3)
-    means.running.add(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 2]))
+    means = StreamClassMeans(max_classes=3, dim=2, sigma=0.3, per_class=2)
+    means.running.add(
+        torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]),
+        torch.tensor([0, 2, 0]),
+        ["a", "7", None],
+    )
     means.follower.load_previous_state({"ids": ["x", "y"], "embeddings": torch.eye(2)}, "cpu")
     ckpt = _ckpt(1)
     ckpt.class_means = means.state_dict()
@@ -133,9 +137,10 @@ def test_stream_class_means_round_trip_and_older_files_have_none(tmp_path):
     restored = load_latest(tmp_path)
     assert restored is not None
     assert restored.class_means is not None
-    again = StreamClassMeans(max_classes=3, dim=2, sigma=0.3)
+    again = StreamClassMeans(max_classes=3, dim=2, sigma=0.3, per_class=2)
     again.load_state_dict(restored.class_means)
-    assert again.means().labels.tolist() == [0, 2]
+    assert again.means().labels.tolist() == [0, 0, 2]  # class 0 under task "a" and unnamed
+    assert again.running.keys == means.running.keys
     assert torch.equal(again.means().means, means.means().means)
     assert again.follower.previous_state()["ids"] == ["x", "y"]
     payload = _ckpt(2).to_payload()

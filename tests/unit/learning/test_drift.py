@@ -14,6 +14,7 @@ from memory_bank.index import TorchIndex
 from memory_bank.testing import InMemoryBankStore
 from pipeline.config import ModelSettings
 from pipeline.learning.drift import (
+    TASK_KEYS_PER_MEAN,
     DriftFollower,
     RunningClassMeans,
     StreamClassMeans,
@@ -323,3 +324,38 @@ def test_stream_means_keep_a_mean_per_class_and_task():
     e = _embed(model, x)
     assert torch.allclose(read.means[0], F.normalize(e[:2].mean(0), dim=0), atol=1e-6)
     assert torch.allclose(read.means[1], e[3], atol=1e-6)
+
+
+def test_one_mean_a_class_takes_every_task_into_it():
+    single = RunningClassMeans(max_classes=2, dim=2, sigma=0.3)
+    per_class_1 = TaskClassMeans(max_classes=2, dim=2, sigma=0.3, per_class=1)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    y = torch.tensor([0, 0, 1])
+    for means in (single, per_class_1):
+        means.add(x, y, ["a", "b", "c"])
+        means.add(x, y, ["d", "a", None])
+    assert torch.equal(per_class_1.means, single.means)
+    assert per_class_1.counts.tolist() == [4, 2]
+
+
+def test_new_tasks_in_one_batch_each_get_a_row_and_a_merge_keeps_earlier_events_in_place():
+    means = TaskClassMeans(max_classes=1, dim=2, sigma=0.3, per_class=2)
+    batch = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    means.add(batch, torch.tensor([0, 0]), ["a", "b"])
+    assert means.counts.tolist() == [1, 1]  # two rows, not both tasks in one
+    # a batch with old task a, then new task c: the block is full, a and b merge, c gets the
+    # freed row, and a's event of this batch joins the merged row, not c's
+    means.add(torch.tensor([[1.0, 0.0], [0.0, -1.0]]), torch.tensor([0, 0]), ["a", "c"])
+    assert means.counts.tolist() == [3, 1]
+    assert means.means[1].tolist() == [0.0, -1.0]
+    assert means.means[0].tolist() == pytest.approx([2 / 3, 1 / 3])
+
+
+def test_a_class_remembers_a_bounded_number_of_task_names():
+    means = TaskClassMeans(max_classes=1, dim=2, sigma=0.3, per_class=2)
+    for day in range(50):  # a task per day
+        means.add(torch.tensor([[1.0, float(day % 3)]]), torch.tensor([0]), [f"day{day}"])
+    assert len(means.keys) == TASK_KEYS_PER_MEAN * 2
+    assert int(means.counts.sum()) == 50
+    assert (0, "day49") in means.keys
+    assert (0, "day0") not in means.keys
