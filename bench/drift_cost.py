@@ -5,9 +5,12 @@ items of 10 classes, then, per micro-batch of new events, times the learner's tw
 alternated on the same state: ``learn_batch`` (the default SupCon training: 5 steps, 64
 class-balanced replay items + 16 hard negatives) and ``StreamClassMeans.follow`` (re-encode
 the items of the first ``eval.drift_probe_items`` slots, move the means, take in the batch).
-Prints one JSON line per capacity.
+Prints one JSON line per capacity. ``--tasks N`` names N tasks, every class in each (the
+micro-batches cycle through them), so the follow moves up to ``N`` means a class (at most
+``eval.means_per_class``): the cost of keeping a mean per class and task.
 
     PYTHONPATH=. .venv/bin/python bench/drift_cost.py --capacities 200,2000,100000
+    PYTHONPATH=. .venv/bin/python bench/drift_cost.py --capacities 2000 --classes 100 --tasks 8
 """
 
 from __future__ import annotations
@@ -28,15 +31,15 @@ from pipeline.learning.drift import StreamClassMeans
 from pipeline.learning.model import StreamNet
 from pipeline.learning.step import make_state
 
-CLASSES = 10
 
-
-def _batch(n: int, model_cfg: ModelSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    labels = torch.randint(0, CLASSES, (n,))
+def _batch(n: int, classes: int, model_cfg: ModelSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = torch.randint(0, classes, (n,))
     return torch.rand(n, model_cfg.input_dim) + labels[:, None] * 0.1, labels
 
 
-def measure(capacity: int, batches: int, batch: int) -> dict[str, float]:
+def measure(
+    capacity: int, batches: int, batch: int, classes: int = 10, tasks: int = 1
+) -> dict[str, float]:
     """Median ms per micro-batch of training and of the follow, on a full bank."""
     torch.manual_seed(0)
     model_cfg = ModelSettings(input_dim=64, max_classes=100)
@@ -57,35 +60,39 @@ def measure(capacity: int, batches: int, batch: int) -> dict[str, float]:
         model_cfg.embed_dim,
         eval_cfg.drift_sigma,
         eval_cfg.drift_probe_items,
+        per_class=eval_cfg.means_per_class,
     )
     filled = 0
     while len(bank) < capacity:
-        x, y = _batch(1000, model_cfg)
+        x, y = _batch(1000, classes, model_cfg)
         with torch.no_grad():
             embeddings = model.embed(x)
         ids = [f"fill{filled}-{i}" for i in range(len(y))]
         bank.add(ids, x, y, [f"c{int(c)}" for c in y], embeddings, [None] * len(y))
         filled += 1
     seen = torch.zeros(model_cfg.max_classes, dtype=torch.bool)
-    seen[:CLASSES] = True
+    seen[:classes] = True
     generator = torch.Generator().manual_seed(0)
     train_ms: list[float] = []
     follow_ms: list[float] = []
     for b in range(batches):
-        x, y = _batch(batch, model_cfg)
+        x, y = _batch(batch, classes, model_cfg)
         ids = [f"new{b}-{i}" for i in range(batch)]
         items = (ids, [f"c{int(c)}" for c in y], [None] * batch)
         started = time.perf_counter()
         learn_batch(state, bank, train_cfg, x, y, seen, generator, items)
         train_ms.append(1000 * (time.perf_counter() - started))
         started = time.perf_counter()
-        means.follow(model, bank, x, y)
+        means.follow(model, bank, x, y, [f"task{b % tasks}"] * batch)
         follow_ms.append(1000 * (time.perf_counter() - started))
     train, follow = statistics.median(train_ms[2:]), statistics.median(follow_ms[2:])
     return {
         "capacity": capacity,
         "probe_items": min(capacity, eval_cfg.drift_probe_items),
         "batch": batch,
+        "classes": classes,
+        "tasks": tasks,
+        "means": len(means.means()),
         "train_ms_per_batch": round(train, 2),
         "follow_ms_per_batch": round(follow, 2),
         "follow_over_train": round(follow / train, 3),
@@ -98,10 +105,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--tasks", type=int, default=1, help="task names the batches cycle")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for capacity in (int(c) for c in args.capacities.split(",")):
-        print(json.dumps(measure(capacity, args.batches, args.batch)), flush=True)
+        result = measure(capacity, args.batches, args.batch, args.classes, args.tasks)
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

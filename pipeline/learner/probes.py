@@ -143,7 +143,7 @@ def calibrate_ncm(
     parameter, so the optimism is small); ``supcon-stream predict`` on a held-out file gives
     the out-of-sample figure.
     """
-    if len(means) < 2 or feats.shape[0] == 0:
+    if means.classes.numel() < 2 or feats.shape[0] == 0:
         return None
     cosines = ncm_logits(ctx.state.model, feats, means)
     keep, columns = targets_in(means.classes, truth)
