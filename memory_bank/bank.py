@@ -479,3 +479,7 @@ class MemoryBank:
     def slot_ids(self, slots: torch.Tensor) -> list[str | None]:
         """Event ids held by ``slots`` (None for empty slots)."""
         return [self._reservoir.id_at(slot) for slot in slots.tolist()]
+
+    def slot_tasks(self, slots: torch.Tensor) -> list[str | None]:
+        """The tasks of the items held by ``slots`` (None for an item without one)."""
+        return [self._mirror.tasks[slot] for slot in slots.tolist()]

@@ -477,12 +477,12 @@ class StreamClassMeans:
     def seed(self, model: StreamNet, bank: MemoryBank) -> None:
         """Start from the bank's items under ``model`` (a learner resuming without saved
         means: a checkpoint written before they existed, or a bank kept across a reset); from
-        those of the first :data:`SEED_ITEMS` slots of a larger bank. One mean per class: the
-        items' tasks are not read."""
-        _, feats, labels = bank.occupied(below=SEED_ITEMS)
+        those of the first :data:`SEED_ITEMS` slots of a larger bank; a mean per class and
+        task the items name."""
+        slots, feats, labels = bank.occupied(below=SEED_ITEMS)
         if labels.numel():
             model.eval()
-            self.running.add(unit_embeddings(model, feats), labels)
+            self.running.add(unit_embeddings(model, feats), labels, bank.slot_tasks(slots))
 
     def means(self) -> ClassMeans:
         return self.running.class_means()

@@ -137,7 +137,13 @@ def _bank(capacity: int) -> MemoryBank:
     return MemoryBank(InMemoryBankStore(), TorchIndex(8), capacity, INPUT, 8, "cpu", seed=0)
 
 
-def _offer(bank: MemoryBank, model: StreamNet, start: int, labels: list[int]) -> torch.Tensor:
+def _offer(
+    bank: MemoryBank,
+    model: StreamNet,
+    start: int,
+    labels: list[int],
+    tasks: list[str | None] | None = None,
+) -> torch.Tensor:
     x = torch.randn(len(labels), INPUT, generator=torch.Generator().manual_seed(start))
     ids = [f"e{start + i}" for i in range(len(labels))]
     with torch.no_grad():
@@ -147,7 +153,7 @@ def _offer(bank: MemoryBank, model: StreamNet, start: int, labels: list[int]) ->
             torch.tensor(labels),
             [f"c{c}" for c in labels],
             model.embed(x),
-            [None] * len(labels),
+            tasks if tasks is not None else [None] * len(labels),
         )
     return x
 
@@ -215,6 +221,19 @@ def test_stream_means_seeded_from_the_bank_are_its_class_means():
     bank_means = class_means(model, x, torch.tensor([0, 1, 1, 2]))
     assert seeded.labels.tolist() == bank_means.labels.tolist() == [0, 1, 2]
     assert torch.allclose(seeded.means, bank_means.means, atol=1e-6)
+
+
+def test_stream_means_seeded_from_the_bank_keep_its_items_tasks_apart():
+    model = _model(0)
+    bank = _bank(capacity=8)
+    x = _offer(bank, model, 0, [0, 0, 0, 1], ["a", "b", "a", "b"])
+    means = StreamClassMeans(max_classes=3, dim=8, sigma=0.3, per_class=2)
+    means.seed(model, bank)
+    seeded = means.means()
+    assert seeded.labels.tolist() == [0, 0, 1]
+    e = _embed(model, x)
+    assert torch.allclose(seeded.means[0], F.normalize(e[[0, 2]].mean(0), dim=0), atol=1e-6)
+    assert torch.allclose(seeded.means[1], e[1], atol=1e-6)
 
 
 def test_task_means_of_one_task_a_class_are_the_running_means_exactly():
