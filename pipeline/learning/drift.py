@@ -244,11 +244,10 @@ class TaskClassMeans:
         keys = list(zip(labels.tolist(), named, strict=True))
         for key in dict.fromkeys(keys):  # open rows first: a merge re-points earlier keys
             self._row(*key)
-        rows = torch.tensor(
-            [self.keys.get(key, -1) for key in keys], dtype=torch.long, device=self.counts.device
-        )
-        if bool((rows < 0).any()):  # a batch naming more new tasks of a class than it keeps
-            rows = torch.tensor([self._row(*key) for key in keys], device=self.counts.device)
+        looked = [self.keys.get(key) for key in keys]
+        if None in looked:  # a batch naming more new tasks of a class than it remembers
+            looked = [self._row(*key) for key in keys]
+        rows = torch.tensor(looked, dtype=torch.long, device=self.counts.device)
         sums = self.means * self.counts[:, None]
         sums.index_add_(0, rows, embeddings.float().to(self.means.device))
         self.counts.index_add_(0, rows, torch.ones_like(rows))

@@ -378,3 +378,13 @@ def test_a_class_remembers_a_bounded_number_of_task_names():
     assert int(means.counts.sum()) == 50
     assert (0, "day49") in means.keys
     assert (0, "day0") not in means.keys
+
+
+def test_a_batch_naming_more_new_tasks_than_a_class_remembers_loses_no_event():
+    means = TaskClassMeans(max_classes=1, dim=2, sigma=0.3, per_class=1)
+    n = TASK_KEYS_PER_MEAN + 2  # task names the class cannot all remember
+    x = torch.tensor([[1.0, float(i)] for i in range(n)])
+    means.add(x, torch.zeros(n, dtype=torch.long), [f"t{i}" for i in range(n)])
+    assert means.counts.tolist() == [n]
+    assert means.means[0].tolist() == pytest.approx(x.mean(dim=0).tolist())
+    assert len(means.keys) == TASK_KEYS_PER_MEAN
