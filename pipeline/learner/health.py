@@ -64,6 +64,9 @@ class HealthBoard:
         self._ready = dict.fromkeys(READINESS, False)
         self._render_metrics: Callable[[], bytes] | None = None
         self._lock = threading.Lock()
+        # One writer at a time: the background writer and a reported change share the temp
+        # file, and a write that snapshot the state before a change must not land after it.
+        self._write_lock = threading.Lock()
         self._components: dict[str, dict[str, Any]] = {}
         self._progress: dict[str, Any] = {}
         self._state = "starting"
@@ -180,9 +183,10 @@ class HealthBoard:
             return
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(orjson.dumps(self.snapshot(), option=orjson.OPT_INDENT_2))
-            os.replace(tmp, self.path)
+            with self._write_lock:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_bytes(orjson.dumps(self.snapshot(), option=orjson.OPT_INDENT_2))
+                os.replace(tmp, self.path)
         except OSError as exc:  # health reporting must never stop the learner
             log.warning("cannot write the health file", path=str(self.path), error=str(exc))
 

@@ -173,3 +173,22 @@ def test_metrics_path_serves_the_renderer_and_404_without_one() -> None:
         assert _get(url) == (200, b"supcon_x 1.0\n")
     finally:
         board.close()
+
+
+def test_a_reported_change_is_on_file_when_the_report_returns_despite_the_writer(
+    tmp_path: Path,
+) -> None:
+    """The background writer rewrites the file constantly; a change's own write must not be
+    overtaken by a write of the state before it (they share the temp file)."""
+    board = HealthBoard("l3", health_path(tmp_path / "l3"))
+    redis = board.reporter("redis")
+    board.set_state("running")
+    board.start(every_s=0.0)  # write as fast as it can
+    try:
+        for _ in range(200):
+            redis("Connection refused")
+            assert json.loads(health_path(tmp_path / "l3").read_text())["status"] == "degraded"
+            redis(None)
+            assert json.loads(health_path(tmp_path / "l3").read_text())["status"] == "running"
+    finally:
+        board.close()
