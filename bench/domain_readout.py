@@ -69,16 +69,12 @@ from pipeline.devtools.bench.forgetting import (
 )
 from pipeline.devtools.bench.slda import RunningLDA, Shrinkage, discriminant, predict_lda
 from pipeline.learning.batch import learn_batch
-from pipeline.learning.drift import (
-    DriftFollower,
-    RunningClassMeans,
-    TaskClassMeans,
-    follow_encoder,
-)
+from pipeline.learning.drift import DriftFollower, RunningClassMeans, follow_encoder
 from pipeline.learning.inference import ClassMeans, class_means, predict_head, predict_ncm
 from pipeline.learning.model import StreamNet
 from pipeline.learning.objectives import natural_classifier
 from pipeline.learning.step import make_state
+from pipeline.learning.stream_means import TaskClassMeans
 from pipeline.streams.scenarios import gaussian_drift
 
 

@@ -27,9 +27,9 @@ from memory_bank.index import make_index
 from memory_bank.testing import InMemoryBankStore
 from pipeline.config import EvalSettings, ModelSettings, TrainSettings
 from pipeline.learning.batch import learn_batch
-from pipeline.learning.drift import StreamClassMeans
 from pipeline.learning.model import StreamNet
 from pipeline.learning.step import make_state
+from pipeline.learning.stream_means import StreamClassMeans
 
 
 def _batch(n: int, classes: int, model_cfg: ModelSettings) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ weigh the candidates' embeddings (:class:`EmbeddingVictims`, the reservoir's vic
   item the class held).
 - ``stream_mean`` evicts the item whose removal brings the mean of the class's remaining items
   closest to a *target*: the class's running mean over the whole stream, which the learner
-  keeps under ``eval.class_means: stream`` (pipeline/learning/drift.py) and hands the bank
+  keeps under ``eval.class_means: stream`` (pipeline/learning/stream_means.py) and hands the bank
   with :meth:`EmbeddingVictims.set_target`; a class without a target falls back to
   ``mean_preserving``. With two items per class the mean-preserving rule always evicts the
   most central of three and keeps the two least typical; the stream's mean keeps the pair

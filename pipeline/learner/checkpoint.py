@@ -50,7 +50,7 @@ class Checkpoint:
     # single learner). Model, optimizer and offsets above are the group's.
     ranks: list[dict[str, Any]] = field(default_factory=list)
     # eval.class_means: stream: the running class means, their counts and the bank items'
-    # embeddings at the last micro-batch (pipeline/learning/drift.py); None otherwise and in
+    # embeddings at the last micro-batch (pipeline/learning/stream_means.py); None otherwise and in
     # older files
     class_means: dict[str, Any] | None = None
 

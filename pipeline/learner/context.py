@@ -22,10 +22,10 @@ from pipeline.learner.exposition import LearnerExposition
 from pipeline.learner.health import HealthBoard
 from pipeline.learner.ledger import TrainedLedger
 from pipeline.learner.probes import ProbeSet
-from pipeline.learning.drift import StreamClassMeans
 from pipeline.learning.inference import NCM_TEMPERATURE, ClassMeans
 from pipeline.learning.labels import LabelRegistry
 from pipeline.learning.step import TrainState
+from pipeline.learning.stream_means import StreamClassMeans
 from pipeline.telemetry.channel import TelemetryWriter
 
 if TYPE_CHECKING:

@@ -3,7 +3,7 @@
 ``eval.classifier`` picks the classifier (by default the objective's natural one: NCM, the
 head for ce and focal). NCM's class means are, under ``eval.class_means: stream`` (the
 default), running means of the stream that follow the encoder (:func:`follow_stream` after
-every learned micro-batch, :mod:`pipeline.learning.drift`); under ``bank``, the bank's items
+every learned micro-batch, :mod:`pipeline.learning.stream_means`); under ``bank``, the bank's items
 re-encoded every ``eval.prediction_refresh_steps``. Predictions of unlabeled events go to
 ``kafka.predictions_topic``.
 """
@@ -18,9 +18,9 @@ import torch
 from consumers.events import EventBatch
 from memory_bank.eviction import TARGETED_EVICTIONS
 from pipeline.config import Settings
-from pipeline.learning.drift import StreamClassMeans
 from pipeline.learning.inference import ClassMeans, class_means, predict_head, predict_ncm
 from pipeline.learning.objectives import chosen_classifier
+from pipeline.learning.stream_means import StreamClassMeans
 
 if TYPE_CHECKING:
     from pipeline.learner.context import LearnerContext

@@ -19,8 +19,8 @@ NCM_TEMPERATURE = 0.1  # softmax temperature turning cosine similarities into a 
 @dataclass(frozen=True, slots=True)
 class ClassMeans:
     """NCM's prototypes: unit rows ``means [p, embed_dim]``, row ``i`` of class ``labels[i]``.
-    A class may own several rows (its means per task, :class:`pipeline.learning.drift.
-    TaskClassMeans`); NCM scores a class by its nearest row."""
+    A class may own several rows (its means per task, :class:`pipeline.learning.
+    stream_means.TaskClassMeans`); NCM scores a class by its nearest row."""
 
     labels: torch.Tensor  # [p] class indices
     means: torch.Tensor  # [p, embed_dim], L2-normalised

@@ -53,15 +53,11 @@ from pipeline.devtools.bench.readouts import (
     score_test_set,
 )
 from pipeline.learning.batch import learn_batch
-from pipeline.learning.drift import (
-    DriftFollower,
-    RunningClassMeans,
-    TaskClassMeans,
-    follow_encoder,
-)
+from pipeline.learning.drift import DriftFollower, RunningClassMeans, follow_encoder
 from pipeline.learning.model import StreamNet
 from pipeline.learning.objectives import natural_classifier
 from pipeline.learning.step import StepInputs, make_state, train_step
+from pipeline.learning.stream_means import TaskClassMeans
 from pipeline.quality import ForgettingTracker
 from pipeline.streams.scenarios import SPLIT_DIGITS_TASKS
 

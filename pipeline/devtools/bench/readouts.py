@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import EvalSettings, TrainSettings
-from pipeline.learning.drift import DriftFollower, RunningClassMeans, TaskClassMeans
+from pipeline.learning.drift import DriftFollower, RunningClassMeans
 from pipeline.learning.inference import class_means, predict_ensemble, predict_head, predict_ncm
 from pipeline.learning.model import StreamNet
 from pipeline.learning.objectives import HEAD_TERMS, loss_weights, natural_classifier
+from pipeline.learning.stream_means import TaskClassMeans
 from pipeline.quality import expected_calibration_error
 
 # The read-out of the weight average (``BenchConfig.ema_decay``): the natural classifier, read

@@ -122,7 +122,7 @@ def test_calibration_and_metrics_round_trip_and_older_files_load(tmp_path):
 
 
 def test_stream_class_means_round_trip_and_older_files_have_none(tmp_path):
-    from pipeline.learning.drift import StreamClassMeans
+    from pipeline.learning.stream_means import StreamClassMeans
 
     means = StreamClassMeans(max_classes=3, dim=2, sigma=0.3, per_class=2)
     means.running.add(

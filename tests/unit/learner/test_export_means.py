@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.learner.exporting import with_stream_means
-from pipeline.learning.drift import RunningClassMeans, TaskClassMeans
+from pipeline.learning.drift import RunningClassMeans
 from pipeline.learning.inference import ClassMeans
+from pipeline.learning.stream_means import TaskClassMeans
 
 
 def test_every_mean_of_a_stream_class_and_the_banks_for_the_rest():

@@ -13,16 +13,10 @@ from memory_bank.bank import MemoryBank
 from memory_bank.index import TorchIndex
 from memory_bank.testing import InMemoryBankStore
 from pipeline.config import ModelSettings
-from pipeline.learning.drift import (
-    TASK_KEYS_PER_MEAN,
-    DriftFollower,
-    RunningClassMeans,
-    StreamClassMeans,
-    TaskClassMeans,
-    drift_shift,
-)
+from pipeline.learning.drift import DriftFollower, RunningClassMeans, drift_shift
 from pipeline.learning.inference import class_means
 from pipeline.learning.model import StreamNet
+from pipeline.learning.stream_means import TASK_KEYS_PER_MEAN, StreamClassMeans, TaskClassMeans
 
 
 def test_class_restricted_shift_is_the_mean_drift_of_the_class_items():
