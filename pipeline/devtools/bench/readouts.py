@@ -97,10 +97,11 @@ def drift_sets(
     sets: dict[str, RunningClassMeans | TaskClassMeans] = {
         name: RunningClassMeans(max_classes, dim, sigma) for name, sigma in sigmas.items()
     }
-    if "ncm" in sets:  # the learner's own: a mean per class and task
-        sets["ncm"] = TaskClassMeans(
-            max_classes, dim, eval_cfg.drift_sigma, eval_cfg.means_per_class
-        )
+    for name in ("ncm", STREAM_READOUT):  # the learner's stream means: per class and task
+        if name in sets:
+            sets[name] = TaskClassMeans(
+                max_classes, dim, eval_cfg.drift_sigma, eval_cfg.means_per_class
+            )
     return DriftFollower(sets)
 
 

@@ -26,8 +26,11 @@ from pipeline.devtools.bench.forgetting import (
     stream_order,
 )
 from pipeline.devtools.bench.forgetting_report import interval, write_report
+from pipeline.devtools.bench.readouts import CLASS_DRIFT_READOUT, STREAM_READOUT, drift_sets
 from pipeline.exceptions import ConfigError
+from pipeline.learning.drift import RunningClassMeans
 from pipeline.learning.model import StreamNet
+from pipeline.learning.stream_means import TaskClassMeans
 
 TINY = BenchConfig(
     memories=(20,),
@@ -257,3 +260,18 @@ def test_the_benchmarks_learner_keeps_a_mean_per_class_and_task() -> None:
     assert drift is not None
     follow(torch.randn(5, 4), torch.tensor([0, 1, 0, 0, 1]), ["a", "a", "b", "b", "a"])
     assert drift.means["ncm"].class_means().labels.tolist() == [0, 0, 1]
+
+
+def test_the_stream_means_read_out_beside_the_bank_is_the_learners_kind() -> None:
+    """Under ``eval.class_means: bank`` the ``ncm_stream`` read-out is what ``stream`` would
+    give the learner: a mean per class and task; ``sdc_class`` stays one mean a class."""
+    sets = drift_sets(
+        ("ncm", STREAM_READOUT, CLASS_DRIFT_READOUT),
+        EvalSettings(class_means="bank"),
+        3,
+        4,
+    )
+    assert sets is not None
+    assert isinstance(sets.means[STREAM_READOUT], TaskClassMeans)
+    assert isinstance(sets.means[CLASS_DRIFT_READOUT], RunningClassMeans)
+    assert "ncm" not in sets.means  # NCM reads the bank there
