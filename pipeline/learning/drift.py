@@ -80,8 +80,12 @@ def fold_into(
 class RunningClassMeans:
     """Per class, the running mean of the embeddings added to it, optionally moved by SDC.
 
-    ``compensate=False`` keeps the stale means (each embedding as it was when added).
+    ``compensate=False`` keeps the stale means (each embedding as it was when added). One row
+    per class; a subclass holding several rows per class names each row's class
+    (:meth:`_row_classes`).
     """
+
+    SHAPE = "model.max_classes x model.embed_dim"  # what a saved state's shape must match
 
     def __init__(
         self,
@@ -116,20 +120,26 @@ class RunningClassMeans:
         device = self.means.device
         self.means[seen] += drift_shift(
             self.means[seen],
-            seen,
+            self._row_classes(seen),
             before.float().to(device),
             after.float().to(device),
             labels.to(device),
             self.sigma,
         )
 
+    def _row_classes(self, rows: torch.Tensor) -> torch.Tensor:
+        """The class of each row: the row itself, one row a class."""
+        return rows
+
     def seen(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(labels ``[k]``, means ``[k, d]``) of the classes with at least one embedding."""
+        """(class ``[k]``, mean ``[k, d]``) of every row with at least one embedding, in row
+        order."""
         seen = torch.nonzero(self.counts > 0).squeeze(1)
-        return seen, self.means[seen]
+        return self._row_classes(seen), self.means[seen]
 
     def class_means(self) -> ClassMeans:
-        """The seen classes' means as unit vectors: what :func:`predict_ncm` reads."""
+        """The seen rows' means as unit vectors, labeled with their classes: what
+        :func:`predict_ncm` reads."""
         labels, rows = self.seen()
         return ClassMeans(labels, F.normalize(rows, dim=-1))
 
@@ -142,15 +152,15 @@ class RunningClassMeans:
         self.means.zero_()
         self.counts.zero_()
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, Any]:
         return {"means": self.means.cpu().clone(), "counts": self.counts.cpu().clone()}
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         means, counts = state["means"], state["counts"]
         if tuple(means.shape) != tuple(self.means.shape) or counts.shape != self.counts.shape:
             raise ValueError(
                 f"saved class means of shape {tuple(means.shape)} do not fit "
-                f"{tuple(self.means.shape)} (model.max_classes x model.embed_dim)"
+                f"{tuple(self.means.shape)} ({self.SHAPE})"
             )
         self.means.copy_(means)
         self.counts.copy_(counts)

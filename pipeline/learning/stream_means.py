@@ -21,7 +21,7 @@ from memory_bank.bank import MemoryBank
 from pipeline.learning.drift import (
     DRIFT_PROBE_ITEMS,
     DriftFollower,
-    drift_shift,
+    RunningClassMeans,
     fold_into,
     follow_encoder,
 )
@@ -36,7 +36,7 @@ TASK_KEYS_PER_MEAN = 4
 SEED_ITEMS = 4096
 
 
-class TaskClassMeans:
+class TaskClassMeans(RunningClassMeans):
     """Per class, one running mean for each task its events name, moved by SDC.
 
     The events' ``task`` keys the means: a class whose events all carry one task (a
@@ -52,6 +52,8 @@ class TaskClassMeans:
     back is placed as a new one: it opens a row or joins by a merge).
     """
 
+    SHAPE = "model.max_classes x eval.means_per_class x model.embed_dim"
+
     def __init__(
         self,
         max_classes: int,
@@ -62,12 +64,14 @@ class TaskClassMeans:
     ) -> None:
         if per_class < 1:
             raise ValueError(f"per_class must be at least 1, not {per_class}")
+        super().__init__(max_classes * per_class, dim, sigma, device=device)
         self.max_classes = max_classes
         self.per_class = per_class
-        self.means = torch.zeros(max_classes * per_class, dim, device=device)
-        self.counts = torch.zeros(max_classes * per_class, dtype=torch.long, device=device)
-        self.sigma = sigma
         self.keys: dict[tuple[int, str | None], int] = {}  # (class, task) -> row
+
+    def _row_classes(self, rows: torch.Tensor) -> torch.Tensor:
+        """Class ``c`` holds rows ``c × per_class`` to ``(c + 1) × per_class - 1``."""
+        return rows // self.per_class
 
     def _row(self, label: int, task: str | None) -> int:
         """The row of ``(label, task)``, opened (or made by a merge) on its first event."""
@@ -126,32 +130,6 @@ class TaskClassMeans:
         rows = torch.tensor(looked, dtype=torch.long, device=self.counts.device)
         fold_into(self.means, self.counts, rows, embeddings)
 
-    def compensate(self, before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor) -> None:
-        """Move every mean by the drift the items ``before -> after`` measure (class-restricted
-        under ``sigma=None``: a mean moves with its class's items)."""
-        seen = torch.nonzero(self.counts > 0).squeeze(1)
-        device = self.means.device
-        self.means[seen] += drift_shift(
-            self.means[seen],
-            seen // self.per_class,
-            before.float().to(device),
-            after.float().to(device),
-            labels.to(device),
-            self.sigma,
-        )
-
-    def seen(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(class ``[k]``, mean ``[k, d]``) of every mean holding an embedding, in class order
-        (a class may appear several times)."""
-        rows = torch.nonzero(self.counts > 0).squeeze(1)
-        return rows // self.per_class, self.means[rows]
-
-    def class_means(self) -> ClassMeans:
-        """Every mean as a unit vector, labeled with its class: what :func:`predict_ncm`
-        reads (the nearest of a class's means decides)."""
-        labels, rows = self.seen()
-        return ClassMeans(labels, F.normalize(rows, dim=-1))
-
     def classes(self) -> int:
         """How many classes hold at least one mean."""
         return int((self.counts.view(self.max_classes, self.per_class) > 0).any(dim=1).sum())
@@ -172,8 +150,7 @@ class TaskClassMeans:
         return (weights[:, None] * rows).sum(dim=0) / weights.sum()
 
     def reset(self) -> None:
-        self.means.zero_()
-        self.counts.zero_()
+        super().reset()
         self.keys.clear()
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -182,28 +159,15 @@ class TaskClassMeans:
 
     def state_dict(self) -> dict[str, Any]:
         keys = [[label, task, row] for (label, task), row in self.keys.items()]
-        return {
-            "means": self.means.cpu().clone(),
-            "counts": self.counts.cpu().clone(),
-            "keys": keys,
-            "per_class": self.per_class,
-        }
+        return {**super().state_dict(), "keys": keys, "per_class": self.per_class}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """A saved state of the same shape; or one mean per class (a checkpoint written before
         means were kept per task), each then the class's mean of unnamed events."""
-        means, counts = state["means"], state["counts"]
         if "keys" not in state:
-            self._load_one_per_class(means, counts)
+            self._load_one_per_class(state["means"], state["counts"])
             return
-        if tuple(means.shape) != tuple(self.means.shape) or counts.shape != self.counts.shape:
-            raise ValueError(
-                f"saved class means of shape {tuple(means.shape)} do not fit "
-                f"{tuple(self.means.shape)} (model.max_classes x eval.means_per_class x "
-                "model.embed_dim)"
-            )
-        self.means.copy_(means)
-        self.counts.copy_(counts)
+        super().load_state_dict(state)
         self.keys = {(int(c), None if t is None else str(t)): int(r) for c, t, r in state["keys"]}
 
     def _load_one_per_class(self, means: torch.Tensor, counts: torch.Tensor) -> None:

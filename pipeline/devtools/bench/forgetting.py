@@ -57,7 +57,6 @@ from pipeline.learning.drift import DriftFollower, RunningClassMeans, follow_enc
 from pipeline.learning.model import StreamNet
 from pipeline.learning.objectives import natural_classifier
 from pipeline.learning.step import StepInputs, make_state, train_step
-from pipeline.learning.stream_means import TaskClassMeans
 from pipeline.quality import ForgettingTracker
 from pipeline.streams.scenarios import SPLIT_DIGITS_TASKS
 
@@ -377,7 +376,7 @@ def _drift_upkeep(
     model: StreamNet,
     bank: MemoryBank,
 ) -> tuple[
-    DriftFollower[RunningClassMeans | TaskClassMeans] | None,
+    DriftFollower[RunningClassMeans] | None,
     Callable[[torch.Tensor, torch.Tensor, Sequence[str | None]], None],
     Callable[[torch.Tensor, torch.Tensor, Sequence[str | None]], None],
 ]:

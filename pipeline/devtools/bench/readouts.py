@@ -42,7 +42,7 @@ def predictor(
     model: StreamNet,
     bank_x: torch.Tensor,
     bank_y: torch.Tensor,
-    drift: DriftFollower[RunningClassMeans | TaskClassMeans] | None = None,
+    drift: DriftFollower[RunningClassMeans] | None = None,
 ) -> Predictor:
     """(labels, confidences) for the test rows, given the classes seen so far (bool mask).
 
@@ -82,7 +82,7 @@ def readouts(train_cfg: TrainSettings, eval_cfg: EvalSettings) -> tuple[str, ...
 
 def drift_sets(
     names: tuple[str, ...], eval_cfg: EvalSettings, max_classes: int, dim: int
-) -> DriftFollower[RunningClassMeans | TaskClassMeans] | None:
+) -> DriftFollower[RunningClassMeans] | None:
     """The running class means the read-outs ``names`` need, following no encoder yet; None
     when none does."""
     sigmas: dict[str, float | None] = {}
@@ -94,7 +94,7 @@ def drift_sets(
         sigmas[CLASS_DRIFT_READOUT] = None
     if not sigmas:
         return None
-    sets: dict[str, RunningClassMeans | TaskClassMeans] = {
+    sets: dict[str, RunningClassMeans] = {
         name: RunningClassMeans(max_classes, dim, sigma) for name, sigma in sigmas.items()
     }
     for name in ("ncm", STREAM_READOUT):  # the learner's stream means: per class and task
