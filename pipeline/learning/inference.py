@@ -5,7 +5,7 @@ The held-out probe set they are evaluated on lives in :mod:`pipeline.learner.pro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -20,20 +20,23 @@ NCM_TEMPERATURE = 0.1  # softmax temperature turning cosine similarities into a 
 class ClassMeans:
     """NCM's prototypes: unit rows ``means [p, embed_dim]``, row ``i`` of class ``labels[i]``.
     A class may own several rows (its means per task, :class:`pipeline.learning.
-    stream_means.TaskClassMeans`); NCM scores a class by its nearest row."""
+    stream_means.TaskClassMeans`); NCM scores a class by its nearest row.
+
+    ``classes``: the classes the rows hold, once each: ``labels`` itself when no class owns
+    two rows (its order kept), else sorted; the columns of :func:`ncm_logits`. Found once, when
+    the means are made, not at every prediction."""
 
     labels: torch.Tensor  # [p] class indices
     means: torch.Tensor  # [p, embed_dim], L2-normalised
+    classes: torch.Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        classes = torch.unique(self.labels)
+        unique = classes.numel() == self.labels.numel()
+        object.__setattr__(self, "classes", self.labels if unique else classes)
 
     def __len__(self) -> int:
         return int(self.labels.numel())
-
-    @property
-    def classes(self) -> torch.Tensor:
-        """The classes the rows hold, once each: ``labels`` itself when no class owns two
-        rows (its order kept), else sorted. The columns of :func:`ncm_logits`."""
-        classes = torch.unique(self.labels)
-        return self.labels if classes.numel() == self.labels.numel() else classes
 
 
 def class_cosines(cosines: torch.Tensor, means: ClassMeans) -> torch.Tensor:
