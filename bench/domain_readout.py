@@ -10,7 +10,8 @@ test set **per domain** (per task of the scenario) with several read-outs of the
   PCR proxy head);
 - ``learner``: NCM to the learner's own class means (``eval.class_means: stream``: a running
   mean per class and task, ``eval.means_per_class``, moved by SDC of width
-  ``eval.drift_sigma``), which the bank's eviction aims at;
+  ``eval.drift_sigma``, read through the shared covariance, ``eval.covariance_shrinkage``),
+  which the bank's eviction aims at; ``learner_cosine``: the same means read by cosine;
 - ``ncm_all``: nearest class mean over *every* training event seen so far (not equal memory:
   what a bank without a size limit would give); ``ncm_all_task``: the same with a mean per
   class and task (the nearest decides);
@@ -200,7 +201,11 @@ def main() -> None:
     # the learner's own class means (a mean per class and task, eval.means_per_class), which
     # the bank's eviction aims at, as in the benchmark
     learner_means = TaskClassMeans(
-        model_cfg.max_classes, dim, cfg.eval.drift_sigma, cfg.eval.means_per_class
+        model_cfg.max_classes,
+        dim,
+        cfg.eval.drift_sigma,
+        cfg.eval.means_per_class,
+        shrinkage=cfg.eval.covariance_shrinkage,
     )
     follower.means["learner"] = learner_means
     bank.set_eviction_target(learner_means.mean_of)
@@ -272,6 +277,7 @@ def main() -> None:
         keyed = class_means(model, train_x, torch.from_numpy(train_y + np.asarray(done_task) * k))
         return {
             "learner": ncm(learner_means.class_means()),
+            "learner_cosine": ncm(learner_means.cosine_means()),
             "ncm_all_task": ncm(ClassMeans(keyed.labels % k, keyed.means)),
             "ncm_bank": per_domain(predict_ncm(model, split.test_x, means_bank)[0].numpy()),
             "head": per_domain(predict_head(model, split.test_x, seen)[0].numpy()),

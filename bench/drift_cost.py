@@ -38,8 +38,13 @@ def _batch(n: int, classes: int, model_cfg: ModelSettings) -> tuple[torch.Tensor
 
 
 def measure(
-    capacity: int, batches: int, batch: int, classes: int = 10, tasks: int = 1
-) -> dict[str, float]:
+    capacity: int,
+    batches: int,
+    batch: int,
+    classes: int = 10,
+    tasks: int = 1,
+    shrinkage: float | None = EvalSettings().covariance_shrinkage,
+) -> dict[str, float | None]:
     """Median ms per micro-batch of training and of the follow, on a full bank."""
     torch.manual_seed(0)
     model_cfg = ModelSettings(input_dim=64, max_classes=100)
@@ -61,6 +66,7 @@ def measure(
         eval_cfg.drift_sigma,
         eval_cfg.drift_probe_items,
         per_class=eval_cfg.means_per_class,
+        shrinkage=shrinkage,
     )
     filled = 0
     while len(bank) < capacity:
@@ -84,6 +90,7 @@ def measure(
         train_ms.append(1000 * (time.perf_counter() - started))
         started = time.perf_counter()
         means.follow(model, bank, x, y, [f"task{b % tasks}"] * batch)
+        means.means()  # the read-out a prediction after this batch would build
         follow_ms.append(1000 * (time.perf_counter() - started))
     train, follow = statistics.median(train_ms[2:]), statistics.median(follow_ms[2:])
     return {
@@ -92,6 +99,7 @@ def measure(
         "batch": batch,
         "classes": classes,
         "tasks": tasks,
+        "shrinkage": shrinkage,
         "means": len(means.means()),
         "train_ms_per_batch": round(train, 2),
         "follow_ms_per_batch": round(follow, 2),
@@ -107,11 +115,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--tasks", type=int, default=1, help="task names the batches cycle")
+    parser.add_argument(
+        "--shrinkages",
+        default="default,none",
+        help="eval.covariance_shrinkage values to time side by side (none: cosine NCM)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    default = EvalSettings().covariance_shrinkage
+    shrinkages = [
+        default if s == "default" else None if s == "none" else float(s)
+        for s in args.shrinkages.split(",")
+    ]
     for capacity in (int(c) for c in args.capacities.split(",")):
-        result = measure(capacity, args.batches, args.batch, args.classes, args.tasks)
-        print(json.dumps(result), flush=True)
+        for shrinkage in shrinkages:
+            result = measure(
+                capacity, args.batches, args.batch, args.classes, args.tasks, shrinkage
+            )
+            print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pipeline.exceptions import CheckpointError
 from pipeline.learner.checkpoint import Checkpoint, load_latest
 from pipeline.learner.context import LearnerContext
 from pipeline.learner.predictions import refresh_means
+from pipeline.learning.discriminant import discriminant, saved_covariance
 from pipeline.learning.inference import ClassMeans, class_means
 from pipeline.learning.model import StreamNet
 from pipeline.learning.objectives import chosen_classifier
@@ -132,7 +133,7 @@ def export_checkpoint(settings: Settings, registry: Path) -> Published:
     feats, bank_labels = _bank_items(settings, labels)
     means = class_means(model, feats, bank_labels)
     if settings.eval.class_means == "stream" and ckpt.class_means is not None:
-        means = with_stream_means(means, ckpt.class_means)
+        means = with_stream_means(means, ckpt.class_means, settings.eval.covariance_shrinkage)
     origin = Provenance(
         learner=settings.learner_name,
         objective=settings.train.objective,
@@ -157,9 +158,12 @@ def export_checkpoint(settings: Settings, registry: Path) -> Published:
     return publish(registry, manifest, tensors, settings.export.keep)
 
 
-def with_stream_means(bank_means: ClassMeans, saved: Mapping[str, Any]) -> ClassMeans:
+def with_stream_means(
+    bank_means: ClassMeans, saved: Mapping[str, Any], shrinkage: float | None = None
+) -> ClassMeans:
     """The saved stream means (one or more per class) of every class they hold, the bank's
-    for the others."""
+    for the others; read through the saved shared covariance as the learner reads them
+    (``eval.covariance_shrinkage``) when the state holds one, else as unit means."""
     counts, rows = saved["counts"], saved["means"]
     per_class = int(saved.get("per_class", 1))  # 1: a checkpoint of one mean per class
     held = torch.nonzero(counts > 0).squeeze(1)
@@ -167,11 +171,13 @@ def with_stream_means(bank_means: ClassMeans, saved: Mapping[str, Any]) -> Class
     known = set(stream.tolist())
     extra = [i for i, label in enumerate(bank_means.labels.tolist()) if label not in known]
     labels = torch.cat([stream, bank_means.labels[extra].cpu()])
-    means = torch.cat(
-        [F.normalize(rows[held].float(), dim=-1), bank_means.means[extra].float().cpu()]
-    )
+    means = torch.cat([rows[held].float(), bank_means.means[extra].float().cpu()])
     order = torch.argsort(labels, stable=True)
-    return ClassMeans(labels[order], means[order])
+    scatter = saved.get("scatter")
+    if shrinkage is not None and scatter is not None:
+        cov = saved_covariance(scatter)
+        return discriminant(labels[order], means[order], cov, shrinkage)
+    return ClassMeans(labels[order], F.normalize(means[order], dim=-1))
 
 
 def _class_task(ckpt: Checkpoint, labels: list[str]) -> dict[str, str | None]:

@@ -44,6 +44,7 @@ def make_stream_means(settings: Settings, device: torch.device) -> StreamClassMe
         e.drift_probe_items,
         device,
         per_class=e.means_per_class,
+        shrinkage=e.covariance_shrinkage,
     )
 
 

@@ -24,10 +24,16 @@ class ClassMeans:
 
     ``classes``: the classes the rows hold, once each: ``labels`` itself when no class owns
     two rows (its order kept), else sorted; the columns of :func:`ncm_logits`. Found once, when
-    the means are made, not at every prediction."""
+    the means are made, not at every prediction.
+
+    ``bias``: under a shared covariance (``eval.covariance_shrinkage``,
+    :mod:`pipeline.learning.discriminant`) the rows are a linear discriminant's weights, not
+    unit means, and each has a bias; a row's score is then ``e . row + bias``, for the unit
+    embedding ``e``. None: plain NCM, the score a cosine."""
 
     labels: torch.Tensor  # [p] class indices
-    means: torch.Tensor  # [p, embed_dim], L2-normalised
+    means: torch.Tensor  # [p, embed_dim], L2-normalised (discriminant weights with a bias)
+    bias: torch.Tensor | None = None  # [p]
     classes: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -38,16 +44,23 @@ class ClassMeans:
     def __len__(self) -> int:
         return int(self.labels.numel())
 
+    def scores(self, unit: torch.Tensor) -> torch.Tensor:
+        """Per-row scores ``[n, p]`` of unit embeddings ``[n, embed_dim]``: cosines, or the
+        discriminant's scores when the rows have a bias."""
+        scores = unit @ self.means.T
+        return scores if self.bias is None else scores + self.bias
+
 
 def class_cosines(cosines: torch.Tensor, means: ClassMeans) -> torch.Tensor:
-    """Per-row cosines ``[n, p]`` to per-class ones ``[n, k]`` (columns ``means.classes``): a
-    class's cosine is its nearest row's."""
+    """Per-row scores ``[n, p]`` (cosines under plain NCM) to per-class ones ``[n, k]``
+    (columns ``means.classes``): a class's score is its best row's."""
     classes = means.classes
     if classes.numel() == cosines.shape[1]:
         return cosines
     column = torch.searchsorted(classes, means.labels)
+    lowest = torch.finfo(cosines.dtype).min
     out = torch.full(
-        (cosines.shape[0], classes.numel()), -2.0, dtype=cosines.dtype, device=cosines.device
+        (cosines.shape[0], classes.numel()), lowest, dtype=cosines.dtype, device=cosines.device
     )
     return out.scatter_reduce(1, column.expand_as(cosines), cosines, "amax")
 
@@ -74,8 +87,7 @@ def ncm_logits(model: StreamNet, features: torch.Tensor, means: ClassMeans) -> t
     """Cosines ``[n, k]`` between the embeddings and the ``k`` classes of ``means`` (columns
     ``means.classes``; a class's nearest row): NCM's logits."""
     model.eval()
-    h = unit_embeddings(model, features)
-    return class_cosines(h @ means.means.T, means)
+    return class_cosines(means.scores(unit_embeddings(model, features)), means)
 
 
 def ncm_from_logits(
@@ -140,7 +152,7 @@ def predict_ensemble(
     logits = model.logits(h).float().masked_fill(~seen_classes, torch.finfo(torch.float32).min)
     p = torch.softmax(logits, dim=1)
     if len(means) > 0:
-        cosines = class_cosines(F.normalize(h, dim=-1) @ means.means.T, means)
+        cosines = class_cosines(means.scores(F.normalize(h, dim=-1)), means)
         p_ncm = torch.zeros_like(p).index_add_(
             1, means.classes, torch.softmax(cosines / temperature, dim=1)
         )

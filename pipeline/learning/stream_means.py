@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from memory_bank.bank import MemoryBank
+from pipeline.learning.discriminant import WithinClassScatter, discriminant
 from pipeline.learning.drift import (
     DRIFT_PROBE_ITEMS,
     DriftFollower,
@@ -50,6 +51,10 @@ class TaskClassMeans(RunningClassMeans):
     per_class × dim`` whatever the number of tasks; a class remembers which row holds which of
     its tasks for its latest ``TASK_KEYS_PER_MEAN × per_class`` tasks (an older task that comes
     back is placed as a new one: it opens a row or joins by a merge).
+
+    With a ``shrinkage``, the rows also keep a shared within-class scatter that follows the
+    encoder (:mod:`pipeline.learning.discriminant`), and :meth:`class_means` is the linear
+    discriminant of the rows under it, shrunk by that weight; without, NCM's unit means.
     """
 
     SHAPE = "model.max_classes x eval.means_per_class x model.embed_dim"
@@ -61,6 +66,7 @@ class TaskClassMeans(RunningClassMeans):
         sigma: float | None,
         per_class: int = 1,
         device: torch.device | str = "cpu",
+        shrinkage: float | None = None,
     ) -> None:
         if per_class < 1:
             raise ValueError(f"per_class must be at least 1, not {per_class}")
@@ -68,6 +74,8 @@ class TaskClassMeans(RunningClassMeans):
         self.max_classes = max_classes
         self.per_class = per_class
         self.keys: dict[tuple[int, str | None], int] = {}  # (class, task) -> row
+        self.shrinkage = shrinkage
+        self.scatter = WithinClassScatter(dim, device) if shrinkage is not None else None
 
     def _row_classes(self, rows: torch.Tensor) -> torch.Tensor:
         """Class ``c`` holds rows ``c × per_class`` to ``(c + 1) × per_class - 1``."""
@@ -100,6 +108,8 @@ class TaskClassMeans(RunningClassMeans):
         i, j = divmod(int(torch.argmax(sim)), len(rows))
         keep, gone = min(rows[i], rows[j]), max(rows[i], rows[j])
         n_keep, n_gone = self.counts[keep], self.counts[gone]
+        if self.scatter is not None:
+            self.scatter.merge(self.means[keep], float(n_keep), self.means[gone], float(n_gone))
         total = (n_keep + n_gone).clamp(min=1)
         self.means[keep] = (self.means[keep] * n_keep + self.means[gone] * n_gone) / total
         self.counts[keep] += n_gone
@@ -128,7 +138,27 @@ class TaskClassMeans(RunningClassMeans):
         if None in looked:  # a batch naming more new tasks of a class than it remembers
             looked = [self._row(*key) for key in keys]
         rows = torch.tensor(looked, dtype=torch.long, device=self.counts.device)
+        if self.scatter is not None:  # about the means before the rows join them
+            self.scatter.add(embeddings, rows, self.means, self.counts)
         fold_into(self.means, self.counts, rows, embeddings)
+
+    def compensate(self, before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor) -> None:
+        """SDC moves the means; the scatter is carried by the fitted linear drift map."""
+        super().compensate(before, after, labels)
+        if self.scatter is not None and self.compensate_drift:
+            self.scatter.carry(before, after)
+
+    def class_means(self) -> ClassMeans:
+        """NCM's read-out of the seen rows: the linear discriminant under the shared scatter
+        when there is one, else the unit means (:meth:`cosine_means`)."""
+        if self.scatter is None or self.shrinkage is None:
+            return self.cosine_means()
+        labels, rows = self.seen()
+        return discriminant(labels, rows, self.scatter.covariance(), self.shrinkage)
+
+    def cosine_means(self) -> ClassMeans:
+        """The seen rows as unit means, read by cosine."""
+        return super().class_means()
 
     def classes(self) -> int:
         """How many classes hold at least one mean."""
@@ -152,23 +182,36 @@ class TaskClassMeans(RunningClassMeans):
     def reset(self) -> None:
         super().reset()
         self.keys.clear()
+        if self.scatter is not None:
+            self.scatter.reset()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The means and counts alone (what two ranks compare)."""
-        return {"means": self.means, "counts": self.counts}
+        """The means, counts and scatter alone (what two ranks compare)."""
+        scatter = {} if self.scatter is None else {"scatter": self.scatter.scatter}
+        return {"means": self.means, "counts": self.counts, **scatter}
 
     def state_dict(self) -> dict[str, Any]:
         keys = [[label, task, row] for (label, task), row in self.keys.items()]
-        return {**super().state_dict(), "keys": keys, "per_class": self.per_class}
+        state = {**super().state_dict(), "keys": keys, "per_class": self.per_class}
+        if self.scatter is not None:
+            state["scatter"] = self.scatter.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """A saved state of the same shape; or one mean per class (a checkpoint written before
-        means were kept per task), each then the class's mean of unnamed events."""
+        means were kept per task), each then the class's mean of unnamed events. A state
+        without a scatter (saved without a shared covariance) leaves it empty: it fills again
+        from the events that follow."""
         if "keys" not in state:
             self._load_one_per_class(state["means"], state["counts"])
             return
         super().load_state_dict(state)
         self.keys = {(int(c), None if t is None else str(t)): int(r) for c, t, r in state["keys"]}
+        if self.scatter is not None:
+            if "scatter" in state:
+                self.scatter.load_state_dict(state["scatter"])
+            else:
+                self.scatter.reset()
 
     def _load_one_per_class(self, means: torch.Tensor, counts: torch.Tensor) -> None:
         if tuple(means.shape) != (self.max_classes, self.means.shape[1]):
@@ -204,11 +247,15 @@ class StreamClassMeans:
         probe_items: int = DRIFT_PROBE_ITEMS,
         device: torch.device | str = "cpu",
         per_class: int = 1,
+        shrinkage: float | None = None,
     ) -> None:
-        self.running = TaskClassMeans(max_classes, dim, sigma, per_class, device=device)
+        self.running = TaskClassMeans(
+            max_classes, dim, sigma, per_class, device=device, shrinkage=shrinkage
+        )
         self.follower: DriftFollower[TaskClassMeans] = DriftFollower({"stream": self.running})
         self.probe_items = probe_items
         self.device = device
+        self._read: ClassMeans | None = None  # means() since the last change
 
     def follow(
         self,
@@ -220,6 +267,7 @@ class StreamClassMeans:
     ) -> None:
         """After ``x, y`` (labeled rows only, of the tasks ``tasks`` where known) were
         learned: see :func:`follow_encoder`."""
+        self._read = None
         follow_encoder(self.follower, model, bank, x, y, self.probe_items, tasks)
 
     @torch.no_grad()
@@ -228,13 +276,18 @@ class StreamClassMeans:
         means: a checkpoint written before they existed, or a bank kept across a reset); from
         those of the first :data:`SEED_ITEMS` slots of a larger bank; a mean per class and
         task the items name."""
+        self._read = None
         slots, feats, labels = bank.occupied(below=SEED_ITEMS)
         if labels.numel():
             model.eval()
             self.running.add(unit_embeddings(model, feats), labels, bank.slot_tasks(slots))
 
     def means(self) -> ClassMeans:
-        return self.running.class_means()
+        """What NCM reads, made once per change (the discriminant's solve is not repeated for
+        every prediction between two micro-batches)."""
+        if self._read is None:
+            self._read = self.running.class_means()
+        return self._read
 
     def target(self, label: int) -> torch.Tensor | None:
         """The bank's ``stream_mean`` eviction target: :meth:`TaskClassMeans.mean_of`."""
@@ -248,5 +301,6 @@ class StreamClassMeans:
         return {**self.running.state_dict(), "previous": self.follower.previous_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._read = None
         self.running.load_state_dict(state)
         self.follower.load_previous_state(state["previous"], self.device)

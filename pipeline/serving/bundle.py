@@ -8,8 +8,12 @@ to either file (a torn copy, a flipped byte, an edited label) is detected at loa
 
 Tensors in ``model.safetensors``: ``model.<name>`` for every entry of the network's
 ``state_dict`` (encoder, projection, CE head) and ``ncm.prototypes``, the ``[k, embed_dim]``
-L2-normalised class means of the nearest-class-mean classifier, row ``i`` for the class
-``manifest["prototypes"]["classes"][i]``. The manifest fields are documented in
+rows of the nearest-class-mean classifier, row ``i`` for the class
+``manifest["prototypes"]["classes"][i]``: L2-normalised class means read by cosine, or, with
+``ncm.bias`` ``[k]`` beside them (format version 2, ``manifest["prototypes"]["bias"]``), the
+weights of the linear discriminant the learner reads its class means through
+(``eval.covariance_shrinkage``), a row's score ``e . row + bias`` for the unit embedding
+``e``. Version 1 bundles (no bias) still load. The manifest fields are documented in
 docs/serving.md.
 """
 
@@ -27,11 +31,13 @@ import torch
 from pipeline.serving.exceptions import BundleError
 
 FORMAT = "supcon-stream-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 2 added the optional ncm.bias
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 MODEL_PREFIX = "model."
 PROTOTYPES = "ncm.prototypes"
+PROTOTYPE_BIAS = "ncm.bias"
 CLASSIFIERS = ("ncm", "head")
 REQUIRED = ("format", "format_version", "version", "model", "classifier", "labels", "digest")
 
@@ -118,10 +124,11 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise BundleError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{path} is not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
         raise BundleError(
             f"{path}: bundle format version {manifest.get('format_version')!r} is not "
-            f"supported (this code reads version {FORMAT_VERSION})"
+            f"supported (this code reads versions {readable})"
         )
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:

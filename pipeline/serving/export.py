@@ -19,10 +19,10 @@ import torch
 from pipeline.config import ModelSettings
 from pipeline.learning.inference import NCM_TEMPERATURE, ClassMeans
 from pipeline.learning.model import StreamNet
-from pipeline.serving.bundle import MODEL_PREFIX, PROTOTYPES
+from pipeline.serving.bundle import MODEL_PREFIX, PROTOTYPE_BIAS, PROTOTYPES
 
 CALIBRATION_METHOD = (
-    "temperature scaling: T minimising the NLL of softmax(cosine to class means / T) on the "
+    "temperature scaling: T minimising the NLL of softmax(score of the class means / T) on the "
     "learner's held-out probes (log grid 0.005-2 + golden-section refinement)"
 )
 
@@ -55,9 +55,13 @@ def bundle_parts(
     """(manifest without format fields and digest, tensors) of one bundle."""
     tensors = {MODEL_PREFIX + k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     classes: list[str] = []
+    bias: str | None = None
     if len(means):
         tensors[PROTOTYPES] = means.means.detach().float().cpu()
         classes = [labels[int(i)] for i in means.labels.tolist()]
+        if means.bias is not None:
+            tensors[PROTOTYPE_BIAS] = means.bias.detach().float().cpu()
+            bias = PROTOTYPE_BIAS
     manifest: dict[str, Any] = {
         "learner": origin.learner,
         "objective": origin.objective,
@@ -66,7 +70,12 @@ def bundle_parts(
         "classifier": "head" if classifier == "head" else "ncm",
         "labels": list(labels),
         "class_task": dict(class_task),
-        "prototypes": {"tensor": PROTOTYPES, "classes": classes, "bank_items": origin.bank_items},
+        "prototypes": {
+            "tensor": PROTOTYPES,
+            "bias": bias,
+            "classes": classes,
+            "bank_items": origin.bank_items,
+        },
         "calibration": {
             "temperature": float(temperature) if temperature else None,
             "uncalibrated_temperature": NCM_TEMPERATURE,

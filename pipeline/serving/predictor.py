@@ -24,7 +24,7 @@ from pipeline.learning.inference import (
     predict_ncm,
 )
 from pipeline.learning.model import StreamNet
-from pipeline.serving.bundle import PROTOTYPES, Bundle
+from pipeline.serving.bundle import PROTOTYPE_BIAS, PROTOTYPES, Bundle
 from pipeline.serving.exceptions import BundleError
 from pipeline.serving.registry import resolve
 
@@ -80,8 +80,17 @@ class Predictor:
         if not classes:
             return ClassMeans(torch.empty(0, dtype=torch.long), torch.empty(0, 0))
         assert protos is not None
+        bias = bundle.tensors.get(PROTOTYPE_BIAS) if spec.get("bias") else None
+        if spec.get("bias") and (bias is None or tuple(bias.shape) != (len(classes),)):
+            raise BundleError(
+                f"{bundle.path}: {PROTOTYPE_BIAS} does not hold {len(classes)} values"
+            )
         labels = torch.tensor([index[c] for c in classes], dtype=torch.long)
-        return ClassMeans(labels.to(self.device), protos.float().to(self.device))
+        return ClassMeans(
+            labels.to(self.device),
+            protos.float().to(self.device),
+            None if bias is None else bias.float().to(self.device),
+        )
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Predictor:

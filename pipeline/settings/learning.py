@@ -261,6 +261,16 @@ class EvalSettings(_Frozen):
         "its nearest mean rather than one average of its domains; a class brought by more "
         "tasks merges its two nearest means. 1: one mean per class.",
     )
+    covariance_shrinkage: float | None = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Under class_means stream, NCM reads the means through a shared "
+        "within-class covariance of the stream's embeddings (a streaming linear "
+        "discriminant; the covariance follows the encoder through a linear map the re-encoded "
+        "bank fits), shrunk by this weight towards a multiple of the identity; null: plain "
+        "cosine to the means.",
+    )
     drift_probe_items: int = Field(
         1024,
         ge=1,

@@ -166,9 +166,11 @@ def _readout_table(rows: Sequence[Row], cfg: BenchConfig) -> str:
     return (
         "\nFinal average accuracy of each read-out of the same runs (`readout_accuracy` in the "
         "JSON): `head` the CE head, `ncm` NCM to the learner's class means (`eval.class_means`: "
-        "by default running class means of the stream moved by semantic drift compensation), "
+        "by default running class means of the stream moved by semantic drift compensation, "
+        "read through a shared within-class covariance, `eval.covariance_shrinkage`), "
         "`ncm_bank` / `ncm_stream` NCM to the other kind (the bank re-encoded / the stream "
-        "means), `sdc_class` stream means moved by the drift of the class's own bank items, "
+        "means), `ncm_cosine` the learner's stream means read by cosine alone, `sdc_class` "
+        "stream means moved by the drift of the class's own bank items, "
         "`ensemble` the softmax average of the head and NCM, `ema` the natural classifier "
         "read with an exponential moving average of the weights (`--ema-decay`; NCM over the "
         "bank); the table above keeps each method's natural classifier.\n\n" + head + "\n" + body

@@ -33,6 +33,8 @@ BANK_READOUT = "ncm_bank"
 STREAM_READOUT = "ncm_stream"
 # NCM over stream means moved by the drift of the class's own bank items only
 CLASS_DRIFT_READOUT = "sdc_class"
+# the learner's stream means read by cosine, without the shared covariance
+COSINE_READOUT = "ncm_cosine"
 
 Predictor = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -51,6 +53,11 @@ def predictor(
     bank.
     """
     stream = drift.means if drift is not None else {}
+    if classifier == COSINE_READOUT:
+        learner = stream["ncm"]
+        assert isinstance(learner, TaskClassMeans)
+        cosine = learner.cosine_means()
+        return lambda x, _seen: predict_ncm(model, x, cosine)
     if classifier in stream:
         stream_means = stream[classifier].class_means()
         return lambda x, _seen: predict_ncm(model, x, stream_means)
@@ -75,8 +82,15 @@ def readouts(train_cfg: TrainSettings, eval_cfg: EvalSettings) -> tuple[str, ...
     head_trained = HEAD_TERMS & set(loss_weights(train_cfg))
     extra: tuple[str, ...] = ()
     if natural == "ncm":
-        other = BANK_READOUT if eval_cfg.class_means == "stream" else STREAM_READOUT
-        extra = (other, CLASS_DRIFT_READOUT, *(("head", "ensemble") if head_trained else ()))
+        stream = eval_cfg.class_means == "stream"
+        other = BANK_READOUT if stream else STREAM_READOUT
+        cosine = (COSINE_READOUT,) if stream and eval_cfg.covariance_shrinkage is not None else ()
+        extra = (
+            other,
+            *cosine,
+            CLASS_DRIFT_READOUT,
+            *(("head", "ensemble") if head_trained else ()),
+        )
     return tuple(dict.fromkeys((natural, "ncm", *extra)))
 
 
@@ -100,7 +114,11 @@ def drift_sets(
     for name in ("ncm", STREAM_READOUT):  # the learner's stream means: per class and task
         if name in sets:
             sets[name] = TaskClassMeans(
-                max_classes, dim, eval_cfg.drift_sigma, eval_cfg.means_per_class
+                max_classes,
+                dim,
+                eval_cfg.drift_sigma,
+                eval_cfg.means_per_class,
+                shrinkage=eval_cfg.covariance_shrinkage,
             )
     return DriftFollower(sets)
 

@@ -84,10 +84,11 @@ def test_ce_fine_tune_falls_into_the_trap_and_supcon_with_a_bank_does_not(result
     assert events[-1] == len(digits_split(0).train_y)
     # Each run's own classifier, and NCM beside a head: CE's reads both. SupCon's is the
     # learner's NCM (class means of the stream that follow the encoder); it is also read by NCM
-    # over the re-encoded bank and by class-restricted drift compensation, SupCon-level both.
-    assert set(supcon.readout_accuracy) == {"ncm", "ncm_bank", "sdc_class"}
+    # over the re-encoded bank, by the same means read by cosine (without the shared covariance)
+    # and by class-restricted drift compensation, SupCon-level all three.
+    assert set(supcon.readout_accuracy) == {"ncm", "ncm_bank", "ncm_cosine", "sdc_class"}
     assert supcon.readout_accuracy["ncm"] == supcon.final_accuracy
-    for name in ("ncm_bank", "sdc_class"):
+    for name in ("ncm_bank", "ncm_cosine", "sdc_class"):
         assert supcon.readout_accuracy[name] > ce.final_accuracy + 0.3
     assert set(ce.readout_accuracy) == {"head", "ncm"}
     assert ce.readout_accuracy["head"] == ce.final_accuracy
@@ -95,11 +96,15 @@ def test_ce_fine_tune_falls_into_the_trap_and_supcon_with_a_bank_does_not(result
 
 def test_a_head_trained_beside_supcon_is_scored_alone_and_in_the_ensemble() -> None:
     stream, bank = EvalSettings(), EvalSettings(class_means="bank")
-    assert readouts(bench_train_settings(), stream) == ("ncm", "ncm_bank", "sdc_class")
-    assert readouts(bench_train_settings(), bank) == ("ncm", "ncm_stream", "sdc_class")
+    cosine = EvalSettings(covariance_shrinkage=None)
+    supcon = bench_train_settings()
+    assert readouts(supcon, stream) == ("ncm", "ncm_bank", "ncm_cosine", "sdc_class")
+    assert readouts(supcon, cosine) == ("ncm", "ncm_bank", "sdc_class")
+    assert readouts(supcon, bank) == ("ncm", "ncm_stream", "sdc_class")
     assert readouts(bench_train_settings(objective="ce"), stream) == ("head", "ncm")
     ace = bench_train_settings(loss_terms={"supcon": 1.0, "proxy": 1.0, "ace": 1.0})
-    assert readouts(ace, stream) == ("ncm", "ncm_bank", "sdc_class", "head", "ensemble")
+    extra = ("head", "ensemble")
+    assert readouts(ace, stream) == ("ncm", "ncm_bank", "ncm_cosine", "sdc_class", *extra)
 
 
 def test_the_stream_means_only_read_the_run() -> None:
@@ -155,7 +160,7 @@ def test_report_files(results, tmp_path) -> None:
     assert "train ms/event |" in text
     assert "![accuracy over the stream](forgetting.png)" in text
     # The read-outs of the same runs, in a table of their own (the one-seed interval is 0).
-    assert "| memory | method | head | ncm | ncm_bank | sdc_class |" in text
+    assert "| memory | method | head | ncm | ncm_bank | ncm_cosine | sdc_class |" in text
     supcon = next(r for r in results if r.method == "supcon")
     assert f"| 20 | SupCon + bank | – | {supcon.readout_accuracy['ncm']:.3f} ± 0.000 |" in text
     report = json.loads(paths["json"].read_text())

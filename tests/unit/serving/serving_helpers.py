@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ModelSettings
+from pipeline.learning.discriminant import discriminant
 from pipeline.learning.inference import ClassMeans, class_means
 from pipeline.learning.model import StreamNet
 from pipeline.serving.export import Provenance, bundle_parts
@@ -38,8 +39,10 @@ def publish_model(
     config: ModelSettings = CONFIG,
     classifier: str = "ncm",
     per_task: bool = False,
+    shared_covariance: bool = False,
 ) -> tuple[Published, StreamNet, ClassMeans, torch.Tensor]:
-    """``per_task``: class 0 has a second mean (the learner's means per class and task)."""
+    """``per_task``: class 0 has a second mean (the learner's means per class and task);
+    ``shared_covariance``: the means read through one (a discriminant, weights and biases)."""
     model = make_model(seed, config)
     means, queries = make_means(model, seed)
     if per_task:
@@ -47,6 +50,10 @@ def publish_model(
         means = ClassMeans(
             torch.cat([means.labels[:1], means.labels]), torch.cat([extra, means.means])
         )
+    if shared_covariance:
+        g = torch.Generator().manual_seed(seed)
+        spread = torch.randn(20, means.means.shape[1], generator=g).double()
+        means = discriminant(means.labels, 0.9 * means.means, spread.T @ spread / 20, 0.3)
     manifest, tensors = bundle_parts(
         model,
         config,

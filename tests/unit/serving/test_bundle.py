@@ -11,7 +11,7 @@ import torch
 from serving_helpers import CONFIG, LABELS, publish_model
 
 from pipeline.learning.inference import NCM_TEMPERATURE, predict_head, predict_ncm
-from pipeline.serving.bundle import MANIFEST, WEIGHTS, read_bundle
+from pipeline.serving.bundle import MANIFEST, PROTOTYPE_BIAS, WEIGHTS, content_digest, read_bundle
 from pipeline.serving.exceptions import BundleError
 from pipeline.serving.predictor import Predictor
 from pipeline.serving.registry import newest_loadable, resolve, versions
@@ -40,6 +40,35 @@ def test_a_class_with_several_means_is_served_as_the_learner_reads_it(tmp_path: 
     idx, conf = predict_ncm(model, queries, means, 0.05)
     assert out.class_index.tolist() == idx.tolist()
     assert np.array_equal(out.confidences, conf.numpy())
+
+
+def test_means_read_through_a_shared_covariance_are_served_as_the_learner_reads_them(
+    tmp_path: Path,
+) -> None:
+    published, model, means, queries = publish_model(tmp_path, shared_covariance=True)
+    assert means.bias is not None
+    bundle = read_bundle(published.path)
+    assert bundle.manifest["prototypes"]["bias"] == PROTOTYPE_BIAS
+    assert torch.equal(bundle.tensors[PROTOTYPE_BIAS], means.bias)
+    out = Predictor.load(published.path).predict(queries)
+    idx, conf = predict_ncm(model, queries, means, 0.05)
+    assert out.class_index.tolist() == idx.tolist()
+    assert np.array_equal(out.confidences, conf.numpy())
+    # without its biases the same bundle would read otherwise: they are not decoration
+    plain = predict_ncm(model, queries, type(means)(means.labels, means.means), 0.05)
+    assert not torch.equal(plain[1], conf)
+
+
+def test_a_bundle_of_format_version_1_still_serves_its_cosine_means(tmp_path: Path) -> None:
+    published, model, means, queries = publish_model(tmp_path)
+    path = published.path / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["format_version"] = 1
+    del manifest["prototypes"]["bias"]
+    manifest["digest"] = content_digest(manifest, (published.path / WEIGHTS).read_bytes())
+    path.write_text(json.dumps(manifest))
+    out = Predictor.load(published.path).predict(queries)
+    assert out.class_index.tolist() == predict_ncm(model, queries, means, 0.05)[0].tolist()
 
 
 def test_head_bundle_predicts_with_the_head(tmp_path: Path) -> None:
