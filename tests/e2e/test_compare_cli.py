@@ -39,9 +39,10 @@ def test_compare_split_digits_reproduces_the_bench_forgetting_table(tmp_path):
     assert compare.returncode == 0, compare.stderr
     rows = _table(tmp_path / "bench" / "forgetting.md")
     # The main table (header, rule, CE fine-tune, SupCon + bank), then the read-outs of the
-    # same runs (header, rule, one row per arm; SupCon's adds NCM over the bank and sdc_class).
+    # same runs (header, rule, one row per arm; SupCon's adds NCM over the bank, its stream
+    # means read by cosine and sdc_class).
     assert len(rows) == 8
-    assert rows[4].endswith("| ncm | ncm_bank ")  # the last column, sdc_class, is cut
+    assert rows[4].endswith("| ncm | ncm_bank | ncm_cosine ")  # the last, sdc_class, is cut
     assert _table(tmp_path / "cmp" / "compare.md") == rows
 
 
