@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from pipeline.learning.discriminant import shrunk as shrunk_by
 from pipeline.learning.drift import RunningClassMeans
 from pipeline.learning.model import StreamNet
 
@@ -48,13 +49,10 @@ def oas_weight(cov: torch.Tensor, n: float) -> float:
 
 
 def shrunk(cov: torch.Tensor, shrinkage: Shrinkage, n: float) -> torch.Tensor:
-    """``(1 - s) cov + s (tr cov / d) I``, ``s`` fixed or ``"oas"``."""
+    """``(1 - s) cov + s (tr cov / d) I``, ``s`` fixed or ``"oas"`` (the learner's
+    :func:`pipeline.learning.discriminant.shrunk` once ``s`` is known)."""
     s = oas_weight(cov, n) if shrinkage == "oas" else float(shrinkage)
-    d = cov.shape[0]
-    target = float(torch.trace(cov)) / d
-    if target <= 0:  # no spread measured yet (one event per class): plain Euclidean
-        target = 1.0
-    return (1 - s) * cov + s * target * torch.eye(d, dtype=cov.dtype)
+    return shrunk_by(cov, s)
 
 
 @dataclass(frozen=True, slots=True)
