@@ -74,11 +74,8 @@ class WithinClassScatter:
     def merge(self, mean_a: torch.Tensor, n_a: float, mean_b: torch.Tensor, n_b: float) -> None:
         """Two rows become one: their means' spread joins the within-row scatter."""
         if n_a and n_b:
-            self._between(mean_a.to(self.scatter), n_a, mean_b.to(self.scatter), n_b)
-
-    def _between(self, a: torch.Tensor, n_a: float, b: torch.Tensor, n_b: float) -> None:
-        offset = a - b
-        self.scatter += (n_a * n_b / (n_a + n_b)) * torch.outer(offset, offset)
+            offset = mean_a.to(self.scatter) - mean_b.to(self.scatter)
+            self.scatter += (n_a * n_b / (n_a + n_b)) * torch.outer(offset, offset)
 
     def carry(self, before: torch.Tensor, after: torch.Tensor) -> None:
         """Carry the scatter through the encoder change that took the items ``before [k, d]``
@@ -96,7 +93,7 @@ class WithinClassScatter:
         self.scatter = lift.T @ self.scatter @ lift
 
     def covariance(self) -> torch.Tensor:
-        return self.scatter / self.count.clamp(min=1.0)
+        return covariance_of(self.scatter, float(self.count))
 
     def reset(self) -> None:
         self.scatter.zero_()
@@ -116,9 +113,14 @@ class WithinClassScatter:
         self.count.fill_(float(state["count"]))
 
 
+def covariance_of(scatter: torch.Tensor, count: float) -> torch.Tensor:
+    """The covariance of a scatter of ``count`` embeddings (the scatter itself below one)."""
+    return scatter / max(count, 1.0)
+
+
 def saved_covariance(state: Mapping[str, Any]) -> torch.Tensor:
     """The covariance of a saved :meth:`WithinClassScatter.state_dict`."""
-    return state["scatter"].double() / max(float(state["count"]), 1.0)
+    return covariance_of(state["scatter"].double(), float(state["count"]))
 
 
 def shrunk(cov: torch.Tensor, shrinkage: float) -> torch.Tensor:

@@ -145,13 +145,13 @@ class TaskClassMeans(RunningClassMeans):
     def compensate(self, before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor) -> None:
         """SDC moves the means; the scatter is carried by the fitted linear drift map."""
         super().compensate(before, after, labels)
-        if self.scatter is not None and self.compensate_drift:
+        if self.scatter is not None:
             self.scatter.carry(before, after)
 
     def class_means(self) -> ClassMeans:
         """NCM's read-out of the seen rows: the linear discriminant under the shared scatter
         when there is one, else the unit means (:meth:`cosine_means`)."""
-        if self.scatter is None or self.shrinkage is None:
+        if self.scatter is None or self.shrinkage is None:  # both set, or neither
             return self.cosine_means()
         labels, rows = self.seen()
         return discriminant(labels, rows, self.scatter.covariance(), self.shrinkage)

@@ -80,8 +80,9 @@ class Predictor:
         if not classes:
             return ClassMeans(torch.empty(0, dtype=torch.long), torch.empty(0, 0))
         assert protos is not None
-        bias = bundle.tensors.get(PROTOTYPE_BIAS) if spec.get("bias") else None
-        if spec.get("bias") and (bias is None or tuple(bias.shape) != (len(classes),)):
+        named = bool(spec.get("bias"))  # version 2 with a discriminant's biases
+        bias = bundle.tensors.get(PROTOTYPE_BIAS) if named else None
+        if named and (bias is None or tuple(bias.shape) != (len(classes),)):
             raise BundleError(
                 f"{bundle.path}: {PROTOTYPE_BIAS} does not hold {len(classes)} values"
             )
