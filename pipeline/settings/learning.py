@@ -263,13 +263,14 @@ class EvalSettings(_Frozen):
     )
     covariance_shrinkage: float | None = Field(
         0.8,
-        ge=0,
+        gt=0,
         le=1,
         description="Under class_means stream, NCM reads the means through a shared "
         "within-class covariance of the stream's embeddings (a streaming linear "
         "discriminant; the covariance follows the encoder through a linear map the re-encoded "
-        "bank fits), shrunk by this weight towards a multiple of the identity; null: plain "
-        "cosine to the means.",
+        "bank fits), shrunk by this weight (above 0: the covariance alone is singular until "
+        "the stream has more events than dimensions) towards a multiple of the identity; "
+        "null: plain cosine to the means.",
     )
     drift_probe_items: int = Field(
         1024,

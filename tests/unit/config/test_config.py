@@ -31,6 +31,17 @@ def test_bad_value_is_named_with_the_value(tmp_path):
         load_settings(cfg, environ={})
 
 
+def test_a_covariance_left_unshrunk_is_refused_at_load(tmp_path):
+    """Shrinkage 0 would read the stream means through a singular covariance (infinite
+    scores until the stream holds more events than dimensions): a config error instead."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("eval:\n  covariance_shrinkage: 0\n")
+    with pytest.raises(ConfigError, match=r"eval\.covariance_shrinkage: .*greater than 0"):
+        load_settings(cfg, environ={})
+    cfg.write_text("eval:\n  covariance_shrinkage: null\n")
+    assert load_settings(cfg, environ={}).eval.covariance_shrinkage is None
+
+
 def test_unknown_section_is_named(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("trian:\n  lr: 1\n")
